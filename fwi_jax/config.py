@@ -1,0 +1,277 @@
+"""Typed run configuration: geometry, model, data, training.
+
+A config is a frozen dataclass tree. Named configs are Python files in the repository's
+``configs/`` folder, each with a ``get_config()`` and a docstring that states the command, what it
+reproduces, its cost and its expected result (the big_vision convention). ``load_config`` finds a
+config by name (``tiny_s8``) or by path (``configs/tiny_s8.py``) and applies ``key=value``
+overrides (``train.lr=1e-4``, ``model.dtype=bfloat16``, ``geometry.resize=(630,154)``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import types
+import typing
+from typing import Any
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config name, path, key or value that cannot be used; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Input and output grids (SPEC §2-§3). Reduced grids keep the code path of the full one.
+
+    Seismic model input: (6 channels, n_time, n_receivers) -> fold -> (n_time/fold,
+    n_receivers*fold) -> bilinear resize to ``resize`` (H, W) -> patches of ``patch`` px ->
+    token grid (H/patch, W/patch). Head: each token emits ``head_patch`` pixels ->
+    (grid_h*head_h, grid_w*head_w) -> crop ``out_shape`` (depth, x) at ``crop_offset``.
+    """
+
+    n_time: int = 10000
+    n_receivers: int = 31
+    fold: int = 10
+    resize: tuple[int, int] = (1260, 308)
+    patch: int = 14
+    head_patch: tuple[int, int] = (14, 14)
+    out_shape: tuple[int, int] = (1259, 300)
+    crop_offset: tuple[int, int] = (0, 4)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Token grid (rows, cols)."""
+        return (self.resize[0] // self.patch, self.resize[1] // self.patch)
+
+    def validate(self) -> None:
+        h, w = self.resize
+        if self.n_time % self.fold:
+            raise ConfigError(f"geometry.n_time={self.n_time} is not a multiple of geometry.fold={self.fold}")
+        if h % self.patch or w % self.patch:
+            raise ConfigError(f"geometry.resize={self.resize} is not a multiple of geometry.patch={self.patch}")
+        gh, gw = self.grid
+        oh, ow = gh * self.head_patch[0], gw * self.head_patch[1]
+        if self.crop_offset[0] + self.out_shape[0] > oh or self.crop_offset[1] + self.out_shape[1] > ow:
+            raise ConfigError(
+                f"geometry: the head makes a {oh}x{ow} image (grid {gh}x{gw} x head_patch {self.head_patch}); "
+                f"cropping {self.out_shape} at {self.crop_offset} does not fit. Enlarge head_patch or resize."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """EVA02 split model (SPEC §3). ``size`` picks timm's widths; dim/depth/heads override them."""
+
+    size: str = "tiny"  # tiny | small | base | large
+    split: int = 8  # blocks [0, split) run per channel, then mean fusion, then the rest
+    dim: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+    attention: str = "xla"  # xla | cudnn | blockwise | auto
+    attention_block: int = 512  # key/query block for blockwise attention
+    remat: str = "none"  # none | full | dots (rematerialisation policy per block)
+    ref_feat_shape: tuple[int, int] = (16, 16)  # RoPE reference grid (timm)
+    v_min: float = 1.5  # km/s; output = sigmoid(.) * v_span + v_min
+    v_span: float = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where samples come from and how they are loaded (SPEC §1)."""
+
+    root: str = ""  # folder of sample folders, or a packed store made by `fwi_jax.data pack`
+    train_list: str = ""  # text file, one sample id per line ("" = every sample under root)
+    val_list: str = ""
+    workers: int = 0  # grain worker processes
+    prefetch: int = 2  # batches buffered per worker
+    flip_p: float = 0.5  # horizontal-flip augmentation probability in training (SPEC §2.4)
+    v_range: tuple[float, float] = (0.5, 10.0)  # km/s; velocities outside fail validation
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic dataset the run makes for itself when ``data.root`` is empty (demo, tests)."""
+
+    n_train: int = 0
+    n_val: int = 0
+    families: tuple[str, ...] = ("layered", "faulted", "salt")
+    mode: str = "fast"  # solver mode, see fwi_jax.synth
+    seed: int = 0
+    cache_dir: str = "~/.cache/fwi_jax/synth"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation recipe (SPEC §4-§5)."""
+
+    batch_size: int = 8  # global batch, independent of the device count
+    epochs: int = 40
+    steps_per_epoch: int | None = None  # None = len(train set) // batch_size
+    loss: str = "base"  # base | hard (hard-example mining)
+    optimizer: str = "adamw"  # adamw | muon
+    lr: float = 2e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.01
+    muon_momentum: float = 0.95
+    constant_fraction: float = 0.5  # lr multiplier 1.0 for this share of steps, then cosine
+    final_lr_factor: float = 1e-3
+    clip_norm: float = 0.0  # 0 = no clipping (the reference's choice); the norm is logged anyway
+    grad_accum: int = 1
+    loss_scale: str = "auto"  # auto (dynamic for float16) | dynamic | none
+    ema_start_epoch: int = 20
+    ema_decay: float = 0.99
+    val_tta: bool = False
+    val_every: int = 1  # epochs
+    keep_checkpoints: int = 2
+    log_every: int = 10  # steps
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    geometry: Geometry = Geometry()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    synth: SynthConfig = SynthConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """``cfg.replace(**{"train.lr": 1e-4})`` with dotted keys and already-typed values."""
+        cfg = self
+        for key, value in overrides.items():
+            cfg = _set(cfg, key.split("."), value, key)
+        return cfg
+
+
+def from_dict(d: dict[str, Any], cls: type = Config) -> Any:
+    """Inverse of ``Config.to_dict``; unknown keys fail with their name."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {key!r} for {cls.__name__}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = from_dict(value, hints[key])
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _field_names(obj: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(obj)]
+
+
+def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
+    head, rest = path[0], path[1:]
+    if not dataclasses.is_dataclass(obj) or head not in _field_names(obj):
+        where = type(obj).__name__
+        options = ", ".join(_field_names(obj)) if dataclasses.is_dataclass(obj) else "none"
+        raise ConfigError(f"unknown config key {full!r}: {where} has no field {head!r} (fields: {options})")
+    current = getattr(obj, head)
+    new = _set(current, rest, value, full) if rest else value
+    return dataclasses.replace(obj, **{head: new})
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    """Parse ``text`` into the type of the field (``int``, ``tuple[int, int]``, ``str | None`` ...)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if text in ("None", "none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(text, inner[0], key)
+    if annotation is str:
+        return text
+    if annotation is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r}: expected true or false")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if origin is tuple and args and args[0] is str:
+            return tuple(s.strip() for s in text.split(",") if s.strip())
+        raise ConfigError(f"{key}={text!r}: not a valid {annotation}") from None
+    if annotation is float and isinstance(value, (int, float)):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = (value,)
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    raise ConfigError(f"{key}={text!r}: expected {annotation}")
+
+
+def _annotation(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or part not in _field_names(obj):
+            raise ConfigError(f"unknown config key {key!r}")
+        obj = getattr(obj, part)
+    if not dataclasses.is_dataclass(obj) or parts[-1] not in _field_names(obj):
+        fields = ", ".join(_field_names(obj)) if dataclasses.is_dataclass(obj) else ""
+        raise ConfigError(f"unknown config key {key!r} (valid here: {fields})")
+    return typing.get_type_hints(type(obj))[parts[-1]]
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``["train.lr=1e-4", ...]`` from the command line, parsing each value by field type."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        value = _parse_value(text.strip(), _annotation(cfg, key), key)
+        cfg = cfg.replace(**{key: value})
+    return cfg
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve ``tiny_s8`` (a file in ``configs/``) or a path to a config ``.py`` or ``.json``."""
+    path = pathlib.Path(name_or_path).expanduser()
+    if not (path.suffix in (".py", ".json") and path.exists()):
+        path = CONFIG_DIR / f"{name_or_path}.py"
+        if not path.exists():
+            raise ConfigError(
+                f"unknown config {name_or_path!r}: not a file, and not a name in {CONFIG_DIR}. "
+                f"Available: {', '.join(available_configs())}"
+            )
+    if path.suffix == ".json":
+        cfg = from_dict(json.loads(path.read_text()))
+    else:
+        spec = importlib.util.spec_from_file_location(f"fwi_jax_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        assert spec.loader is not None
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"config file {path} defines no get_config()")
+        cfg = module.get_config()
+    cfg = apply_overrides(cfg, overrides)
+    cfg.geometry.validate()
+    return cfg
