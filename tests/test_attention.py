@@ -1,0 +1,119 @@
+"""Attention implementations agree with jax.nn.dot_product_attention (forward and gradients).
+
+Tolerances: every implementation computes the same float32 maths in a different summation order
+(the blockwise one rescales partial sums by exp(m_old - m_new) per key block). Each output or
+gradient entry is a sum of <= N products of O(1) values, so the reordering error is a few float32
+ulps times log2(N) -- about 1e-6 relative here. We allow atol = rtol = 2e-5 (float32 eps is 1.2e-7):
+loose enough for reordering, 1,000x tighter than any real bug (a wrong scale, a missing
+rescale, a padded key that leaks in, all move entries by >= 1e-2).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fwi_jax.model.attention import IMPLEMENTATIONS, attention, resolve_impl
+
+ATOL = RTOL = 2e-5
+
+
+def rope_2d(x: jax.Array, grid: tuple[int, int], n_prefix: int = 1) -> jax.Array:
+    """A plain 2-D rotary embedding in the style of timm's EVA (interleaved pairs, half the pair
+    frequencies for the row index, half for the column index); prefix (cls) tokens unrotated.
+
+    x: (B, N, H, D) with N = n_prefix + grid[0] * grid[1], D divisible by 4.
+    """
+    d = x.shape[-1]
+    rows, cols = jnp.meshgrid(jnp.arange(grid[0]), jnp.arange(grid[1]), indexing="ij")
+    freqs = 1.0 / (10000.0 ** (jnp.arange(d // 4) / (d // 4)))
+    angles = jnp.concatenate([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], axis=-1)  # (P, D/2)
+    angles = jnp.repeat(angles, 2, axis=-1)[:, None, :]  # (P, 1, D): same angle for each pair
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    prefix, patches = x[:, :n_prefix], x[:, n_prefix:]
+    rotated_half = jnp.stack([-patches[..., 1::2], patches[..., ::2]], axis=-1).reshape(patches.shape)
+    return jnp.concatenate([prefix, patches * cos + rotated_half * sin], axis=1)
+
+
+def _qkv(shape, seed=0, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    # scale 2 makes the softmax peaked enough that a wrong max/rescale shows up clearly
+    return [(2.0 * jax.random.normal(key, shape)).astype(dtype) for key in keys]
+
+
+def _reference(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+GRID = (14, 14)  # 196 patches + cls = 197 tokens, not a multiple of 64
+
+
+@pytest.mark.parametrize("impl,block", [("blockwise", 64), ("blockwise", 50), ("blockwise", 512), ("einsum", 0)])
+def test_forward_and_gradients_match_with_rope(impl, block):
+    shape = (2, 1 + GRID[0] * GRID[1], 3, 16)
+    q, k, v = _qkv(shape)
+    w = jax.random.normal(jax.random.key(9), shape)  # random cotangent
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(rope_2d(q, GRID), rope_2d(k, GRID), v) * w)
+
+    ours = lambda q, k, v: attention(q, k, v, impl=impl, block_size=block)
+    out = jax.jit(ours)(rope_2d(q, GRID), rope_2d(k, GRID), v)
+    ref = _reference(rope_2d(q, GRID), rope_2d(k, GRID), v)
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL)
+
+    grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(q, k, v)
+    ref_grads = jax.grad(lambda *a: loss(_reference, *a), argnums=(0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert float(jnp.abs(r).max()) > 1e-2, f"d{name} trivially small: the test could not fail"
+        np.testing.assert_allclose(g, r, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
+
+
+def test_blockwise_full_token_count_forward():
+    """Forward at the real token count (1,980 patches + cls = 1,981; 1,980 itself is not a
+    multiple of 512 either), one head to keep it cheap."""
+    q, k, v = _qkv((1, 1981, 1, 64), seed=3)
+    out = jax.jit(lambda q, k, v: attention(q, k, v, impl="blockwise", block_size=512))(q, k, v)
+    np.testing.assert_allclose(out, _reference(q, k, v), atol=ATOL, rtol=RTOL)
+
+
+def test_blockwise_never_materialises_the_score_matrix():
+    n, block = 197, 64
+    q, k, v = _qkv((1, n, 2, 16))
+    grad = lambda impl: jax.grad(lambda q, k, v: attention(q, k, v, impl=impl, block_size=block).sum(), argnums=(0, 1, 2))
+    square = f"{n},{n}]"
+    assert square in str(jax.make_jaxpr(grad("xla"))(q, k, v))  # the check can see an (N, N) array
+    assert square not in str(jax.make_jaxpr(grad("blockwise"))(q, k, v))
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "einsum"])
+def test_bfloat16_inputs_accumulate_in_float32(impl):
+    """bfloat16 in, bfloat16 out; compared with float32 attention of the same (rounded) inputs.
+    Tolerance: bfloat16 has an 8-bit significand (eps 2^-8 = 3.9e-3); the output is rounded once
+    to bfloat16 and p is rounded to bfloat16 before p @ v, so errors stay within a few eps of the
+    O(1) outputs -> atol = rtol = 2e-2. Accumulating the 197-term sums in bfloat16 instead would
+    give errors of order sqrt(197) * eps ~ 5e-2 and more."""
+    shape = (2, 197, 3, 16)
+    q, k, v = _qkv(shape, dtype=jnp.bfloat16)
+    out = jax.jit(lambda q, k, v: attention(q, k, v, impl=impl, block_size=64))(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    ref = _reference(*(a.astype(jnp.float32) for a in (q, k, v)))
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=2e-2, rtol=2e-2)
+    grads = jax.grad(lambda q: attention(q, k, v, impl=impl, block_size=64).astype(jnp.float32).sum())(q)
+    assert grads.dtype == jnp.bfloat16 and bool(jnp.isfinite(grads.astype(jnp.float32)).all())
+
+
+def test_auto_rule_and_errors():
+    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "einsum", "blockwise", "auto"}
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        assert resolve_impl("auto") == "einsum"
+        q = jnp.zeros((1, 8, 1, 8))
+        with pytest.raises(ValueError, match="cudnn"):
+            attention(q, q, q, impl="cudnn")
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        resolve_impl("flash")
+    with pytest.raises(ValueError, match="one shape"):
+        attention(jnp.zeros((1, 8, 1, 8)), jnp.zeros((1, 9, 1, 8)), jnp.zeros((1, 8, 1, 8)), impl="einsum")
