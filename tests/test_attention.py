@@ -109,7 +109,7 @@ def test_auto_rule_and_errors():
     assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "einsum", "blockwise", "auto"}
     device = jax.local_devices()[0]
     if device.platform == "cpu":
-        assert resolve_impl("auto") == "einsum"
+        assert resolve_impl("auto") == "blockwise"
         q = jnp.zeros((1, 8, 1, 8))
         with pytest.raises(ValueError, match="cudnn"):
             attention(q, q, q, impl="cudnn")

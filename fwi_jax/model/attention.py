@@ -11,15 +11,16 @@ Implementations (``cfg.model.attention``):
 - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash
   attention. NVIDIA GPUs of compute capability >= 8.0 only; anywhere else it raises, never
   falls back silently.
-- ``"einsum"``: einsum - softmax - einsum. Same maths as "xla" but measured faster on CPU
-  (SPEC §7: 290 ms vs 470 ms for tiny's attention); see ``docs/performance.md``.
+- ``"einsum"``: einsum - softmax - einsum. Same maths as "xla", measured faster on CPU
+  (SPEC §7: 290 ms vs 470 ms for tiny's attention forward); see ``docs/performance.md``.
 - ``"blockwise"``: flash-style attention in pure JAX with a custom VJP: an online softmax over
   key blocks of ``block_size`` tokens, the backward pass recomputes the scores block by block
   from the saved log-sum-exp. Peak memory per head is O(N * block_size), never O(N^2). For
   GPUs without cuDNN flash attention (V100) and for memory estimates.
 - ``"auto"``: the rule of :func:`resolve_impl` -- cuDNN on NVIDIA GPUs that have it
   (compute capability >= 8.0), blockwise on older NVIDIA GPUs (V100: no cuDNN flash kernel, the
-  (N, N) scores would dominate memory), einsum on CPU (fastest measured there), xla elsewhere.
+  (N, N) scores would dominate memory), blockwise on CPU too (fastest measured there, forward
+  and backward: scripts/bench_attention.py, docs/performance.md), xla elsewhere (TPU, ROCm).
 
 Matmuls accumulate in float32 whatever the input dtype (bfloat16 / float16 inputs keep their
 dtype for the matmul operands, as flash attention does); the softmax runs in float32.
@@ -52,7 +53,8 @@ def resolve_impl(impl: str, device: jax.Device | None = None) -> str:
     """Concrete implementation for `impl` on `device` (default: the first local device).
 
     "auto": cudnn on NVIDIA GPUs of compute capability >= 8.0; blockwise on older NVIDIA GPUs
-    (V100, 7.0); einsum on CPU; xla on any other platform (TPU, ROCm).
+    (V100, 7.0); blockwise on CPU (measured fastest there: its (N, block) score tiles stay in
+    cache, where xla/einsum stream (N, N) arrays through memory); xla on any other platform.
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
@@ -60,7 +62,7 @@ def resolve_impl(impl: str, device: jax.Device | None = None) -> str:
         return impl
     device = device or jax.local_devices()[0]
     if device.platform == "cpu":
-        return "einsum"
+        return "blockwise"
     if device.platform == "gpu" and getattr(device, "compute_capability", None) is not None:
         return "cudnn" if _cudnn_available(device) else "blockwise"
     return "xla"
