@@ -1,0 +1,98 @@
+"""Samples/s of an EVA02-shaped JAX stand-in vs timm's EVA02 in PyTorch, in one run.
+
+A proxy until fwi_jax.model / fwi_jax.train exist (then scripts/bench_train.py and
+scripts/bench_infer.py are the real figures). Both sides run the split model's block structure:
+6 channels through blocks[0:split] (batch 6 x batch), mean over channels, blocks[split:], a per-token
+head with sigmoid; train = forward + backward + AdamW step. PyTorch side: timm's
+eva02_<size>_patch14 with img_size (1260, 308), in_chans 1, fused attention, RoPE, random init,
+fed an already resized image (no resize cost, favouring PyTorch slightly). JAX side:
+scripts/memory_estimate.py's stand-in (fold + bilinear resize inside, no RoPE).
+
+    .venv/bin/python scripts/bench_standin.py --config tiny_s8 --batch 1 --steps 3 \
+        --attention blockwise einsum xla
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from memory_estimate import estimate  # noqa: E402
+
+from fwi_jax.config import load_config  # noqa: E402
+
+
+def torch_samples_per_s(config: str, batch: int, steps: int) -> tuple[float, float]:
+    import timm
+    import torch
+
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = timm.create_model(f"eva02_{cfg.model.size}_patch14_224", pretrained=False, img_size=cfg.geometry.resize,
+                              num_classes=0, in_chans=1)
+    head = torch.nn.Linear(model.embed_dim, cfg.geometry.head_patch[0] * cfg.geometry.head_patch[1])
+    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), 1e-4)
+    split = cfg.model.split
+
+    def forward(x):  # x (B*6, 1, H, W)
+        t = model.patch_embed(x)
+        t = torch.cat([model.cls_token.expand(t.shape[0], -1, -1), t], 1) + model.pos_embed
+        rope = model.rope.get_embed()
+        for blk in model.blocks[:split]:
+            t = blk(t, rope=rope)
+        t = t.reshape(batch, 6, *t.shape[1:]).mean(1)
+        for blk in model.blocks[split:]:
+            t = blk(t, rope=rope)
+        return torch.sigmoid(head(t[:, 1:])) * 3 + 1.5
+
+    x = torch.randn(batch * 6, 1, *cfg.geometry.resize)
+
+    def timed(fn):
+        fn()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return batch * steps / (time.perf_counter() - start)
+
+    def fwd():
+        with torch.no_grad():
+            forward(x)
+
+    def train():
+        opt.zero_grad()
+        forward(x).mean().backward()
+        opt.step()
+
+    return timed(fwd), timed(train)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny_s8")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--attention", nargs="+", default=["blockwise", "einsum", "xla"])
+    parser.add_argument("--block", type=int, default=256)
+    args = parser.parse_args()
+    rows = []
+    t_fwd, t_train = torch_samples_per_s(args.config, args.batch, args.steps)
+    rows.append(("PyTorch timm (fused SDPA)", t_fwd, t_train))
+    print(rows[-1], flush=True)
+    for impl in args.attention:
+        r = estimate(args.config, args.batch, "float32", impl, "none", "standin", args.steps, args.block)
+        label = f"JAX stand-in, {impl}" + (f" (block {args.block})" if impl == "blockwise" else "")
+        rows.append((label, r["fwd_samples_s"], r["train_samples_s"]))
+        print(rows[-1], flush=True)
+    print(f"\n{args.config} stand-in, batch {args.batch}, float32, {args.steps} steps after warm-up "
+          "(shared machine: noisy; compare within this run)\n")
+    print("| model | fwd samples/s | train samples/s | train vs PyTorch |")
+    print("|---|---:|---:|---:|")
+    for label, f, t in rows:
+        print(f"| {label} | {f:.3f} | {t:.3f} | {t / rows[0][2]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
