@@ -69,6 +69,54 @@ def torch_samples_per_s(config: str, batch: int, steps: int) -> tuple[float, flo
     return timed(fwd), timed(train)
 
 
+def breakdown(config: str, block_size: int) -> None:
+    """Time the pieces of the JAX stand-in (float32): resize, one per-channel block, its attention."""
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+
+    from fwi_jax.model.attention import attention
+    from memory_estimate import WIDTHS, _standin
+
+    cfg = load_config(config)
+    dim, _, heads = WIDTHS[cfg.model.size]
+    n = 1 + cfg.geometry.grid[0] * cfg.geometry.grid[1]
+
+    def median_s(fn, repeats=3):
+        jax.block_until_ready(fn())
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    _, apply = _standin(cfg, jnp.float32, "blockwise", block_size, "none")
+    x = jax.random.normal(jax.random.key(0), (6, n, dim))
+    img = jax.random.normal(jax.random.key(1), (6, cfg.geometry.n_time // cfg.geometry.fold,
+                                                 cfg.geometry.n_receivers * cfg.geometry.fold))
+    resize = jax.jit(lambda a: jax.image.resize(a, (6, *cfg.geometry.resize), "bilinear"))
+    block_fwd = jax.jit(apply.block)
+    block_grad = jax.jit(jax.grad(lambda x, p: apply.block(x, p).sum(), argnums=(0, 1)))
+    q = jax.random.normal(jax.random.key(2), (6, n, heads, dim // heads))
+    attn_fwd = jax.jit(lambda q: attention(q, q, q, impl="blockwise", block_size=block_size))
+    attn_grad = jax.jit(jax.grad(lambda q, k, v: attention(q, k, v, impl="blockwise", block_size=block_size).sum(),
+                                 argnums=(0, 1, 2)))
+    t_resize = median_s(lambda: resize(img))
+    t_bf, t_bg = median_s(lambda: block_fwd(x, apply.block_params)), median_s(lambda: block_grad(x, apply.block_params))
+    t_af, t_ag = median_s(lambda: attn_fwd(q)), median_s(lambda: attn_grad(q, q, q))
+    calls = (cfg.model.split * 6 + (12 - cfg.model.split)) / 6  # block calls over 6 sequences per sample
+    print(f"\nBreakdown, JAX stand-in {config}, float32, blockwise block {block_size} (noisy)\n")
+    print("| piece | fwd ms | fwd+bwd ms |")
+    print("|---|---:|---:|")
+    print(f"| fold + resize, 1 sample (6 channels) | {t_resize * 1e3:.0f} | - |")
+    print(f"| one block, 6 sequences | {t_bf * 1e3:.0f} | {t_bg * 1e3:.0f} |")
+    print(f"| of which attention | {t_af * 1e3:.0f} ({t_af / t_bf:.0%}) | {t_ag * 1e3:.0f} ({t_ag / t_bg:.0%}) |")
+    print(f"| of which the rest (linears, LayerNorms, SwiGLU) | {(t_bf - t_af) * 1e3:.0f} | {(t_bg - t_ag) * 1e3:.0f} |")
+    print(f"| blocks per sample ({calls:.2f} x the row above) | {calls * t_bf * 1e3:.0f} | {calls * t_bg * 1e3:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny_s8")
@@ -76,7 +124,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--attention", nargs="+", default=["blockwise", "einsum", "xla"])
     parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--breakdown", action="store_true", help="only time the stand-in's pieces")
     args = parser.parse_args()
+    if args.breakdown:
+        breakdown(args.config, args.block)
+        return
     rows = []
     t_fwd, t_train = torch_samples_per_s(args.config, args.batch, args.steps)
     rows.append(("PyTorch timm (fused SDPA)", t_fwd, t_train))
