@@ -22,3 +22,56 @@ def flip(x, v=None):
     if v is None:
         return fx
     return fx, v[..., ::-1]
+
+
+def shots_to_input(shots):
+    """Five raw shots (..., 5, 10001, 31) in `SOURCE_POSITIONS` order -> model input
+    (..., 6, 10000, 31): drop the last time sample, scale by 1e4, insert the zero channel 151
+    (SPEC §2 steps 1-3). NumPy in, NumPy out (JAX arrays work too)."""
+    xp = np if isinstance(shots, np.ndarray) else __import__("jax.numpy", fromlist=["numpy"])
+    x = shots[..., :-1, :] * xp.asarray(AMPLITUDE_SCALE, dtype=shots.dtype)
+    zero = xp.zeros_like(x[..., :1, :, :])
+    return xp.concatenate([x[..., :ZERO_CHANNEL, :, :], zero, x[..., ZERO_CHANNEL:, :, :]], axis=-3)
+
+
+def fold(x, factor: int):
+    """(..., T, R) -> (..., T/factor, R*factor): row r, column c holds receiver c // factor at
+    time factor*r + c % factor (SPEC §2.5)."""
+    *lead, t, r = x.shape
+    x = x.reshape(*lead, t // factor, factor, r)
+    x = x.swapaxes(-1, -2)
+    return x.reshape(*lead, t // factor, r * factor)
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of 1-D linear interpolation with half-pixel centres and no
+    antialiasing, the weights of PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)``.
+
+    Written by hand because a resize expressed as two small matmuls is both exact (jax.image.resize
+    renormalises edge weights differently for downsampling) and fast on every backend."""
+    scale = n_in / n_out
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = src - i0
+    m = np.zeros((n_out, n_in), np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, i0), 1.0 - w1)
+    np.add.at(m, (rows, i1), w1)
+    return m.astype(np.float32)
+
+
+def fold_and_resize(x, factor: int, size: tuple[int, int]):
+    """Model input (..., T, R) float32 -> folded (T/factor, R*factor) -> bilinear (size) image.
+    Jittable; the resize runs as ``Wh @ folded @ Ww^T`` in float32 at full precision."""
+    import jax
+    import jax.numpy as jnp
+
+    folded = fold(x, factor)
+    h_in, w_in = folded.shape[-2:]
+    wh = jnp.asarray(bilinear_matrix(h_in, size[0]))
+    ww = jnp.asarray(bilinear_matrix(w_in, size[1]))
+    hi = jax.lax.Precision.HIGHEST
+    y = jnp.einsum("oh,...hw->...ow", wh, folded, precision=hi)
+    return jnp.einsum("...ow,pw->...op", y, ww, precision=hi)

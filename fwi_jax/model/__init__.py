@@ -1,0 +1,61 @@
+"""The model as plain pytrees: ``create_model`` -> (graphdef, params); ``apply_model`` is pure.
+
+``params`` is a nested dict with string keys and float32 leaves (timm-like paths such as
+``blocks/3/attn/qkv/kernel``), so orbax saves it unchanged and ensembles stack it with
+``jax.tree.map(np.stack, *members)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from fwi_jax.config import Config
+from fwi_jax.model.fwi import FWIModel, model_size
+
+Params = dict[str, Any]
+
+
+def _str_keys(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def create_model(cfg: Config, seed: int = 0) -> tuple[nnx.GraphDef, Params]:
+    """Randomly initialised model for ``cfg``: (graphdef, params)."""
+    model = FWIModel(cfg, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, _str_keys(state.to_pure_dict())
+
+
+def abstract_params(cfg: Config) -> Params:
+    """Shapes and dtypes of ``create_model(cfg)[1]`` without allocating (jax.ShapeDtypeStruct)."""
+    return jax.eval_shape(lambda: create_model(cfg)[1])
+
+
+def apply_model(graphdef: nnx.GraphDef, params: Params, x: jax.Array) -> jax.Array:
+    """x (B, 6, n_time, n_receivers) float32 -> velocity (B, depth, x) float32 km/s. Pure; jit it."""
+    return _apply(graphdef, params, x)
+
+
+def _apply(graphdef: nnx.GraphDef, params: Params, x: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, nnx.State(_as_state_dict(params)))
+    return model(x)
+
+
+def _as_state_dict(params: Params) -> Any:
+    """String keys that are integers (list indices of nnx.List) become ints again."""
+    if isinstance(params, dict):
+        return {(int(k) if k.isdigit() else k): _as_state_dict(v) for k, v in params.items()}
+    return nnx.Param(params) if not isinstance(params, nnx.Variable) else params
+
+
+def count_params(params: Params) -> int:
+    return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)))
+
+
+__all__ = ["create_model", "apply_model", "abstract_params", "count_params", "model_size", "FWIModel", "Params"]

@@ -1,0 +1,133 @@
+"""EVA02 building blocks with timm's semantics and parameter names (timm ``models/eva.py``).
+
+Tokens are (batch, tokens, dim). Parameters are float32; ``dtype`` is the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fwi_jax.model.attention import attention
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaSize:
+    dim: int
+    depth: int
+    heads: int
+    qkv_fused: bool  # one `qkv` matrix + q_bias/v_bias (tiny, small) or q/k/v_proj (base, large)
+    scale_mlp: bool  # SwiGLU with split fc1_g/fc1_x and a LayerNorm before fc2 (base, large)
+
+
+# timm: eva02_{tiny,small}_patch14_224 and eva02_{base,large}_patch14_448
+SIZES = {
+    "tiny": EvaSize(192, 12, 3, qkv_fused=True, scale_mlp=False),
+    "small": EvaSize(384, 12, 6, qkv_fused=True, scale_mlp=False),
+    "base": EvaSize(768, 12, 12, qkv_fused=False, scale_mlp=True),
+    "large": EvaSize(1024, 24, 16, qkv_fused=False, scale_mlp=True),
+}
+LN_EPS = 1e-6
+
+
+def rope_table(grid: tuple[int, int], head_dim: int, ref_feat_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """sin, cos (grid_h*grid_w, head_dim) float32 of timm's ``RotaryEmbeddingCat`` (in_pixels=False,
+    temperature 1e4, 'index' grid rescaled onto ``ref_feat_shape``, interleaved layout)."""
+    num_bands = head_dim // 4
+    bands = 1.0 / (10000.0 ** (np.arange(num_bands, dtype=np.float32) / np.float32(num_bands)))
+    axes = [np.arange(s, dtype=np.float32) / np.float32(s) * np.float32(r) for s, r in zip(grid, ref_feat_shape)]
+    mesh = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (H, W, 2)
+    pos = (mesh[..., None] * bands).reshape(grid[0] * grid[1], 2 * num_bands)  # (N, 2*bands)
+    pos = np.repeat(pos, 2, axis=-1)  # interleaved [f0, f0, f1, f1, ...]
+    return np.sin(pos).astype(np.float32), np.cos(pos).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotate pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x (B, N, H, D), sin/cos (N, D)."""
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    sin, cos = sin[:, None, :], cos[:, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def _linear(din, dout, *, rngs, dtype, use_bias=True):
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
+
+
+def _layer_norm(dim, *, rngs, dtype):
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with q and v bias (no k bias) and RoPE on the non-cls tokens."""
+
+    def __init__(self, dim: int, heads: int, qkv_fused: bool, *, impl: str, block_size: int, dtype, rngs: nnx.Rngs):
+        self.heads, self.impl, self.block_size, self.dtype = heads, impl, block_size, dtype
+        self.qkv_fused = qkv_fused
+        if qkv_fused:
+            self.qkv = _linear(dim, 3 * dim, use_bias=False, rngs=rngs, dtype=dtype)
+            self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+            self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+        else:
+            self.q_proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
+            self.k_proj = _linear(dim, dim, use_bias=False, rngs=rngs, dtype=dtype)
+            self.v_proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
+        self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, n_prefix: int = 1) -> jax.Array:
+        b, n, d = x.shape
+        if self.qkv_fused:
+            zeros = jnp.zeros_like(self.q_bias[...])
+            bias = jnp.concatenate([self.q_bias[...], zeros, self.v_bias[...]]).astype(self.dtype)
+            q, k, v = jnp.split(self.qkv(x) + bias, 3, axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (t.reshape(b, n, self.heads, d // self.heads) for t in (q, k, v))
+        q = jnp.concatenate([q[:, :n_prefix], apply_rope(q[:, n_prefix:], sin, cos)], axis=1)
+        k = jnp.concatenate([k[:, :n_prefix], apply_rope(k[:, n_prefix:], sin, cos)], axis=1)
+        out = attention(q, k, v, impl=self.impl, block_size=self.block_size)
+        return self.proj(out.reshape(b, n, d))
+
+
+class SwiGLU(nnx.Module):
+    """SwiGLU MLP, hidden = int(dim * 4 * 2/3). Packed (timm GluMlp: fc1 -> [gate | x]) or split
+    (timm SwiGLU: fc1_g, fc1_x, then LayerNorm ``norm`` before fc2 when ``scale_mlp``)."""
+
+    def __init__(self, dim: int, scale_mlp: bool, *, dtype, rngs: nnx.Rngs):
+        hidden = int(dim * 4 * 2 / 3)
+        self.scale_mlp = scale_mlp
+        if scale_mlp:
+            self.fc1_g = _linear(dim, hidden, rngs=rngs, dtype=dtype)
+            self.fc1_x = _linear(dim, hidden, rngs=rngs, dtype=dtype)
+            self.norm = _layer_norm(hidden, rngs=rngs, dtype=dtype)
+        else:
+            self.fc1 = _linear(dim, 2 * hidden, rngs=rngs, dtype=dtype)
+        self.fc2 = _linear(hidden, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.scale_mlp:
+            h = self.norm(nnx.silu(self.fc1_g(x)) * self.fc1_x(x))
+        else:
+            gate, h = jnp.split(self.fc1(x), 2, axis=-1)
+            h = nnx.silu(gate) * h
+        return self.fc2(h)
+
+
+class Block(nnx.Module):
+    """Pre-norm EVA02 block: x + attn(norm1(x)); x + mlp(norm2(x)). No layer scale."""
+
+    def __init__(self, size: EvaSize, *, impl: str, block_size: int, dtype, rngs: nnx.Rngs):
+        self.norm1 = _layer_norm(size.dim, rngs=rngs, dtype=dtype)
+        self.attn = Attention(size.dim, size.heads, size.qkv_fused, impl=impl, block_size=block_size,
+                              dtype=dtype, rngs=rngs)
+        self.norm2 = _layer_norm(size.dim, rngs=rngs, dtype=dtype)
+        self.mlp = SwiGLU(size.dim, size.scale_mlp, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x), sin, cos)
+        return x + self.mlp(self.norm2(x))

@@ -1,0 +1,98 @@
+"""The split EVA02 velocity model of the reference solution (SPEC §3).
+
+x (B, 6, n_time, n_receivers) float32 (SPEC §2 steps 1-3 done) -> fold + bilinear resize ->
+(B, 6, H, W) -> per channel: patch tokens + cls + pos-embed -> blocks[:split] (shared weights,
+channels folded into the batch) -> mean over channels -> blocks[split:] -> drop cls ->
+Linear(dim -> head_h*head_w) -> pixel shuffle -> crop -> sigmoid * v_span + v_min (float32)
+-> velocity (B, depth, x) km/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fwi_jax.config import Config, ConfigError
+from fwi_jax.model.eva02 import SIZES, Block, EvaSize, rope_table
+from fwi_jax.preprocess import fold_and_resize
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def model_size(cfg: Config) -> EvaSize:
+    """timm's widths for ``cfg.model.size`` with the config's dim/depth/heads overrides."""
+    m = cfg.model
+    if m.size not in SIZES:
+        raise ConfigError(f"model.size={m.size!r}: choose one of {', '.join(SIZES)}")
+    size = SIZES[m.size]
+    size = dataclasses.replace(size, **{k: v for k, v in (("dim", m.dim), ("depth", m.depth), ("heads", m.heads)) if v is not None})
+    if not 0 <= m.split <= size.depth:
+        raise ConfigError(f"model.split={m.split} must lie in [0, depth={size.depth}]")
+    if size.dim % size.heads or (size.dim // size.heads) % 4:
+        raise ConfigError(f"model: dim {size.dim} / heads {size.heads} must give a head_dim divisible by 4")
+    return size
+
+
+class FWIModel(nnx.Module):
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        g, m = cfg.geometry, cfg.model
+        if m.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype={m.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if m.remat not in ("none", *REMAT_POLICIES):
+            raise ConfigError(f"model.remat={m.remat!r}: choose none, full or dots")
+        self.cfg = cfg
+        size = model_size(cfg)
+        dtype = DTYPES[m.dtype]
+        self.dtype = dtype
+        p = g.patch
+        gh, gw = g.grid
+        self.patch_embed = nnx.Dict(proj=nnx.Linear(p * p, size.dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs))
+        self.cls_token = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1, size.dim)))
+        self.pos_embed = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1 + gh * gw, size.dim)))
+        self.blocks = nnx.List([
+            Block(size, impl=m.attention, block_size=m.attention_block, dtype=dtype, rngs=rngs)
+            for _ in range(size.depth)
+        ])
+        hp, wp = g.head_patch
+        self.head = nnx.Linear(size.dim, hp * wp, dtype=dtype, param_dtype=jnp.float32,
+                               kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
+        self.head_dim = size.dim // size.heads
+
+    def _run_blocks(self, blocks, x):
+        g = self.cfg.geometry
+        sin, cos = (jnp.asarray(t) for t in rope_table(g.grid, self.head_dim, self.cfg.model.ref_feat_shape))
+        policy = REMAT_POLICIES.get(self.cfg.model.remat)
+        for block in blocks:
+            if policy is None:
+                x = block(x, sin, cos)
+            else:
+                x = nnx.remat(lambda blk, h: blk(h, sin, cos), policy=policy)(block, x)
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        g, m = self.cfg.geometry, self.cfg.model
+        b, c = x.shape[:2]
+        if x.shape[2:] != (g.n_time, g.n_receivers):
+            raise ValueError(f"model input {x.shape}: expected (B, C, {g.n_time}, {g.n_receivers})")
+        img = fold_and_resize(x.astype(jnp.float32), g.fold, g.resize)  # (B, C, H, W)
+        p, (gh, gw) = g.patch, g.grid
+        patches = img.reshape(b * c, gh, p, gw, p).transpose(0, 1, 3, 2, 4).reshape(b * c, gh * gw, p * p)
+        tokens = self.patch_embed["proj"](patches.astype(self.dtype))
+        cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (b * c, 1, tokens.shape[-1]))
+        tokens = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...].astype(self.dtype)
+        tokens = self._run_blocks(self.blocks[: m.split], tokens)  # channels share weights
+        tokens = tokens.reshape(b, c, *tokens.shape[1:]).mean(axis=1)  # fuse channels (cls included)
+        tokens = self._run_blocks(self.blocks[m.split:], tokens)
+        pix = self.head(tokens[:, 1:])  # (B, N, hp*wp), channel i*wp + j -> offset (i, j)
+        hp, wp = g.head_patch
+        pix = pix.reshape(b, gh, gw, hp, wp).transpose(0, 1, 3, 2, 4).reshape(b, gh * hp, gw * wp)
+        (r0, c0), (oh, ow) = g.crop_offset, g.out_shape
+        pix = pix[:, r0:r0 + oh, c0:c0 + ow].astype(jnp.float32)
+        return jax.nn.sigmoid(pix) * m.v_span + m.v_min
