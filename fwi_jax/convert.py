@@ -69,11 +69,11 @@ def resample_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int], n_prefi
     ``jax.image.resize(method="cubic", antialias=True)`` implements); prefix tokens kept."""
     prefix, grid = pos_embed[:, :n_prefix], pos_embed[:, n_prefix:]
     n, d = grid.shape[1], grid.shape[2]
+    if n == new_grid[0] * new_grid[1]:
+        return pos_embed  # already at the config's grid (e.g. the reference's own state_dicts)
     side = int(round(np.sqrt(n)))
     if side * side != n:
         raise CheckpointMismatch(f"pos_embed has {n} grid tokens, not a square grid")
-    if (side, side) == tuple(new_grid):
-        return pos_embed
     img = jnp.asarray(grid.reshape(side, side, d))
     out = jax.image.resize(img, (*new_grid, d), method="cubic", antialias=True)
     return np.concatenate([prefix, np.asarray(out, np.float32).reshape(1, -1, d)], axis=1)
