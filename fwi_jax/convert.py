@@ -111,7 +111,10 @@ def _torch_to_ours(key: str, value: np.ndarray, cfg: Config) -> tuple[str, np.nd
     if key == "cls_token":
         return "cls_token", value
     if key == "pos_embed":
-        return "pos_embed", resample_pos_embed(value, cfg.geometry.grid)
+        try:
+            return "pos_embed", resample_pos_embed(value, cfg.geometry.grid)
+        except CheckpointMismatch:  # neither the config's grid nor a square pretrain grid
+            return "pos_embed", value  # reported with the other mis-shaped keys
     parts = key.split(".")
     if parts[0] != "blocks":
         return key.replace(".", "/"), value  # reported as unexpected by the caller

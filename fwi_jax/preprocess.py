@@ -49,16 +49,19 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
 
     Written by hand because a resize expressed as two small matmuls is both exact (jax.image.resize
     renormalises edge weights differently for downsampling) and fast on every backend."""
-    scale = n_in / n_out
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
-    src = np.maximum(src, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    # source index in float32 as PyTorch's CPU kernel computes it (a fused multiply-add of the
+    # float32 scale), so the weights carry the same rounding (up to 3e-5 at source rows near 1000)
+    f32 = np.float32
+    scale = np.float64(f32(n_in) / f32(n_out))
+    src = (scale * (np.arange(n_out) + 0.5) - 0.5).astype(f32)
+    src = np.maximum(src, f32(0.0))
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    w1 = src - i0
+    w1 = src - i0.astype(f32)
     m = np.zeros((n_out, n_in), np.float64)
     rows = np.arange(n_out)
-    np.add.at(m, (rows, i0), 1.0 - w1)
-    np.add.at(m, (rows, i1), w1)
+    np.add.at(m, (rows, i0), (f32(1.0) - w1).astype(np.float64))
+    np.add.at(m, (rows, i1), w1.astype(np.float64))
     return m.astype(np.float32)
 
 
