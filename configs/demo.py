@@ -1,6 +1,7 @@
 """CPU-sized demo: the full code path on a reduced input grid with a 4-block EVA02, on synthetic data.
 
-Command (the README's first command runs it through `python -m fwi_jax.demo`):
+Command (once training lands, issue 5; today `python -m fwi_jax.model --config demo` runs a
+forward pass):
     python -m fwi_jax.train --config demo --workdir runs/demo
 
 Reproduces: nothing from the reference; it shows the pipeline end to end on a machine with no
