@@ -1,0 +1,470 @@
+"""2-D constant-density acoustic finite-difference modelling in JAX (SPEC §6 geometry).
+
+Equation: (1/v²) ∂²u/∂t² − ∇²u = f(t) δ(x − x_s), solved with a leapfrog scheme (2nd order in
+time), a central stencil of order ``order`` (8 by default) in space on a square grid of spacing
+``dx``, and a convolutional PML (CPML, the second-order form of Pasalic & McGarry 2010, also used
+by deepwave) of ``pml`` cells on every side. The recorded trace is u itself, so a homogeneous
+medium gives u = f * G₂ᴅ with G₂ᴅ(r, t) = H(t − r/v) / (2π √(t² − r²/v²)).
+
+Conventions (competition geometry, model grid 1 m, x = column index in metres):
+- velocity models are (n_x, n_z) = (300, 1259) km/s, axis 0 = x, axis 1 = depth (vp_model.npy);
+- sources at x = 0, 74, 149, 224, 299 m, 20 m deep (file names receiver_data_src_{1,75,...});
+- receivers at x = 0, 10, ..., 290, 299 m, 10 m deep: receiver k sits at min(10 k, 299) m, i.e.
+  the competition's "x = 300 m, last one at the edge" is put on the model's last column, the same
+  column as source 300;
+- output: 10,001 samples, dt = 0.1 ms (t = 0 ... 1 s), Ricker 15 Hz peaking at 1.5/f₀ = 0.1 s.
+
+Modes (``MODES``): "full" runs at the output sampling (dx = 1 m, dt = 0.1 ms); "fast" runs on a
+4 m grid at dt = 0.4 ms (the velocity model is reduced by a box average of 1/v², i.e. the
+constant-density Backus average) and interpolates the traces back to 0.1 ms (4-point Lagrange),
+≈ 64x fewer cell updates. Its error against "full" is measured by ``scripts/bench_synth.py``.
+
+Points off the grid (sources and receivers in fast mode) use separable 4-point Lagrange weights;
+the same weights inject and record, which keeps the scheme source–receiver reciprocal.
+
+Everything is plain ``jnp`` under ``jit``/``vmap``/``grad``: ``jax.grad`` of a data misfit with
+respect to the velocity model works (use ``remat=True`` for long runs: each block of
+``block`` time steps is rematerialised, so memory is O(n_t/block + block) wavefields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Competition geometry (SPEC §6).
+MODEL_SHAPE = (300, 1259)  # (x, depth) cells of 1 m
+MODEL_DX = 1.0  # m
+SOURCE_X = (0.0, 74.0, 149.0, 224.0, 299.0)  # m; file names receiver_data_src_{x+1}.npy
+SOURCE_FILES = tuple(int(x) + 1 for x in SOURCE_X)  # 1, 75, 150, 225, 300
+SOURCE_Z = 20.0  # m
+RECEIVER_X = tuple(float(min(10 * k, 299)) for k in range(31))  # m (see module docstring)
+RECEIVER_Z = 10.0  # m
+OUT_DT = 1e-4  # s
+OUT_NT = 10001
+F0 = 15.0  # Hz
+PML_REFLECTION = 1e-6  # theoretical normal-incidence reflection of the CPML
+PML_ALPHA = 0.5  # CFS alpha at the inner edge, in units of pi*f0
+PML_POWER = 2.0  # damping profile exponent
+
+
+class CFLError(ValueError):
+    """The time step is too large for the grid and velocity (the scheme would blow up)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """Internal grid of a solver mode: spacing ``dx`` (m) and step ``dt`` (s)."""
+
+    dx: float
+    dt: float
+    order: int = 8
+    pml: int = 30  # CPML cells per side (the outermost order/2 of them are held at zero)
+
+
+MODES = {
+    "full": Mode(dx=1.0, dt=1e-4, order=8, pml=30),
+    "fast": Mode(dx=4.0, dt=4e-4, order=8, pml=16),
+}
+
+
+# ----------------------------------------------------------------------------- stencils
+
+
+def second_derivative_coeffs(order: int) -> np.ndarray:
+    """Central 2nd-derivative weights c_0..c_r (r = order/2) on a unit grid."""
+    if order < 2 or order % 2:
+        raise ValueError(f"FD order must be an even number >= 2, got {order}")
+    r = order // 2
+    c = np.zeros(r + 1)
+    for k in range(1, r + 1):
+        c[k] = 2.0 * (-1) ** (k + 1) * math.factorial(r) ** 2 / (k * k * math.factorial(r - k) * math.factorial(r + k))
+    c[0] = -2.0 * c[1:].sum()
+    return c
+
+
+def first_derivative_coeffs(order: int) -> np.ndarray:
+    """Central 1st-derivative weights d_1..d_r (antisymmetric: d_{-k} = -d_k) on a unit grid."""
+    r = order // 2
+    return np.array(
+        [(-1) ** (k + 1) * math.factorial(r) ** 2 / (k * math.factorial(r - k) * math.factorial(r + k)) for k in range(1, r + 1)]
+    )
+
+
+def cfl_limit(order: int) -> float:
+    """Largest stable Courant number v·dt/dx of the 2-D leapfrog scheme with this stencil."""
+    c = second_derivative_coeffs(order)
+    nyquist = -(c[0] + 2.0 * sum(c[k] * (-1) ** k for k in range(1, len(c))))  # 1-D symbol at π
+    return 2.0 / math.sqrt(2.0 * nyquist)
+
+
+def check_cfl(v_max: float, mode: Mode) -> float:
+    """Return the Courant number, or raise CFLError naming the fix."""
+    courant = float(v_max) * 1e3 * mode.dt / mode.dx
+    limit = cfl_limit(mode.order)
+    if courant > limit:
+        dt_max = limit * mode.dx / (float(v_max) * 1e3)
+        raise CFLError(
+            f"CFL violated: v_max={float(v_max):.3f} km/s, dx={mode.dx} m, dt={mode.dt} s gives Courant number "
+            f"{courant:.3f} > {limit:.3f} (order-{mode.order} leapfrog limit). Use dt <= {dt_max:.3g} s, a larger dx "
+            "or clip the velocity model."
+        )
+    return courant
+
+
+def ricker(t: np.ndarray | jax.Array, f0: float = F0, t0: float | None = None):
+    """Ricker wavelet (peak 1 at t0 = 1.5/f0 by default); t in seconds."""
+    t0 = 1.5 / f0 if t0 is None else t0
+    a = (jnp.pi * f0 * (t - t0)) ** 2
+    return (1.0 - 2.0 * a) * jnp.exp(-a)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def lagrange_weights(pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """4-point Lagrange interpolation of positions ``pos`` (in cells) on a 1-D grid of n points.
+
+    Returns indices (P, 4) int32 and weights (P, 4) float64; on-grid points get weight 1 at their
+    node (and 0 elsewhere), so the full mode injects and records at exact nodes.
+    """
+    pos = np.asarray(pos, np.float64)
+    i0 = np.floor(pos).astype(np.int64)
+    on = np.isclose(pos, np.round(pos), atol=1e-9)
+    i0 = np.where(on, np.round(pos).astype(np.int64), i0)
+    s = pos - i0  # in [0, 1)
+    idx = i0[:, None] + np.arange(-1, 3)[None, :]
+    nodes = np.arange(-1, 3, dtype=np.float64)
+    w = np.ones((len(pos), 4))
+    for j in range(4):
+        for m in range(4):
+            if m != j:
+                w[:, j] *= (s - nodes[m]) / (nodes[j] - nodes[m])
+    w = np.where(on[:, None], (nodes[None, :] == 0).astype(np.float64), w)
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"point at cell position {pos} is too close to the grid edge (n={n})")
+    return idx.astype(np.int32), w
+
+
+@dataclasses.dataclass(frozen=True)
+class Survey:
+    """Sources and receivers in metres (x from the model's first column, z below the surface)."""
+
+    source_x: tuple[float, ...] = SOURCE_X
+    source_z: float = SOURCE_Z
+    receiver_x: tuple[float, ...] = RECEIVER_X
+    receiver_z: float = RECEIVER_Z
+
+
+def _point_stencils(xs, z, dx, pml, nx_pad, nz_pad):
+    """Separable weights for points (xs, z) on the padded grid: idx_x, w_x, idx_z, w_z."""
+    ix, wx = lagrange_weights(np.asarray(xs) / dx + pml, nx_pad)
+    iz, wz = lagrange_weights(np.full(len(xs), z / dx + pml), nz_pad)
+    return ix, wx, iz, wz
+
+
+# ----------------------------------------------------------------------------- model on the grid
+
+
+def resample_model(v: jax.Array, dx: float, model_dx: float = MODEL_DX) -> jax.Array:
+    """Velocity (nx, nz) on a ``model_dx`` grid -> the ``dx`` grid that covers the same extent.
+
+    Node j of the new grid sits at j·dx; its value is the constant-density Backus average
+    1/√mean(1/v²) over a box of width dx around it (linear maps, so it is differentiable).
+    """
+    ratio = dx / model_dx
+    if abs(ratio - 1.0) < 1e-12:
+        return v
+
+    def box(n_in: int) -> np.ndarray:
+        n_out = int(math.floor((n_in - 1) / ratio + 1e-9)) + 1
+        centres = np.arange(n_out) * ratio
+        x = np.arange(n_in)
+        # overlap of [x-1/2, x+1/2] with [c-ratio/2, c+ratio/2], clipped to the model
+        lo = np.maximum(x[None, :] - 0.5, centres[:, None] - ratio / 2)
+        hi = np.minimum(x[None, :] + 0.5, centres[:, None] + ratio / 2)
+        w = np.clip(hi - lo, 0.0, None)
+        return (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+    bx, bz = box(v.shape[0]), box(v.shape[1])
+    slowness2 = 1.0 / (v * v)
+    return 1.0 / jnp.sqrt(jnp.einsum("ix,xz,jz->ij", bx, slowness2, bz))
+
+
+def _pml_profile(npml: int, dx: float, dt: float, v_max, f0: float, reflection: float = PML_REFLECTION,
+                 alpha_scale: float = PML_ALPHA, power: float = PML_POWER):
+    """CPML a, b for cells 0..npml-1 of a left strip (cell 0 outermost). Shapes (npml,)."""
+    length = npml * dx
+    frac = (npml - jnp.arange(npml, dtype=jnp.float32)) / npml  # 1 at the outer edge -> 1/npml
+    d0 = -(power + 1) * v_max * 1e3 * math.log(reflection) / (2.0 * length)
+    d = d0 * frac**power
+    alpha = alpha_scale * jnp.pi * f0 * (1.0 - frac)
+    b = jnp.exp(-(d + alpha) * dt)
+    a = d / (d + alpha) * (b - 1.0)
+    return a.astype(jnp.float32), b.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- propagator
+
+
+def _shift(u, k, axis, n_out, r):
+    """u[r+k : r+k+n_out] along ``axis`` (a static slice)."""
+    return jax.lax.slice_in_dim(u, r + k, r + k + n_out, axis=axis)
+
+
+def propagate(
+    v: jax.Array,
+    src: tuple,
+    rec: tuple,
+    wavelet: jax.Array,
+    *,
+    mode: Mode,
+    f0: float = F0,
+    block: int = 50,
+    unroll: int = 2,
+    remat: bool = False,
+) -> jax.Array:
+    """One shot. v: (nx_pad, nz_pad) km/s on the padded grid; wavelet: (n_t,) source amplitude at
+    each internal step. src/rec: (idx_x, w_x, idx_z, w_z) arrays (see ``_point_stencils``), one
+    source and R receivers. Returns u at the receivers, (n_t, R) float32, sample n = u(t = n·dt).
+    """
+    order, npml, dt, dx = mode.order, mode.pml, mode.dt, mode.dx
+    r = order // 2
+    c2 = second_derivative_coeffs(order).astype(np.float32)
+    d1 = first_derivative_coeffs(order).astype(np.float32)
+    nx, nz = v.shape
+    mx, mz = nx - 2 * r, nz - 2 * r  # updated cells; the outer r on each side stay 0
+    p = npml - r  # CPML cells in each updated strip
+    v_max = jax.lax.stop_gradient(jnp.max(v))
+    a_l, b_l = _pml_profile(npml, dx, dt, v_max, f0)
+    a_l, b_l = a_l[r:], b_l[r:]  # the strips' cells that are updated
+    a_r, b_r = a_l[::-1], b_l[::-1]
+    courant2 = ((v * (1e3 * dt / dx)) ** 2).astype(jnp.float32)
+    c2in = courant2[r:-r, r:-r]
+
+    sx_i, sx_w, sz_i, sz_w = (jnp.asarray(a) for a in src)
+    rx_i, rx_w, rz_i, rz_w = (jnp.asarray(a) for a in rec)
+    src_w = (sx_w[0][:, None] * sz_w[0][None, :]).astype(jnp.float32)  # (4, 4)
+    src_amp = src_w * courant2[sx_i[0][:, None], sz_i[0][None, :]]
+    rec_w = (rx_w[:, :, None] * rz_w[:, None, :]).astype(jnp.float32)  # (R, 4, 4)
+
+    def laplacian(u):  # (nx, nz) -> (mx, mz), dimensionless (grid units)
+        out = (2.0 * c2[0]) * _shift(_shift(u, 0, 0, mx, r), 0, 1, mz, r)
+        for k in range(1, r + 1):
+            ux = _shift(u, 0, 1, mz, r)
+            uz = _shift(u, 0, 0, mx, r)
+            out = out + c2[k] * (_shift(ux, k, 0, mx, r) + _shift(ux, -k, 0, mx, r))
+            out = out + c2[k] * (_shift(uz, k, 1, mz, r) + _shift(uz, -k, 1, mz, r))
+        return out
+
+    def d_first(w, axis, n_out):
+        """Central 1st derivative of w (already padded by r along ``axis``) -> n_out cells."""
+        out = 0.0
+        for k in range(1, r + 1):
+            out = out + d1[k - 1] * (_shift(w, k, axis, n_out, r) - _shift(w, -k, axis, n_out, r))
+        return out
+
+    def strip_terms(ustrip, psi, zeta, lap_strip, a, b, axis):
+        """CPML correction in one strip. ustrip: u over the strip + r cells each side along axis."""
+        n = psi.shape[axis]
+        shape = [1, 1]
+        shape[axis] = n
+        a, b = a.reshape(shape), b.reshape(shape)
+        du = d_first(ustrip, axis, n)
+        psi = b * psi + a * du
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (r, r)
+        dpsi = d_first(jnp.pad(psi, pad), axis, n)
+        zeta = b * zeta + a * (lap_strip + dpsi)
+        return psi, zeta, dpsi + zeta
+
+    def d2_axis(u, axis, region):  # second derivative along one axis only, for the strip
+        (x0, x1), (z0, z1) = region
+        sub = u[x0 - r * (axis == 0) : x1 + r * (axis == 0), z0 - r * (axis == 1) : z1 + r * (axis == 1)]
+        n = (x1 - x0) if axis == 0 else (z1 - z0)
+        out = c2[0] * _shift(sub, 0, axis, n, r)
+        for k in range(1, r + 1):
+            out = out + c2[k] * (_shift(sub, k, axis, n, r) + _shift(sub, -k, axis, n, r))
+        return out
+
+    # strips in padded-array coordinates (updated cells only)
+    regions = {
+        "xl": ((r, r + p), (r, nz - r)),
+        "xr": ((nx - r - p, nx - r), (r, nz - r)),
+        "zt": ((r, nx - r), (r, r + p)),
+        "zb": ((r, nx - r), (nz - r - p, nz - r)),
+    }
+    profiles = {"xl": (a_l, b_l, 0), "xr": (a_r, b_r, 0), "zt": (a_l, b_l, 1), "zb": (a_r, b_r, 1)}
+
+    def step(carry, f):
+        u_prev, u, mem = carry
+        lap = laplacian(u)
+        new_mem = {}
+        corr = {}
+        for name, ((x0, x1), (z0, z1)) in regions.items():
+            a, b, axis = profiles[name]
+            ustrip = u[x0 - r * (axis == 0) : x1 + r * (axis == 0), z0 - r * (axis == 1) : z1 + r * (axis == 1)]
+            psi, zeta = mem[name]
+            lap_axis = d2_axis(u, axis, ((x0, x1), (z0, z1)))
+            psi, zeta, c = strip_terms(ustrip, psi, zeta, lap_axis, a, b, axis)
+            new_mem[name] = (psi, zeta)
+            corr[name] = c
+        # add the strip corrections to the Laplacian (strip coordinates relative to the update region)
+        lap = lap.at[:p, :].add(corr["xl"])
+        lap = lap.at[mx - p :, :].add(corr["xr"])
+        lap = lap.at[:, :p].add(corr["zt"])
+        lap = lap.at[:, mz - p :].add(corr["zb"])
+        u_in = _shift(_shift(u, 0, 0, mx, r), 0, 1, mz, r)
+        up_in = _shift(_shift(u_prev, 0, 0, mx, r), 0, 1, mz, r)
+        u_new_in = 2.0 * u_in - up_in + c2in * lap
+        u_new = u_prev.at[r:-r, r:-r].set(u_new_in)
+        u_new = u_new.at[sx_i[0][:, None], sz_i[0][None, :]].add(src_amp * f)
+        return (u, u_new, new_mem), u
+
+    def record(u):
+        patch = u[rx_i[:, :, None], rz_i[:, None, :]]  # (R, 4, 4)
+        return jnp.sum(patch * rec_w, axis=(1, 2))
+
+    def step_rec(carry, f):
+        carry, u = step(carry, f)
+        return carry, record(u)
+
+    def block_fn(carry, fs):  # ``block`` steps; the unit of rematerialisation
+        return jax.lax.scan(step_rec, carry, fs, unroll=unroll)
+
+    if remat:
+        block_fn = jax.checkpoint(block_fn)
+
+    nt = wavelet.shape[0]
+    nblocks = -(-nt // block)
+    fs = jnp.pad(wavelet.astype(jnp.float32), (0, nblocks * block - nt)).reshape(nblocks, block)
+    zeros = jnp.zeros((nx, nz), jnp.float32)
+    mem0 = {
+        name: (jnp.zeros((x1 - x0, z1 - z0), jnp.float32),) * 2 for name, ((x0, x1), (z0, z1)) in regions.items()
+    }
+    _, traces = jax.lax.scan(block_fn, (zeros, zeros, mem0), fs)
+    return traces.reshape(nblocks * block, -1)[:nt]
+
+
+def pad_model(v: jax.Array, npml: int) -> jax.Array:
+    """Extend (nx, nz) by npml cells on every side, repeating the edge values."""
+    return jnp.pad(v, npml, mode="edge")
+
+
+def resample_time(traces: jax.Array, dt_in: float, dt_out: float, nt_out: int) -> jax.Array:
+    """4-point Lagrange (cubic) interpolation along axis -2 from dt_in to dt_out sampling."""
+    nt_in = traces.shape[-2]
+    t = np.arange(nt_out) * dt_out / dt_in
+    if t[-1] > nt_in - 1 + 1e-9:
+        raise ValueError(f"internal run ({nt_in} steps of {dt_in} s) is shorter than the output ({nt_out} x {dt_out} s)")
+    padded = jnp.concatenate([traces[..., :1, :] * 0, traces, traces[..., -1:, :], traces[..., -1:, :]], axis=-2)
+    idx, w = lagrange_weights(t + 1.0, nt_in + 3)
+    gathered = padded[..., idx, :]  # (..., nt_out, 4, R)
+    return jnp.einsum("...tkr,tk->...tr", gathered, w.astype(np.float32))
+
+
+@partial(
+    jax.jit,
+    static_argnames=("mode", "survey", "f0", "out_dt", "out_nt", "amplitude", "block", "unroll", "remat", "model_dx", "shot_batch"),
+)
+def simulate_shots(
+    v: jax.Array,
+    *,
+    mode: Mode | str = "fast",
+    survey: Survey = Survey(),
+    f0: float = F0,
+    out_dt: float = OUT_DT,
+    out_nt: int = OUT_NT,
+    amplitude: float = 1.0,
+    block: int = 50,
+    unroll: int = 2,
+    remat: bool = False,
+    model_dx: float = MODEL_DX,
+    shot_batch: int | None = None,
+) -> jax.Array:
+    """All shots of one velocity model. v: (nx, nz) km/s on the ``model_dx`` grid.
+
+    Returns (n_sources, out_nt, n_receivers) float32 sampled every ``out_dt``. Jittable (mode,
+    survey and sizes are static); the CFL check needs a concrete ``v`` and runs in ``simulate``.
+    """
+    mode = MODES[mode] if isinstance(mode, str) else mode
+    vg = resample_model(jnp.asarray(v, jnp.float32), mode.dx, model_dx)
+    vp = pad_model(vg, mode.pml)
+    nx_pad, nz_pad = vp.shape
+    src = _point_stencils(survey.source_x, survey.source_z, mode.dx, mode.pml, nx_pad, nz_pad)
+    rec = _point_stencils(survey.receiver_x, survey.receiver_z, mode.dx, mode.pml, nx_pad, nz_pad)
+    step_ratio = out_dt / mode.dt
+    t_end = (out_nt - 1) * out_dt
+    nt = int(math.ceil(t_end / mode.dt - 1e-9)) + 1
+    wavelet = amplitude * ricker(jnp.arange(nt, dtype=jnp.float32) * mode.dt, f0)
+
+    # vmap over shots: index arrays per shot are gathered inside the traced function
+    src_j = tuple(jnp.asarray(a) for a in src)
+
+    def one_traced(i):
+        s = tuple(a[i][None] for a in src_j)
+        return propagate(vp, s, rec, wavelet, mode=mode, f0=f0, block=block, unroll=unroll, remat=remat)
+
+    n_src = len(survey.source_x)
+    # shots in chunks of ``shot_batch`` vmapped together (lax.map's batch_size): on a CPU one shot
+    # of the full grid at a time keeps the wavefields in cache; small grids and GPUs want all.
+    batch = n_src if shot_batch is None else max(1, min(shot_batch, n_src))
+    traces = jax.lax.map(one_traced, jnp.arange(n_src), batch_size=batch)
+    if abs(step_ratio - 1.0) > 1e-9:
+        traces = resample_time(traces, mode.dt, out_dt, out_nt)
+    else:
+        traces = traces[:, :out_nt]
+    return traces
+
+
+def simulate(
+    velocity: np.ndarray | jax.Array,
+    *,
+    mode: Mode | str = "fast",
+    survey: Survey = Survey(),
+    devices=None,
+    **kwargs,
+) -> np.ndarray:
+    """Shot gathers of a batch of models, sharded over devices along the batch axis.
+
+    velocity: (B, nx, nz) km/s (or one (nx, nz) model). Returns (B, n_sources, out_nt,
+    n_receivers) float32 as a NumPy array. The batch is padded to a multiple of the device count
+    (by repeating the last model) and split with a ``jax.sharding.NamedSharding`` over a 1-D mesh
+    ("models"); each device runs its models with ``vmap``. Raises CFLError before compiling if
+    the model is too fast for the mode's time step. ``kwargs`` go to ``simulate_shots``.
+    """
+    mode = MODES[mode] if isinstance(mode, str) else mode
+    v = np.asarray(velocity, np.float32)
+    single = v.ndim == 2
+    if single:
+        v = v[None]
+    if v.ndim != 3:
+        raise ValueError(f"velocity must be (B, nx, nz) or (nx, nz), got shape {v.shape}")
+    if not np.all(np.isfinite(v)) or v.min() <= 0:
+        raise ValueError(f"velocity must be finite and positive (km/s); got min {np.nanmin(v)}, max {np.nanmax(v)}")
+    check_cfl(float(v.max()), mode)
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(v)
+    n_pad = -(-n // len(devices)) * len(devices)
+    if n_pad > n:
+        v = np.concatenate([v, np.repeat(v[-1:], n_pad - n, axis=0)])
+    mesh = jax.sharding.Mesh(np.array(devices), ("models",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("models"))
+    fn = _batch_fn(mesh, mode, survey, tuple(sorted(kwargs.items())))
+    out = np.asarray(fn(jax.device_put(v, sharding)))[:n]
+    return out[0] if single else out
+
+
+@functools.lru_cache(maxsize=32)
+def _batch_fn(mesh, mode, survey, kwargs):
+    """jit(shard_map(vmap(simulate_shots))) over the "models" axis, cached per configuration."""
+    per_model = partial(simulate_shots, mode=mode, survey=survey, **dict(kwargs))
+    spec = jax.sharding.PartitionSpec("models")
+    # check_vma=False: the solver's scan carries start as unsharded zeros inside each shard
+    return jax.jit(jax.shard_map(jax.vmap(per_model), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
