@@ -429,6 +429,7 @@ def simulate(
     mode: Mode | str = "fast",
     survey: Survey = Survey(),
     devices=None,
+    model_batch: int | None = None,
     **kwargs,
 ) -> np.ndarray:
     """Shot gathers of a batch of models, sharded over devices along the batch axis.
@@ -436,7 +437,9 @@ def simulate(
     velocity: (B, nx, nz) km/s (or one (nx, nz) model). Returns (B, n_sources, out_nt,
     n_receivers) float32 as a NumPy array. The batch is padded to a multiple of the device count
     (by repeating the last model) and split with a ``jax.sharding.NamedSharding`` over a 1-D mesh
-    ("models"); each device runs its models with ``vmap``. Raises CFLError before compiling if
+    ("models"); each device runs its models in chunks of ``model_batch`` vmapped together
+    (``lax.map``'s batch_size; default: 1 on CPU, where one model at a time is ~2x faster because
+    it stays in cache, all of them on GPU). Shots likewise (``shot_batch``, default 1 on CPU). Raises CFLError before compiling if
     the model is too fast for the mode's time step. ``kwargs`` go to ``simulate_shots``.
     """
     mode = MODES[mode] if isinstance(mode, str) else mode
@@ -456,15 +459,24 @@ def simulate(
         v = np.concatenate([v, np.repeat(v[-1:], n_pad - n, axis=0)])
     mesh = jax.sharding.Mesh(np.array(devices), ("models",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("models"))
-    fn = _batch_fn(mesh, mode, survey, tuple(sorted(kwargs.items())))
+    on_cpu = devices[0].platform == "cpu"
+    if model_batch is None:
+        model_batch = 1 if on_cpu else n_pad
+    model_batch = max(1, min(model_batch, n_pad // len(devices)))
+    kwargs.setdefault("shot_batch", 1 if on_cpu else None)
+    fn = _batch_fn(mesh, mode, survey, model_batch, tuple(sorted(kwargs.items())))
     out = np.asarray(fn(jax.device_put(v, sharding)))[:n]
     return out[0] if single else out
 
 
 @functools.lru_cache(maxsize=32)
-def _batch_fn(mesh, mode, survey, kwargs):
-    """jit(shard_map(vmap(simulate_shots))) over the "models" axis, cached per configuration."""
+def _batch_fn(mesh, mode, survey, model_batch, kwargs):
+    """jit(shard_map(lax.map(simulate_shots))) over the "models" axis, cached per configuration."""
     per_model = partial(simulate_shots, mode=mode, survey=survey, **dict(kwargs))
+
+    def local(v):  # this device's models
+        return jax.lax.map(per_model, v, batch_size=model_batch)
+
     spec = jax.sharding.PartitionSpec("models")
     # check_vma=False: the solver's scan carries start as unsharded zeros inside each shard
-    return jax.jit(jax.shard_map(jax.vmap(per_model), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
