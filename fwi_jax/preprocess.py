@@ -28,7 +28,10 @@ def shots_to_input(shots):
     """Five raw shots (..., 5, 10001, 31) in `SOURCE_POSITIONS` order -> model input
     (..., 6, 10000, 31): drop the last time sample, scale by 1e4, insert the zero channel 151
     (SPEC §2 steps 1-3). NumPy in, NumPy out (JAX arrays work too)."""
-    xp = np if isinstance(shots, np.ndarray) else __import__("jax.numpy", fromlist=["numpy"])
+    if isinstance(shots, np.ndarray):
+        xp = np
+    else:
+        import jax.numpy as xp
     x = shots[..., :-1, :] * xp.asarray(AMPLITUDE_SCALE, dtype=shots.dtype)
     zero = xp.zeros_like(x[..., :1, :, :])
     return xp.concatenate([x[..., :ZERO_CHANNEL, :, :], zero, x[..., ZERO_CHANNEL:, :, :]], axis=-3)

@@ -39,10 +39,6 @@ def abstract_params(cfg: Config) -> Params:
 
 def apply_model(graphdef: nnx.GraphDef, params: Params, x: jax.Array) -> jax.Array:
     """x (B, 6, n_time, n_receivers) float32 -> velocity (B, depth, x) float32 km/s. Pure; jit it."""
-    return _apply(graphdef, params, x)
-
-
-def _apply(graphdef: nnx.GraphDef, params: Params, x: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, nnx.State(_as_state_dict(params)))
     return model(x)
 
