@@ -8,7 +8,10 @@ Prints:
   3. the fast mode's error against the full mode on the same models: relative L2 over each
      whole gather, and the same after muting the first 0.25 s around the direct wave.
 
-  .venv/bin/python scripts/bench_synth.py [--steps 1000] [--samples 4] [--full-samples 1]
+  .venv/bin/python scripts/bench_synth.py [--steps 1000] [--samples 4] [--full-samples 1] [--cpu-devices 2]
+
+On a CPU, XLA runs each model's stencil on one thread: with the default single device every
+figure is one core's; ``--cpu-devices 2`` runs one model per core and gives the 2-core figures.
 
 Timings on a shared machine are noisy; run it alone for figures worth quoting.
 """
@@ -16,18 +19,24 @@ Timings on a shared machine are noisy; run it alone for figures worth quoting.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
-import jax
-import numpy as np
+if "--cpu-devices" in sys.argv:  # must reach XLA before JAX starts its CPU backend
+    n_dev = sys.argv[sys.argv.index("--cpu-devices") + 1]
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_dev}"
 
-from fwi_jax import synth
-from fwi_jax.synth import wave as W
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fwi_jax import synth  # noqa: E402
+from fwi_jax.synth import wave as W  # noqa: E402
 
 
 def cell_updates(order: int, steps: int) -> float:
     mode = W.Mode(dx=1.0, dt=1e-4, order=order, pml=W.MODES["full"].pml)
-    v = np.asarray(synth.sample_model(0, 0)[1])[None]
+    v = np.stack([synth.sample_model(0, i)[1] for i in range(jax.device_count())])  # one model per device
     kw = dict(mode=mode, out_nt=steps)
     W.simulate(v, **kw)  # compile
     t0 = time.perf_counter()
@@ -35,7 +44,7 @@ def cell_updates(order: int, steps: int) -> float:
     el = time.perf_counter() - t0
     r = order // 2
     nx, nz = (s + 2 * mode.pml - 2 * r for s in v.shape[1:])  # cells updated each step
-    return 5 * nx * nz * steps / el
+    return len(v) * 5 * nx * nz * steps / el
 
 
 def per_sample(mode: str, models: np.ndarray) -> tuple[float, np.ndarray]:
@@ -49,6 +58,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--cpu-devices", type=int, default=1, help="JAX host devices; >1 runs models on several cores")
     p.add_argument("--full-samples", type=int, default=1, help="0 skips the full mode (about a minute per sample on 2 cores)")
     a = p.parse_args()
     print(f"devices: {jax.devices()}")
