@@ -86,3 +86,18 @@ def test_make_dataset_writes_the_competition_format_atomically_and_resumes(tmp_p
     assert sum(calls) == 2  # samples 1 and 2, not 0
     assert os.stat(tmp_path / ids[0] / "vp_model.npy").st_mtime_ns == stamp
     assert all(synth.is_complete(tmp_path / s) for s in [*ids, "synth_s3_000002"])
+
+
+def test_cli_writes_and_skips(tmp_path, capsys):
+    from fwi_jax.synth.__main__ import main
+
+    # one fast-mode sample at the full competition geometry (a few seconds on 2 cores)
+    assert main(["--n", "1", "--out", str(tmp_path), "--seed", "5", "--family", "salt", "--cpu-devices", "1", "--no-progress"]) == 0
+    folder = tmp_path / "synth_s5_000000"
+    assert synth.is_complete(folder)
+    g = np.load(folder / "receiver_data_src_150.npy")
+    assert g.shape == (10001, 31) and np.abs(g).max() > 0
+    np.testing.assert_array_equal(np.load(folder / "vp_model.npy"), synth.sample_model(5, 0, ("salt",))[1])
+    stamp = os.stat(folder / "receiver_data_src_150.npy").st_mtime_ns
+    assert main(["--n", "1", "--out", str(tmp_path), "--seed", "5", "--family", "salt", "--cpu-devices", "1", "--no-progress"]) == 0
+    assert os.stat(folder / "receiver_data_src_150.npy").st_mtime_ns == stamp
