@@ -1,0 +1,150 @@
+"""Competition-format sample folders on host (SPEC §1-§2).
+
+A sample folder holds five shot gathers ``receiver_data_src_{p}.npy`` float32 (10001, 31)
+(time, receiver) for p in `SOURCE_POSITIONS`, and, for training/validation folders,
+``vp_model.npy`` float32 (300, 1259) (x, depth) in km/s.
+
+`read_sample` applies SPEC §2 steps 1-3 on the host (drop the last time sample, x1e4, insert the
+all-zero channel 151), so the device receives ready model input (6, 10000, 31) float32.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from fwi_jax.preprocess import SOURCE_POSITIONS, shots_to_input
+
+N_TIME_RAW = 10001  # time samples per shot in the files
+N_RECEIVERS = 31
+VELOCITY_FILE_SHAPE = (300, 1259)  # (x, depth) as stored
+SHOT_FILES = tuple(f"receiver_data_src_{p}.npy" for p in SOURCE_POSITIONS)
+VELOCITY_FILE = "vp_model.npy"
+
+
+class DataError(ValueError):
+    """A sample file is missing or malformed; the message names the file and the problem."""
+
+
+def _load_array(path: pathlib.Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Load one .npy (never unpickling) and check shape, float dtype and finiteness."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing file")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":  # np.load would otherwise try to read it as a pickle
+        raise DataError(f"{path}: not a .npy file (no NumPy header; {len(magic)} leading bytes {magic!r})")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+            raise DataError(f"{path}: object array (pickled data is never loaded)") from e
+        raise DataError(f"{path}: not a readable .npy file (truncated or corrupt: {e})") from e
+    except (EOFError, OSError) as e:
+        raise DataError(f"{path}: not a readable .npy file (truncated or corrupt: {e})") from e
+    if not isinstance(a, np.ndarray):  # np.load returns an NpzFile for zip archives
+        raise DataError(f"{path}: not a .npy array file (got {type(a).__name__})")
+    if a.dtype.kind != "f":
+        raise DataError(f"{path}: dtype {a.dtype} is not floating point")
+    if a.shape != shape:
+        raise DataError(f"{path}: shape {a.shape}, expected {shape}")
+    finite = np.isfinite(a)
+    if not finite.all():
+        n_nan = int(np.isnan(a).sum())
+        raise DataError(f"{path}: {n_nan} NaN and {int((~finite).sum()) - n_nan} Inf values")
+    return a.astype(np.float32, copy=False)
+
+
+def read_sample(folder, *, v_range: tuple[float, float] = (0.5, 10.0),
+                require_velocity: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read and validate one sample folder.
+
+    Returns (seismic (6, 10000, 31) float32 model input, SPEC §2 steps 1-3 applied here on host;
+    velocity (1259, 300) float32 km/s (depth, x), or None when vp_model.npy is absent).
+    ``require_velocity``: True -> a missing vp_model.npy is an error; None/False -> optional.
+    Raises `DataError` naming the file and what is wrong."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: sample folder does not exist")
+    shots = np.stack([_load_array(folder / name, (N_TIME_RAW, N_RECEIVERS)) for name in SHOT_FILES])
+    seismic = shots_to_input(shots)
+    vpath = folder / VELOCITY_FILE
+    if not vpath.exists():
+        if require_velocity:
+            raise DataError(f"{vpath}: missing file")
+        return seismic, None
+    vp = _load_array(vpath, VELOCITY_FILE_SHAPE)
+    lo, hi = v_range
+    vmin, vmax = float(vp.min()), float(vp.max())
+    if vmin < lo or vmax > hi:
+        raise DataError(f"{vpath}: velocities in [{vmin:.4g}, {vmax:.4g}] km/s, outside the allowed "
+                        f"range [{lo}, {hi}] km/s")
+    return seismic, np.ascontiguousarray(vp.T)
+
+
+def list_samples(root, list_file=None) -> list[str]:
+    """Sorted sample ids: the lines of ``list_file`` (blank lines ignored), else every
+    non-hidden sub-folder of ``root``. Ids listed without a folder are an error."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder does not exist")
+    if list_file:
+        from fwi_jax.data.split import read_id_list
+
+        ids = read_id_list(list_file)
+        missing = [i for i in ids if not (root / i).is_dir()]
+        if missing:
+            raise DataError(f"{list_file}: {len(missing)} listed id(s) have no folder under {root}, "
+                            f"e.g. {', '.join(missing[:5])}")
+        return sorted(ids)
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_dataset(root, ids: Iterable[str], *, v_range: tuple[float, float] = (0.5, 10.0),
+                  require_velocity: bool | None = None, progress: bool = False) -> list[tuple[str, str]]:
+    """Validate every sample; returns [(id, message)] for each bad one (empty when all good)."""
+    root = pathlib.Path(root)
+    ids = list(ids)
+    it = ids
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(ids, desc="check", unit="sample", dynamic_ncols=True)
+    bad = []
+    for sample_id in it:
+        try:
+            read_sample(root / sample_id, v_range=v_range, require_velocity=require_velocity)
+        except DataError as e:
+            bad.append((sample_id, str(e)))
+    return bad
+
+
+def write_submission(path, predictions: Mapping[str, np.ndarray]) -> None:
+    """Write one .npz: key = sample id, value float64 (300, 1259) (x, depth) (SPEC §1).
+    Atomic: written to a temporary file in the same folder, then renamed over ``path``."""
+    path = pathlib.Path(path)
+    arrays = {}
+    for sample_id, pred in predictions.items():
+        a = np.asarray(pred)
+        if a.shape != VELOCITY_FILE_SHAPE:
+            raise DataError(f"{path}: prediction for {sample_id!r} has shape {a.shape}, "
+                            f"expected {VELOCITY_FILE_SHAPE} (x, depth)")
+        arrays[str(sample_id)] = a.astype(np.float64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+__all__: Sequence[str] = ("DataError", "read_sample", "list_samples", "check_dataset", "write_submission",
+                          "SHOT_FILES", "VELOCITY_FILE")
