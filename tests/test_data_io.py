@@ -146,3 +146,21 @@ def test_write_submission_atomic(tmp_path):
         write_submission(out, {"x": np.zeros((1259, 300))})
     assert out.read_bytes() == before  # a failed write leaves the old file untouched
     assert [p.name for p in out.parent.iterdir()] == ["submission.npz"]
+
+
+def test_check_cli_reports_all_and_exits_nonzero(tmp_path):
+    import subprocess
+    import sys
+
+    write_sample(tmp_path / "ok")
+    for k in ("truncated", "dtype"):
+        write_sample(tmp_path / f"bad_{k}")
+        _corrupt(tmp_path / f"bad_{k}", k)
+    cmd = [sys.executable, "-m", "fwi_jax.data", "check", str(tmp_path), "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "BAD bad_dtype:" in r.stdout and "BAD bad_truncated:" in r.stdout and "BAD ok" not in r.stdout
+    assert "1 of 3 samples good, 2 bad" in r.stdout
+    (tmp_path / "l.txt").write_text("ok\n")
+    r = subprocess.run(cmd + ["--list", str(tmp_path / "l.txt")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,68 @@
+"""Command line: ``python -m fwi_jax.data {check,split} ...``.
+
+check DIR [--list F]: validate every sample, print each bad one, exit 1 if any.
+split --first DIR_OR_LIST --extra DIR_OR_LIST --out OUTDIR: the reference split (SPEC §1),
+written as OUTDIR/train_f0.txt and OUTDIR/val_f0.txt, one id per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from fwi_jax.data import io, split
+
+
+def _ids_of(source: str) -> list[str]:
+    """Ids of a dataset folder (its sub-folders) or of an id-list text file."""
+    p = pathlib.Path(source).expanduser()
+    if p.is_dir():
+        return io.list_samples(p)
+    if p.is_file():
+        return split.read_id_list(p)
+    raise FileNotFoundError(f"{p}: neither a dataset folder nor an id list")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fwi_jax.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="validate every sample of a dataset folder")
+    c.add_argument("root")
+    c.add_argument("--list", default=None, help="text file of ids to check (default: every sub-folder)")
+    c.add_argument("--v-range", type=float, nargs=2, default=(0.5, 10.0), metavar=("LO", "HI"),
+                   help="allowed velocities in km/s (default 0.5 10)")
+    c.add_argument("--require-velocity", action="store_true", help="vp_model.npy must be present")
+    c.add_argument("--no-progress", action="store_true")
+    s = sub.add_parser("split", help="reference 5-fold split, fold 0 as validation")
+    s.add_argument("--first", required=True, help="first release: dataset folder or id list")
+    s.add_argument("--extra", default=None, help="extended release (all to training): folder or id list")
+    s.add_argument("--out", required=True, help="output folder for train_f0.txt / val_f0.txt")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.cmd == "check":
+            ids = io.list_samples(pathlib.Path(args.root).expanduser(), args.list)
+            bad = io.check_dataset(pathlib.Path(args.root).expanduser(), ids, v_range=tuple(args.v_range),
+                                   require_velocity=args.require_velocity or None,
+                                   progress=not args.no_progress)
+            for sample_id, message in bad:
+                print(f"BAD {sample_id}: {message}")
+            print(f"{len(ids) - len(bad)} of {len(ids)} samples good, {len(bad)} bad")
+            return 1 if bad else 0
+        first = _ids_of(args.first)
+        extra = _ids_of(args.extra) if args.extra else []
+        train, val = split.reference_split(first, extra)
+        out = pathlib.Path(args.out).expanduser()
+        split.write_id_list(out / "train_f0.txt", train)
+        split.write_id_list(out / "val_f0.txt", val)
+        print(f"wrote {out / 'train_f0.txt'} ({len(train)} ids) and {out / 'val_f0.txt'} ({len(val)} ids)")
+        return 0
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
