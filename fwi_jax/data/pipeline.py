@@ -1,0 +1,117 @@
+"""grain input pipeline over competition-format sample folders (SPEC §1-§2).
+
+    source (folders of an id list, `read_sample`) -> seeded shuffle, reshuffled every epoch
+    (train) -> repeat -> flip with p = cfg.data.flip_p (train; per-sample RNG from grain's
+    ``random_map``, seeded by (seed, global index), so independent of worker count) -> this host's
+    share ``[jax.process_index()::jax.process_count()]`` -> batch -> threads / worker processes.
+
+Batches are dicts {"x": (B, 6, 10000, 31) float32, "v": (B, 1259, 300) float32 km/s (depth, x),
+"id": (B,) str}; "v" is left out when the folders have no vp_model.npy (test data). The iterator
+is grain's ``DatasetIterator``: ``get_state()`` / ``set_state(state)`` resume exactly.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from fwi_jax import preprocess
+from fwi_jax.data import io
+
+
+class FolderSource(grain.sources.RandomAccessDataSource):
+    """Random access to sample folders ``root/<id>``: element i is {"x", "v", "id"} of ids[i].
+
+    Picklable (root and ids only), so grain worker processes can rebuild it."""
+
+    def __init__(self, root, ids: Sequence[str], *, v_range=(0.5, 10.0), require_velocity: bool | None = None):
+        self.root = str(root)
+        self.ids = list(ids)
+        self.v_range = tuple(v_range)
+        self.require_velocity = require_velocity
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        sample_id = self.ids[index]
+        x, v = io.read_sample(pathlib.Path(self.root) / sample_id, v_range=self.v_range,
+                              require_velocity=self.require_velocity)
+        element = {"x": x, "id": np.asarray(sample_id)}
+        if v is not None:
+            element["v"] = v
+        return element
+
+    def __repr__(self) -> str:
+        return f"FolderSource(root={self.root!r}, n={len(self.ids)})"
+
+
+class RandomFlip(grain.transforms.RandomMap):
+    """Mirror x and v together (`preprocess.flip`) with probability ``p``."""
+
+    def __init__(self, p: float):
+        self.p = float(p)
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        if rng.random() >= self.p:
+            return element
+        out = dict(element)
+        out["x"] = np.ascontiguousarray(preprocess.flip(element["x"]))
+        if "v" in element:
+            out["v"] = np.ascontiguousarray(element["v"][..., ::-1])
+        return out
+
+
+def make_dataset(cfg, root, ids: Sequence[str], *, train: bool, batch_size: int, seed: int = 0,
+                 num_epochs: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.MapDataset:
+    """The batched ``grain.MapDataset`` behind `make_loader` (one element = one host batch).
+
+    ``batch_size`` is the global batch; each of ``process_count`` hosts gets batch_size /
+    process_count samples per batch. ``num_epochs`` None = forever in training, once in evaluation."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the host count {process_count}")
+    if not ids:
+        raise ValueError(f"no sample ids given for {root}")
+    ds = grain.MapDataset.source(FolderSource(root, ids, v_range=cfg.data.v_range,
+                                              require_velocity=True if train else None))
+    if train:
+        ds = ds.shuffle(seed=seed)  # grain reseeds the shuffle for every epoch of the repeat below
+    if num_epochs is None and not train:
+        num_epochs = 1
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    if train and cfg.data.flip_p > 0:
+        ds = ds.random_map(RandomFlip(cfg.data.flip_p), seed=seed)
+    ds = ds[process_index::process_count]
+    return ds.batch(batch_size // process_count, drop_remainder=train)
+
+
+def make_loader(cfg, root, ids: Sequence[str], *, train: bool, batch_size: int, seed: int = 0,
+                num_epochs: int | None = None, workers: int | None = None, process_index: int | None = None,
+                process_count: int | None = None):
+    """Iterable of host batches (see module doc). ``iter(loader)`` gives a grain iterator with
+    ``get_state()`` / ``set_state()``. ``workers`` (default cfg.data.workers) > 0 reads in that
+    many worker processes; 0 reads in threads of this process. Output is identical either way."""
+    ds = make_dataset(cfg, root, ids, train=train, batch_size=batch_size, seed=seed, num_epochs=num_epochs,
+                      process_index=process_index, process_count=process_count)
+    workers = cfg.data.workers if workers is None else workers
+    prefetch = max(1, int(cfg.data.prefetch))
+    # threads read whole batches in parallel; the buffer counts batches (~60 MB each at B=8)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch))
+    if workers > 0:
+        from absl import flags
+
+        # grain 0.2.18 reads an absl flag when starting workers and fails if the program never
+        # parsed flags (plain scripts, pytest); their defaults are what we want
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+    return it
