@@ -477,14 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot-dir", help="folder for --plot figures (default: OUT without suffix + '_plots')")
     ap.add_argument("--workers", type=int, default=0, help="reader processes (0: reader threads in this process)")
     ap.add_argument("--prefetch", type=int, default=2, help="batches read ahead (and reader threads)")
+    ap.add_argument("--distributed", action="store_true",
+                    help="several hosts: call jax.distributed.initialize() (cluster settings from the environment)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.distributed:
+        jax.distributed.initialize()  # each host then reads its share; process 0 writes the file
     out = pathlib.Path(args.out).expanduser()
-    progress = not args.no_progress
+    progress = not args.no_progress and jax.process_index() == 0
     try:
         if out.suffix != ".npz":
             raise InferenceError(f"--out {out}: the submission must be a .npz file")

@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     print(f"ours: compile + first batch {t_compile:.1f} s; {n_batches * batch} samples in {t_ours:.1f} s "
           f"= {ours:.3f} samples/s (batch {batch})")
 
-    rows = [("ours: stacked vmap, TTA in batch, one jit", batch, ours)]
+    how = "stacked vmap" if not args.member_chunk else f"stacked, lax.map in chunks of {args.member_chunk}"
+    rows = [(f"ours: {how}, TTA in batch, one jit", batch, ours)]
     if args.torch_samples > 0:
         autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
 

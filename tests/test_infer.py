@@ -266,3 +266,32 @@ def test_reference_state_dict_through_cli_matches_pytorch(tmp_path):
         assert sub.files == ["only"]
         got = sub["only"].T
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_reference_safetensors_small_grid_through_cli(tmp_path):
+    """The same path at a reduced grid (square head patch, as the reference's pixel shuffle needs),
+    from .safetensors, with --config given as a JSON file: fast, so it runs in every test pass.
+    Tolerance 1e-5 km/s: the small-grid parity bound of tests/test_convert.py."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fwi_jax.data.io import read_sample
+    from torch_reference import ReferenceModel, randomize_
+
+    cfg = small_cfg("geometry.head_patch=(56, 56)")
+    ref = randomize_(ReferenceModel(cfg, pretrained_grid=False), seed=4).eval()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "ref.safetensors")
+    (tmp_path / "small.json").write_text(cfg.to_json())
+    rng = np.random.default_rng(3)
+    for sid in ("a", "b"):
+        write_sample(tmp_path / "data" / sid, rng, velocity=False)
+    out = tmp_path / "sub.npz"
+    proc = run_cli("--data", tmp_path / "data", "--checkpoints", tmp_path / "ref.safetensors",
+                   "--config", tmp_path / "small.json", "--out", out, "--batch", 2)
+    assert proc.returncode == 0, proc.stderr
+    x = torch.from_numpy(np.stack([read_sample(tmp_path / "data" / s)[0] for s in ("a", "b")]))
+    with torch.no_grad():
+        want = (0.5 * (ref(x) + ref(x.flip(1, 3)).flip(2))).numpy()
+    with np.load(out) as sub:
+        got = np.stack([sub["a"].T, sub["b"].T])
+    assert np.abs(got - want).max() <= 1e-5
