@@ -131,6 +131,7 @@ class TrainConfig:
     val_tta: bool = False
     val_every: int = 1  # epochs
     keep_checkpoints: int = 2
+    checkpoint_every: int = 0  # steps between train-state checkpoints besides each epoch's end (0 = none)
     log_every: int = 10  # steps
     seed: int = 0
 

@@ -44,6 +44,7 @@ from fwi_jax.checkpoint import is_params_checkpoint, load_params
 from fwi_jax.config import Config, ConfigError, apply_overrides, load_config
 from fwi_jax.model import apply_model, create_model
 from fwi_jax.preprocess import flip
+from fwi_jax.sharding import data_mesh
 
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -258,13 +259,6 @@ def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | N
 
 # ---------------------------------------------------------------------------------------------
 # Devices
-
-
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """1-D ``data`` mesh over all devices, ordered by (process, id) so that each host's devices hold
-    a contiguous slice of the global batch (the slice that host reads)."""
-    devices = sorted(devices or jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(devices), ("data",))
 
 
 class Predictor:

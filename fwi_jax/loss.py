@@ -1,0 +1,56 @@
+"""Losses and the competition metric (SPEC §4). Velocities are (B, depth, x) in km/s.
+
+    e = |pred - v| / v                       relative error per pixel
+    w(z) = linspace(1.0, 0.25, depth)        depth weight (shallow pixels count 4x the deepest)
+    base:  L = mean(e * w)
+    hard:  h = exp(stop_gradient(e)), renormalised per sample to mean 1;  L = mean(e * w * h)
+    MAPE:  mean(e) per sample (the competition score is its mean over samples)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+LOSSES = ("base", "hard")
+
+
+def relative_error(pred: jax.Array, v: jax.Array) -> jax.Array:
+    """|pred - v| / v, float32, same shape as v."""
+    pred, v = pred.astype(jnp.float32), v.astype(jnp.float32)
+    return jnp.abs(pred - v) / v
+
+
+def depth_weight(depth: int) -> jax.Array:
+    """(depth, 1) weights from 1.0 at the surface to 0.25 at the bottom."""
+    return jnp.linspace(1.0, 0.25, depth, dtype=jnp.float32)[:, None]
+
+
+def base_loss(pred: jax.Array, v: jax.Array) -> jax.Array:
+    """Depth-weighted relative L1, a scalar."""
+    return jnp.mean(relative_error(pred, v) * depth_weight(v.shape[-2]))
+
+
+def hard_mining_loss(pred: jax.Array, v: jax.Array) -> jax.Array:
+    """Depth-weighted relative L1 with pixels reweighted by exp(error) (no gradient through the
+    weights), normalised so each sample's weights average to 1."""
+    e = relative_error(pred, v)
+    h = jnp.exp(jax.lax.stop_gradient(e))
+    h = h * (h.shape[-2] * h.shape[-1]) / jnp.sum(h, axis=(-2, -1), keepdims=True)
+    return jnp.mean(e * depth_weight(v.shape[-2]) * h)
+
+
+def get_loss(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``train.loss`` -> loss function."""
+    if name == "base":
+        return base_loss
+    if name == "hard":
+        return hard_mining_loss
+    raise ValueError(f"unknown train.loss {name!r}; choose one of {LOSSES}")
+
+
+def mape_per_sample(pred: jax.Array, v: jax.Array) -> jax.Array:
+    """(B,) mean absolute percentage error of each sample (as a fraction, not %)."""
+    return jnp.mean(relative_error(pred, v), axis=(-2, -1))

@@ -1,0 +1,464 @@
+"""``python -m fwi_jax.train``: the reference recipe (SPEC §4-§5) under one ``jax.jit`` step.
+
+    python -m fwi_jax.train --config base_s6 --data DIR [--train-list F --val-list F] --workdir W
+    python -m fwi_jax.train --config demo --workdir runs/demo          # synthetic data, 2 CPU cores
+    python -m fwi_jax.train --config base_s6 ... --resume               # continue W exactly
+    python -m fwi_jax.train --config base_s8 ... --load-from runs/s6 --drop-head   # fine-tune
+
+One step (``make_train_step``) = forward + the config's loss + backward over the global batch
+(optionally in ``grad_accum`` micro-batches), unscale and finiteness check (float16 loss scaling),
+the optax update (skipped, with the loss scale halved, when a gradient is not finite), and the EMA.
+The train state is a plain dict pytree {step, params, opt_state, ema, loss_scale}: replicated on a
+1-D data mesh, donated to the step, saved by orbax with the loader state.
+
+The work directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON object
+per log line: train/loss, train/grad_norm, lr, loss_scale, samples_per_s, val/mape),
+``checkpoints/<step>/`` (train state, newest ``train.keep_checkpoints``), ``best/`` (params
+checkpoint of the best validation MAPE: the EMA weights once the EMA exists) and ``final/``.
+``python -m fwi_jax.infer --checkpoints W`` reads ``best/``.
+
+Randomness: initialisation from ``train.seed``; the shuffle and the flip augmentation from the
+loader, seeded by (``train.seed``, sample index) and restored with its state. The step itself is
+deterministic, so a resumed run repeats an uninterrupted one bit for bit on the same devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fwi_jax import sharding
+from fwi_jax.checkpoint import TrainCheckpoints, load_params, save_params
+from fwi_jax.config import Config, ConfigError, load_config
+from fwi_jax.loss import get_loss, mape_per_sample
+from fwi_jax.model import create_model
+from fwi_jax.optim import LossScale, all_finite, ema_update, make_optimizer, uses_loss_scaling
+
+TRACES: collections.Counter = collections.Counter()  # how often each jitted function was traced
+TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+class TrainError(ValueError):
+    """A user error (data, config, checkpoint, work directory); the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Train state and the jitted step
+
+
+def create_train_state(cfg: Config, params: Any, tx: optax.GradientTransformation) -> dict:
+    """{step, params, opt_state, ema, loss_scale}; ``ema`` holds a copy of params until the EMA
+    starts (it is only read once it has)."""
+    params = jax.tree.map(jnp.asarray, params)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "ema": jax.tree.map(jnp.copy, params),
+        "loss_scale": LossScale.create(uses_loss_scaling(cfg)),
+    }
+
+
+def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, ema_start_step: int) -> Callable:
+    """Pure ``step(state, batch) -> (state, metrics)``; batch = {"x": (B, 6, T, R), "v": (B, depth, x)}.
+
+    With ``train.grad_accum = k`` the batch is cut into k micro-batches (sample i goes to
+    micro-batch i mod k, so every device keeps its own samples) and their gradients averaged in a
+    ``lax.scan``: one optimiser update per step, k times less activation memory. (optax.MultiSteps
+    would instead make every call a micro-step and the schedule, EMA and logging count those.)"""
+    from fwi_jax.model import apply_model
+
+    loss_fn = get_loss(cfg.train.loss)
+    accum = cfg.train.grad_accum
+
+    def scaled_grads(params, x, v, scale):
+        def f(p):
+            loss = loss_fn(apply_model(graphdef, p, x), v)
+            return loss * scale, loss
+
+        return jax.grad(f, has_aux=True)(params)
+
+    def step(state: dict, batch: dict) -> tuple[dict, dict]:
+        TRACES["train_step"] += 1
+        params, ls = state["params"], state["loss_scale"]
+        x, v = batch["x"], batch["v"]
+        if accum == 1:
+            grads, loss = scaled_grads(params, x, v, ls.scale)
+        else:
+            micro = lambda a: jnp.moveaxis(a.reshape(a.shape[0] // accum, accum, *a.shape[1:]), 1, 0)
+
+            def body(carry, xv):
+                g, l = scaled_grads(params, *xv, ls.scale)
+                return jax.tree.map(jnp.add, carry, (g, l)), None
+
+            zero = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+            (grads, loss), _ = jax.lax.scan(body, zero, (micro(x), micro(v)))
+            grads, loss = jax.tree.map(lambda a: a / accum, (grads, loss))
+        grads = jax.tree.map(lambda g: g / ls.scale, grads)
+        finite = all_finite(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
+        ema = ema_update(state["ema"], params, new_params, state["step"], ema_start_step, cfg.train.ema_decay)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+                   "loss_scale": ls.scale, "skipped_steps": ls.adjust(finite).skipped}
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "ema": ema,
+                     "loss_scale": ls.adjust(finite)}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef: Any, tta: bool) -> Callable:
+    """Pure ``(params, x, v, mask) -> (sum of per-sample MAPE over mask, count)``."""
+    from fwi_jax.infer import member_predictions
+
+    def evaluate(params, x, v, mask):
+        TRACES["eval_step"] += 1
+        pred = member_predictions(graphdef, jax.tree.map(lambda a: a[None], params), x, tta)[0]
+        return jnp.sum(mape_per_sample(pred, v) * mask), jnp.sum(mask)
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass
+class RunData:
+    root: pathlib.Path
+    train_ids: list[str]
+    val_ids: list[str]
+
+
+def synthetic_dataset(cfg: Config, progress: bool = True) -> RunData:
+    """The config's synthetic dataset (``cfg.synth``), made on first use and cached: ids 0..n_train-1
+    of the seed train, the next n_val validate. The simulator runs as a subprocess because it
+    splits the CPU into several JAX devices, which must be set before JAX starts."""
+    from fwi_jax.synth import is_complete, sample_id
+
+    s = cfg.synth
+    root = pathlib.Path(s.cache_dir).expanduser() / f"s{s.seed}_{s.mode}_{'-'.join(s.families)}"
+    n = s.n_train + s.n_val
+    ids = [sample_id(s.seed, i) for i in range(n)]
+    if not all(is_complete(root / i) for i in ids):
+        if jax.process_index() == 0:
+            print(f"synthesising {n} samples into {root} (cached for later runs)", flush=True)
+            cmd = [sys.executable, "-m", "fwi_jax.synth", "--n", str(n), "--out", str(root), "--seed", str(s.seed),
+                   "--mode", s.mode, *[a for f in s.families for a in ("--family", f)]]
+            if not progress:
+                cmd.append("--no-progress")
+            subprocess.run(cmd, check=True)
+    return RunData(root, ids[: s.n_train], ids[s.n_train:])
+
+
+def resolve_data(cfg: Config, progress: bool = True) -> RunData:
+    """Folders and id lists from ``cfg.data`` (no lists: the reference's fold-0 split of every
+    folder), or the synthetic dataset when ``data.root`` is empty."""
+    from fwi_jax.data.io import DataError, list_samples
+    from fwi_jax.data.split import reference_split
+
+    d = cfg.data
+    if not d.root:
+        if cfg.synth.n_train <= 0:
+            raise TrainError("no data: pass --data DIR (competition-format sample folders) or set "
+                             "synth.n_train > 0 to train on a synthetic dataset")
+        return synthetic_dataset(cfg, progress)
+    try:
+        root = pathlib.Path(d.root).expanduser()
+        if d.train_list:
+            train_ids = list_samples(root, d.train_list)
+            val_ids = list_samples(root, d.val_list) if d.val_list else []
+        else:
+            train_ids, val_ids = reference_split(list_samples(root))
+            if d.val_list:
+                val_ids = list_samples(root, d.val_list)
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    if not train_ids:
+        raise TrainError(f"no training samples under {root}")
+    return RunData(root, train_ids, val_ids)
+
+
+def evaluate(eval_fn: Callable, params: Any, cfg: Config, data: RunData, mesh, batch_size: int) -> float:
+    """Mean per-sample MAPE over ``data.val_ids``. Each host pads its share to whole batches (and
+    hosts with fewer batches feed empty ones), so every batch has one compiled shape."""
+    from fwi_jax.data.pipeline import make_loader
+
+    pc, local = jax.process_count(), batch_size // jax.process_count()
+    n_batches = math.ceil(math.ceil(len(data.val_ids) / pc) / local)
+    it = iter(make_loader(cfg, data.root, data.val_ids, train=False, batch_size=batch_size, workers=0))
+    total, count = 0.0, 0.0
+    for _ in range(n_batches):
+        hb = next(it, None)
+        k = 0 if hb is None else len(hb["x"])
+        x = np.zeros((local, 6, cfg.geometry.n_time, cfg.geometry.n_receivers), np.float32)
+        v = np.ones((local, *cfg.geometry.out_shape), np.float32)
+        if k:
+            x[:k], v[:k] = hb["x"], hb["v"]
+        mask = (np.arange(local) < k).astype(np.float32)
+        g = sharding.host_to_global(mesh, {"x": x, "v": v, "mask": mask})
+        s, c = eval_fn(params, g["x"], g["v"], g["mask"])
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initial weights
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(p): tuple(np.shape(a)) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_fits(params: Any, fresh: Any, source: str) -> None:
+    """Raise TrainError listing every key whose presence or shape differs from ``fresh``."""
+    have, want = _flat_shapes(params), _flat_shapes(fresh)
+    problems = [f"  missing: {k}" for k in sorted(set(want) - set(have))]
+    problems += [f"  unexpected: {k}" for k in sorted(set(have) - set(want))]
+    problems += [f"  wrong shape: {k}: {have[k]} vs {want[k]}" for k in sorted(set(have) & set(want))
+                 if have[k] != want[k]]
+    if problems:
+        raise TrainError(f"{source} does not fit this config's model:\n" + "\n".join(problems))
+
+
+def initial_params(cfg: Config, fresh: Any, init_from: str | None, load_from: str | None,
+                   drop_head: bool) -> Any:
+    """``fresh`` params, or weights from ``--init-from`` (a timm EVA02 or reference PyTorch
+    checkpoint, or one of our params checkpoints) or ``--load-from`` (another run; with
+    ``drop_head`` its head is replaced by the fresh one, as the reference fine-tuned)."""
+    from fwi_jax.convert import CheckpointMismatch, convert_file
+    from fwi_jax.infer import InferenceError, resolve_params_dir
+
+    source = init_from or load_from
+    if source is None:
+        return fresh
+    path = pathlib.Path(source).expanduser()
+    if not path.exists():
+        raise TrainError(f"{path} does not exist")
+    try:
+        if path.is_file() and path.suffix in TORCH_SUFFIXES:
+            params = convert_file(path, cfg, seed=cfg.train.seed)
+        else:
+            _, params = load_params(resolve_params_dir(path))
+    except (CheckpointMismatch, InferenceError, FileNotFoundError) as e:
+        raise TrainError(f"cannot initialise from {path}: {e}") from None
+    if drop_head:
+        params = dict(params)
+        params["head"] = fresh["head"]
+    check_fits(params, fresh, str(path))
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class MetricsLog:
+    """Appends JSON lines to ``path``; on resume, lines past the restored step are dropped first."""
+
+    def __init__(self, path: pathlib.Path, resume_step: int | None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif enabled and resume_step is None:
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None, *, resume: bool = False,
+          init_from: str | None = None, load_from: str | None = None, drop_head: bool = False,
+          progress: bool = True) -> dict:
+    """Train ``cfg`` in ``workdir``; returns a summary {steps, best_mape, final_mape, samples_per_s,
+    skipped_steps, traces}."""
+    from fwi_jax.data.pipeline import make_loader
+
+    tc = cfg.train
+    workdir = pathlib.Path(workdir).expanduser().resolve()
+    main_host = jax.process_index() == 0
+    data = data or resolve_data(cfg, progress)
+    mesh = sharding.data_mesh()
+    sharding.check_batch_divides(tc.batch_size, mesh)
+    if tc.batch_size % tc.grad_accum or (tc.batch_size // tc.grad_accum) % mesh.devices.size:
+        raise TrainError(f"train.batch_size={tc.batch_size} must split into train.grad_accum={tc.grad_accum} "
+                         f"micro-batches that are multiples of the {mesh.devices.size} devices")
+    steps_per_epoch = tc.steps_per_epoch or len(data.train_ids) // tc.batch_size
+    if steps_per_epoch <= 0:
+        raise TrainError(f"{len(data.train_ids)} training samples make no batch of {tc.batch_size}")
+    total = tc.epochs * steps_per_epoch
+    ema_start = tc.ema_start_epoch * steps_per_epoch
+
+    ckpts = TrainCheckpoints(workdir / "checkpoints", keep=tc.keep_checkpoints)
+    latest = ckpts.latest_step()
+    if latest is not None and not resume:
+        raise TrainError(f"{workdir} already holds a run (checkpoint at step {latest}): pass --resume to "
+                         f"continue it, or choose another --workdir")
+    if resume and latest is not None:
+        saved = workdir / "config.json"
+        if saved.exists() and json.loads(saved.read_text()) != json.loads(cfg.to_json()):
+            raise TrainError(f"--resume: the config differs from the one the run in {workdir} was started "
+                             f"with ({saved}); resume with the same --config and --set values")
+    workdir.mkdir(parents=True, exist_ok=True)
+    if main_host:
+        (workdir / "config.json").write_text(cfg.to_json())
+
+    graphdef, fresh = create_model(cfg, tc.seed)
+    params = initial_params(cfg, fresh, init_from, load_from, drop_head) if latest is None else fresh
+    tx, schedule = make_optimizer(cfg, total)
+    replicated = sharding.replicated(mesh)
+    state = jax.device_put(create_train_state(cfg, params, tx), replicated)
+    loader = make_loader(cfg, data.root, data.train_ids, train=True, batch_size=tc.batch_size, seed=tc.seed)
+    it = iter(loader)
+    best, start = math.inf, 0
+    if resume and latest is not None:
+        state, loader_state, meta = ckpts.restore(latest, state)
+        it.set_state(loader_state)
+        best, start = meta["best_mape"], latest
+        if main_host:
+            print(f"resuming {workdir} at step {start} of {total}", flush=True)
+    log = MetricsLog(workdir / "metrics.jsonl", start if resume else None, enabled=main_host)
+
+    state_shardings = jax.tree.map(lambda _: replicated, state)
+    step_fn = jax.jit(make_train_step(cfg, graphdef, tx, schedule, ema_start), donate_argnums=0,
+                      out_shardings=(state_shardings, replicated))
+    eval_fn = jax.jit(make_eval_step(graphdef, tc.val_tta))
+
+    def eval_params(step: int):
+        return state["ema"] if step > ema_start else state["params"]
+
+    def save(step: int, loader_state: dict) -> None:
+        ckpts.save(step, state, loader_state, {"step": step, "epoch": step // steps_per_epoch, "best_mape": best,
+                                               "config": cfg.to_dict()})
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=f"train {cfg.name}", unit="step", disable=not (progress and main_host),
+               dynamic_ncols=True)
+    pending, t0, seen, val_mape = [], time.perf_counter(), 0, None
+    loader_state = it.get_state()
+    step = start
+    try:
+        for step in range(start, total):
+            batch = sharding.host_to_global(mesh, next(it))
+            state, metrics = step_fn(state, batch)
+            loader_state = it.get_state()
+            pending.append(metrics)
+            seen += tc.batch_size
+            done = step + 1
+            if done % tc.log_every == 0 or done % steps_per_epoch == 0:
+                m = jax.device_get(pending)
+                rate = seen / (time.perf_counter() - t0)
+                rec = {"step": done, "epoch": done / steps_per_epoch,
+                       "train/loss": float(np.mean([p["loss"] for p in m])),
+                       "train/grad_norm": float(np.mean([p["grad_norm"] for p in m])),
+                       "lr": float(m[-1]["lr"]), "loss_scale": float(m[-1]["loss_scale"]),
+                       "skipped_steps": int(m[-1]["skipped_steps"]), "samples_per_s": rate}
+                log.write(rec)
+                bar.set_postfix(loss=f"{rec['train/loss']:.4f}", lr=f"{rec['lr']:.2e}", samples_s=f"{rate:.2f}",
+                                **({"val_mape": f"{val_mape:.4f}"} if val_mape is not None else {}))
+                pending, t0, seen = [], time.perf_counter(), 0
+            bar.update(1)
+            epoch_end = done % steps_per_epoch == 0
+            if epoch_end and data.val_ids and ((done // steps_per_epoch) % tc.val_every == 0 or done == total):
+                val_mape = evaluate(eval_fn, eval_params(done), cfg, data, mesh, tc.batch_size)
+                log.write({"step": done, "epoch": done / steps_per_epoch, "val/mape": val_mape,
+                           "val/ema": done > ema_start})
+                if val_mape < best:
+                    best = val_mape
+                    if main_host:
+                        save_params(workdir / "best", eval_params(done), cfg)
+                t0 = time.perf_counter()
+            if epoch_end or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
+                save(done, loader_state)
+    except BaseException:
+        # keep the work of every finished step (a failed batch read or Ctrl-C loses nothing)
+        if int(state["step"]) > (ckpts.latest_step() or 0):
+            save(int(state["step"]), loader_state)
+        ckpts.wait()
+        raise
+    finally:
+        bar.close()
+    ckpts.wait()
+    final = eval_params(total)
+    if main_host:
+        save_params(workdir / "final", final, cfg)
+        if not data.val_ids:  # nothing to choose by: the final weights are the best we have
+            save_params(workdir / "best", final, cfg)
+    ckpts.close()
+    return {"steps": total, "best_mape": best if data.val_ids else None, "final_mape": val_mape,
+            "skipped_steps": int(state["loss_scale"].skipped), "traces": dict(TRACES), "workdir": str(workdir)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m fwi_jax.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="config name in configs/ (tiny_s8, base_s6, base_s8, demo) or a path")
+    ap.add_argument("--data", help="folder of competition-format sample folders (default: data.root, or synthetic)")
+    ap.add_argument("--train-list", help="text file of training ids, one per line")
+    ap.add_argument("--val-list", help="text file of validation ids")
+    ap.add_argument("--workdir", help="run directory (default runs/<config>)")
+    ap.add_argument("--seed", type=int, help="train.seed (initialisation, shuffle, flips)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint")
+    ap.add_argument("--init-from", help="initial weights: timm EVA02 / reference PyTorch checkpoint, or a params checkpoint")
+    ap.add_argument("--load-from", help="initial weights from another run (its best/ params)")
+    ap.add_argument("--drop-head", action="store_true", help="with --load-from: keep a fresh head")
+    ap.add_argument("--distributed", action="store_true", help="force jax.distributed.initialize() (it is "
+                    "called automatically when the environment describes a cluster)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fwi_jax.data.io import DataError
+
+    args = build_parser().parse_args(argv)
+    sharding.initialize_distributed(force=args.distributed)
+    overrides = list(args.set)
+    for key, value in (("data.root", args.data), ("data.train_list", args.train_list),
+                       ("data.val_list", args.val_list), ("train.seed", args.seed)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    try:
+        if args.drop_head and not args.load_from:
+            raise TrainError("--drop-head needs --load-from RUN")
+        if args.init_from and args.load_from:
+            raise TrainError("give --init-from or --load-from, not both")
+        cfg = load_config(args.config, overrides)
+        workdir = args.workdir or f"runs/{cfg.name}"
+        summary = train(cfg, workdir, resume=args.resume, init_from=args.init_from, load_from=args.load_from,
+                        drop_head=args.drop_head, progress=not args.no_progress)
+    except (TrainError, ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "traces"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
