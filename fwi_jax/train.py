@@ -115,7 +115,7 @@ def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
         ema = ema_update(state["ema"], params, new_params, state["step"], ema_start_step, cfg.train.ema_decay)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                    "loss_scale": ls.scale, "skipped_steps": ls.adjust(finite).skipped}
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "ema": ema,
                      "loss_scale": ls.adjust(finite)}

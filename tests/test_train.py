@@ -1,0 +1,245 @@
+"""python -m fwi_jax.train: traced once, exact resume after kill -9, 1 vs 4 devices, float16 overflow
+skips, gradient accumulation, initial weights, and clear user errors.
+
+A small network on the demo geometry (2 blocks of width 64) over 20 random competition-format
+samples (16 train / 4 validation by the reference split) keeps each run to seconds."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fwi_jax import train as T
+from fwi_jax.checkpoint import load_params, save_params
+from fwi_jax.config import load_config
+from fwi_jax.data.io import SHOT_FILES, VELOCITY_FILE
+from fwi_jax.model import create_model
+from fwi_jax.optim import make_optimizer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SMALL = ["model.dim=64", "model.heads=2", "model.depth=2", "model.split=1", "train.batch_size=4",
+         "train.log_every=2", "train.ema_start_epoch=1", "train.ema_decay=0.9", "data.prefetch=1"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_ds")
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        d = root / f"s{i:02d}"
+        d.mkdir()
+        for name in SHOT_FILES:
+            np.save(d / name, (1e-4 * rng.standard_normal((10001, 31))).astype(np.float32))
+        depth = np.linspace(0.0, 1.5, 1259, dtype=np.float32)[None, :]
+        np.save(d / VELOCITY_FILE, (1.8 + rng.uniform(0, 1) + depth + np.zeros((300, 1), np.float32)))
+    return root
+
+
+def small_cfg(dataset, *extra):
+    return load_config("demo", SMALL + [f"data.root={dataset}", *extra])
+
+
+def run_cli(args, devices=1, timeout=400):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.Popen([sys.executable, "-m", "fwi_jax.train", "--no-progress", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli_args(dataset, workdir, *extra):
+    return ["--config", "demo", "--data", str(dataset), "--workdir", str(workdir),
+            *[a for s in SMALL + list(extra) for a in ("--set", s)]]
+
+
+def finish(proc, timeout=400):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def params_of(workdir, name="final"):
+    return load_params(pathlib.Path(workdir) / name)[1]
+
+
+RESUME_SET = ["train.epochs=4", "train.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    """The reference run for the resume and device-count tests: 4 epochs x 4 steps, one device."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    summary = finish(run_cli(cli_args(dataset, workdir, *RESUME_SET)))
+    return workdir, summary
+
+
+def test_train_in_process_traces_once_and_writes_run(dataset, tmp_path):
+    T.TRACES.clear()
+    cfg = small_cfg(dataset, "train.epochs=2")
+    summary = T.train(cfg, tmp_path / "run", progress=False)
+    assert summary["traces"] == {"train_step": 1, "eval_step": 1}  # 8 steps and 2 validations
+    assert summary["steps"] == 8 and np.isfinite(summary["best_mape"])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if "val/mape" in r]
+    assert [r["step"] for r in vals] == [4, 8] and [r["val/ema"] for r in vals] == [False, True]
+    assert all(np.isfinite(r["train/loss"]) and r["lr"] > 0 for r in records if "train/loss" in r)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["dim"] == 64
+    best_cfg, best = load_params(tmp_path / "run" / "best")
+    assert best_cfg == cfg and jax.tree.structure(best) == jax.tree.structure(create_model(cfg)[1])
+    # the best params are the EMA of the best epoch: inference reproduces its validation MAPE
+    from fwi_jax.infer import main as infer_main
+
+    ids = tmp_path / "val.txt"
+    from fwi_jax.data.split import reference_split
+
+    ids.write_text("\n".join(reference_split(sorted(p.name for p in dataset.iterdir()))[1]) + "\n")
+    assert infer_main(["--data", str(dataset), "--list", str(ids), "--checkpoints", str(tmp_path / "run"),
+                       "--out", str(tmp_path / "sub.npz"), "--no-tta", "--val", "--batch", "4"]) == 0
+
+
+def test_kill_9_then_resume_is_bit_exact(dataset, uninterrupted, tmp_path):
+    ref_dir, ref_summary = uninterrupted
+    workdir = tmp_path / "killed"
+    proc = run_cli(cli_args(dataset, workdir, *RESUME_SET))
+    ckpt_dir = workdir / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for a finished checkpoint past the first epoch, then kill
+        steps = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
+        if any(s >= 6 for s in steps):
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit())
+    assert killed_at < 16
+    summary = finish(run_cli(cli_args(dataset, workdir, *RESUME_SET) + ["--resume"]))
+    ours, ref = params_of(workdir), params_of(ref_dir)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+    assert summary["best_mape"] == ref_summary["best_mape"]
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # no step logged twice after the resume
+
+
+def test_four_devices_match_one(dataset, uninterrupted, tmp_path):
+    """Same global batch over 4 forced host devices: params equal one device's within float32
+    reduction-order noise (16 AdamW steps of lr 5e-4 each; differences stay ~1e-6)."""
+    ref_dir, ref_summary = uninterrupted
+    summary = finish(run_cli(cli_args(dataset, tmp_path / "d4", *RESUME_SET), devices=4))
+    for a, b in zip(jax.tree.leaves(params_of(tmp_path / "d4")), jax.tree.leaves(params_of(ref_dir))):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    assert summary["best_mape"] == pytest.approx(ref_summary["best_mape"], rel=1e-4)
+
+
+def _state_and_step(cfg, total=10):
+    graphdef, params = create_model(cfg, 0)
+    tx, schedule = make_optimizer(cfg, total)
+    state = T.create_train_state(cfg, params, tx)
+    step = jax.jit(T.make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0))
+    return state, step
+
+
+def _batch(seed, b=4, overflow=False):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((b, 6, 10000, 31)) * 0.5).astype(np.float32)
+    if overflow:
+        x[1, 2, 100, 5] = np.inf  # one bad value: NaN/Inf gradients in float16
+    v = (2.0 + rng.uniform(0, 1, (b, 1, 1)) + np.zeros((b, 1259, 300))).astype(np.float32)
+    return {"x": jnp.asarray(x), "v": jnp.asarray(v)}
+
+
+def test_float16_overflow_skips_step_and_recovers(dataset):
+    cfg = small_cfg(dataset, "model.dtype=float16")
+    state, step = _state_and_step(cfg)
+    assert float(state["loss_scale"].scale) == 2.0**16
+    state, m = step(state, _batch(0))
+    assert int(m["skipped_steps"]) == 0
+    before = jax.device_get(state)
+    state, m = step(state, _batch(1, overflow=True))
+    assert int(m["skipped_steps"]) == 1 and not np.isfinite(float(m["grad_norm"]))
+    assert float(state["loss_scale"].scale) == 2.0**15
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before["params"])):
+        np.testing.assert_array_equal(a, b)  # the bad step changed nothing
+    for a, b in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(before["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+    for seed in (2, 3):
+        state, m = step(state, _batch(seed))
+    assert int(m["skipped_steps"]) == 1 and np.isfinite(float(m["loss"]))
+    changed = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state["params"]),
+                                                             jax.tree.leaves(before["params"])))
+    assert changed
+    for tree in (state["params"], state["ema"], state["opt_state"]):
+        assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(tree))
+
+
+def test_gradient_accumulation_equals_one_big_batch(dataset):
+    results = []
+    for accum in (1, 2):
+        state, step = _state_and_step(small_cfg(dataset, f"train.grad_accum={accum}"))
+        state, m = step(state, _batch(5))
+        results.append((jax.device_get(state["params"]), float(m["loss"])))
+    (p1, l1), (p2, l2) = results
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_load_from_with_drop_head_and_init_from_params(dataset, tmp_path):
+    cfg = small_cfg(dataset)
+    _, trained = create_model(cfg, seed=7)
+    save_params(tmp_path / "other" / "best", trained, cfg)
+    _, fresh = create_model(cfg, seed=0)
+    loaded = T.initial_params(cfg, fresh, None, str(tmp_path / "other"), drop_head=True)
+    np.testing.assert_array_equal(loaded["head"]["kernel"], fresh["head"]["kernel"])
+    np.testing.assert_array_equal(loaded["blocks"]["0"]["attn"]["qkv"]["kernel"],
+                                  trained["blocks"]["0"]["attn"]["qkv"]["kernel"])
+    init = T.initial_params(cfg, fresh, str(tmp_path / "other" / "best"), None, drop_head=False)
+    np.testing.assert_array_equal(init["head"]["kernel"], trained["head"]["kernel"])
+    wider = small_cfg(dataset, "model.dim=96", "model.heads=3")
+    with pytest.raises(T.TrainError, match=r"wrong shape: \['blocks'\]\['0'\]\['attn'\]\['qkv'\]\['kernel'\]"):
+        T.initial_params(wider, create_model(wider)[1], None, str(tmp_path / "other"), drop_head=True)
+
+
+def test_init_from_timm_checkpoint(dataset, tmp_path):
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    cfg = small_cfg(dataset)
+    torch.manual_seed(0)
+    m = timm.create_model("eva02_tiny_patch14_224", pretrained=False, embed_dim=64, num_heads=2, depth=2)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "timm.safetensors"))
+    _, fresh = create_model(cfg, seed=cfg.train.seed)
+    params = T.initial_params(cfg, fresh, str(tmp_path / "timm.safetensors"), None, drop_head=False)
+    qkv = m.blocks[1].attn.qkv.weight.detach().numpy().T
+    np.testing.assert_array_equal(params["blocks"]["1"]["attn"]["qkv"]["kernel"], qkv)
+    patch = m.patch_embed.proj.weight.detach().numpy().sum(axis=1)  # 3 input channels summed
+    np.testing.assert_allclose(params["patch_embed"]["proj"]["kernel"], patch.reshape(64, -1).T, rtol=1e-6)
+    np.testing.assert_array_equal(params["head"]["kernel"], fresh["head"]["kernel"])  # a new head
+
+
+def test_user_errors_are_clear(dataset, uninterrupted, tmp_path, capsys):
+    def err(*argv):
+        assert T.main(["--no-progress", *argv]) == 2
+        return capsys.readouterr().err
+
+    assert "unknown config key 'train.lrr'" in err("--config", "demo", "--set", "train.lrr=1")
+    assert "no_such_dir" in err("--config", "demo", "--data", str(tmp_path / "no_such_dir"))
+    assert "--drop-head needs --load-from" in err("--config", "demo", "--drop-head")
+    assert "does not exist" in err("--config", "demo", "--data", str(dataset), "--load-from", str(tmp_path / "nope"))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("s00\nmissing_one\n")
+    assert "missing_one" in err("--config", "demo", "--data", str(dataset), "--train-list", str(ids))
+    ref_dir, _ = uninterrupted
+    assert "pass --resume" in err(*cli_args(dataset, ref_dir, *RESUME_SET))
+    assert "config differs" in err(*cli_args(dataset, ref_dir, *RESUME_SET, "train.lr=1e-3"), "--resume")
