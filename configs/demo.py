@@ -22,7 +22,7 @@ def get_config() -> Config:
         geometry=Geometry(resize=(420, 84), head_patch=(42, 56), crop_offset=(0, 18)),
         model=ModelConfig(size="tiny", depth=4, split=2),
         data=DataConfig(workers=0),
-        synth=SynthConfig(n_train=256, n_val=32, seed=0),
+        synth=SynthConfig(n_train=256, n_val=32, n_test=32, seed=0),
         train=TrainConfig(batch_size=8, epochs=6, loss="base", lr=5e-4, ema_start_epoch=3,
                           ema_decay=0.95, log_every=5),
     )

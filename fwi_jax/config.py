@@ -100,7 +100,8 @@ class SynthConfig:
     """Synthetic dataset the run makes for itself when ``data.root`` is empty (demo, tests)."""
 
     n_train: int = 0
-    n_val: int = 0
+    n_val: int = 0  # validation during training (best checkpoint)
+    n_test: int = 0  # held out for the final ensemble evaluation (fwi_jax.demo)
     families: tuple[str, ...] = ("layered", "faulted", "salt")
     mode: str = "fast"  # solver mode, see fwi_jax.synth
     seed: int = 0

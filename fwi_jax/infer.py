@@ -44,7 +44,7 @@ from fwi_jax.checkpoint import is_params_checkpoint, load_params
 from fwi_jax.config import Config, ConfigError, apply_overrides, load_config
 from fwi_jax.model import apply_model, create_model
 from fwi_jax.preprocess import flip
-from fwi_jax.sharding import data_mesh
+from fwi_jax.sharding import data_mesh, initialize_distributed
 
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -472,15 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=0, help="reader processes (0: reader threads in this process)")
     ap.add_argument("--prefetch", type=int, default=2, help="batches read ahead (and reader threads)")
     ap.add_argument("--distributed", action="store_true",
-                    help="several hosts: call jax.distributed.initialize() (cluster settings from the environment)")
+                    help="force jax.distributed.initialize() (called automatically when the environment describes a cluster)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.distributed:
-        jax.distributed.initialize()  # each host then reads its share; process 0 writes the file
+    initialize_distributed(force=args.distributed)  # each host reads its share; process 0 writes the file
     out = pathlib.Path(args.out).expanduser()
     progress = not args.no_progress and jax.process_index() == 0
     try:

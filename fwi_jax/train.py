@@ -145,17 +145,18 @@ class RunData:
     root: pathlib.Path
     train_ids: list[str]
     val_ids: list[str]
+    test_ids: list[str] = dataclasses.field(default_factory=list)  # held out (synthetic data only)
 
 
 def synthetic_dataset(cfg: Config, progress: bool = True) -> RunData:
     """The config's synthetic dataset (``cfg.synth``), made on first use and cached: ids 0..n_train-1
-    of the seed train, the next n_val validate. The simulator runs as a subprocess because it
+    of the seed train, the next n_val validate, the next n_test are held out. The simulator runs as a subprocess because it
     splits the CPU into several JAX devices, which must be set before JAX starts."""
     from fwi_jax.synth import is_complete, sample_id
 
     s = cfg.synth
     root = pathlib.Path(s.cache_dir).expanduser() / f"s{s.seed}_{s.mode}_{'-'.join(s.families)}"
-    n = s.n_train + s.n_val
+    n = s.n_train + s.n_val + s.n_test
     ids = [sample_id(s.seed, i) for i in range(n)]
     if not all(is_complete(root / i) for i in ids):
         if jax.process_index() == 0:
@@ -165,7 +166,7 @@ def synthetic_dataset(cfg: Config, progress: bool = True) -> RunData:
             if not progress:
                 cmd.append("--no-progress")
             subprocess.run(cmd, check=True)
-    return RunData(root, ids[: s.n_train], ids[s.n_train:])
+    return RunData(root, ids[: s.n_train], ids[s.n_train: s.n_train + s.n_val], ids[s.n_train + s.n_val:])
 
 
 def resolve_data(cfg: Config, progress: bool = True) -> RunData:

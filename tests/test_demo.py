@@ -1,0 +1,43 @@
+"""python -m fwi_jax.demo end to end at a reduced size (16/4/4 synthetic samples, a 2-block
+network, 2 epochs, 2 members): synthesis, training, ensemble inference with TTA, baseline, plots.
+It checks the plumbing and the outputs, not the accuracy (README and the demo config docstring
+give the full-size demo's figures)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_reduced_end_to_end(tmp_path):
+    sets = ["synth.n_train=16", "synth.n_val=4", "synth.n_test=4", f"synth.cache_dir={tmp_path / 'synth'}",
+            "train.epochs=2", "train.batch_size=4", "train.ema_start_epoch=1", "train.log_every=2",
+            "model.dim=64", "model.heads=2", "model.depth=2", "model.split=1"]
+    cmd = [sys.executable, "-m", "fwi_jax.demo", "--workdir", str(tmp_path / "demo"), "--members", "2",
+           "--plots", "2", "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "mean-velocity-profile baseline" in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["members"] == 2 and summary["heldout_samples"] == 4
+    assert 0 < summary["heldout_mape"] < 1 and 0 < summary["baseline_mape"] < 1
+    assert all(v is not None and 0 < v < 1 for v in summary["member_best_val_mape"])
+    sub = np.load(tmp_path / "demo" / "submission.npz")
+    assert sorted(sub.files) == [f"synth_s0_{i:06d}" for i in range(20, 24)]
+    assert all(sub[k].shape == (300, 1259) and sub[k].dtype == np.float64 for k in sub.files)
+    pngs = [tmp_path / "demo" / f"member{k}" / "training_curves.png" for k in range(2)]
+    pngs += sorted((tmp_path / "demo" / "submission_plots").glob("*.png"))
+    assert len(pngs) == 4
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 10_000
+    # a rerun finds the data cached and the members trained
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stdout.count("already trained") == 2 and "synthesising" not in again.stdout
