@@ -235,7 +235,7 @@ def propagate(
     mode: Mode,
     f0: float = F0,
     block: int = 50,
-    unroll: int = 2,
+    unroll: int = 1,
     remat: bool = False,
 ) -> jax.Array:
     """One shot. v: (nx_pad, nz_pad) km/s on the padded grid; wavelet: (n_t,) source amplitude at
@@ -310,11 +310,16 @@ def propagate(
     }
     profiles = {"xl": (a_l, b_l, 0), "xr": (a_r, b_r, 0), "zt": (a_l, b_l, 1), "zb": (a_r, b_r, 1)}
 
+    c2strip = {name: courant2[x0:x1, z0:z1] for name, ((x0, x1), (z0, z1)) in regions.items()}
+    # source position relative to the updated region
+    sxi, szi = sx_i[0] - r, sz_i[0] - r
+
     def step(carry, f):
-        u_prev, u, mem = carry
-        lap = laplacian(u)
+        # leapfrog in increment form: w = u(t) - u(t - dt) on the updated cells, so that
+        # w += c²·(∇²u + CPML terms) and u += w update both wavefields in place (no rotation)
+        w, u, mem = carry
+        w = w + c2in * laplacian(u)
         new_mem = {}
-        corr = {}
         for name, ((x0, x1), (z0, z1)) in regions.items():
             a, b, axis = profiles[name]
             ustrip = u[x0 - r * (axis == 0) : x1 + r * (axis == 0), z0 - r * (axis == 1) : z1 + r * (axis == 1)]
@@ -322,18 +327,10 @@ def propagate(
             lap_axis = d2_axis(u, axis, ((x0, x1), (z0, z1)))
             psi, zeta, c = strip_terms(ustrip, psi, zeta, lap_axis, a, b, axis)
             new_mem[name] = (psi, zeta)
-            corr[name] = c
-        # add the strip corrections to the Laplacian (strip coordinates relative to the update region)
-        lap = lap.at[:p, :].add(corr["xl"])
-        lap = lap.at[mx - p :, :].add(corr["xr"])
-        lap = lap.at[:, :p].add(corr["zt"])
-        lap = lap.at[:, mz - p :].add(corr["zb"])
-        u_in = _shift(_shift(u, 0, 0, mx, r), 0, 1, mz, r)
-        up_in = _shift(_shift(u_prev, 0, 0, mx, r), 0, 1, mz, r)
-        u_new_in = 2.0 * u_in - up_in + c2in * lap
-        u_new = u_prev.at[r:-r, r:-r].set(u_new_in)
-        u_new = u_new.at[sx_i[0][:, None], sz_i[0][None, :]].add(src_amp * f)
-        return (u, u_new, new_mem), u
+            w = w.at[x0 - r : x1 - r, z0 - r : z1 - r].add(c2strip[name] * c)
+        w = w.at[sxi[:, None], szi[None, :]].add(src_amp * f)
+        u_new = u.at[r:-r, r:-r].add(w)
+        return (w, u_new, new_mem), u_new
 
     def record(u):
         patch = u[rx_i[:, :, None], rz_i[:, None, :]]  # (R, 4, 4)
@@ -356,8 +353,10 @@ def propagate(
     mem0 = {
         name: (jnp.zeros((x1 - x0, z1 - z0), jnp.float32),) * 2 for name, ((x0, x1), (z0, z1)) in regions.items()
     }
-    _, traces = jax.lax.scan(block_fn, (zeros, zeros, mem0), fs)
-    return traces.reshape(nblocks * block, -1)[:nt]
+    _, traces = jax.lax.scan(block_fn, (jnp.zeros((mx, mz), jnp.float32), zeros, mem0), fs)
+    # the scan records u((n + 1)·dt) at step n; u(0) = 0
+    traces = traces.reshape(nblocks * block, -1)
+    return jnp.concatenate([jnp.zeros_like(traces[:1]), traces[: nt - 1]])
 
 
 def pad_model(v: jax.Array, npml: int) -> jax.Array:
@@ -391,7 +390,7 @@ def simulate_shots(
     out_nt: int = OUT_NT,
     amplitude: float = 1.0,
     block: int = 50,
-    unroll: int = 2,
+    unroll: int = 1,
     remat: bool = False,
     model_dx: float = MODEL_DX,
     shot_batch: int | None = None,
