@@ -1,82 +1,145 @@
 """Speed and accuracy of the synthetic-data solver at the competition geometry (SPEC §6).
 
-Prints:
-  1. cell-updates/s of the propagator at 8th and 4th order (5 shots over the padded 1 m grid,
-     ``--steps`` time steps, compile excluded);
+For each solver configuration (``--config``, keyword arguments of ``wave.simulate`` such as
+``unroll=2`` or ``shot_batch=5``; default: the solver's defaults) and each host-device count
+(``--cpu-devices 1,2``, one subprocess per count because XLA reads the count when it starts):
+  1. cell-updates/s of the propagator at 8th and 4th order (one model per device, 5 shots over
+     the padded 1 m grid, ``--steps`` time steps, compile excluded);
   2. seconds per competition-format sample (5 shots x 10,001 samples x 31 receivers) in the
-     "fast" mode (mean over ``--samples`` geology models, after a warm-up call) and "full" mode;
-  3. the fast mode's error against the full mode on the same models: relative L2 over each
-     whole gather, and the same after muting the first 0.25 s around the direct wave.
+     "fast" mode (mean over ``--samples`` geology models, after a warm-up call) and, with
+     ``--full-samples N``, the "full" mode;
+  3. with the full mode, the fast mode's error against it on the same models: relative L2 over
+     each whole gather, and the same after muting the first 0.25 s around the direct wave.
+Then a Markdown table of all of them.
 
-  .venv/bin/python scripts/bench_synth.py [--steps 1000] [--samples 4] [--full-samples 1] [--cpu-devices 2]
+  .venv/bin/python scripts/bench_synth.py [--cpu-devices 1,2] [--config unroll=1 --config unroll=2]
+      [--steps 1000] [--samples 4] [--full-samples 0]
 
-On a CPU, XLA runs each model's stencil on one thread: with the default single device every
-figure is one core's; ``--cpu-devices 2`` runs one model per core and gives the 2-core figures.
+On a CPU, XLA runs each model's stencil on one thread: with one device every figure is one
+core's; ``--cpu-devices 2`` runs one model per core and gives the 2-core figures.
 
-Timings on a shared machine are noisy; run it alone for figures worth quoting.
+Timings on a shared machine are noisy; run it alone for figures worth quoting (the table also
+gives the CPU seconds the process used, which other load inflates less than wall time).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import os
+import subprocess
 import sys
 import time
 
-if "--cpu-devices" in sys.argv:  # must reach XLA before JAX starts its CPU backend
-    n_dev = sys.argv[sys.argv.index("--cpu-devices") + 1]
+
+def parse_config(text: str) -> dict:
+    """'unroll=2,shot_batch=5' -> {'unroll': 2, 'shot_batch': 5}; '' -> {}."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, val = item.partition("=")
+        out[key.strip()] = ast.literal_eval(val.strip())
+    return out
+
+
+def run_one(a, n_dev: int) -> list[dict]:
+    """Every configuration on ``n_dev`` host devices, in this process (JAX not started yet)."""
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_dev}"
+    import jax
+    import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+    from fwi_jax import synth
+    from fwi_jax.synth import wave as W
 
-from fwi_jax import synth  # noqa: E402
-from fwi_jax.synth import wave as W  # noqa: E402
+    assert jax.device_count() == n_dev, jax.devices()
+
+    def timed(fn):
+        fn()  # compile
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        return time.perf_counter() - t0, time.process_time() - c0, out
+
+    def cell_updates(order: int, kw: dict) -> tuple[float, float]:
+        mode = W.Mode(dx=1.0, dt=1e-4, order=order, pml=W.MODES["full"].pml)
+        v = np.stack([synth.sample_model(0, i)[1] for i in range(n_dev)])  # one model per device
+        wall, cpu, _ = timed(lambda: W.simulate(v, mode=mode, out_nt=a.steps, **kw))
+        r = order // 2
+        nx, nz = (s + 2 * mode.pml - 2 * r for s in v.shape[1:])  # cells updated each step
+        cells = len(v) * 5 * nx * nz * a.steps
+        return cells / wall, cells / cpu * n_dev  # the CPU figure: as if each device had its core
+
+    n_models = max(a.samples, a.full_samples, n_dev)
+    models = np.stack([synth.sample_model(1, i)[1] for i in range(n_models)])
+    rows = []
+    for text in a.config:
+        kw = parse_config(text)
+        row = {"config": text or "defaults", "devices": n_dev}
+        for order in (8, 4):
+            row[f"gcu{order}"], row[f"gcu{order}_cpu"] = (x / 1e9 for x in cell_updates(order, kw))
+            print(f"[{n_dev} dev, {row['config']}] order {order}: {row[f'gcu{order}']:.3f} G cell-updates/s", flush=True)
+        n_fast = max(a.samples, n_dev)
+        wall, _, fast = timed(lambda: W.simulate(models[:n_fast], mode="fast", amplitude=synth.DATA_AMPLITUDE, **kw))
+        row["fast_s"] = wall / n_fast
+        print(f"[{n_dev} dev, {row['config']}] fast mode: {row['fast_s']:.2f} s per sample ({n_fast} samples)", flush=True)
+        if a.full_samples:
+            n_full = a.full_samples
+            t0 = time.perf_counter()
+            full = W.simulate(models[:n_full], mode="full", amplitude=synth.DATA_AMPLITUDE, **kw)
+            row["full_s"] = (time.perf_counter() - t0) / n_full  # includes one compile
+            f = fast[:n_full].astype(np.float64)
+            g = full.astype(np.float64)
+            err = np.linalg.norm(f - g, axis=(2, 3)) / np.linalg.norm(g, axis=(2, 3))
+            m = slice(2500, None)  # t >= 0.25 s: reflections only (direct wave and its tail muted)
+            late = np.linalg.norm(f[:, :, m] - g[:, :, m], axis=(2, 3)) / np.linalg.norm(g[:, :, m], axis=(2, 3))
+            row.update(err_mean=err.mean(), err_max=err.max(), late_mean=late.mean(), late_max=late.max())
+            print(f"[{n_dev} dev, {row['config']}] full mode: {row['full_s']:.1f} s per sample (incl. compile); "
+                  f"fast vs full rel. L2 per gather mean {err.mean():.4f} max {err.max():.4f}, "
+                  f"after 0.25 s mean {late.mean():.4f} max {late.max():.4f}", flush=True)
+        rows.append(row)
+    return rows
 
 
-def cell_updates(order: int, steps: int) -> float:
-    mode = W.Mode(dx=1.0, dt=1e-4, order=order, pml=W.MODES["full"].pml)
-    v = np.stack([synth.sample_model(0, i)[1] for i in range(jax.device_count())])  # one model per device
-    kw = dict(mode=mode, out_nt=steps)
-    W.simulate(v, **kw)  # compile
-    t0 = time.perf_counter()
-    W.simulate(v, **kw)
-    el = time.perf_counter() - t0
-    r = order // 2
-    nx, nz = (s + 2 * mode.pml - 2 * r for s in v.shape[1:])  # cells updated each step
-    return len(v) * 5 * nx * nz * steps / el
-
-
-def per_sample(mode: str, models: np.ndarray) -> tuple[float, np.ndarray]:
-    W.simulate(models[:1], mode=mode, amplitude=synth.DATA_AMPLITUDE)  # compile
-    t0 = time.perf_counter()
-    out = W.simulate(models, mode=mode, amplitude=synth.DATA_AMPLITUDE)
-    return (time.perf_counter() - t0) / len(models), out
+def table(rows: list[dict]) -> str:
+    head = ("| config | devices | G cell-updates/s, order 8 | order 8, per CPU-s x devices | order 4 "
+            "| fast s/sample | full s/sample | fast vs full L2 mean / max |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        err = f"{r['err_mean']:.3f} / {r['err_max']:.3f}" if "err_mean" in r else "-"
+        full = f"{r['full_s']:.1f}" if "full_s" in r else "-"
+        lines.append(f"| {r['config']} | {r['devices']} | {r['gcu8']:.3f} | {r['gcu8_cpu']:.3f} | {r['gcu4']:.3f} "
+                     f"| {r['fast_s']:.2f} | {full} | {err} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--cpu-devices", type=int, default=1, help="JAX host devices; >1 runs models on several cores")
-    p.add_argument("--full-samples", type=int, default=1, help="0 skips the full mode (about a minute per sample on 2 cores)")
+    p.add_argument("--cpu-devices", default="1,2", help="comma-separated host-device counts, one subprocess each")
+    p.add_argument("--config", action="append", help="repeatable; wave.simulate keywords, e.g. 'unroll=2,shot_batch=5'")
+    p.add_argument("--full-samples", type=int, default=0, help="full-mode samples (about half a minute each on 2 cores)")
+    p.add_argument("--json-out", help=argparse.SUPPRESS)  # used by the per-device-count subprocesses
     a = p.parse_args()
-    print(f"devices: {jax.devices()}")
-    for order in (8, 4):
-        print(f"order {order}: {cell_updates(order, a.steps) / 1e9:.3f} G cell-updates/s")
-    models = np.stack([synth.sample_model(1, i)[1] for i in range(max(a.samples, a.full_samples))])
-    fast_s, fast = per_sample("fast", models[: a.samples])
-    print(f"fast mode: {fast_s:.2f} s per sample ({a.samples} samples)")
-    if a.full_samples:
-        full_s, full = per_sample("full", models[: a.full_samples])
-        print(f"full mode: {full_s:.2f} s per sample ({a.full_samples} samples)")
-        f = fast[: a.full_samples].astype(np.float64)
-        g = full.astype(np.float64)
-        err = np.linalg.norm(f - g, axis=(2, 3)) / np.linalg.norm(g, axis=(2, 3))
-        m = slice(2500, None)  # t >= 0.25 s: reflections only (direct wave and its tail muted)
-        err_late = np.linalg.norm(f[:, :, m] - g[:, :, m], axis=(2, 3)) / np.linalg.norm(g[:, :, m], axis=(2, 3))
-        print(f"fast vs full, relative L2 per gather: mean {err.mean():.4f}, max {err.max():.4f}")
-        print(f"fast vs full, relative L2 per gather after 0.25 s: mean {err_late.mean():.4f}, max {err_late.max():.4f}")
+    a.config = a.config or [""]
+    counts = [int(c) for c in str(a.cpu_devices).split(",")]
+    if a.json_out:  # child: one device count
+        rows = run_one(a, counts[0])
+        with open(a.json_out, "w") as fh:
+            json.dump(rows, fh)
+        return
+    rows = []
+    for n in counts:
+        out = f"/tmp/bench_synth_{os.getpid()}_{n}.json"
+        argv = [sys.executable, __file__, "--cpu-devices", str(n), "--steps", str(a.steps), "--samples", str(a.samples),
+                "--full-samples", str(a.full_samples), "--json-out", out]
+        for c in a.config:
+            argv += ["--config", c]
+        subprocess.run(argv, check=True)
+        with open(out) as fh:
+            rows += json.load(fh)
+        os.remove(out)
+    print()
+    print(table(rows))
 
 
 if __name__ == "__main__":
