@@ -30,6 +30,15 @@ central difference 0.2 %.
 Points off the grid (sources and receivers in fast mode) use separable 4-point Lagrange weights;
 the same weights inject and record, which keeps the scheme source–receiver reciprocal.
 
+Speed (XLA CPU): the leapfrog runs in increment form, w = u(t) − u(t − dt), w += c²(∇²u + CPML
+terms), u += w, with w on whole rows, so each step is one fused pass over the grid plus a cheap
+row-block add and small strip kernels, with no full-grid copies (the two-buffer rotation, the
+2-D in-place window updates and scan unroll > 1 made XLA copy or re-walk the grid 3-4 times per
+step). On the 2-core dev machine (scripts/bench_synth.py, 8th order, 1 m grid, shared machine,
+so noisy; old and new run alternately in one process): 1 device 0.51 G cell-updates/s (was 0.27),
+2 host devices 0.37-0.75 G/s depending on other load (was 0.12-0.43), i.e. 0.37 G per CPU-second
+(was 0.1-0.2); fast mode 1.1-1.7 s per sample on 1 device (was 2.1-2.4), 1.2-1.35 s on 2 (was 1.6).
+
 Everything is plain ``jnp`` under ``jit``/``vmap``/``grad``: ``jax.grad`` of a data misfit with
 respect to the velocity model works (use ``remat=True`` for long runs: each block of
 ``block`` time steps is rematerialised, so memory is O(n_t/block + block) wavefields).
