@@ -1,0 +1,369 @@
+"""Training throughput of our jitted train step and of the PyTorch reference, in one run.
+
+For each (attention, remat) pair — one subprocess each, so memory is returned between them and a
+failure stays local — the script builds the real model (``fwi_jax.model.create_model``), the
+config's optimiser (``fwi_jax.optim.make_optimizer``) and the train step
+(``fwi_jax.train.make_train_step``: forward, the config's loss, backward, AdamW, EMA, loss-scale
+bookkeeping), then
+
+  1. lowers and compiles ``jax.jit(step, donate_argnums=0)`` once (compile seconds);
+  2. reads XLA's FLOPs per step (``compiled.cost_analysis()``) and its memory estimate
+     (``compiled.memory_analysis()``: argument + output + temp - alias bytes);
+  3. unless ``--compile-only``: runs ``--warmup`` steps, then times ``--steps`` steps
+     (``block_until_ready`` after each) and reports the median as samples/s, the achieved FLOP/s
+     (XLA FLOPs / median step time) and its share of this machine's dense-matmul FLOP/s (a jitted
+     float32 matmul, the practical roofline, measured in the parent process).
+
+The PyTorch reference (tests/torch_reference.py: timm ``Eva`` arranged as the reference solution)
+then trains on the same batch size and input shapes in train mode with AdamW (lr 2e-4, betas
+(0.9, 0.95), weight decay 0.01) and the same loss (``train.loss``: base or hard-mining), in float32
+or under ``torch.autocast("cpu", dtype)`` for bfloat16/float16; the script reports its samples/s
+and the ratio ours / PyTorch. A Markdown table closes the output.
+
+    .venv/bin/python scripts/bench_train.py [--config tiny_s8] [--batch 1] [--dtype float32]
+        [--attention xla einsum blockwise] [--remat none full dots] [--steps 2] [--warmup 1]
+        [--no-torch] [--compile-only] [--set model.depth=2 ...]
+
+Timings on a shared machine are noisy: the table also gives the CPU seconds per step (process
+time, which other load inflates less than wall time). Only ratios within one run mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # torch_reference.py
+sys.path.insert(0, str(REPO))
+
+GIB = 2.0 ** 30
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def overrides(a, attention: str | None = None, remat: str | None = None) -> list[str]:
+    out = [*a.set, f"model.dtype={a.dtype}"]
+    if attention:
+        out.append(f"model.attention={attention}")
+    if remat:
+        out.append(f"model.remat={remat}")
+    return out
+
+
+def make_batch(cfg, batch: int, seed: int = 0):
+    import numpy as np
+
+    g = cfg.geometry
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, 6, g.n_time, g.n_receivers)).astype(np.float32)
+    v = rng.uniform(1.5, 4.5, (batch, *g.out_shape)).astype(np.float32)
+    return x, v
+
+
+def _cost(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", 0.0)) if cost else None
+
+
+def _memory(compiled) -> float | None:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if m is None:
+        return None
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+    return total / GIB
+
+
+def run_one(a) -> dict:
+    """One (attention, remat) configuration of our step, in this process."""
+    import jax
+    import jax.numpy as jnp
+
+    from fwi_jax.config import load_config
+    from fwi_jax.model import count_params, create_model
+    from fwi_jax.model.attention import resolve_impl
+    from fwi_jax.optim import make_optimizer
+    from fwi_jax.train import create_train_state, make_train_step
+
+    attention, remat = a.one
+    cfg = load_config(a.config, overrides(a, attention, remat))
+    rec = {"attention": attention, "resolved": resolve_impl(attention), "remat": remat}
+    graphdef, params = create_model(cfg, seed=0)
+    rec["params"] = count_params(params)
+    tx, schedule = make_optimizer(cfg, total_steps=1000)
+    step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)  # EMA work included
+    state = create_train_state(cfg, params, tx)
+    del params
+    x, v = make_batch(cfg, a.batch)
+    batch = {"x": jnp.asarray(x), "v": jnp.asarray(v)}
+
+    jitted = jax.jit(step, donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, batch).compile()
+    rec["compile_s"] = time.perf_counter() - t0
+    rec["flops"] = _cost(compiled)
+    rec["mem_gib"] = _memory(compiled)
+    if a.compile_only:
+        return rec
+    if rec["mem_gib"] is not None and a.max_mem_gib and rec["mem_gib"] > a.max_mem_gib:
+        rec["error"] = f"not run: XLA estimate {rec['mem_gib']:.1f} GiB > --max-mem-gib {a.max_mem_gib}"
+        return rec
+
+    wall, cpu = [], []
+    loss = None
+    for i in range(a.warmup + a.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i >= a.warmup:
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        loss = float(metrics["loss"])
+    rec["step_s"] = statistics.median(wall)
+    rec["step_s_all"] = wall
+    rec["cpu_s"] = statistics.median(cpu)
+    rec["samples_per_s"] = a.batch / rec["step_s"]
+    rec["loss"] = loss
+    if rec["flops"]:
+        rec["flop_per_s"] = rec["flops"] / rec["step_s"]
+    return rec
+
+
+def matmul_roofline(n: int = 2048, reps: int = 5) -> float:
+    """Dense float32 matmul FLOP/s of this machine under XLA (median of ``reps``)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def torch_train(a) -> dict:
+    """The PyTorch reference's train step: samples/s (median of the timed steps)."""
+    import torch
+
+    from fwi_jax.config import load_config
+    from torch_reference import ReferenceModel, randomize_
+
+    cfg = load_config(a.config, overrides(a))
+    if cfg.geometry.head_patch[0] != cfg.geometry.head_patch[1]:
+        return {"error": f"no reference: head_patch {cfg.geometry.head_patch} is not square "
+                         "(the reference's pixel shuffle is square only)"}
+    torch.manual_seed(0)
+    model = randomize_(ReferenceModel(cfg), seed=0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    x_np, v_np = make_batch(cfg, a.batch)
+    x, v = torch.from_numpy(x_np), torch.from_numpy(v_np)
+    autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(a.dtype)
+    w = torch.linspace(1.0, 0.25, v.shape[1])[None, :, None]
+
+    def loss_fn(pred, vel):  # fwi_jax.loss.base_loss / hard_mining_loss
+        e = (pred.float() - vel).abs() / vel
+        if cfg.train.loss == "hard":
+            h = torch.exp(e.detach())
+            h = h * (h.shape[1] * h.shape[2]) / h.sum(dim=(1, 2), keepdim=True)
+            return (e * w * h).mean()
+        return (e * w).mean()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            pred = model(x)
+        loss = loss_fn(pred, v)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    wall, cpu = [], []
+    loss = None
+    for i in range(a.warmup + a.torch_steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = step()
+        if i >= a.warmup:
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return {"step_s": statistics.median(wall), "step_s_all": wall, "cpu_s": statistics.median(cpu),
+            "samples_per_s": a.batch / statistics.median(wall), "loss": loss,
+            "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters())}
+
+
+def child(a, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *extra]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    for line in p.stdout.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            rec = json.loads(line[len("RESULT "):])
+            rec["wall_total_s"] = time.perf_counter() - t0
+            return rec
+    tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {p.returncode}: " + " | ".join(tail)[-400:]}
+
+
+def default_attention() -> list[str]:
+    import jax
+
+    from fwi_jax.model.attention import _cudnn_available
+
+    impls = ["xla", "einsum", "blockwise"]
+    if _cudnn_available(jax.devices()[0]):
+        impls.insert(1, "cudnn")
+    return impls
+
+
+def fmt(x, spec, missing="-"):
+    return missing if x is None else format(x, spec)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="tiny_s8")
+    ap.add_argument("--batch", type=int, default=None, help="global batch (default 1 on CPU, 8 elsewhere)")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES)
+    ap.add_argument("--attention", nargs="+", default=None,
+                    help="implementations (default: every one valid here: xla, einsum, blockwise, +cudnn on sm80+)")
+    ap.add_argument("--remat", nargs="+", default=["none", "full", "dots"])
+    ap.add_argument("--steps", type=int, default=2, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    ap.add_argument("--torch-steps", type=int, default=None, help="timed PyTorch steps (default --steps)")
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--compile-only", action="store_true", help="compile, report FLOPs and memory; run nothing")
+    ap.add_argument("--max-mem-gib", type=float, default=None,
+                    help="do not run a configuration whose XLA estimate exceeds this (default: 80%% of MemAvailable)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--json", help="also write the records to this file")
+    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # child: ATTENTION REMAT
+    ap.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # child
+    a = ap.parse_args(argv)
+    if a.torch_steps is None:
+        a.torch_steps = a.steps
+
+    if a.one or a.torch_only:
+        try:
+            rec = torch_train(a) if a.torch_only else run_one(a)
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            rec = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        print("RESULT " + json.dumps(rec), flush=True)
+        return 0
+
+    import jax
+
+    platform = jax.devices()[0].platform
+    if a.batch is None:
+        a.batch = 1 if platform == "cpu" else 8
+    if a.attention is None:
+        a.attention = default_attention()
+    if a.max_mem_gib is None:
+        try:
+            avail = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemAvailable"))
+            a.max_mem_gib = 0.8 * avail * 1024 / GIB
+        except (OSError, StopIteration):
+            a.max_mem_gib = 0.0
+    common = ["--config", a.config, "--batch", str(a.batch), "--dtype", a.dtype, "--steps", str(a.steps),
+              "--warmup", str(a.warmup), "--torch-steps", str(a.torch_steps), "--max-mem-gib", str(a.max_mem_gib)]
+    if a.compile_only:
+        common.append("--compile-only")
+    if a.set:
+        common += ["--set", *a.set]
+
+    print(f"config {a.config} {' '.join(a.set)} batch {a.batch} {a.dtype}; {jax.device_count()} {platform} "
+          f"device(s) ({jax.devices()[0].device_kind}); os.cpu_count() {os.cpu_count()}; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    roof = None
+    if not a.compile_only and platform == "cpu":
+        roof = matmul_roofline()
+        print(f"dense float32 matmul 2048^3 under XLA: {roof / 1e9:.1f} GFLOP/s (the practical roofline)", flush=True)
+
+    records = []
+    for attention in a.attention:
+        for remat in a.remat:
+            rec = child(a, [*common, "--one", attention, remat])
+            rec.setdefault("attention", attention)
+            rec.setdefault("remat", remat)
+            records.append(rec)
+            msg = rec.get("error") or (
+                f"compile {rec['compile_s']:.1f} s, XLA {fmt(rec['flops'] and rec['flops'] / 1e12, '.3f')} TFLOP/step, "
+                f"memory {fmt(rec['mem_gib'], '.2f')} GiB"
+                + ("" if a.compile_only else
+                   f", {rec['samples_per_s']:.4f} samples/s (steps {', '.join(f'{t:.1f}' for t in rec['step_s_all'])} s, "
+                   f"CPU {rec['cpu_s']:.1f} s/step, loss {rec['loss']:.4f})"))
+            print(f"ours {attention}/{remat}: {msg}", flush=True)
+            if a.json:  # partial results survive an interrupted run
+                pathlib.Path(a.json).write_text(json.dumps({"args": vars(a), "roofline": roof, "ours": records}, indent=1))
+
+    ref = None
+    if not a.no_torch and not a.compile_only:
+        ref = child(a, [*common, "--torch-only"])
+        if "error" in ref:
+            print(f"PyTorch reference: {ref['error']}", flush=True)
+        else:
+            print(f"PyTorch reference ({ref['threads']} threads, {ref['params']:,} params): "
+                  f"{ref['samples_per_s']:.4f} samples/s (steps {', '.join(f'{t:.1f}' for t in ref['step_s_all'])} s, "
+                  f"CPU {ref['cpu_s']:.1f} s/step, loss {ref['loss']:.4f})", flush=True)
+
+    print(f"\nload average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if a.compile_only:
+        print("\n| attention | remat | compile s | XLA TFLOP/step | XLA memory GiB |\n|---|---|---:|---:|---:|")
+        for r in records:
+            if "error" in r and "compile_s" not in r:
+                print(f"| {r['attention']} | {r['remat']} | {r['error']} | | |")
+                continue
+            print(f"| {r['attention']} | {r['remat']} | {r['compile_s']:.1f} | "
+                  f"{fmt(r['flops'] and r['flops'] / 1e12, '.3f')} | {fmt(r['mem_gib'], '.2f')} |")
+    else:
+        ref_sps = ref.get("samples_per_s") if ref else None
+        # XLA counts a lax.scan body once, so blockwise attention's FLOPs are undercounted; the
+        # xla implementation without remat has no scan: its count is the model's FLOPs per step.
+        model_flops = next((r["flops"] for r in records if r.get("resolved") == "xla" and r["remat"] == "none"
+                            and r.get("flops")), None)
+        if model_flops:
+            print(f"\nmodel FLOPs per step (XLA's count for xla attention, no remat): {model_flops / 1e9:.0f} GFLOP")
+        print("\n| implementation | remat | compile s | step s (median) | CPU s/step | samples/s | XLA GFLOP/step "
+              "| achieved GFLOP/s (XLA count) | % of matmul roofline | model GFLOP/s | XLA memory GiB | vs PyTorch |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in records:
+            if "samples_per_s" not in r:
+                print(f"| ours {r['attention']} | {r['remat']} | {fmt(r.get('compile_s'), '.1f')} | "
+                      f"{r.get('error', '')} | | | {fmt(r.get('flops') and r['flops'] / 1e9, '.0f')} | | | | "
+                      f"{fmt(r.get('mem_gib'), '.2f')} | |")
+                continue
+            fps = r.get("flop_per_s")
+            print(f"| ours {r['attention']} | {r['remat']} | {r['compile_s']:.1f} | {r['step_s']:.2f} | {r['cpu_s']:.1f} | "
+                  f"{r['samples_per_s']:.4f} | {fmt(r['flops'] and r['flops'] / 1e9, '.0f')} | "
+                  f"{fmt(fps and fps / 1e9, '.1f')} | {fmt(fps and roof and 100 * fps / roof, '.0f')} | "
+                  f"{fmt(model_flops and model_flops / r['step_s'] / 1e9, '.1f')} | {fmt(r['mem_gib'], '.2f')} | {fmt(ref_sps and r['samples_per_s'] / ref_sps, '.2f', 'n/a')}{'x' if ref_sps else ''} |")
+        if ref and "samples_per_s" in ref:
+            print(f"| PyTorch reference (timm, {'float32' if a.dtype == 'float32' else 'autocast ' + a.dtype}) | - | - | "
+                  f"{ref['step_s']:.2f} | {ref['cpu_s']:.1f} | {ref['samples_per_s']:.4f} | | | | {fmt(model_flops and model_flops / ref['step_s'] / 1e9, '.1f')} | | 1.00x |")
+        if roof:
+            print(f"\nmatmul roofline: {roof / 1e9:.1f} GFLOP/s (jitted float32 2048x2048 matmul)")
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps({"args": vars(a), "roofline": roof, "ours": records,
+                                                    "torch": ref}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
