@@ -1,8 +1,10 @@
-"""Command line: ``python -m fwi_jax.data {check,split} ...``.
+"""Command line: ``python -m fwi_jax.data {check,split,pack} ...``.
 
 check DIR [--list F]: validate every sample, print each bad one, exit 1 if any.
 split --first DIR_OR_LIST --extra DIR_OR_LIST --out OUTDIR: the reference split (SPEC §1),
 written as OUTDIR/train_f0.txt and OUTDIR/val_f0.txt, one id per line.
+pack SRC OUT [--list F] [--float16]: validate every sample and write the packed store OUT
+(x.npy, v.npy, ids.txt, index.json; see fwi_jax.data.pack), atomically.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def main(argv=None) -> int:
     s.add_argument("--first", required=True, help="first release: dataset folder or id list")
     s.add_argument("--extra", default=None, help="extended release (all to training): folder or id list")
     s.add_argument("--out", required=True, help="output folder for train_f0.txt / val_f0.txt")
+    k = sub.add_parser("pack", help="pack a dataset folder into memory-mapped arrays (fast loading)")
+    k.add_argument("src")
+    k.add_argument("out")
+    k.add_argument("--list", default=None, help="text file of ids to pack (default: every sub-folder)")
+    k.add_argument("--float16", action="store_true", help="store x as float16 (half the size, rounded)")
+    k.add_argument("--v-range", type=float, nargs=2, default=(0.5, 10.0), metavar=("LO", "HI"),
+                   help="allowed velocities in km/s (default 0.5 10)")
+    k.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     try:
@@ -51,6 +61,16 @@ def main(argv=None) -> int:
                 print(f"BAD {sample_id}: {message}")
             print(f"{len(ids) - len(bad)} of {len(ids)} samples good, {len(bad)} bad")
             return 1 if bad else 0
+        if args.cmd == "pack":
+            from fwi_jax.data import pack
+
+            src = pathlib.Path(args.src).expanduser()
+            index = pack.pack(src, args.out, io.list_samples(src, args.list),
+                              dtype="float16" if args.float16 else "float32", v_range=tuple(args.v_range),
+                              progress=not args.no_progress)
+            print(f"packed {index['n']} samples into {pathlib.Path(args.out).expanduser()} (x {index['dtype']}, "
+                  f"{'with' if index['has_velocity'] else 'without'} velocities)")
+            return 0
         first = _ids_of(args.first)
         extra = _ids_of(args.extra) if args.extra else []
         train, val = split.reference_split(first, extra)

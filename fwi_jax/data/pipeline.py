@@ -1,6 +1,7 @@
-"""grain input pipeline over competition-format sample folders (SPEC §1-§2).
+"""grain input pipeline over competition-format sample folders (SPEC §1-§2) or a packed store.
 
-    source (folders of an id list, `read_sample`) -> seeded shuffle, reshuffled every epoch
+    source (folders of an id list, `read_sample`; or `pack.PackedSource` when ``root`` holds an
+    index.json, same arrays) -> seeded shuffle, reshuffled every epoch
     (train) -> repeat -> flip with p = cfg.data.flip_p (train; per-sample RNG from grain's
     ``random_map``, seeded by (seed, global index), so independent of worker count) -> this host's
     share ``[jax.process_index()::jax.process_count()]`` -> batch -> threads / worker processes.
@@ -19,7 +20,7 @@ import grain
 import numpy as np
 
 from fwi_jax import preprocess
-from fwi_jax.data import io
+from fwi_jax.data import io, pack
 
 
 class FolderSource(grain.sources.RandomAccessDataSource):
@@ -65,11 +66,13 @@ class RandomFlip(grain.transforms.RandomMap):
         return out
 
 
-def make_dataset(cfg, root, ids: Sequence[str], *, train: bool, batch_size: int, seed: int = 0,
+def make_dataset(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size: int, seed: int = 0,
                  num_epochs: int | None = None, process_index: int | None = None,
                  process_count: int | None = None) -> grain.MapDataset:
     """The batched ``grain.MapDataset`` behind `make_loader` (one element = one host batch).
 
+    ``root``: a folder of sample folders, or a packed store (`pack.pack`; detected by its
+    index.json); ``ids`` the samples to read, in this order (None: every sample of ``root``).
     ``batch_size`` is the global batch; each of ``process_count`` hosts gets batch_size /
     process_count samples per batch. ``num_epochs`` None = forever in training, once in evaluation."""
     if process_index is None or process_count is None:
@@ -78,10 +81,15 @@ def make_dataset(cfg, root, ids: Sequence[str], *, train: bool, batch_size: int,
         process_index, process_count = jax.process_index(), jax.process_count()
     if batch_size % process_count:
         raise ValueError(f"batch size {batch_size} is not a multiple of the host count {process_count}")
-    if not ids:
+    require_velocity = True if train else None
+    if pack.is_packed(root):
+        source = pack.PackedSource(root, ids, v_range=cfg.data.v_range, require_velocity=require_velocity)
+    else:
+        source = FolderSource(root, io.list_samples(root) if ids is None else ids, v_range=cfg.data.v_range,
+                              require_velocity=require_velocity)
+    if not len(source):
         raise ValueError(f"no sample ids given for {root}")
-    ds = grain.MapDataset.source(FolderSource(root, ids, v_range=cfg.data.v_range,
-                                              require_velocity=True if train else None))
+    ds = grain.MapDataset.source(source)
     if train:
         ds = ds.shuffle(seed=seed)  # grain reseeds the shuffle for every epoch of the repeat below
     if num_epochs is None and not train:
@@ -94,7 +102,7 @@ def make_dataset(cfg, root, ids: Sequence[str], *, train: bool, batch_size: int,
     return ds.batch(batch_size // process_count, drop_remainder=train)
 
 
-def make_loader(cfg, root, ids: Sequence[str], *, train: bool, batch_size: int, seed: int = 0,
+def make_loader(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size: int, seed: int = 0,
                 num_epochs: int | None = None, workers: int | None = None, process_index: int | None = None,
                 process_count: int | None = None):
     """Iterable of host batches (see module doc). ``iter(loader)`` gives a grain iterator with

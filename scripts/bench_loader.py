@@ -1,0 +1,128 @@
+"""Input-pipeline throughput: samples/s of `make_loader` over sample folders and over packed
+stores (float32, float16), with 0, 1 and 2 grain worker processes.
+
+Writes its own competition-format dataset (``--n`` samples of random float32 arrays of the real
+shapes: five (10001, 31) shots, vp (300, 1259)) into ``--dir`` or a temporary folder, packs it
+with `fwi_jax.data.pack.pack`, warms the page cache with one untimed pass, then times
+``--epochs`` training epochs (shuffle, flip p = cfg.data.flip_p, batch ``--batch``) per
+configuration. Also times `io.read_sample` alone (one process, one thread). Ends with a
+Markdown table.
+
+    python scripts/bench_loader.py [--n 64] [--batch 8] [--epochs 3] [--workers 0 1 2] [--dir D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from fwi_jax.config import Config
+from fwi_jax.data import io, pack
+from fwi_jax.data.pipeline import make_loader
+from fwi_jax.preprocess import SOURCE_POSITIONS
+
+
+def write_dataset(root: pathlib.Path, n: int, seed: int = 0) -> list[str]:
+    """n sample folders of random float32 data of the competition shapes; returns their ids."""
+    rng = np.random.default_rng(seed)
+    ids = [f"bench_{i:05d}" for i in range(n)]
+    for sample_id in ids:
+        d = root / sample_id
+        d.mkdir(parents=True, exist_ok=True)
+        for p, name in zip(SOURCE_POSITIONS, io.SHOT_FILES):
+            np.save(d / name, rng.standard_normal((io.N_TIME_RAW, io.N_RECEIVERS), dtype=np.float32) * 1e-4)
+        np.save(d / io.VELOCITY_FILE, rng.uniform(1.5, 4.5, io.VELOCITY_FILE_SHAPE).astype(np.float32))
+    return ids
+
+
+def time_loader(cfg, root, ids, *, workers: int, batch: int, epochs: int) -> float:
+    """Samples/s over ``epochs`` training epochs (after one untimed warm-up batch)."""
+    it = iter(make_loader(cfg, root, ids, train=True, batch_size=batch, seed=0, num_epochs=epochs + 1,
+                          workers=workers, process_index=0, process_count=1))
+    try:
+        next(it)  # start-up (worker processes, first reads) not timed
+        n = 0
+        t = time.perf_counter()
+        for b in it:
+            n += len(b["id"])
+        return n / (time.perf_counter() - t)
+    finally:
+        if hasattr(it, "close"):
+            it.close()
+
+
+def time_read_sample(root, ids, repeats: int = 2) -> float:
+    t = time.perf_counter()
+    for _ in range(repeats):
+        for sample_id in ids:
+            io.read_sample(root / sample_id)
+    return repeats * len(ids) / (time.perf_counter() - t)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=64, help="samples to write (default 64)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed after)")
+    args = parser.parse_args(argv)
+
+    work = pathlib.Path(args.dir) if args.dir else pathlib.Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        folders = work / "folders"
+        if folders.is_dir() and len(io.list_samples(folders)) == args.n:
+            ids = io.list_samples(folders)
+        else:
+            shutil.rmtree(folders, ignore_errors=True)
+            t = time.perf_counter()
+            ids = write_dataset(folders, args.n)
+            print(f"wrote {args.n} samples to {folders} in {time.perf_counter() - t:.1f} s", flush=True)
+        stores = {}
+        for dtype in ("float32", "float16"):
+            out = work / f"packed_{dtype}_{args.n}"
+            shutil.rmtree(out, ignore_errors=True)
+            t = time.perf_counter()
+            pack.pack(folders, out, ids, dtype=dtype, progress=False)
+            print(f"packed {dtype}: {time.perf_counter() - t:.1f} s", flush=True)
+            stores[dtype] = out
+        rs = time_read_sample(folders, ids)  # also warms the page cache for the folders
+        print(f"io.read_sample alone: {rs:.0f} samples/s", flush=True)
+
+        cfg = Config()
+        sources = {"folders": folders, "packed float32": stores["float32"], "packed float16": stores["float16"]}
+        results = {}
+        for name, root in sources.items():
+            time_loader(cfg, root, ids, workers=0, batch=args.batch, epochs=1)  # warm page cache
+            for w in args.workers:
+                sps = time_loader(cfg, root, ids, workers=w, batch=args.batch, epochs=args.epochs)
+                results[name, w] = sps
+                print(f"{name:15s} workers={w}: {sps:7.0f} samples/s", flush=True)
+
+        print()
+        print(f"make_loader, train (shuffle, flip p={cfg.data.flip_p}), batch {args.batch}, {args.n} samples, "
+              f"{args.epochs} epochs, prefetch {cfg.data.prefetch}, warm page cache; {os.cpu_count()} CPU cores, "
+              f"{platform.processor() or platform.machine()}, Python {sys.version.split()[0]}, "
+              f"numpy {np.__version__}. `io.read_sample` alone: {rs:.0f} samples/s.")
+        print()
+        print("| source | " + " | ".join(f"{w} workers" for w in args.workers) + " |")
+        print("|---|" + "---:|" * len(args.workers))
+        for name in sources:
+            print(f"| {name} | " + " | ".join(f"{results[name, w]:.0f}" for w in args.workers) + " |")
+        print("\nsamples/s; one sample = x (6, 10000, 31) float32 + v (1259, 300) float32 = 8.9 MB")
+    finally:
+        if not args.dir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Packed store: pack-then-read equals reading the folders, atomic writes, the loader over a store,
+the CLI; and `io.read_sample`'s fast path against its checked path."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_data_io import write_sample
+
+from fwi_jax.config import Config
+from fwi_jax.data import io, pack
+from fwi_jax.data.pipeline import FolderSource, make_loader
+
+N = 5
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """N real-shaped samples with velocities, N - 2 without (test-data layout)."""
+    root = tmp_path_factory.mktemp("folders")
+    ids = [f"s{i}" for i in range(N)]
+    for k, i in enumerate(ids):
+        write_sample(root / "train" / i, seed=k)
+    for k in range(N - 2):
+        write_sample(root / "test" / f"t{k}", seed=100 + k, velocity=False)
+    return root, ids
+
+
+@pytest.fixture(scope="module")
+def stores(folders, tmp_path_factory):
+    root, ids = folders
+    out = tmp_path_factory.mktemp("stores")
+    return {d: (out / d, pack.pack(root / "train", out / d, dtype=d, progress=False)) for d in pack.DTYPES}
+
+
+def test_pack_float32_bit_exact(folders, stores):
+    root, ids = folders
+    out, index = stores["float32"]
+    assert sorted(p.name for p in out.iterdir()) == ["ids.txt", "index.json", "v.npy", "x.npy"]
+    assert json.loads((out / "index.json").read_text()) == index
+    assert (index["n"], index["dtype"], index["has_velocity"]) == (N, "float32", True)
+    assert index["x_shape"] == [N, 6, 10000, 31] and index["v_shape"] == [N, 1259, 300]
+    assert (out / "ids.txt").read_text().split() == ids
+    x = np.load(out / "x.npy", mmap_mode="r", allow_pickle=False)
+    v = np.load(out / "v.npy", mmap_mode="r", allow_pickle=False)
+    assert x.dtype == np.float32 and v.dtype == np.float32
+    src = pack.PackedSource(out, ids[::-1])  # element i is ids[i], whatever the store's row order
+    ref = FolderSource(root / "train", ids[::-1])
+    for k, i in enumerate(ids):
+        xf, vf = io.read_sample(root / "train" / i)
+        np.testing.assert_array_equal(x[k], xf)
+        np.testing.assert_array_equal(v[k], vf)
+        a, b = src[N - 1 - k], ref[N - 1 - k]
+        assert sorted(a) == sorted(b) == ["id", "v", "x"] and str(a["id"]) == i
+        for key in a:
+            assert a[key].dtype == b[key].dtype
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_pack_float16_within_rounding(folders, stores):
+    root, ids = folders
+    out, index = stores["float16"]
+    assert index["dtype"] == "float16"
+    assert np.load(out / "x.npy", mmap_mode="r").dtype == np.float16
+    src = pack.PackedSource(out, ids)
+    for k, i in enumerate(ids):
+        xf, vf = io.read_sample(root / "train" / i)
+        e = src[k]
+        assert e["x"].dtype == np.float32 and e["x"].shape == xf.shape
+        np.testing.assert_array_equal(e["x"], xf.astype(np.float16).astype(np.float32))  # exactly rounded
+        np.testing.assert_allclose(e["x"], xf, rtol=2.0 ** -11, atol=2.0 ** -24)
+        np.testing.assert_array_equal(e["v"], vf)  # velocities stay float32
+
+
+def test_half_to_float32_every_finite_half():
+    h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    h = h[np.isfinite(h)]
+    np.testing.assert_array_equal(pack.half_to_float32(h).view(np.uint32), h.astype(np.float32).view(np.uint32))
+    x = np.random.default_rng(0).standard_normal((3, 70001)).astype(np.float16)  # several chunks, a ragged one
+    out = np.empty(x.shape, np.float32)
+    assert pack.half_to_float32(x, out) is out
+    np.testing.assert_array_equal(out, x.astype(np.float32))
+
+
+def test_pack_without_velocity_and_eval_loader(folders, tmp_path):
+    root, _ = folders
+    index = pack.pack(root / "test", tmp_path / "p", progress=False)
+    assert not index["has_velocity"] and index["v_shape"] is None
+    assert not (tmp_path / "p" / "v.npy").exists()
+    batches = list(make_loader(Config(), tmp_path / "p", None, train=False, batch_size=2, workers=0,
+                               process_index=0, process_count=1))
+    assert [list(map(str, b["id"])) for b in batches] == [["t0", "t1"], ["t2"]] and "v" not in batches[0]
+    np.testing.assert_array_equal(batches[1]["x"][0], io.read_sample(root / "test" / "t2")[0])
+    with pytest.raises(io.DataError, match="v.npy: missing file"):
+        make_loader(Config(), tmp_path / "p", None, train=True, batch_size=2, process_index=0, process_count=1)
+
+
+def test_pack_atomic_on_failure(folders, tmp_path, monkeypatch):
+    root, ids = folders
+    real = io.read_sample
+    calls = []
+
+    def flaky(folder, **kw):
+        calls.append(folder)
+        if len(calls) == 3:
+            raise io.DataError(f"{folder / io.SHOT_FILES[0]}: simulated bad file")
+        return real(folder, **kw)
+
+    monkeypatch.setattr(pack.io, "read_sample", flaky)
+    out = tmp_path / "store"
+    with pytest.raises(io.DataError, match=f"{ids[2]}.*simulated"):
+        pack.pack(root / "train", out, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the store nor its temporary folder
+
+    def crash(folder, **kw):
+        calls.append(folder)
+        if len(calls) == 5:
+            raise RuntimeError("disk on fire")
+        return real(folder, **kw)
+
+    monkeypatch.setattr(pack.io, "read_sample", crash)
+    with pytest.raises(RuntimeError, match="disk on fire") as e:
+        pack.pack(root / "train", out, progress=False)
+    assert any(ids[1] in note for note in e.value.__notes__)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(pack.io, "read_sample", real)
+    pack.pack(root / "train", out, ids[:2], progress=False)
+    with pytest.raises(FileExistsError):
+        pack.pack(root / "train", out, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]
+
+
+def test_pack_rejects_bad_sample_and_float16_overflow(folders, tmp_path):
+    root, _ = folders
+    write_sample(tmp_path / "src" / "ok")
+    write_sample(tmp_path / "src" / "big")
+    shot = tmp_path / "src" / "big" / io.SHOT_FILES[1]
+    a = np.load(shot)
+    a[7, 7] = 10.0  # x1e4 -> 1e5, beyond float16
+    np.save(shot, a)
+    with pytest.raises(io.DataError, match="big.*overflows float16"):
+        pack.pack(tmp_path / "src", tmp_path / "p16", dtype="float16", progress=False)
+    pack.pack(tmp_path / "src", tmp_path / "p32", progress=False)  # fine in float32
+    a[7, 7] = np.nan
+    np.save(shot, a)
+    with pytest.raises(io.DataError, match=f"{shot}: 1 NaN"):
+        pack.pack(tmp_path / "src", tmp_path / "p", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p32", "src"]
+
+
+def test_loader_packed_equals_folders(folders, stores):
+    root, ids = folders
+    cfg = Config().replace(**{"data.flip_p": 0.5, "data.prefetch": 2})
+    subset = [ids[3], ids[0], ids[4], ids[1]]
+    kw = dict(train=True, batch_size=2, seed=5, num_epochs=3, workers=0, process_index=0, process_count=1)
+    ref = list(make_loader(cfg, root / "train", subset, **kw))
+    got = list(make_loader(cfg, stores["float32"][0], subset, **kw))
+    assert len(ref) == len(got) == 6
+    for a, b in zip(ref, got):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    half = list(make_loader(cfg, stores["float16"][0], subset, **kw))
+    assert [list(b["id"]) for b in half] == [list(b["id"]) for b in ref]
+    np.testing.assert_array_equal(half[0]["v"], ref[0]["v"])
+    with pytest.raises(io.DataError, match="2 requested id.*nope1, nope2"):
+        make_loader(cfg, stores["float32"][0], ["nope1", ids[0], "nope2"], **kw)
+
+
+def test_packed_source_pickles_without_memmap(stores):
+    src = pack.PackedSource(stores["float16"][0], None)
+    first = src[1]
+    assert src._mm is not None
+    copy = pickle.loads(pickle.dumps(src))
+    assert copy._mm is None and copy.ids == src.ids
+    np.testing.assert_array_equal(copy[1]["x"], first["x"])
+
+
+def test_packed_source_rechecks_narrower_v_range(stores):
+    src = pack.PackedSource(stores["float32"][0], None, v_range=(2.0, 10.0))  # data in [1.5, 4.5]
+    with pytest.raises(io.DataError, match="s0: velocities in .* outside the allowed range"):
+        src[0]
+
+
+def test_read_sample_fast_path_equals_checked_path(tmp_path):
+    write_sample(tmp_path / "a", seed=3)
+    x, v = io.read_sample(tmp_path / "a")
+    x2, v2 = io._read_sample_checked(tmp_path / "a", v_range=(0.5, 10.0), require_velocity=None)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(v, v2)
+    # float64 and Fortran-order files take the checked path, same result
+    shot = tmp_path / "a" / io.SHOT_FILES[0]
+    a = np.load(shot)
+    np.save(shot, a.astype(np.float64))
+    np.testing.assert_array_equal(io.read_sample(tmp_path / "a")[0], x)
+    np.save(shot, np.asfortranarray(a))
+    np.testing.assert_array_equal(io.read_sample(tmp_path / "a")[0], x)
+
+
+def test_pack_cli(folders, tmp_path):
+    root, ids = folders
+    (tmp_path / "l.txt").write_text(f"{ids[2]}\n{ids[0]}\n")
+    cmd = [sys.executable, "-m", "fwi_jax.data", "pack", str(root / "train"), str(tmp_path / "p"),
+           "--list", str(tmp_path / "l.txt"), "--float16", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "packed 2 samples" in r.stdout
+    index = json.loads((tmp_path / "p" / "index.json").read_text())
+    assert (index["n"], index["dtype"]) == (2, "float16")
+    assert (tmp_path / "p" / "ids.txt").read_text().split() == [ids[0], ids[2]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "already exists" in r.stderr
