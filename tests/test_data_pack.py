@@ -164,10 +164,31 @@ def test_loader_packed_equals_folders(folders, stores):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     half = list(make_loader(cfg, stores["float16"][0], subset, **kw))
-    assert [list(b["id"]) for b in half] == [list(b["id"]) for b in ref]
-    np.testing.assert_array_equal(half[0]["v"], ref[0]["v"])
+    for a, b in zip(ref, half):
+        assert list(a["id"]) == list(b["id"])
+        np.testing.assert_array_equal(a["v"], b["v"])
+        np.testing.assert_array_equal(a["x"].astype(np.float16).astype(np.float32), b["x"])  # flips too
     with pytest.raises(io.DataError, match="2 requested id.*nope1, nope2"):
         make_loader(cfg, stores["float32"][0], ["nope1", ids[0], "nope2"], **kw)
+
+
+@pytest.mark.parametrize("dtype", pack.DTYPES)
+def test_stack_batch_equals_grain_batching_of_flipped(stores, dtype):
+    from grain._src.python.dataset.transformations.batch import make_batch
+
+    from fwi_jax.data.pipeline import RandomFlip
+
+    src = pack.PackedSource(stores[dtype][0], None, raw=True)
+    flips = [True, False, True]
+    rng = np.random.default_rng(0)
+    eager = [RandomFlip(float(f)).random_map(pack.PackedSource(stores[dtype][0])[i], rng) for i, f in enumerate(flips)]
+    deferred = [RandomFlip(float(f), defer=True).random_map(src[i], rng) for i, f in enumerate(flips)]
+    assert [pack.FLIP in e for e in deferred] == flips
+    want, got = make_batch(eager), pack.StackBatch()(deferred)
+    assert sorted(got) == sorted(want) == ["id", "v", "x"]
+    for k in want:
+        assert got[k].dtype == want[k].dtype
+        np.testing.assert_array_equal(got[k], want[k])
 
 
 def test_packed_source_pickles_without_memmap(stores):

@@ -115,6 +115,18 @@ def _read_f32_into(path: pathlib.Path, shape: tuple[int, ...], out: np.ndarray, 
         return False
 
 
+def _read_shot(path: pathlib.Path, out: np.ndarray, tail: np.ndarray) -> bool:
+    """Fast path for one shot file: first 10000 time samples into ``out`` (10000, 31), the last
+    into ``tail``; all finite (checked while in cache), then ``out`` scaled x1e4 in place. False
+    on anything unusual (the caller then takes the checked path)."""
+    if not _read_f32_into(path, (N_TIME_RAW, N_RECEIVERS), out, tail):
+        return False
+    if not (np.isfinite(out).all() and np.isfinite(tail).all()):
+        return False
+    out *= np.float32(AMPLITUDE_SCALE)
+    return True
+
+
 def read_sample(folder, *, v_range: tuple[float, float] = (0.5, 10.0),
                 require_velocity: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read and validate one sample folder.
@@ -125,9 +137,9 @@ def read_sample(folder, *, v_range: tuple[float, float] = (0.5, 10.0),
     Raises `DataError` naming the file and what is wrong.
 
     Fast path for well-formed float32 files: each shot is read straight into its channel of the
-    output, one finiteness check over the whole gather, scaled in place (bit-identical to
-    `shots_to_input`). Any anomaly falls back to `_read_sample_checked`, so the validation and its
-    messages are those of the checked path."""
+    output, checked finite and scaled in place while in cache (bit-identical to `shots_to_input`).
+    Any anomaly falls back to `_read_sample_checked`, so the validation and its messages are
+    those of the checked path."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: sample folder does not exist")
@@ -135,9 +147,7 @@ def read_sample(folder, *, v_range: tuple[float, float] = (0.5, 10.0),
     seismic[ZERO_CHANNEL] = 0.0
     tails = np.empty((len(SHOT_FILES), 1, N_RECEIVERS), np.float32)  # the dropped last time samples
     channels = [c for c in range(len(SHOT_FILES) + 1) if c != ZERO_CHANNEL]
-    ok = all(_read_f32_into(folder / name, (N_TIME_RAW, N_RECEIVERS), seismic[c], tails[k])
-             for k, (c, name) in enumerate(zip(channels, SHOT_FILES)))
-    ok = ok and bool(np.isfinite(seismic).all()) and bool(np.isfinite(tails).all())
+    ok = all(_read_shot(folder / name, seismic[c], tails[k]) for k, (c, name) in enumerate(zip(channels, SHOT_FILES)))
     vp = None
     vpath = folder / VELOCITY_FILE
     if ok and vpath.exists():
@@ -148,7 +158,6 @@ def read_sample(folder, *, v_range: tuple[float, float] = (0.5, 10.0),
             ok = np.isfinite(vmin) and np.isfinite(vmax) and v_range[0] <= vmin and vmax <= v_range[1]
     if not ok:
         return _read_sample_checked(folder, v_range=v_range, require_velocity=require_velocity)
-    seismic *= np.float32(AMPLITUDE_SCALE)
     if vp is None:
         if require_velocity:
             raise DataError(f"{vpath}: missing file")

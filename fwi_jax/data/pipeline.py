@@ -51,15 +51,22 @@ class FolderSource(grain.sources.RandomAccessDataSource):
 
 
 class RandomFlip(grain.transforms.RandomMap):
-    """Mirror x and v together (`preprocess.flip`) with probability ``p``."""
+    """Mirror x and v together (`preprocess.flip`) with probability ``p``.
 
-    def __init__(self, p: float):
+    ``defer=True``: only mark the element (key `pack.FLIP`); `pack.StackBatch` mirrors it while
+    batching (same draws, same batches, one copy fewer)."""
+
+    def __init__(self, p: float, *, defer: bool = False):
         self.p = float(p)
+        self.defer = bool(defer)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         if rng.random() >= self.p:
             return element
         out = dict(element)
+        if self.defer:
+            out[pack.FLIP] = True
+            return out
         out["x"] = np.ascontiguousarray(preprocess.flip(element["x"]))
         if "v" in element:
             out["v"] = np.ascontiguousarray(element["v"][..., ::-1])
@@ -83,7 +90,8 @@ def make_dataset(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_siz
         raise ValueError(f"batch size {batch_size} is not a multiple of the host count {process_count}")
     require_velocity = True if train else None
     if pack.is_packed(root):
-        source = pack.PackedSource(root, ids, v_range=cfg.data.v_range, require_velocity=require_velocity)
+        # raw views of the store: StackBatch below copies each sample once (converting float16)
+        source = pack.PackedSource(root, ids, v_range=cfg.data.v_range, require_velocity=require_velocity, raw=True)
     else:
         source = FolderSource(root, io.list_samples(root) if ids is None else ids, v_range=cfg.data.v_range,
                               require_velocity=require_velocity)
@@ -97,9 +105,10 @@ def make_dataset(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_siz
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     if train and cfg.data.flip_p > 0:
-        ds = ds.random_map(RandomFlip(cfg.data.flip_p), seed=seed)
+        ds = ds.random_map(RandomFlip(cfg.data.flip_p, defer=True), seed=seed)
     ds = ds[process_index::process_count]
-    return ds.batch(batch_size // process_count, drop_remainder=train)
+    # StackBatch: grain's batching, plus the deferred flip and float16 conversion in the one copy
+    return ds.batch(batch_size // process_count, drop_remainder=train, batch_fn=pack.StackBatch())
 
 
 def make_loader(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size: int, seed: int = 0,
