@@ -5,10 +5,14 @@ Writes its own competition-format dataset (``--n`` samples of random float32 arr
 shapes: five (10001, 31) shots, vp (300, 1259)) into ``--dir`` or a temporary folder, packs it
 with `fwi_jax.data.pack.pack`, warms the page cache with one untimed pass, then times
 ``--epochs`` training epochs (shuffle, flip p = cfg.data.flip_p, batch ``--batch``) per
-configuration. Also times `io.read_sample` alone (one process, one thread). Ends with a
-Markdown table.
+configuration (``--repeats`` runs, median in the table). Also times `io.read_sample` alone (one
+process, one thread). Ends with a Markdown table.
 
-    python scripts/bench_loader.py [--n 64] [--batch 8] [--epochs 3] [--workers 0 1 2] [--dir D]
+    python scripts/bench_loader.py [--n 64] [--batch 8] [--epochs 3] [--workers 0 1 2] [--prefetch P]
+                                   [--repeats 3] [--dir D]
+
+Worker processes hand batches over in /dev/shm (grain's shared memory), which costs a page
+fault per 4 KiB written: on a small VM they are slower than reading in threads (0 workers).
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the table shows the median")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help="cfg.data.prefetch: reader threads and batches buffered (default: the config's)")
     parser.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed after)")
     args = parser.parse_args(argv)
 
@@ -98,18 +105,23 @@ def main(argv=None) -> int:
         print(f"io.read_sample alone: {rs:.0f} samples/s", flush=True)
 
         cfg = Config()
+        if args.prefetch is not None:
+            cfg = cfg.replace(**{"data.prefetch": args.prefetch})
         sources = {"folders": folders, "packed float32": stores["float32"], "packed float16": stores["float16"]}
         results = {}
         for name, root in sources.items():
             time_loader(cfg, root, ids, workers=0, batch=args.batch, epochs=1)  # warm page cache
             for w in args.workers:
-                sps = time_loader(cfg, root, ids, workers=w, batch=args.batch, epochs=args.epochs)
-                results[name, w] = sps
-                print(f"{name:15s} workers={w}: {sps:7.0f} samples/s", flush=True)
+                runs = [time_loader(cfg, root, ids, workers=w, batch=args.batch, epochs=args.epochs)
+                        for _ in range(args.repeats)]
+                results[name, w] = float(np.median(runs))
+                print(f"{name:15s} workers={w}: median {results[name, w]:5.0f} samples/s "
+                      f"(runs: {', '.join(f'{r:.0f}' for r in runs)})", flush=True)
 
         print()
         print(f"make_loader, train (shuffle, flip p={cfg.data.flip_p}), batch {args.batch}, {args.n} samples, "
-              f"{args.epochs} epochs, prefetch {cfg.data.prefetch}, warm page cache; {os.cpu_count()} CPU cores, "
+              f"{args.epochs} epochs, prefetch {cfg.data.prefetch}, warm page cache, median of {args.repeats} runs; "
+              f"{os.cpu_count()} CPU cores, "
               f"{platform.processor() or platform.machine()}, Python {sys.version.split()[0]}, "
               f"numpy {np.__version__}. `io.read_sample` alone: {rs:.0f} samples/s.")
         print()
@@ -117,7 +129,8 @@ def main(argv=None) -> int:
         print("|---|" + "---:|" * len(args.workers))
         for name in sources:
             print(f"| {name} | " + " | ".join(f"{results[name, w]:.0f}" for w in args.workers) + " |")
-        print("\nsamples/s; one sample = x (6, 10000, 31) float32 + v (1259, 300) float32 = 8.9 MB")
+        print("\nsamples/s; one sample = x (6, 10000, 31) float32 + v (1259, 300) float32 = 8.9 MB; "
+              "0 workers = reading in cfg.data.prefetch threads of the main process")
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)

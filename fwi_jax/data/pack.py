@@ -49,6 +49,8 @@ def half_to_float32(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
     that stay in cache. Inf/NaN would come out as large finite numbers."""
     if out is None:
         out = np.empty(src.shape, np.float32)
+    if out.dtype != np.float32 or out.shape != src.shape or not out.flags.c_contiguous:
+        raise ValueError(f"out: {out.dtype} {out.shape}, need C-contiguous float32 {src.shape}")
     h = np.ascontiguousarray(src).reshape(-1).view(np.int16)
     o = out.reshape(-1)
     oi = o.view(np.int32)

@@ -4,7 +4,8 @@
     index.json, same arrays) -> seeded shuffle, reshuffled every epoch
     (train) -> repeat -> flip with p = cfg.data.flip_p (train; per-sample RNG from grain's
     ``random_map``, seeded by (seed, global index), so independent of worker count) -> this host's
-    share ``[jax.process_index()::jax.process_count()]`` -> batch -> threads / worker processes.
+    share ``[jax.process_index()::jax.process_count()]`` -> batch (`pack.StackBatch`: each sample
+    copied once into the batch, the flip applied on the way) -> threads / worker processes.
 
 Batches are dicts {"x": (B, 6, 10000, 31) float32, "v": (B, 1259, 300) float32 km/s (depth, x),
 "id": (B,) str}; "v" is left out when the folders have no vp_model.npy (test data). The iterator
