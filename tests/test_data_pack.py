@@ -94,6 +94,12 @@ def test_pack_without_velocity_and_eval_loader(folders, tmp_path):
                                process_index=0, process_count=1))
     assert [list(map(str, b["id"])) for b in batches] == [["t0", "t1"], ["t2"]] and "v" not in batches[0]
     np.testing.assert_array_equal(batches[1]["x"][0], io.read_sample(root / "test" / "t2")[0])
+    from_folders = list(make_loader(Config(), root / "test", None, train=False, batch_size=2, workers=0,
+                                    process_index=0, process_count=1))  # ids None: every sub-folder
+    for a, b in zip(batches, from_folders, strict=True):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
     with pytest.raises(io.DataError, match="v.npy: missing file"):
         make_loader(Config(), tmp_path / "p", None, train=True, batch_size=2, process_index=0, process_count=1)
 
@@ -200,6 +206,20 @@ def test_packed_source_pickles_without_memmap(stores):
     np.testing.assert_array_equal(copy[1]["x"], first["x"])
 
 
+def test_packed_store_index_checked(stores, tmp_path):
+    import shutil
+
+    store = tmp_path / "s"
+    shutil.copytree(stores["float16"][0], store)
+    index = json.loads((store / "index.json").read_text())
+    (store / "index.json").write_text(json.dumps({**index, "version": 99}))
+    with pytest.raises(io.DataError, match="format version 99"):
+        pack.PackedSource(store)
+    (store / "index.json").write_text(json.dumps({**index, "dtype": "float32"}))
+    with pytest.raises(io.DataError, match="x.npy: float16 .* index says float32"):
+        pack.PackedSource(store)[0]
+
+
 def test_packed_source_rechecks_narrower_v_range(stores):
     src = pack.PackedSource(stores["float32"][0], None, v_range=(2.0, 10.0))  # data in [1.5, 4.5]
     with pytest.raises(io.DataError, match="s0: velocities in .* outside the allowed range"):
@@ -219,6 +239,12 @@ def test_read_sample_fast_path_equals_checked_path(tmp_path):
     np.testing.assert_array_equal(io.read_sample(tmp_path / "a")[0], x)
     np.save(shot, np.asfortranarray(a))
     np.testing.assert_array_equal(io.read_sample(tmp_path / "a")[0], x)
+    np.save(shot, a.astype(">f4"))
+    np.testing.assert_array_equal(io.read_sample(tmp_path / "a")[0], x)
+    a[-1, 30] = np.inf  # in the time sample that read_sample drops: still an error
+    np.save(shot, a)
+    with pytest.raises(io.DataError, match=f"{shot}: 0 NaN and 1 Inf"):
+        io.read_sample(tmp_path / "a")
 
 
 def test_pack_cli(folders, tmp_path):
