@@ -128,6 +128,34 @@ def is_packed(root) -> bool:
     return (pathlib.Path(root) / INDEX_FILE).is_file()
 
 
+def read_ids(root) -> list[str]:
+    """The store's ids, in row order (ids.txt)."""
+    path = pathlib.Path(root) / IDS_FILE
+    try:
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise io.DataError(f"{path}: cannot read the packed store's id list ({e})") from e
+
+
+def list_ids(root, list_file=None) -> list[str]:
+    """`io.list_samples` for a folder dataset or a packed store: sorted ids of ``list_file``
+    (each must be in ``root``; missing ones are an error naming them), else every sample."""
+    if not is_packed(root):
+        return io.list_samples(root, list_file)
+    stored = read_ids(root)
+    if not list_file:
+        return sorted(stored)
+    from fwi_jax.data.split import read_id_list
+
+    ids = read_id_list(list_file)
+    known = set(stored)
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise io.DataError(f"{list_file}: {len(missing)} listed id(s) are not in the packed store {root}, "
+                           f"e.g. {', '.join(missing[:5])}")
+    return sorted(ids)
+
+
 def pack(src, out, ids: Sequence[str] | None = None, *, dtype: str = "float32",
          v_range: tuple[float, float] = (0.5, 10.0), progress: bool = True) -> dict:
     """Pack sample folders ``src/<id>`` (default: every sub-folder) into the store ``out``.
@@ -242,8 +270,7 @@ class PackedSource(grain.sources.RandomAccessDataSource):
         self.root = str(root)
         self.raw = bool(raw)
         self.index = read_index(self.root)
-        lines = (pathlib.Path(self.root) / IDS_FILE).read_text().splitlines()
-        stored = [line.strip() for line in lines if line.strip()]
+        stored = read_ids(self.root)
         if len(stored) != self.index["n"]:
             raise io.DataError(f"{pathlib.Path(self.root) / IDS_FILE}: {len(stored)} ids, index says {self.index['n']}")
         row_of = {i: r for r, i in enumerate(stored)}
