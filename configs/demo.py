@@ -1,13 +1,14 @@
 """CPU-sized demo: the full code path on a reduced input grid with a 4-block EVA02, on synthetic data.
 
-Command (once training lands, issue 5; today `python -m fwi_jax.model --config demo` runs a
-forward pass):
-    python -m fwi_jax.train --config demo --workdir runs/demo
+Command:
+    python -m fwi_jax.demo                      # synth -> train 2 members -> ensemble + TTA -> plots
+    python -m fwi_jax.train --config demo --workdir runs/demo   # one member only
 
 Reproduces: nothing from the reference; it shows the pipeline end to end on a machine with no
 downloads. The run synthesises its own competition-format dataset (fwi_jax.synth, cached) when
 `data.root` is empty, trains for a few epochs, and still predicts full-size 1259 x 300 models.
-Expected result: validation MAPE well below the mean-velocity-profile baseline (see README).
+Expected result (measured once, one member, on a CPU shared with other jobs): validation MAPE
+0.0719 after 8 epochs (256 steps) against 0.0969 for the mean-velocity-profile baseline.
 Cost: about 10 minutes of training on 2 CPU cores, plus data synthesis on the first run.
 """
 
@@ -23,6 +24,6 @@ def get_config() -> Config:
         model=ModelConfig(size="tiny", depth=4, split=2),
         data=DataConfig(workers=0),
         synth=SynthConfig(n_train=256, n_val=32, n_test=32, seed=0),
-        train=TrainConfig(batch_size=8, epochs=6, loss="base", lr=5e-4, ema_start_epoch=3,
+        train=TrainConfig(batch_size=8, epochs=8, loss="base", lr=1e-3, ema_start_epoch=5,
                           ema_decay=0.95, log_every=5),
     )
