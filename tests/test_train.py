@@ -257,4 +257,4 @@ def test_user_errors_are_clear(dataset, uninterrupted, tmp_path, capsys):
     assert "missing_one" in err("--config", "demo", "--data", str(dataset), "--train-list", str(ids))
     ref_dir, _ = uninterrupted
     assert "pass --resume" in err(*cli_args(dataset, ref_dir, *RESUME_SET))
-    assert "config differs" in err(*cli_args(dataset, ref_dir, *RESUME_SET, "train.lr=1e-3"), "--resume")
+    assert "config differs" in err(*cli_args(dataset, ref_dir, *RESUME_SET, "train.lr=2e-3"), "--resume")
