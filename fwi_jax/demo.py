@@ -36,7 +36,11 @@ def mean_profile_baseline(root: pathlib.Path, train_ids: Sequence[str], test_ids
 
     load = lambda i: np.load(root / i / VELOCITY_FILE)  # (x, depth) km/s
     profile = np.mean([load(i).mean(axis=0) for i in train_ids], axis=0)  # (depth,)
-    return float(np.mean([competition_mape(load(i), np.broadcast_to(profile, load(i).shape)) for i in test_ids]))
+    scores = []
+    for i in test_ids:
+        v = load(i)  # read once
+        scores.append(competition_mape(v, np.broadcast_to(profile, v.shape)))
+    return float(np.mean(scores))
 
 
 def run(cfg: Config, workdir: pathlib.Path, members: int = 2, plots: int = 4, progress: bool = True) -> dict:

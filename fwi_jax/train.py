@@ -115,10 +115,11 @@ def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
         ema = ema_update(state["ema"], params, new_params, state["step"], ema_start_step, cfg.train.ema_decay)
+        new_ls = ls.adjust(finite)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-                   "loss_scale": ls.scale, "skipped_steps": ls.adjust(finite).skipped}
+                   "loss_scale": ls.scale, "skipped_steps": new_ls.skipped}
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "ema": ema,
-                     "loss_scale": ls.adjust(finite)}
+                     "loss_scale": new_ls}
         return new_state, metrics
 
     return step
