@@ -82,9 +82,20 @@ class ModelConfig:
     v_span: float = 3.0
 
 
+HOST_DTYPES = ("store", "float32")  # DataConfig.host_dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where samples come from and how they are loaded (SPEC §1)."""
+    """Where samples come from and how they are loaded (SPEC §1).
+
+    ``host_dtype``: the dtype of x in the host batches the loader hands over.
+    "store" (default): as stored, so float16 for a float16 packed store (``python -m fwi_jax.data
+    pack --float16``) and float32 for folders and float32 stores; the loader only copies (half the
+    bytes of float32), and the jitted train/eval/infer programs cast x to float32 on the device
+    (`preprocess.input_float32`). float16 -> float32 is exact, so results are bit-identical to
+    "float32". "float32": the loader converts float16 to float32 on the host (slower: twice the bytes
+    written and sent to the device); for code of your own that needs float32 NumPy batches."""
 
     root: str = ""  # folder of sample folders, or a packed store made by `fwi_jax.data pack`
     train_list: str = ""  # text file, one sample id per line ("" = every sample under root)
@@ -93,6 +104,11 @@ class DataConfig:
     prefetch: int = 2  # batches buffered per worker
     flip_p: float = 0.5  # horizontal-flip augmentation probability in training (SPEC §2.4)
     v_range: tuple[float, float] = (0.5, 10.0)  # km/s; velocities outside fail validation
+    host_dtype: str = "store"  # x in host batches: store (float16 stays float16) | float32 (see above)
+
+    def validate(self) -> None:
+        if self.host_dtype not in HOST_DTYPES:
+            raise ConfigError(f"data.host_dtype={self.host_dtype!r}: choose one of {', '.join(HOST_DTYPES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,4 +292,5 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         cfg = module.get_config()
     cfg = apply_overrides(cfg, overrides)
     cfg.geometry.validate()
+    cfg.data.validate()
     return cfg

@@ -5,6 +5,9 @@ one competition submission file (SPEC §1, §2.4, §5).
         [--config NAME] [--no-tta] [--dtype bfloat16] [--batch 8] [--val] [--plot K]
     python -m fwi_jax.infer --data DIR --ensemble ensemble.json --out submission.npz
 
+DIR: a folder of sample folders, or a packed store (``python -m fwi_jax.data pack``; a float16
+store's batches reach the device as float16 and are cast to float32 there, exactly).
+
 Members: a params checkpoint (``fwi_jax.checkpoint.save_params``; carries its config), a training
 run directory (its best params, EMA when active), or a PyTorch ``state_dict`` of the reference
 solution (``.pth``/``.pt`` read with ``torch.load(weights_only=True)``, or ``.safetensors``),
@@ -20,9 +23,10 @@ on a 1-D ``data`` mesh (params replicated); each host reads only its slice of ev
 reading runs in background threads (grain) while the devices compute. The last batch is padded to
 the global batch (one compiled shape) and the padding dropped.
 
-Every input folder is checked before any compute; a bad sample stops the run with an error that
-names it. The submission (key = sample id, float64 (300, 1259) (x, depth)) is written once, at the
-end, atomically, by ``fwi_jax.data.io.write_submission``: a failed run leaves no file behind.
+Every input folder is checked before any compute (a packed store: its index, arrays, ids and, with
+``--val``, velocities; its samples were checked when it was packed); a bad sample stops the run with
+an error that names it. The submission (key = sample id, float64 (300, 1259) (x, depth)) is written
+once, at the end, atomically, by ``fwi_jax.data.io.write_submission``: a failed run leaves no file.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fwi_jax.checkpoint import is_params_checkpoint, load_params
 from fwi_jax.config import Config, ConfigError, apply_overrides, load_config
 from fwi_jax.model import apply_model, create_model
-from fwi_jax.preprocess import flip
+from fwi_jax.preprocess import flip, input_float32
 from fwi_jax.sharding import data_mesh, initialize_distributed
 
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -226,8 +230,10 @@ def graphdef_of(cfg: Config) -> Any:
 def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
                        member_chunk: int | None = None) -> jax.Array:
     """Every member's prediction: stacked params (M, ...) and x (B, 6, T, R) -> (M, B, depth, x).
-    With ``tta``: ½(f(x) + unflip f(flip x)), the flipped copy riding in the same batch. Members are
-    vmapped; ``member_chunk`` bounds how many run at once (``lax.map`` in chunks) to save memory."""
+    x float32, or float16 (cast to float32 here, exactly). With ``tta``: ½(f(x) + unflip f(flip x)),
+    the flipped copy riding in the same batch. Members are vmapped; ``member_chunk`` bounds how many
+    run at once (``lax.map`` in chunks) to save memory."""
+    x = input_float32(x)
     b = x.shape[0]
     x_in = jnp.concatenate([x, flip(x)], axis=0) if tta else x
     run = lambda p: apply_model(graphdef, p, x_in)
@@ -264,7 +270,9 @@ def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | N
 class Predictor:
     """Ensemble on a mesh: ``predict(x_local)`` -> (B_global, depth, x) float32 NumPy on every host.
 
-    ``x_local`` is this host's slice (B_global / n_hosts, 6, T, R) of the global batch."""
+    ``x_local`` is this host's slice (B_global / n_hosts, 6, T, R) of the global batch: float32, or
+    float16 (sent as float16, half the bytes, and cast to float32 on the device, exactly); any other
+    dtype is converted to float32 on the host. One compiled program per input dtype."""
 
     def __init__(self, groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
                  mesh: Mesh | None = None):
@@ -282,7 +290,10 @@ class Predictor:
 
     def dispatch(self, x_local: np.ndarray) -> jax.Array:
         """Start the forward pass on a host batch; returns the (global, sharded) device result."""
-        x = jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x_local, np.float32))
+        x_local = np.asarray(x_local)
+        if x_local.dtype not in (np.float16, np.float32):
+            x_local = x_local.astype(np.float32)
+        x = jax.make_array_from_process_local_data(self.batch_sharding, x_local)
         return self._fn(self.params, self.weights, x)
 
     @staticmethod
@@ -303,11 +314,13 @@ class Predictor:
 
 
 def list_samples(data: str | pathlib.Path, id_list: str | pathlib.Path | None = None) -> list[str]:
-    """Sorted sample ids: those of ``id_list`` (one per line) or every sub-folder of ``data``."""
+    """Sorted sample ids: those of ``id_list`` (one per line) or every sample of ``data`` (its
+    sub-folders, or the ids of a packed store). Listed ids that are missing are an error naming them."""
     from fwi_jax.data import io as data_io
+    from fwi_jax.data import pack
 
     try:
-        ids = data_io.list_samples(pathlib.Path(data).expanduser(), id_list)
+        ids = pack.list_ids(pathlib.Path(data).expanduser(), id_list)
     except (data_io.DataError, OSError) as e:
         raise InferenceError(str(e)) from None
     if not ids:
@@ -318,11 +331,21 @@ def list_samples(data: str | pathlib.Path, id_list: str | pathlib.Path | None = 
 def check_samples(root: pathlib.Path, ids: Sequence[str], need_velocity: bool, v_range=(0.5, 10.0),
                   progress: bool = True) -> None:
     """Validate every sample (``fwi_jax.data.io.check_dataset``) before any compute; raise naming
-    every bad one (up to 20 listed)."""
+    every bad one (up to 20 listed). A packed store was validated sample by sample when it was
+    packed: here its index, arrays and ids are checked, velocities are required with
+    ``need_velocity``, and each sample's velocities are checked again only when ``v_range`` is
+    narrower than the range the store was packed with."""
     from fwi_jax.data import io as data_io
+    from fwi_jax.data import pack
 
-    bad = data_io.check_dataset(root, ids, v_range=v_range, require_velocity=need_velocity or None,
-                                progress=progress)
+    if pack.is_packed(root):
+        try:
+            bad = pack.PackedSource(root, ids, v_range=v_range, require_velocity=need_velocity or None).check()
+        except (data_io.DataError, OSError) as e:  # the store itself: index, arrays, no velocities
+            raise InferenceError(f"{e}; nothing was computed") from None
+    else:
+        bad = data_io.check_dataset(root, ids, v_range=v_range, require_velocity=need_velocity or None,
+                                    progress=progress)
     if bad:
         lines = [f"  {sample_id}: {message}" for sample_id, message in bad[:20]]
         raise InferenceError(f"{len(bad)} bad sample(s) of {len(ids)}; nothing was computed:\n" + "\n".join(lines)
@@ -346,13 +369,14 @@ def host_batches(cfg: Config, root: pathlib.Path, ids: Sequence[str], batch: int
     shape): yields (k, {"x", "v" if present, "id"}, n_real). Reading is the data pipeline's
     (``fwi_jax.data.pipeline.make_loader``: threads ``prefetch`` batches ahead, or ``workers``
     processes), so it overlaps the devices' compute; hosts with fewer batches send padding."""
-    from fwi_jax.data.pipeline import make_loader
+    from fwi_jax.data.pipeline import batch_x_dtype, make_loader
 
     n_hosts = jax.process_count()
     if batch % n_hosts:
         raise InferenceError(f"--batch {batch} is not a multiple of the host count {n_hosts}")
     local = batch // n_hosts
     n_global = -(-(-(-len(ids) // n_hosts)) // local)  # host 0 holds the most samples
+    x_dtype = batch_x_dtype(cfg, root)  # float16 from a float16 store (data.host_dtype "store")
     loader = make_loader(cfg.replace(**{"data.prefetch": max(1, prefetch)}), root, ids, train=False,
                          batch_size=batch, workers=workers)
     it = iter(loader)
@@ -362,7 +386,7 @@ def host_batches(cfg: Config, root: pathlib.Path, ids: Sequence[str], batch: int
         host = next(it, None)
         if host is None:  # this host ran out before host 0: a batch of padding only
             host = ({key: a[-1:] for key, a in last.items()} if last is not None else
-                    {"x": np.zeros((1, 6, g.n_time, g.n_receivers), np.float32), "id": np.array([""])})
+                    {"x": np.zeros((1, 6, g.n_time, g.n_receivers), x_dtype), "id": np.array([""])})
             n_real = 0
         else:
             n_real = len(host["id"])
@@ -451,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Ensemble file: JSON list of {\"checkpoint\": PATH, \"config\": NAME|null, "
                                         "\"weight\": 1.0}")
-    ap.add_argument("--data", required=True, help="folder of sample folders (competition format)")
-    ap.add_argument("--list", help="text file of sample ids, one per line (default: every sub-folder)")
+    ap.add_argument("--data", required=True, help="folder of sample folders (competition format), or a packed "
+                    "store (python -m fwi_jax.data pack)")
+    ap.add_argument("--list", help="text file of sample ids, one per line (default: every sample)")
     members = ap.add_mutually_exclusive_group(required=True)
     members.add_argument("--checkpoints", nargs="+", metavar="CKPT",
                          help="params checkpoints, training runs, or reference state_dicts (.pth/.pt/.safetensors)")

@@ -37,10 +37,10 @@ def plot_sample(out_png: str | pathlib.Path, sample_id: str, x: np.ndarray, pred
     """Figure of one sample.
 
     x: model input (6, n_time, n_receivers) (SPEC §2 steps 1-3; channel 151 is the empty one and is
-    not drawn); pred, truth: velocity (depth, x) km/s. Without ``truth`` only the prediction is shown.
-    Returns the PNG path."""
+    not drawn; float16 from a float16 packed store is fine); pred, truth: velocity (depth, x) km/s.
+    Without ``truth`` only the prediction is shown. Returns the PNG path."""
     plt = _pyplot()
-    x, pred = np.asarray(x), np.asarray(pred)
+    x, pred = np.asarray(x, dtype=np.float32), np.asarray(pred)
     if x.ndim != 3 or x.shape[0] != len(CHANNEL_POSITIONS):
         raise ValueError(f"plot_sample: x has shape {x.shape}, expected ({len(CHANNEL_POSITIONS)}, n_time, n_receivers)")
     if pred.ndim != 2 or (truth is not None and np.shape(truth) != pred.shape):

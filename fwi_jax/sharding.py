@@ -51,8 +51,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def host_to_global(mesh: Mesh, local: dict[str, np.ndarray] | np.ndarray) -> Any:
-    """This host's slice of a batch (NumPy, leading axis = local batch) -> global sharded arrays.
-    Non-numeric leaves (sample ids) are dropped from dicts."""
+    """This host's slice of a batch (NumPy, leading axis = local batch) -> global sharded arrays,
+    each in its host dtype (a float16 x stays float16 until the jitted program casts it). Non-numeric
+    leaves (sample ids) are dropped from dicts."""
     sharding = batch_sharding(mesh)
     if isinstance(local, dict):
         return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

@@ -1,6 +1,7 @@
 """``python -m fwi_jax.train``: the reference recipe (SPEC §4-§5) under one ``jax.jit`` step.
 
     python -m fwi_jax.train --config base_s6 --data DIR [--train-list F --val-list F] --workdir W
+    (DIR: sample folders, or a packed store from ``python -m fwi_jax.data pack``)
     python -m fwi_jax.train --config demo --workdir runs/demo          # synthetic data, 2 CPU cores
     python -m fwi_jax.train --config base_s6 ... --resume               # continue W exactly
     python -m fwi_jax.train --config base_s8 ... --load-from runs/s6 --drop-head   # fine-tune
@@ -42,10 +43,11 @@ import optax
 
 from fwi_jax import sharding
 from fwi_jax.checkpoint import TrainCheckpoints, load_params, save_params
-from fwi_jax.config import Config, ConfigError, load_config
+from fwi_jax.config import Config, ConfigError, from_dict, load_config
 from fwi_jax.loss import get_loss, mape_per_sample
 from fwi_jax.model import create_model
 from fwi_jax.optim import LossScale, all_finite, ema_update, make_optimizer, uses_loss_scaling
+from fwi_jax.preprocess import input_float32
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted function was traced
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -75,6 +77,7 @@ def create_train_state(cfg: Config, params: Any, tx: optax.GradientTransformatio
 def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, ema_start_step: int) -> Callable:
     """Pure ``step(state, batch) -> (state, metrics)``; batch = {"x": (B, 6, T, R), "v": (B, depth, x)}.
+    x may be float16 (a float16 packed store's batches): it is cast to float32 first, exactly.
 
     With ``train.grad_accum = k`` the batch is cut into k micro-batches (sample i goes to
     micro-batch i mod k, so every device keeps its own samples) and their gradients averaged in a
@@ -95,7 +98,7 @@ def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
         TRACES["train_step"] += 1
         params, ls = state["params"], state["loss_scale"]
-        x, v = batch["x"], batch["v"]
+        x, v = input_float32(batch["x"]), batch["v"]
         if accum == 1:
             grads, loss = scaled_grads(params, x, v, ls.scale)
         else:
@@ -126,12 +129,13 @@ def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation
 
 
 def make_eval_step(graphdef: Any, tta: bool) -> Callable:
-    """Pure ``(params, x, v, mask) -> (sum of per-sample MAPE over mask, count)``."""
+    """Pure ``(params, x, v, mask) -> (sum of per-sample MAPE over mask, count)``; x float32 or
+    float16 (cast to float32 first, exactly)."""
     from fwi_jax.infer import member_predictions
 
     def evaluate(params, x, v, mask):
         TRACES["eval_step"] += 1
-        pred = member_predictions(graphdef, jax.tree.map(lambda a: a[None], params), x, tta)[0]
+        pred = member_predictions(graphdef, jax.tree.map(lambda a: a[None], params), input_float32(x), tta)[0]
         return jnp.sum(mape_per_sample(pred, v) * mask), jnp.sum(mask)
 
     return evaluate
@@ -171,9 +175,11 @@ def synthetic_dataset(cfg: Config, progress: bool = True) -> RunData:
 
 
 def resolve_data(cfg: Config, progress: bool = True) -> RunData:
-    """Folders and id lists from ``cfg.data`` (no lists: the reference's fold-0 split of every
-    folder), or the synthetic dataset when ``data.root`` is empty."""
-    from fwi_jax.data.io import DataError, list_samples
+    """Sample folders or a packed store (``python -m fwi_jax.data pack``) and id lists from
+    ``cfg.data`` (no lists: the reference's fold-0 split of every sample), or the synthetic
+    dataset when ``data.root`` is empty."""
+    from fwi_jax.data.io import DataError
+    from fwi_jax.data.pack import list_ids as list_samples  # folders or a packed store
     from fwi_jax.data.split import reference_split
 
     d = cfg.data
@@ -201,16 +207,17 @@ def resolve_data(cfg: Config, progress: bool = True) -> RunData:
 def evaluate(eval_fn: Callable, params: Any, cfg: Config, data: RunData, mesh, batch_size: int) -> float:
     """Mean per-sample MAPE over ``data.val_ids``. Each host pads its share to whole batches (and
     hosts with fewer batches feed empty ones), so every batch has one compiled shape."""
-    from fwi_jax.data.pipeline import make_loader
+    from fwi_jax.data.pipeline import batch_x_dtype, make_loader
 
     pc, local = jax.process_count(), batch_size // jax.process_count()
     n_batches = math.ceil(math.ceil(len(data.val_ids) / pc) / local)
     it = iter(make_loader(cfg, data.root, data.val_ids, train=False, batch_size=batch_size, workers=0))
+    x_dtype = batch_x_dtype(cfg, data.root)  # float16 from a float16 store: cast on device
     total, count = 0.0, 0.0
     for _ in range(n_batches):
         hb = next(it, None)
         k = 0 if hb is None else len(hb["x"])
-        x = np.zeros((local, 6, cfg.geometry.n_time, cfg.geometry.n_receivers), np.float32)
+        x = np.zeros((local, 6, cfg.geometry.n_time, cfg.geometry.n_receivers), x_dtype)
         v = np.ones((local, *cfg.geometry.out_shape), np.float32)
         if k:
             x[:k], v[:k] = hb["x"], hb["v"]
@@ -289,6 +296,15 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def _saved_config(path: pathlib.Path) -> dict | None:
+    """A run's config.json as this code's config (fields added since, e.g. data.host_dtype, take
+    their defaults); None when it no longer parses."""
+    try:
+        return json.loads(from_dict(json.loads(path.read_text())).to_json())
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
 def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None, *, resume: bool = False,
           init_from: str | None = None, load_from: str | None = None, drop_head: bool = False,
           progress: bool = True) -> dict:
@@ -318,7 +334,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
                          f"continue it, or choose another --workdir")
     if resume and latest is not None:
         saved = workdir / "config.json"
-        if saved.exists() and json.loads(saved.read_text()) != json.loads(cfg.to_json()):
+        if saved.exists() and _saved_config(saved) != json.loads(cfg.to_json()):
             raise TrainError(f"--resume: the config differs from the one the run in {workdir} was started "
                              f"with ({saved}); resume with the same --config and --set values")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -419,7 +435,8 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fwi_jax.train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="config name in configs/ (tiny_s8, base_s6, base_s8, demo) or a path")
-    ap.add_argument("--data", help="folder of competition-format sample folders (default: data.root, or synthetic)")
+    ap.add_argument("--data", help="folder of competition-format sample folders, or a packed store "
+                    "(python -m fwi_jax.data pack) (default: data.root, or synthetic)")
     ap.add_argument("--train-list", help="text file of training ids, one per line")
     ap.add_argument("--val-list", help="text file of validation ids")
     ap.add_argument("--workdir", help="run directory (default runs/<config>)")

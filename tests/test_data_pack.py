@@ -271,3 +271,51 @@ def test_pack_cli(folders, tmp_path):
     assert (tmp_path / "p" / "ids.txt").read_text().split() == [ids[0], ids[2]]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_float16_batches_cast_on_device_equal_host_converted(stores):
+    """data.host_dtype "store": a float16 store's batches keep x float16 (a plain copy, flips
+    applied); cast to float32 on the device they equal the host-converted batches bit for bit."""
+    import jax
+    import jax.numpy as jnp
+
+    from fwi_jax.data.pipeline import batch_x_dtype
+    from fwi_jax.preprocess import input_float32
+
+    store16, store32 = stores["float16"][0], stores["float32"][0]
+    cfg = Config().replace(**{"data.flip_p": 0.5})
+    host = cfg.replace(**{"data.host_dtype": "float32"})
+    assert Config().data.host_dtype == "store"
+    assert batch_x_dtype(cfg, store16) == np.float16
+    assert batch_x_dtype(host, store16) == batch_x_dtype(cfg, store32) == batch_x_dtype(cfg, store16.parent) == np.float32
+    kw = dict(train=True, batch_size=2, seed=3, num_epochs=2, workers=0, process_index=0, process_count=1)
+    fast = list(make_loader(cfg, store16, None, **kw))
+    ref = list(make_loader(host, store16, None, **kw))
+    cast = jax.jit(input_float32)
+    assert len(fast) == len(ref) == N  # 2 epochs of N samples in batches of 2
+    for a, b in zip(fast, ref):
+        assert a["x"].dtype == np.float16 and b["x"].dtype == np.float32
+        assert list(a["id"]) == list(b["id"])
+        np.testing.assert_array_equal(a["v"], b["v"])
+        on_device = np.asarray(cast(jnp.asarray(a["x"])))
+        assert on_device.dtype == np.float32
+        np.testing.assert_array_equal(on_device.view(np.uint32), b["x"].view(np.uint32))
+    # every finite float16 (subnormals, -0 included) cast on the device is the exact float32
+    h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    h = h[np.isfinite(h)]
+    np.testing.assert_array_equal(np.asarray(cast(jnp.asarray(h))).view(np.uint32), h.astype(np.float32).view(np.uint32))
+    with pytest.raises(ValueError, match="data.host_dtype='float64'"):
+        make_loader(cfg.replace(**{"data.host_dtype": "float64"}), store16, None, **kw)
+
+
+def test_float16_batches_in_worker_processes(stores):
+    """The same float16 batches from a grain worker process (shared memory) as from threads."""
+    cfg = Config().replace(**{"data.flip_p": 0.5})
+    kw = dict(train=True, batch_size=2, seed=4, num_epochs=1, process_index=0, process_count=1)
+    threads = list(make_loader(cfg, stores["float16"][0], None, workers=0, **kw))
+    workers = list(make_loader(cfg, stores["float16"][0], None, workers=1, **kw))
+    assert len(threads) == len(workers) == 2
+    for a, b in zip(threads, workers):
+        assert a["x"].dtype == b["x"].dtype == np.float16
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])

@@ -65,11 +65,14 @@ def half_to_float32(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
 FLIP = "_flip"  # element key set by `pipeline.RandomFlip(defer=True)`: flip while batching
 
 
-def _put_x(src: np.ndarray, dst: np.ndarray, flip: bool, scratch: np.ndarray) -> None:
-    """One sample's x (6, T, R) float32 or float16 -> float32 ``dst``, mirrored (`preprocess.flip`:
-    channels and receivers reversed) when ``flip``; ``scratch`` (T, R) float32 holds one channel."""
+def _put_x(src: np.ndarray, dst: np.ndarray, flip: bool, scratch: np.ndarray | None) -> None:
+    """One sample's x (6, T, R) -> ``dst``, mirrored (`preprocess.flip`: channels and receivers
+    reversed) when ``flip``. ``dst`` float32 with a float16 ``src``: converted on the way
+    (`half_to_float32`; ``scratch`` (T, R) float32 holds one channel); otherwise ``dst`` has the
+    dtype of ``src`` and this is a plain copy."""
+    convert = src.dtype == np.float16 and dst.dtype == np.float32
     if not flip:
-        if src.dtype == np.float16:
+        if convert:
             half_to_float32(src, dst)
         else:
             np.copyto(dst, src)
@@ -77,18 +80,33 @@ def _put_x(src: np.ndarray, dst: np.ndarray, flip: bool, scratch: np.ndarray) ->
     n = src.shape[0]
     for c in range(n):
         ch = src[n - 1 - c]
-        if src.dtype == np.float16:
+        if convert:
             ch = half_to_float32(ch, scratch)
         np.copyto(dst[c].T, ch[:, ::-1].T)  # iterating over time inside: ~1.5x faster than row-wise
+
+
+def _put_mirrored(src: np.ndarray, dst: np.ndarray, scratch: np.ndarray) -> None:
+    """``dst[...] = src[..., ::-1]`` for 2-D C-contiguous ``dst`` and ``scratch`` of src's shape and
+    dtype, ~3x faster than NumPy's strided copy for float32 rows of 300: the flat array reversed
+    (both axes) into ``scratch``, then its rows back in order, each row one memmove."""
+    if src.ndim != 2 or not (dst.flags.c_contiguous and scratch.flags.c_contiguous):
+        np.copyto(dst, src[..., ::-1])
+        return
+    np.copyto(scratch.reshape(-1), np.ascontiguousarray(src).reshape(-1)[::-1])
+    row = np.dtype((np.void, src.shape[1] * src.dtype.itemsize))
+    np.copyto(dst.view(row).reshape(-1), scratch.view(row).reshape(-1)[::-1])
 
 
 class StackBatch:
     """grain batch function for dict elements {"x", "v"?, "id", FLIP?}: the result equals grain's
     default batching of the same elements after `pipeline.RandomFlip`, but each sample is copied
-    once, straight into the batch: float16 x converted on the way (`half_to_float32`), a deferred
-    flip applied on the way. Writes into shared memory inside grain worker processes, like grain's."""
+    once, straight into the batch, a deferred flip applied on the way. ``x_float32=True``: x in
+    float32 (float16 converted on the way, `half_to_float32`); False: x in the dtype it comes in
+    (float16 from a float16 store, a plain copy). Writes into shared memory inside grain worker
+    processes, like grain's."""
 
-    def __init__(self):
+    def __init__(self, x_float32: bool = True):
+        self.x_float32 = bool(x_float32)
         self._shared = False
 
     def enable_shared_memory_output(self) -> None:
@@ -109,14 +127,19 @@ class StackBatch:
                 continue
             parts = [e[key] for e in elements]
             if key == "x":
-                out = self._empty((len(parts), *parts[0].shape), np.float32)
-                scratch = np.empty(parts[0].shape[1:], np.float32)
+                dtype = np.float32 if self.x_float32 else parts[0].dtype
+                out = self._empty((len(parts), *parts[0].shape), dtype)
+                scratch = np.empty(parts[0].shape[1:], np.float32) if dtype != parts[0].dtype else None
                 for j, (part, flip) in enumerate(zip(parts, flips)):
                     _put_x(part, out[j], flip, scratch)
             elif key == "v":
                 out = self._empty((len(parts), *parts[0].shape), parts[0].dtype)
+                scratch = np.empty(parts[0].shape, parts[0].dtype) if any(flips) else None
                 for j, (part, flip) in enumerate(zip(parts, flips)):
-                    np.copyto(out[j], part[..., ::-1] if flip else part)
+                    if flip:
+                        _put_mirrored(part, out[j], scratch)
+                    else:
+                        np.copyto(out[j], part)
             else:
                 out = np.stack(parts)
             batch[key] = out
@@ -262,7 +285,8 @@ class PackedSource(grain.sources.RandomAccessDataSource):
     rounded to float16, returned as float32).
 
     ``raw=True``: x and v are read-only views of the store (x float16 for float16 stores), copied
-    only by batching (`StackBatch`, which converts float16): what `pipeline.make_dataset` uses.
+    only by batching (`StackBatch`, which converts float16 when asked): what
+    `pipeline.make_dataset` uses.
     The memmaps open lazily in each process; pickles without them, so grain workers rebuild it."""
 
     def __init__(self, root, ids: Sequence[str] | None = None, *, v_range=(0.5, 10.0),
@@ -297,6 +321,23 @@ class PackedSource(grain.sources.RandomAccessDataSource):
             v = _open(root / V_FILE, ix["v_shape"], np.float32) if ix["has_velocity"] else None
             self._mm = (x, v)
         return self._mm
+
+    def check(self) -> list[tuple[str, str]]:
+        """Check before use: open x.npy / v.npy (shapes and dtypes against the index; raises
+        `io.DataError`), then, only when ``v_range`` is narrower than the range the store was
+        validated against at packing, every sample's velocities. Returns [(id, message)] of the
+        samples outside ``v_range``."""
+        _, vs = self._arrays()
+        if not self._check_v:
+            return []
+        lo, hi = self.v_range
+        bad = []
+        for sample_id, row in zip(self.ids, self.rows):
+            vmin, vmax = float(vs[row].min()), float(vs[row].max())
+            if vmin < lo or vmax > hi:
+                bad.append((sample_id, f"{pathlib.Path(self.root) / V_FILE}: velocities in [{vmin:.4g}, {vmax:.4g}] "
+                                       f"km/s, outside the allowed range [{lo}, {hi}] km/s"))
+        return bad
 
     def __getstate__(self):
         return {**self.__dict__, "_mm": None}
