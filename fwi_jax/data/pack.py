@@ -102,8 +102,9 @@ class StackBatch:
     default batching of the same elements after `pipeline.RandomFlip`, but each sample is copied
     once, straight into the batch, a deferred flip applied on the way. ``x_float32=True``: x in
     float32 (float16 converted on the way, `half_to_float32`); False: x in the dtype it comes in
-    (float16 from a float16 store, a plain copy). Writes into shared memory inside grain worker
-    processes, like grain's."""
+    (float16 from a float16 store, a plain copy). After ``enable_shared_memory_output()``
+    (`pipeline.make_loader` calls it when it starts worker processes) x and v are written into
+    grain's shared memory, which the workers hand to the main process without another copy."""
 
     def __init__(self, x_float32: bool = True):
         self.x_float32 = bool(x_float32)
