@@ -138,6 +138,7 @@ class TrainConfig:
     b2: float = 0.95
     weight_decay: float = 0.01
     muon_momentum: float = 0.95
+    warmup_steps: int = 0  # linear lr warmup from 0 (not in the reference recipe; the demo's lr needs it)
     constant_fraction: float = 0.5  # lr multiplier 1.0 for this share of steps, then cosine
     final_lr_factor: float = 1e-3
     clip_norm: float = 0.0  # 0 = no clipping (the reference's choice); the norm is logged anyway

@@ -1,7 +1,8 @@
 """Optimiser, learning-rate schedule, dynamic loss scaling and EMA (SPEC §5), all on plain pytrees.
 
 - ``learning_rate_schedule``: multiplier 1.0 for ``constant_fraction`` of all steps, then cosine
-  down to ``final_lr_factor`` (optax ``join_schedules`` of a constant and a cosine decay).
+  down to ``final_lr_factor`` (optax ``join_schedules`` of a constant and a cosine decay); an
+  optional linear warmup from 0 over the first ``warmup_steps`` (0 in the reference recipe).
 - ``make_optimizer``: optax AdamW (default; weight decay only on matrices, not on biases, norms,
   the cls token or position embeddings) or optax's Muon (2-D matrices; Adam on the rest, as the
   reference's MuonWithAuxAdam), optionally after global-norm clipping.
@@ -19,22 +20,29 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fwi_jax.config import Config, TrainConfig
+from fwi_jax.config import Config, ConfigError, TrainConfig
 
 OPTIMIZERS = ("adamw", "muon")
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
 
 def learning_rate_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Per-step learning rate: ``lr`` for the first ``constant_fraction`` of ``total_steps``, then
-    a cosine to ``lr * final_lr_factor`` at the last step."""
+    """Per-step learning rate: a linear ramp from 0 to ``lr`` over ``warmup_steps`` (none by
+    default), ``lr`` until ``constant_fraction`` of ``total_steps``, then a cosine to
+    ``lr * final_lr_factor`` at the last step."""
     constant_steps = int(total_steps * tc.constant_fraction)
     decay_steps = max(1, total_steps - constant_steps)
-    return optax.join_schedules(
-        [optax.constant_schedule(tc.lr),
-         optax.cosine_decay_schedule(tc.lr, decay_steps, alpha=tc.final_lr_factor)],
-        boundaries=[constant_steps],
-    )
+    if not 0 <= tc.warmup_steps <= constant_steps:
+        raise ConfigError(
+            f"train.warmup_steps={tc.warmup_steps} must lie in [0, {constant_steps}], the constant part of "
+            f"{total_steps} steps (train.constant_fraction={tc.constant_fraction})")
+    schedules = [optax.constant_schedule(tc.lr),
+                 optax.cosine_decay_schedule(tc.lr, decay_steps, alpha=tc.final_lr_factor)]
+    boundaries = [constant_steps]
+    if tc.warmup_steps:
+        schedules.insert(0, optax.linear_schedule(0.0, tc.lr, tc.warmup_steps))
+        boundaries.insert(0, tc.warmup_steps)
+    return optax.join_schedules(schedules, boundaries)
 
 
 def decay_mask(params: Any) -> Any:

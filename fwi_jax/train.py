@@ -51,6 +51,9 @@ from fwi_jax.preprocess import input_float32
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted function was traced
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
+# a logged gradient norm below this means training has stalled for good (healthy runs log >= 1e-3):
+# with the bounded head (sigmoid) this is a saturated output, typically from too high a learning rate
+VANISHED_GRAD_NORM = 1e-7
 
 
 class TrainError(ValueError):
@@ -373,7 +376,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
 
     bar = tqdm(total=total, initial=start, desc=f"train {cfg.name}", unit="step", disable=not (progress and main_host),
                dynamic_ncols=True)
-    pending, t0, seen, val_mape = [], time.perf_counter(), 0, None
+    pending, t0, seen, val_mape, warned = [], time.perf_counter(), 0, None, False
     loader_state = it.get_state()
     step = start
     try:
@@ -393,6 +396,11 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
                        "lr": float(m[-1]["lr"]), "loss_scale": float(m[-1]["loss_scale"]),
                        "skipped_steps": int(m[-1]["skipped_steps"]), "samples_per_s": rate}
                 log.write(rec)
+                if rec["train/grad_norm"] < VANISHED_GRAD_NORM and not warned and main_host:
+                    warned = True
+                    tqdm.write(f"warning: step {done}: gradient norm {rec['train/grad_norm']:.1e}: the gradients have "
+                               f"vanished (the output sigmoid has most likely saturated), so this run will not "
+                               f"improve; start again with a lower train.lr (now {tc.lr:g})", file=sys.stderr)
                 bar.set_postfix(loss=f"{rec['train/loss']:.4f}", lr=f"{rec['lr']:.2e}", samples_s=f"{rate:.2f}",
                                 **({"val_mape": f"{val_mape:.4f}"} if val_mape is not None else {}))
                 pending, t0, seen = [], time.perf_counter(), 0

@@ -1,12 +1,14 @@
 """SPEC §4 losses and §5 schedule, masks, loss scaling and EMA, against direct NumPy formulas."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from fwi_jax.config import Config
+from fwi_jax.config import Config, ConfigError
 from fwi_jax.loss import base_loss, get_loss, hard_mining_loss, mape_per_sample
 from fwi_jax.optim import LossScale, decay_mask, ema_update, learning_rate_schedule, make_optimizer
 
@@ -51,6 +53,18 @@ def test_schedule_constant_half_then_cosine_to_final_factor():
     expected = tc.lr * (tc.final_lr_factor + (1 - tc.final_lr_factor) * 0.5 * (1 + np.cos(np.pi * t)))
     np.testing.assert_allclose(lr[50:], expected, rtol=1e-5)
     assert lr[-1] == pytest.approx(tc.lr * 1e-3, rel=1e-4)
+
+
+def test_schedule_linear_warmup_then_the_reference_schedule():
+    tc = dataclasses.replace(Config().train, warmup_steps=10)
+    f = learning_rate_schedule(tc, total_steps=100)
+    lr = np.array([f(s) for s in range(101)])
+    np.testing.assert_allclose(lr[:11], tc.lr * np.arange(11) / 10, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(lr[10:50], tc.lr, rtol=1e-6)
+    reference = np.array([learning_rate_schedule(Config().train, 100)(s) for s in range(101)])
+    np.testing.assert_array_equal(lr[10:], reference[10:])
+    with pytest.raises(ConfigError, match="warmup_steps=60"):
+        learning_rate_schedule(dataclasses.replace(tc, warmup_steps=60), total_steps=100)
 
 
 def test_weight_decay_only_on_matrices():

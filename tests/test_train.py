@@ -258,3 +258,13 @@ def test_user_errors_are_clear(dataset, uninterrupted, tmp_path, capsys):
     ref_dir, _ = uninterrupted
     assert "pass --resume" in err(*cli_args(dataset, ref_dir, *RESUME_SET))
     assert "config differs" in err(*cli_args(dataset, ref_dir, *RESUME_SET, "train.lr=2e-3"), "--resume")
+
+
+def test_vanished_gradients_are_reported(dataset, tmp_path, capsys):
+    """An lr far too high saturates the output sigmoid: the gradients vanish, and the run says so."""
+    T.train(small_cfg(dataset, "train.epochs=2", "train.lr=1.0"), tmp_path / "run", progress=False)
+    norms = [json.loads(ln)["train/grad_norm"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "train/grad_norm" in ln]
+    assert min(norms) < T.VANISHED_GRAD_NORM
+    err = capsys.readouterr().err
+    assert err.count("gradients have vanished") == 1 and "train.lr (now 1)" in err
