@@ -117,3 +117,66 @@ def test_auto_rule_and_errors():
         resolve_impl("flash")
     with pytest.raises(ValueError, match="one shape"):
         attention(jnp.zeros((1, 8, 1, 8)), jnp.zeros((1, 9, 1, 8)), jnp.zeros((1, 8, 1, 8)), impl="einsum")
+
+
+@pytest.mark.parametrize("heads_per_step,block", [(1, 64), (2, 50), (4, 64), (6, 512)])
+def test_blockwise_head_groups_match_with_rope(heads_per_step, block):
+    """Blockwise attention cut into sequential groups of heads (batch 2 x 3 heads = 6 heads; 4
+    per step leaves 2 zero heads of padding) matches the reference in forward and gradients,
+    with RoPE and N = 197 tokens, not a multiple of the key block."""
+    shape = (2, 1 + GRID[0] * GRID[1], 3, 16)
+    q, k, v = _qkv(shape, seed=5)
+    w = jax.random.normal(jax.random.key(11), shape)
+    ours = lambda q, k, v: attention(q, k, v, impl="blockwise", block_size=block, heads_per_step=heads_per_step)
+    loss = lambda fn, q, k, v: jnp.sum(fn(rope_2d(q, GRID), rope_2d(k, GRID), v) * w)
+    out = jax.jit(ours)(rope_2d(q, GRID), rope_2d(k, GRID), v)
+    np.testing.assert_allclose(out, _reference(rope_2d(q, GRID), rope_2d(k, GRID), v), atol=ATOL, rtol=RTOL)
+    grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(q, k, v)
+    ref_grads = jax.grad(lambda *a: loss(_reference, *a), argnums=(0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert float(jnp.abs(r).max()) > 1e-2, f"d{name} trivially small: the test could not fail"
+        np.testing.assert_allclose(g, r, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
+
+
+def test_auto_heads_per_step():
+    from fwi_jax.model.attention import auto_heads_per_step
+
+    cpu = jax.devices("cpu")[0]
+    assert auto_heads_per_step(18, 1981, 256, cpu) == 1  # one head's 1981 x 256 tile is 2 MB
+    assert auto_heads_per_step(18, 181, 256, cpu) == 9  # demo: 2 steps of 9, no padded heads
+    assert auto_heads_per_step(3, 50, 64, cpu) == 3
+    with pytest.raises(ValueError, match="heads_per_step"):
+        attention(jnp.zeros((1, 8, 1, 8)), jnp.zeros((1, 8, 1, 8)), jnp.zeros((1, 8, 1, 8)), impl="blockwise",
+                  heads_per_step=0)
+
+
+def _forward_passes(jaxpr) -> int:
+    """Blockwise forward passes in a jaxpr: scans carrying (max, normaliser, numerator)."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan" and eqn.params["num_carry"] == 3:
+            n += 1
+        for param in eqn.params.values():
+            sub = getattr(param, "jaxpr", param)
+            if hasattr(sub, "eqns"):
+                n += _forward_passes(sub)
+    return n
+
+
+def test_remat_dots_keeps_attention_residuals():
+    """Under the model's "dots" remat policy the attention output and log-sum-exp are saved, so
+    the backward pass runs no second blockwise forward; "full" recomputes it."""
+    from fwi_jax.model.fwi import REMAT_POLICIES
+
+    x = jax.random.normal(jax.random.key(0), (1, 197, 32))
+    wq = jax.random.normal(jax.random.key(1), (32, 3 * 32)) * 0.1
+
+    def block(x, wq):
+        q, k, v = (t.reshape(1, 197, 2, 16) for t in jnp.split(x @ wq, 3, axis=-1))
+        return jnp.sum(attention(q, k, v, impl="blockwise", block_size=64, heads_per_step=1) ** 2)
+
+    passes = {}
+    for remat in ("none", "dots", "full"):
+        fn = block if remat == "none" else jax.checkpoint(block, policy=REMAT_POLICIES[remat])
+        passes[remat] = _forward_passes(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(x, wq).jaxpr)
+    assert passes == {"none": 1, "dots": 1, "full": 2}, passes

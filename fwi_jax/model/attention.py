@@ -33,6 +33,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "blockwise", "auto")
 
@@ -68,12 +69,14 @@ def resolve_impl(impl: str, device: jax.Device | None = None) -> str:
     return "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", block_size: int = 512) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", block_size: int = 512,
+              heads_per_step: int | None = None) -> jax.Array:
     """Softmax(q k^T / sqrt(d)) v, non-causal, no mask.
 
     q, k, v: (batch, tokens, heads, head_dim), same dtype. Returns (batch, tokens, heads, head_dim)
-    in q's dtype. `block_size` is used by "blockwise" only (key block length, any positive int;
-    the token count need not be a multiple of it).
+    in q's dtype. `block_size` and `heads_per_step` are used by "blockwise" only: the key block
+    length (any positive int; the token count need not be a multiple of it) and how many of the
+    batch x heads attention heads one sequential step processes (None: `auto_heads_per_step`).
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention expects q, k, v of one shape (batch, tokens, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
@@ -94,7 +97,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
     if impl == "blockwise":
         if block_size < 1:
             raise ValueError(f"attention block_size must be a positive int, got {block_size}")
-        return _blockwise_attention(q, k, v, int(block_size))
+        b, n, h, _ = q.shape
+        if heads_per_step is None:
+            heads_per_step = auto_heads_per_step(b * h, n, int(block_size))
+        if heads_per_step < 1:
+            raise ValueError(f"attention heads_per_step must be a positive int, got {heads_per_step}")
+        return _blockwise_attention(q, k, v, int(block_size), min(int(heads_per_step), b * h))
     raise AssertionError(impl)  # unreachable: resolve_impl validated it
 
 
@@ -112,90 +120,152 @@ def _einsum_attention(q, k, v):
 # Written by hand because neither jax nor flax ships a portable memory-efficient attention with
 # a recomputing backward pass for CPU / pre-Ampere GPUs (jax's Pallas kernels are GPU/TPU only,
 # cuDNN's needs compute capability >= 8.0).
+#
+# Layout inside: the batch and head axes are merged into one axis of B * H independent heads,
+# cut into groups of `heads_per_step` heads, (groups, g, N, D). A `lax.map` runs the groups one
+# after another; within a group a `lax.scan` walks the key blocks (online softmax forward; the
+# backward recomputes each block's probabilities from the saved log-sum-exp). On CPU a small
+# group keeps each (g, N, block) score tile in cache (tiny at 1,981 tokens and block 256: one
+# head = a 2 MB tile) where all B * H heads at once stream 36 MB tiles through memory; measured
+# 1.2x faster than all heads at once on 2 cores (docs/performance.md). On GPUs one group holds
+# every head (a sequential loop over heads would starve the device).
+# Padded keys get a -inf additive bias (a per-block vector), so each tile's
+# scale/bias/exp is one elementwise pass fused behind its matmul.
+
+ATTENTION_RESIDUALS = ("attention_out", "attention_lse")  # checkpoint_name tags of the saved residuals
+_CPU_TILE_BYTES = 2 * 2**20  # target float32 (g, N, block) score tile on CPU (~ the L2 size)
+
+
+def auto_heads_per_step(n_heads: int, n_tokens: int, block_size: int, device: jax.Device | None = None) -> int:
+    """Heads per sequential step of blockwise attention: CPU, as many heads as keep one float32
+    (heads, N, block) score tile within ~2 MiB (at least 1); elsewhere all of them."""
+    device = device or jax.local_devices()[0]
+    if device.platform != "cpu":
+        return n_heads
+    per_head = n_tokens * min(block_size, n_tokens) * 4
+    most = max(1, min(n_heads, _CPU_TILE_BYTES // per_head))
+    return -(-n_heads // -(-n_heads // most))  # the same number of steps, fewer padded heads
+
+
+def _to_groups(x, g):
+    """(B, N, H, D) -> (groups, g, N, D), heads b-major, zero heads padded at the end."""
+    b, n, h, d = x.shape
+    x = x.transpose(0, 2, 1, 3).reshape(b * h, n, d)
+    groups = -(-(b * h) // g)
+    if groups * g > b * h:
+        x = jnp.pad(x, ((0, groups * g - b * h), (0, 0), (0, 0)))
+    return x.reshape(groups, g, n, d)
+
+
+def _from_groups(x, shape):
+    """(groups, g, N, D) -> (B, N, H, D) of `shape`."""
+    b, n, h, d = shape
+    return x.reshape(-1, n, d)[: b * h].reshape(b, h, n, d).transpose(0, 2, 1, 3)
 
 
 def _key_blocks(k, v, block_size):
-    """Pad keys/values to a multiple of block_size and split: (n_blocks, B, block, H, D) each,
-    plus a validity mask (n_blocks, block)."""
+    """Pad keys/values (g, N, D) to a multiple of block_size and split: (n_blocks, g, block, D)
+    each, plus an additive bias (n_blocks, block): 0 for real keys, -inf for padding."""
     n = k.shape[1]
     n_blocks = -(-n // block_size)
     pad = n_blocks * block_size - n
     if pad:
-        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        widths = ((0, 0), (0, pad), (0, 0))
         k = jnp.pad(k, widths)
         v = jnp.pad(v, widths)
-    split = lambda a: a.reshape(a.shape[0], n_blocks, block_size, *a.shape[2:]).swapaxes(0, 1)
-    valid = (jnp.arange(n_blocks * block_size) < n).reshape(n_blocks, block_size)
-    return split(k), split(v), valid
+    split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], n_blocks, block_size, a.shape[2]), 1, 0)
+    bias = jnp.where(jnp.arange(n_blocks * block_size) < n, 0.0, -jnp.inf).astype(_F32)
+    return split(k), split(v), bias.reshape(n_blocks, block_size)
 
 
-def _block_scores(q, k_block, valid, scale):
-    """Scaled scores (B, H, Nq, block) in float32 with padded keys at -inf."""
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k_block, preferred_element_type=_F32) * scale
-    return jnp.where(valid[None, None, None, :], s, -jnp.inf)
-
-
-def _blockwise_forward(q, k, v, block_size):
-    """Returns out (B, N, H, D) in q.dtype and the log-sum-exp (B, H, N) float32."""
-    b, n, h, d = q.shape
+def _group_forward(q, k, v, block_size):
+    """One group, (g, N, D) each -> out (g, N, D) in q.dtype, log-sum-exp (g, N) float32."""
+    g, n, d = q.shape
     scale = 1.0 / math.sqrt(d)
-    k_blocks, v_blocks, valid = _key_blocks(k, v, block_size)
+    k_blocks, v_blocks, bias = _key_blocks(k, v, block_size)
 
     def step(carry, block):
-        m, l, acc = carry  # running max (B,H,N), normaliser (B,H,N), numerator (B,H,N,D)
-        k_b, v_b, valid_b = block
-        s = _block_scores(q, k_b, valid_b, scale)
+        m, l, acc = carry  # running max (g,N), normaliser (g,N), numerator (g,N,D)
+        k_b, v_b, bias_b = block
+        s = jnp.einsum("hqd,hkd->hqk", q, k_b, preferred_element_type=_F32) * scale + bias_b
         m_new = jnp.maximum(m, s.max(axis=-1))  # finite: every block holds >= 1 real key
         p = jnp.exp(s - m_new[..., None])
         alpha = jnp.exp(m - m_new)
         l = alpha * l + p.sum(axis=-1)
-        pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v_b, preferred_element_type=_F32)
+        pv = jnp.einsum("hqk,hkd->hqd", p.astype(v.dtype), v_b, preferred_element_type=_F32)
         acc = alpha[..., None] * acc + pv
         return (m_new, l, acc), None
 
-    init = (
-        jnp.full((b, h, n), -jnp.inf, _F32),
-        jnp.zeros((b, h, n), _F32),
-        jnp.zeros((b, h, n, d), _F32),
-    )
-    (m, l, acc), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, valid))
-    out = (acc / l[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
-    lse = m + jnp.log(l)
-    return out, lse
+    init = (jnp.full((g, n), -jnp.inf, _F32), jnp.zeros((g, n), _F32), jnp.zeros((g, n, d), _F32))
+    (m, l, acc), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, bias))
+    return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _blockwise_attention(q, k, v, block_size):
-    return _blockwise_forward(q, k, v, block_size)[0]
+def _group_backward(q, k, v, out, lse, d_out, block_size):
+    """One group's dq, dk, dv (g, N, D); probabilities recomputed per key block from lse."""
+    n, d = q.shape[1], q.shape[2]
+    scale = 1.0 / math.sqrt(d)
+    k_blocks, v_blocks, bias = _key_blocks(k, v, block_size)
+    # delta_i = sum_d dO_i * O_i  (g, N): the softmax-backward correction term.
+    delta = jnp.einsum("hqd,hqd->hq", d_out.astype(_F32), out.astype(_F32))
+
+    def step(dq, block):
+        k_b, v_b, bias_b = block
+        s = jnp.einsum("hqd,hkd->hqk", q, k_b, preferred_element_type=_F32) * scale + bias_b
+        p = jnp.exp(s - lse[..., None])  # (g, N, block)
+        dv_b = jnp.einsum("hqk,hqd->hkd", p.astype(d_out.dtype), d_out, preferred_element_type=_F32)
+        dp = jnp.einsum("hqd,hkd->hqk", d_out, v_b, preferred_element_type=_F32)
+        ds = p * (dp - delta[..., None])  # d(scores) / scale
+        dq = dq + jnp.einsum("hqk,hkd->hqd", ds.astype(k.dtype), k_b, preferred_element_type=_F32)
+        dk_b = jnp.einsum("hqk,hqd->hkd", ds.astype(q.dtype), q, preferred_element_type=_F32)
+        return dq, (dk_b, dv_b)
+
+    dq, (dk_blocks, dv_blocks) = jax.lax.scan(step, jnp.zeros(q.shape, _F32), (k_blocks, v_blocks, bias))
+    unsplit = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, d)[:, :n]
+    return ((dq * scale).astype(q.dtype), (unsplit(dk_blocks) * scale).astype(k.dtype),
+            unsplit(dv_blocks).astype(v.dtype))
 
 
-def _blockwise_fwd(q, k, v, block_size):
-    out, lse = _blockwise_forward(q, k, v, block_size)
+def _map_groups(fn, *grouped):
+    """fn over the leading (group) axis: a plain call for one group, else lax.map (sequential)."""
+    if grouped[0].shape[0] == 1:
+        return jax.tree.map(lambda a: a[None], fn(*(a[0] for a in grouped)))
+    return jax.lax.map(lambda args: fn(*args), grouped)
+
+
+def _blockwise_forward(q, k, v, block_size, heads_per_step):
+    """Returns out (B, N, H, D) in q.dtype and the log-sum-exp (B, H, N) float32."""
+    b, n, h, _ = q.shape
+    g = heads_per_step
+    out, lse = _map_groups(lambda *a: _group_forward(*a, block_size), *(_to_groups(a, g) for a in (q, k, v)))
+    lse = lse.reshape(-1, n)[: b * h].reshape(b, h, n)
+    return _from_groups(out, q.shape), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blockwise_attention(q, k, v, block_size, heads_per_step):
+    return _blockwise_forward(q, k, v, block_size, heads_per_step)[0]
+
+
+def _blockwise_fwd(q, k, v, block_size, heads_per_step):
+    out, lse = _blockwise_forward(q, k, v, block_size, heads_per_step)
+    # named so that a remat policy can keep them (fwi_jax.model.fwi's "dots" does): then the
+    # backward pass needs no second forward pass
+    out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
+    lse = checkpoint_name(lse, ATTENTION_RESIDUALS[1])
     return out, (q, k, v, out, lse)
 
 
-def _blockwise_bwd(block_size, residuals, d_out):
+def _blockwise_bwd(block_size, heads_per_step, residuals, d_out):
     """Recompute each key block's probabilities from the saved log-sum-exp (no (N, N) residual)."""
     q, k, v, out, lse = residuals
-    n, d = q.shape[1], q.shape[3]
-    scale = 1.0 / math.sqrt(d)
-    k_blocks, v_blocks, valid = _key_blocks(k, v, block_size)
-    # delta_i = sum_d dO_i * O_i  (B, H, N): the softmax-backward correction term.
-    delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(_F32), out.astype(_F32))
-
-    def step(dq, block):
-        k_b, v_b, valid_b = block
-        p = jnp.exp(_block_scores(q, k_b, valid_b, scale) - lse[..., None])  # (B,H,N,blk)
-        dv_b = jnp.einsum("bhqk,bqhd->bkhd", p.astype(d_out.dtype), d_out, preferred_element_type=_F32)
-        dp = jnp.einsum("bqhd,bkhd->bhqk", d_out, v_b, preferred_element_type=_F32)
-        ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bhqk,bkhd->bqhd", ds.astype(k.dtype), k_b, preferred_element_type=_F32)
-        dk_b = jnp.einsum("bhqk,bqhd->bkhd", ds.astype(q.dtype), q, preferred_element_type=_F32)
-        return dq, (dk_b, dv_b)
-
-    dq, (dk_blocks, dv_blocks) = jax.lax.scan(step, jnp.zeros(q.shape, _F32), (k_blocks, v_blocks, valid))
-    unsplit = lambda a: a.swapaxes(0, 1).reshape(a.shape[1], -1, *a.shape[3:])[:, :n]
-    return dq.astype(q.dtype), unsplit(dk_blocks).astype(k.dtype), unsplit(dv_blocks).astype(v.dtype)
+    b, n, h, _ = q.shape
+    g = heads_per_step
+    groups = lambda a: _to_groups(a, g)
+    lse_groups = groups(lse.transpose(0, 2, 1)[..., None])[..., 0]  # (B,H,N) -> (groups, g, N)
+    dq, dk, dv = _map_groups(lambda *a: _group_backward(*a, block_size),
+                             groups(q), groups(k), groups(v), groups(out), lse_groups, groups(d_out))
+    return _from_groups(dq, q.shape), _from_groups(dk, k.shape), _from_groups(dv, v.shape)
 
 
 _blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)

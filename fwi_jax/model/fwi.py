@@ -16,13 +16,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwi_jax.config import Config, ConfigError
+from fwi_jax.model.attention import ATTENTION_RESIDUALS
 from fwi_jax.model.eva02 import SIZES, Block, EvaSize, rope_table
 from fwi_jax.preprocess import fold_and_resize
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # the weight matmuls' outputs, plus blockwise attention's output and log-sum-exp (small:
+    # (B, N, dim) and (B, H, N)) so that the backward pass does not run attention's forward again
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS)),
 }
 
 
