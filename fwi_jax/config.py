@@ -138,7 +138,7 @@ class TrainConfig:
     b2: float = 0.95
     weight_decay: float = 0.01
     muon_momentum: float = 0.95
-    warmup_steps: int = 0  # linear lr warmup from 0 (not in the reference recipe; the demo's lr needs it)
+    warmup_steps: int = 0  # linear lr warmup from 0 over this many steps (0 = the reference recipe)
     constant_fraction: float = 0.5  # lr multiplier 1.0 for this share of steps, then cosine
     final_lr_factor: float = 1e-3
     clip_norm: float = 0.0  # 0 = no clipping (the reference's choice); the norm is logged anyway
@@ -253,6 +253,13 @@ def _annotation(cfg: Config, key: str) -> Any:
         fields = ", ".join(_field_names(obj)) if dataclasses.is_dataclass(obj) else ""
         raise ConfigError(f"unknown config key {key!r} (valid here: {fields})")
     return typing.get_type_hints(type(obj))[parts[-1]]
+
+
+def add_override_argument(parser) -> None:
+    """The ``--set KEY=VALUE ...`` option every command shares: several values after one ``--set``,
+    or ``--set`` repeated; all of them apply, in order."""
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. --set train.lr=1e-4 model.dtype=bfloat16 (repeatable)")
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fwi_jax.config import Config, ConfigError, load_config
+from fwi_jax.config import Config, ConfigError, add_override_argument, load_config
 from fwi_jax.model import abstract_params, create_model
 
 # timm keys present in checkpoints that the split model never uses (SPEC §3)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="config name (tiny_s8, base_s6, ...) or path")
     ap.add_argument("--out", required=True, help="output params checkpoint directory")
     ap.add_argument("--seed", type=int, default=0, help="seed of the head's init for timm backbones")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    add_override_argument(ap)
     args = ap.parse_args(argv)
     from fwi_jax.checkpoint import save_params
 

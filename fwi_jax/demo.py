@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fwi_jax.config import Config, ConfigError, load_config
+from fwi_jax.config import Config, ConfigError, add_override_argument, load_config
 
 
 def mean_profile_baseline(root: pathlib.Path, train_ids: Sequence[str], test_ids: Sequence[str]) -> float:
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--members", type=int, default=2, help="ensemble members to train (seeds 0..N-1)")
     ap.add_argument("--plots", type=int, default=4, help="held-out samples to plot")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    add_override_argument(ap)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:

@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fwi_jax.checkpoint import is_params_checkpoint, load_params
-from fwi_jax.config import Config, ConfigError, apply_overrides, load_config
+from fwi_jax.config import Config, ConfigError, add_override_argument, apply_overrides, load_config
 from fwi_jax.model import apply_model, create_model
 from fwi_jax.preprocess import flip, input_float32
 from fwi_jax.sharding import data_mesh, initialize_distributed
@@ -488,8 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=DTYPES, help="compute dtype of every member (params stay float32)")
     ap.add_argument("--batch", type=int, default=4, help="global batch (rounded up to a multiple of the devices)")
     ap.add_argument("--member-chunk", type=int, help="run at most this many stacked members at once (memory)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="config overrides for every member, e.g. model.attention=xla")
+    add_override_argument(ap)
     ap.add_argument("--val", action="store_true", help="score against vp_model.npy: print MAPE, write per-sample CSV")
     ap.add_argument("--val-csv", help="per-sample MAPE CSV (default: OUT with .csv)")
     ap.add_argument("--plot", type=int, default=0, metavar="K", help="save PNG figures of the first K samples")

@@ -43,7 +43,7 @@ import optax
 
 from fwi_jax import sharding
 from fwi_jax.checkpoint import TrainCheckpoints, load_params, save_params
-from fwi_jax.config import Config, ConfigError, from_dict, load_config
+from fwi_jax.config import Config, ConfigError, add_override_argument, from_dict, load_config
 from fwi_jax.loss import get_loss, mape_per_sample
 from fwi_jax.model import create_model
 from fwi_jax.optim import LossScale, all_finite, ema_update, make_optimizer, uses_loss_scaling
@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-list", help="text file of validation ids")
     ap.add_argument("--workdir", help="run directory (default runs/<config>)")
     ap.add_argument("--seed", type=int, help="train.seed (initialisation, shuffle, flips)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    add_override_argument(ap)
     ap.add_argument("--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint")
     ap.add_argument("--init-from", help="initial weights: timm EVA02 / reference PyTorch checkpoint, or a params checkpoint")
     ap.add_argument("--load-from", help="initial weights from another run (its best/ params)")

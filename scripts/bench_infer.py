@@ -27,7 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # torch_reference.py
 
 from fwi_jax import infer  # noqa: E402
-from fwi_jax.config import load_config  # noqa: E402
+from fwi_jax.config import add_override_argument, load_config  # noqa: E402
 from fwi_jax.convert import convert_state_dict  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=infer.DTYPES)
     ap.add_argument("--no-tta", action="store_true")
     ap.add_argument("--member-chunk", type=int)
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    add_override_argument(ap)
     args = ap.parse_args(argv)
     import torch
 

@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 
-from fwi_jax.config import ConfigError, load_config
+from fwi_jax.config import ConfigError, add_override_argument, load_config
 from fwi_jax.model import apply_model, count_params, create_model
 
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fwi_jax.model", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny_s8")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    add_override_argument(ap)
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
