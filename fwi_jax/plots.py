@@ -21,6 +21,8 @@ import numpy as np
 from fwi_jax.preprocess import CHANNEL_POSITIONS, ZERO_CHANNEL
 
 DX_M = 1.0  # m per velocity-model cell in x and depth (SPEC §6)
+DT_S = 1e-4  # s per time sample of a shot gather (10,001 samples over 1 s)
+GATHER_GAIN_POWER = 2.0  # gathers are drawn times (t / t_max)^2, so late reflections show beside the direct wave
 
 
 def _pyplot():
@@ -72,13 +74,15 @@ def plot_sample(out_png: str | pathlib.Path, sample_id: str, x: np.ndarray, pred
         fig.colorbar(im, ax=ax, shrink=0.85)
     bottom = sub[1].subplots(1, len(shots), sharey=True)
     n_time = x.shape[1]
-    clip = float(np.percentile(np.abs(x[shots]), 99)) or 1.0
-    for ax, c in zip(bottom, shots):
-        ax.imshow(x[c], cmap="seismic", vmin=-clip, vmax=clip, aspect="auto", interpolation="nearest",
-                  extent=(0.5, x.shape[2] + 0.5, n_time, 0))
-        ax.set_title(f"shot at x = {CHANNEL_POSITIONS[c]}", fontsize=10)
+    gain = (np.arange(n_time, dtype=np.float32)[:, None] / n_time) ** GATHER_GAIN_POWER
+    gathers = x[shots] * gain
+    clip = float(np.percentile(np.abs(gathers), 99)) or 1.0
+    for ax, c, g in zip(bottom, shots, gathers):
+        ax.imshow(g, cmap="seismic", vmin=-clip, vmax=clip, aspect="auto", interpolation="nearest",
+                  extent=(0.5, x.shape[2] + 0.5, n_time * DT_S, 0))
+        ax.set_title(f"shot src_{CHANNEL_POSITIONS[c]}, t\u00b2 gain", fontsize=10)
         ax.set_xlabel("receiver")
-    bottom[0].set_ylabel("time sample")
+    bottom[0].set_ylabel("time (s)")
     fig.suptitle(f"sample {sample_id}", fontsize=12)
     out_png = pathlib.Path(out_png)
     fig.savefig(out_png, dpi=80)
