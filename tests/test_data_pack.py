@@ -319,3 +319,41 @@ def test_float16_batches_in_worker_processes(stores):
         assert a["x"].dtype == b["x"].dtype == np.float16
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_buffer_pool_reuses_only_unreferenced_batches(stores):
+    """Thread-mode batches recycle their arrays, but never while a batch, a view of it or a JAX
+    array made from it is alive; every batch still equals the one from a loader without reuse."""
+    import gc
+
+    import jax
+
+    cfg = Config().replace(**{"data.flip_p": 0.5, "data.prefetch": 1})
+    kw = dict(train=True, batch_size=2, seed=1, num_epochs=8, workers=0, process_index=0, process_count=1)
+    want = [{k: np.array(v) for k, v in b.items()}
+            for b in _batches_without_reuse(cfg, stores["float16"][0], kw)]  # no reuse
+    held, views, on_device, seen = [], [], [], set()
+    for k, b in enumerate(make_loader(cfg, stores["float16"][0], None, **kw)):
+        for key in want[k]:
+            np.testing.assert_array_equal(b[key], want[k][key])
+        seen.add(id(b["x"]))
+        if k in (1, 2):
+            held.append(b)  # the whole batch
+        elif k == 3:
+            views.append(b["x"][1])  # a view keeps its base
+        elif k == 4:
+            on_device.append(jax.device_put(b["x"]))
+    assert len(seen) < len(want)  # arrays were recycled
+    gc.collect()
+    for k, b in zip((1, 2), held):
+        np.testing.assert_array_equal(b["x"], want[k]["x"])  # never overwritten while held
+    np.testing.assert_array_equal(views[0], want[3]["x"][1])
+    np.testing.assert_array_equal(np.asarray(on_device[0]), want[4]["x"])
+
+
+def _batches_without_reuse(cfg, root, kw):
+    """The loader's batches without array reuse (grain's MapDataset read directly)."""
+    from fwi_jax.data.pipeline import make_dataset
+
+    ds = make_dataset(cfg, root, None, **{k: v for k, v in kw.items() if k != "workers"})
+    return [ds[i] for i in range(len(ds))]

@@ -17,6 +17,8 @@ import json
 import os
 import pathlib
 import shutil
+import sys
+import threading
 from collections.abc import Sequence
 
 import grain
@@ -97,6 +99,44 @@ def _put_mirrored(src: np.ndarray, dst: np.ndarray, scratch: np.ndarray) -> None
     np.copyto(dst.view(row).reshape(-1), scratch.view(row).reshape(-1)[::-1])
 
 
+class _BufferPool:
+    """Batch arrays, handed out again once nothing but the pool references them (CPython reference
+    counts). A fresh ``np.empty`` of tens of MB is new memory: page faults and kernel zeroing on
+    every batch, ~0.7 ms of system time per float16 sample on a 2-core VM; a reused array costs
+    none. Whoever holds a batch, a view of it, or a JAX array made from it (JAX keeps the NumPy
+    array it reads alive) keeps it from reuse. At most ``size`` arrays are kept; thread-safe."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple, dtype) -> np.ndarray:
+        shape, dtype = tuple(shape), np.dtype(dtype)
+        with self._lock:
+            free = [i for i in range(len(self._arrays)) if _unreferenced(self._arrays, i)]
+            for i in free:
+                if self._arrays[i].shape == shape and self._arrays[i].dtype == dtype:
+                    return self._arrays[i]
+            out = np.empty(shape, dtype)
+            if len(self._arrays) >= self.size and free:
+                del self._arrays[free[0]]  # a free array of another shape (a short last batch)
+            if len(self._arrays) < self.size:
+                self._arrays.append(out)
+            return out
+
+    def __getstate__(self):
+        return {"size": self.size}
+
+    def __setstate__(self, state):
+        self.__init__(state["size"])
+
+
+def _unreferenced(arrays: list, i: int) -> bool:
+    """True when the list holds the only reference to arrays[i] (getrefcount adds its argument)."""
+    return sys.getrefcount(arrays[i]) == 2
+
+
 class StackBatch:
     """grain batch function for dict elements {"x", "v"?, "id", FLIP?}: the result equals grain's
     default batching of the same elements after `pipeline.RandomFlip`, but each sample is copied
@@ -104,11 +144,14 @@ class StackBatch:
     float32 (float16 converted on the way, `half_to_float32`); False: x in the dtype it comes in
     (float16 from a float16 store, a plain copy). After ``enable_shared_memory_output()``
     (`pipeline.make_loader` calls it when it starts worker processes) x and v are written into
-    grain's shared memory, which the workers hand to the main process without another copy."""
+    grain's shared memory, which the workers hand to the main process without another copy.
+    Otherwise, with ``reuse`` > 0, the arrays of up to ``reuse`` batches are recycled once the
+    consumer has let go of them (`_BufferPool`), instead of new memory for every batch."""
 
-    def __init__(self, x_float32: bool = True):
+    def __init__(self, x_float32: bool = True, reuse: int = 0):
         self.x_float32 = bool(x_float32)
         self._shared = False
+        self._pool = _BufferPool(2 * reuse) if reuse > 0 else None  # x and v of each batch
 
     def enable_shared_memory_output(self) -> None:
         self._shared = True
@@ -118,6 +161,8 @@ class StackBatch:
             from grain.multiprocessing import SharedMemoryArray
 
             return SharedMemoryArray(shape, dtype=dtype)
+        if self._pool is not None:
+            return self._pool.empty(shape, dtype)
         return np.empty(shape, dtype)
 
     def __call__(self, elements: Sequence[dict]) -> dict:

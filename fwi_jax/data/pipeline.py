@@ -130,14 +130,15 @@ def batch_x_dtype(cfg, root) -> np.dtype:
 
 def make_dataset(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size: int, seed: int = 0,
                  num_epochs: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.MapDataset:
+                 process_count: int | None = None, reuse: int = 0) -> grain.MapDataset:
     """The batched ``grain.MapDataset`` behind `make_loader` (one element = one host batch).
 
     ``root``: a folder of sample folders, or a packed store (`pack.pack`; detected by its
     index.json); ``ids`` the samples to read, in this order (None: every sample of ``root``).
     ``batch_size`` is the global batch; each of ``process_count`` hosts gets batch_size /
     process_count samples per batch. ``num_epochs`` None = forever in training, once in evaluation.
-    x comes in `batch_x_dtype` (``cfg.data.host_dtype``)."""
+    x comes in `batch_x_dtype` (``cfg.data.host_dtype``). ``reuse``: batch arrays recycled once
+    unreferenced, for up to this many batches (`pack.StackBatch`)."""
     if process_index is None or process_count is None:
         import jax
 
@@ -166,7 +167,7 @@ def make_dataset(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_siz
         ds = ds.random_map(RandomFlip(cfg.data.flip_p, defer=True), seed=seed)
     ds = ds[process_index::process_count]
     # StackBatch: grain's batching, plus the deferred flip (and any float16 conversion) in the one copy
-    return ds.batch(batch_size // process_count, drop_remainder=train, batch_fn=pack.StackBatch(x_float32))
+    return ds.batch(batch_size // process_count, drop_remainder=train, batch_fn=pack.StackBatch(x_float32, reuse))
 
 
 def make_loader(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size: int, seed: int = 0,
@@ -175,10 +176,13 @@ def make_loader(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size
     """Iterable of host batches (see module doc). ``iter(loader)`` gives a grain iterator with
     ``get_state()`` / ``set_state()``. ``workers`` (default cfg.data.workers) > 0 reads in that
     many worker processes; 0 reads in threads of this process. Output is identical either way."""
-    ds = make_dataset(cfg, root, ids, train=train, batch_size=batch_size, seed=seed, num_epochs=num_epochs,
-                      process_index=process_index, process_count=process_count)
     workers = cfg.data.workers if workers is None else workers
     prefetch = max(1, int(cfg.data.prefetch))
+    # reading in threads: batch arrays are recycled once unreferenced, for as many batches as can
+    # be alive at once here (the buffer, the consumer's batch and the one before it, one spare)
+    ds = make_dataset(cfg, root, ids, train=train, batch_size=batch_size, seed=seed, num_epochs=num_epochs,
+                      process_index=process_index, process_count=process_count,
+                      reuse=0 if workers > 0 else prefetch + 3)
     if workers > 0:
         # StackBatch writes each batch straight into shared memory in the workers. grain enables
         # that only when the batch is the dataset it sends; ours sits under to_iter_dataset, so
