@@ -118,7 +118,9 @@ def _series(records: list[dict[str, Any]], key: str, axis: str) -> tuple[np.ndar
 
 def plot_training_curves(metrics_jsonl_path: str | pathlib.Path, out_png: str | pathlib.Path) -> pathlib.Path:
     """Loss (every numeric key containing "loss") and MAPE (keys containing "mape") against "step"
-    (or "epoch" where a record has no step) from a run's JSONL metrics; two panels, log-scale y."""
+    (or "epoch" where a record has no step) from a run's JSONL metrics, log-scale y; a third panel
+    with the gradient norm (keys containing "grad_norm") when the run logged it, where a stalled
+    run (vanished gradients) shows at a glance."""
     plt = _pyplot()
     records = read_metrics(metrics_jsonl_path)
     keys = sorted({k for r in records for k, v in r.items()
@@ -127,9 +129,13 @@ def plot_training_curves(metrics_jsonl_path: str | pathlib.Path, out_png: str | 
     mape_keys = [k for k in keys if "mape" in k.lower()]
     if not loss_keys and not mape_keys:
         raise ValueError(f"{metrics_jsonl_path}: no loss or MAPE values among keys {keys}")
+    grad_keys = [k for k in keys if "grad_norm" in k.lower()]
     axis = "step" if any("step" in r for r in records) else "epoch"
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for ax, group, title in ((axes[0], loss_keys, "training loss"), (axes[1], mape_keys, "validation MAPE")):
+    panels = [(loss_keys, "training loss"), (mape_keys, "validation MAPE")]
+    if grad_keys:
+        panels.append((grad_keys, "gradient norm"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), constrained_layout=True)
+    for ax, (group, title) in zip(axes, panels):
         drawn = False
         for key in group:
             xs, ys = _series(records, key, axis)

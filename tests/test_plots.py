@@ -67,3 +67,21 @@ def test_training_curves_errors_name_the_file(tmp_path):
     bad.write_text('{"step": 1, "loss": 0.1}\n{"step": 2, "loss": \n')
     with pytest.raises(ValueError, match="m.jsonl:2: not JSON"):
         plots.plot_training_curves(bad, tmp_path / "x.png")
+
+
+def test_training_curves_add_a_gradient_norm_panel(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "train/loss": 1.0 / (s + 1), "train/grad_norm": 10.0 ** -s} for s in range(1, 30)]
+    metrics.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    img = matplotlib.image.imread(plots.plot_training_curves(metrics, tmp_path / "curves.png"))
+    w = img.shape[1]
+    two_panels = matplotlib.image.imread(plots.plot_training_curves(_without_grad(metrics, tmp_path), tmp_path / "c2.png"))
+    assert w > 1.4 * two_panels.shape[1]
+    assert (img[:, 2 * w // 3:][..., :3] < 0.6).mean() > 0.01  # the third panel has a line
+
+
+def _without_grad(metrics, tmp_path):
+    out = tmp_path / "no_grad.jsonl"
+    out.write_text("".join(json.dumps({k: v for k, v in json.loads(ln).items() if k != "train/grad_norm"}) + "\n"
+                           for ln in metrics.read_text().splitlines()))
+    return out
