@@ -22,7 +22,7 @@ and the ratio ours / PyTorch. A Markdown table closes the output.
 
     .venv/bin/python scripts/bench_train.py [--config tiny_s8] [--batch 1] [--dtype float32]
         [--attention xla einsum blockwise] [--remat none full dots] [--steps 2] [--warmup 1]
-        [--no-torch] [--compile-only] [--set model.depth=2 ...]
+        [--no-torch] [--torch-around] [--compile-only] [--set model.depth=2 ...]
 
 Timings on a shared machine are noisy: the table also gives the CPU seconds per step (process
 time, which other load inflates less than wall time). Only ratios within one run mean much.
@@ -249,6 +249,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     ap.add_argument("--torch-steps", type=int, default=None, help="timed PyTorch steps (default --steps)")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-around", action="store_true",
+                    help="run the PyTorch reference before and after our rows (median of both runs' steps): "
+                         "on a shared machine the load drifts during a run")
     ap.add_argument("--compile-only", action="store_true", help="compile, report FLOPs and memory; run nothing")
     ap.add_argument("--max-mem-gib", type=float, default=None,
                     help="do not run a configuration whose XLA estimate exceeds this (default: 80%% of MemAvailable)")
@@ -296,6 +299,14 @@ def main(argv=None) -> int:
         roof = matmul_roofline()
         print(f"dense float32 matmul 2048^3 under XLA: {roof / 1e9:.1f} GFLOP/s (the practical roofline)", flush=True)
 
+    ref_before = None
+    if a.torch_around and not a.no_torch and not a.compile_only:
+        ref_before = child(a, [*common, "--torch-only"])
+        if "error" not in ref_before:
+            print(f"PyTorch reference, before our rows: {ref_before['samples_per_s']:.4f} samples/s (steps "
+                  f"{', '.join(f'{t:.1f}' for t in ref_before['step_s_all'])} s, CPU {ref_before['cpu_s']:.1f} s/step, "
+                  f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})", flush=True)
+
     records = []
     for attention in a.attention:
         for remat in a.remat:
@@ -309,13 +320,19 @@ def main(argv=None) -> int:
                 + ("" if a.compile_only else
                    f", {rec['samples_per_s']:.4f} samples/s (steps {', '.join(f'{t:.1f}' for t in rec['step_s_all'])} s, "
                    f"CPU {rec['cpu_s']:.1f} s/step, loss {rec['loss']:.4f})"))
-            print(f"ours {attention}/{remat}: {msg}", flush=True)
+            print(f"ours {attention}/{remat}: {msg} (load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})",
+                  flush=True)
             if a.json:  # partial results survive an interrupted run
                 pathlib.Path(a.json).write_text(json.dumps({"args": vars(a), "roofline": roof, "ours": records}, indent=1))
 
     ref = None
     if not a.no_torch and not a.compile_only:
         ref = child(a, [*common, "--torch-only"])
+        if ref_before and "error" not in ref_before and "error" not in ref:
+            walls = ref_before["step_s_all"] + ref["step_s_all"]
+            ref = {**ref, "step_s_all": walls, "step_s": statistics.median(walls),
+                   "samples_per_s": a.batch / statistics.median(walls),
+                   "cpu_s": statistics.median([ref_before["cpu_s"], ref["cpu_s"]])}
         if "error" in ref:
             print(f"PyTorch reference: {ref['error']}", flush=True)
         else:
