@@ -38,11 +38,12 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_jax(impl: str, block: int, shape, dtype, repeats: int) -> tuple[float, float]:
+def bench_jax(impl: str, block: int, shape, dtype, repeats: int, heads_per_step: int | None = None) -> tuple[float, float]:
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, w = (jax.random.normal(key, shape, dtype) for key in keys)
-    fwd = jax.jit(lambda q, k, v: attention(q, k, v, impl=impl, block_size=block))
-    loss = lambda q, k, v: jnp.sum(attention(q, k, v, impl=impl, block_size=block).astype(jnp.float32) * w)
+    attn = lambda q, k, v: attention(q, k, v, impl=impl, block_size=block, heads_per_step=heads_per_step)
+    fwd = jax.jit(attn)
+    loss = lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32) * w)
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     t_fwd = _median_seconds(lambda: jax.block_until_ready(fwd(q, k, v)), repeats)
     t_bwd = _median_seconds(lambda: jax.block_until_ready(fwd_bwd(q, k, v)), repeats)
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--impls", nargs="+", default=["xla", "einsum", "blockwise"])
     parser.add_argument("--blocks", nargs="+", type=int, default=[256, 512, 1024], help="blockwise key block sizes")
+    parser.add_argument("--heads-per-step", nargs="+", type=int, default=[0],
+                        help="blockwise: heads per sequential step (0 = auto_heads_per_step)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
@@ -100,15 +103,15 @@ def main() -> None:
         cases = []
         for impl in args.impls:
             if impl == "blockwise":
-                cases += [(impl, blk) for blk in args.blocks]
+                cases += [(impl, blk, g) for blk in args.blocks for g in args.heads_per_step]
             elif impl == "auto":
-                cases.append((f"auto={resolve_impl('auto')}", 512))
+                cases.append((f"auto={resolve_impl('auto')}", 256, 0))
             else:
-                cases.append((impl, 512))
-        for label, block in cases:
+                cases.append((impl, 512, 0))
+        for label, block, g in cases:
             impl = label.split("=")[-1]
-            t_fwd, t_bwd = bench_jax(impl, block, shape, dtype, args.repeats)
-            tag = f"jax {label}" + (f" (block {block})" if impl == "blockwise" else "")
+            t_fwd, t_bwd = bench_jax(impl, block, shape, dtype, args.repeats, g or None)
+            tag = f"jax {label}" + (f" (block {block}, {g or 'auto'} heads/step)" if impl == "blockwise" else "")
             rows.append((name, shape, tag, t_fwd, t_bwd))
             print(f"{name} {tag}: fwd {t_fwd * 1e3:.0f} ms, fwd+bwd {t_bwd * 1e3:.0f} ms", flush=True)
         if not args.no_torch:
