@@ -6,19 +6,23 @@ Nothing is executed. Two figures per (attention, remat) setting:
   backend (CPU here). XLA's CPU scheduler does not exploit rematerialisation (the figure barely
   moves between remat none and full while the FLOPs rise), so on CPU this is an upper bound,
   not what a GPU compile would assign.
-- "peak": a liveness estimate = params + grads + AdamW moments (float32)
+- "peak": a liveness estimate = float32 training state (params, grads, AdamW moments, and the
+  EMA copy for --model real)
   + the residuals the forward pass saves for the backward pass (exact: the shapes JAX keeps in
-  the `jax.vjp` closure, which is where remat policies act)
-  + the transient of the largest block's backward (XLA memory_analysis of one stand-in block's
-  recompute + vjp at the per-channel batch, 6 x batch sequences, compiled on its own).
-  The transient is measured on the stand-in block for both --model settings (same shapes).
+  the `jax.vjp` closure of the loss, which is where remat policies act)
+  + the transient of the largest block's backward (XLA memory_analysis of one block's
+  recompute + vjp at the per-channel batch, 6 x batch sequences, compiled on its own: the real
+  `fwi_jax.model.eva02.Block` with the model's remat policy for --model real, the stand-in's
+  block for --model standin).
 
     .venv/bin/python scripts/memory_estimate.py --config base_s6 --batch 8 --dtype float16 \
         --attention xla blockwise --remat none dots full
-    .venv/bin/python scripts/memory_estimate.py --model standin ...   # before fwi_jax.model exists
+    .venv/bin/python scripts/memory_estimate.py --model standin ...   # the historical stand-in
 
---model real (default) uses fwi_jax.model.create_model/apply_model with model.attention,
-model.remat and model.dtype overridden. --model standin uses a shape-faithful EVA02 stand-in
+--model real (default) uses the real model (fwi_jax.model.create_model/apply_model with
+model.attention, model.remat and model.dtype overridden), the config's loss (train.loss) and the
+real train step (fwi_jax.train.make_train_step with the config's optimiser, EMA and loss scale)
+for the whole-step compile. --model standin uses a shape-faithful EVA02 stand-in
 written here (patch embedding, cls + pos, pre-LN blocks with q/k/v, RoPE-free attention,
 SwiGLU MLP with its LayerNorm, channel fold/mean at the split, per-token head + pixel shuffle),
 remat applied per block with jax.checkpoint; its parameter count is printed so it can be
@@ -118,6 +122,33 @@ def _real(cfg):
     return params, lambda p, x: apply_model(graphdef, p, x)
 
 
+def _real_block_vjp(cfg, batch: int):
+    """(jitted vjp of one real ``eva02.Block`` at the per-channel batch with the model's remat
+    policy, abstract block params, abstract tokens): the per-block backward transient."""
+    from flax import nnx
+
+    from fwi_jax.model.eva02 import Block, rope_table
+    from fwi_jax.model.fwi import DTYPES, REMAT_POLICIES as MODEL_POLICIES, model_size
+
+    m, geo = cfg.model, cfg.geometry
+    size = model_size(cfg)
+    dtype = DTYPES[m.dtype]
+    block = nnx.eval_shape(lambda: Block(size, impl=m.attention, block_size=m.attention_block, dtype=dtype,
+                                         rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(block)
+    sin, cos = rope_table(geo.grid, size.dim // size.heads, m.ref_feat_shape)
+
+    def fwd(state, x):
+        return nnx.merge(graphdef, state)(x, jnp.asarray(sin), jnp.asarray(cos))
+
+    if m.remat in MODEL_POLICIES:
+        fwd = jax.checkpoint(fwd, policy=MODEL_POLICIES[m.remat])
+    n_tokens = 1 + geo.grid[0] * geo.grid[1]
+    tokens = jax.ShapeDtypeStruct((6 * batch, n_tokens, size.dim), dtype)
+    vjp = jax.jit(lambda s, x, g: jax.vjp(fwd, s, x)[1](g))
+    return vjp, state, tokens
+
+
 def estimate(config: str, batch: int, dtype: str, impl: str, remat: str, model: str, time_steps: int = 0,
              block: int | None = None) -> dict:
     overrides = [f"model.attention={impl}", f"model.remat={remat}", f"model.dtype={dtype}"]
@@ -127,35 +158,56 @@ def estimate(config: str, batch: int, dtype: str, impl: str, remat: str, model: 
     else:
         params, apply = _standin(cfg, jnp.dtype(dtype), impl, cfg.model.attention_block, remat)
     geo = cfg.geometry
-    depth_w = jnp.linspace(1.0, 0.25, geo.out_shape[0])[:, None]
-    tx = optax.adamw(1e-4)
-
-    def step(params, opt_state, x, v):
-        def loss_fn(p):
-            pred = apply(p, x)
-            return jnp.mean(jnp.abs(pred - v) / v * depth_w)  # SPEC §4 base loss
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
     spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-    opt_state = jax.eval_shape(tx.init, params)
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(
-        abstract(params), opt_state, spec((batch, 6, geo.n_time, geo.n_receivers)), spec((batch, *geo.out_shape))
-    )
-    compiled = lowered.compile()
+    x_spec, v_spec = spec((batch, 6, geo.n_time, geo.n_receivers)), spec((batch, *geo.out_shape))
+    if model == "real":
+        # the real train step (fwi_jax.train.make_train_step: forward, train.loss, backward, the
+        # config's AdamW, EMA, loss scale), compiled for the local backend
+        from fwi_jax.loss import get_loss
+        from fwi_jax.model import create_model
+        from fwi_jax.optim import make_optimizer
+        from fwi_jax.train import create_train_state, make_train_step
+
+        graphdef, _ = create_model(cfg, seed=0)
+        tx, schedule = make_optimizer(cfg, total_steps=1000)
+        train_step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)
+        state = jax.eval_shape(lambda p: create_train_state(cfg, p, tx), abstract(params))
+        compiled = jax.jit(train_step, donate_argnums=0).lower(state, {"x": x_spec, "v": v_spec}).compile()
+        loss_fn = get_loss(cfg.train.loss)
+        v0 = jnp.zeros(v_spec.shape, jnp.float32)
+        objective = lambda p, x, v: loss_fn(apply(p, x), v)
+        block_vjp, block_state, tokens = _real_block_vjp(cfg, batch)
+        block_args = (block_state, tokens, tokens)
+        n_state_copies = 5  # float32 params, grads, AdamW mu and nu, EMA
+    else:
+        depth_w = jnp.linspace(1.0, 0.25, geo.out_shape[0])[:, None]
+        tx = optax.adamw(1e-4)
+
+        def step(params, opt_state, x, v):
+            def loss_fn(p):
+                pred = apply(p, x)
+                return jnp.mean(jnp.abs(pred - v) / v * depth_w)  # SPEC §4 base loss
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        opt_state = jax.eval_shape(tx.init, params)
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(abstract(params), opt_state, x_spec, v_spec).compile()
+        objective = lambda p, x, v: jnp.sum(apply(p, x))
+        # transient of one per-channel block's backward (recompute + vjp), compiled alone
+        _, standin = _standin(cfg, jnp.dtype(dtype), impl, cfg.model.attention_block, remat)
+        n_tokens = 1 + geo.grid[0] * geo.grid[1]
+        block_vjp = jax.jit(lambda x, p, g: jax.vjp(standin.block, x, p)[1](g))
+        tokens = jax.ShapeDtypeStruct((6 * batch, n_tokens, standin.dim), jnp.dtype(dtype))
+        block_args = (tokens, abstract(standin.block_params), tokens)
+        n_state_copies = 4  # float32 params, grads, AdamW mu and nu
     # residuals saved for the backward pass (exact shapes, no execution)
-    vjp_closure = jax.eval_shape(lambda p, x: jax.vjp(lambda p: jnp.sum(apply(p, x)), p)[1], abstract(params),
-                                 spec((batch, 6, geo.n_time, geo.n_receivers)))
+    vjp_closure = jax.eval_shape(lambda p, x, v: jax.vjp(lambda p: objective(p, x, v), p)[1], abstract(params),
+                                 x_spec, v_spec)
     residual_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(vjp_closure))
-    # transient of one per-channel block's backward (recompute + vjp), compiled alone
-    _, standin = _standin(cfg, jnp.dtype(dtype), impl, cfg.model.attention_block, remat)
-    n_tokens = 1 + geo.grid[0] * geo.grid[1]
-    block_vjp = jax.jit(lambda x, p, g: jax.vjp(standin.block, x, p)[1](g))
-    tokens = jax.ShapeDtypeStruct((6 * batch, n_tokens, standin.dim), jnp.dtype(dtype))
-    block_mem = block_vjp.lower(tokens, abstract(standin.block_params), tokens).compile().memory_analysis()
+    block_mem = block_vjp.lower(*block_args).compile().memory_analysis()
     transient_bytes = block_mem.temp_size_in_bytes + 3 * int(np.prod(tokens.shape)) * tokens.dtype.itemsize
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -163,7 +215,7 @@ def estimate(config: str, batch: int, dtype: str, impl: str, remat: str, model: 
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     gib = 2.0**30
     timing = {}
-    if time_steps:  # optional: run the compiled step and the forward alone on random data
+    if time_steps and model == "standin":  # optional: run the compiled step and the forward alone
         import time
 
         x = jax.random.normal(jax.random.key(0), (batch, 6, geo.n_time, geo.n_receivers))
@@ -182,9 +234,10 @@ def estimate(config: str, batch: int, dtype: str, impl: str, remat: str, model: 
             p, o, loss = compiled(p, o, x, v)
         jax.block_until_ready(loss)
         timing["train_samples_s"] = batch * time_steps / (time.perf_counter() - start)
-    state_bytes = 4 * 4 * n_params  # float32 params, grads, AdamW mu and nu
+    state_bytes = n_state_copies * 4 * n_params
     return timing | {
         "params": n_params,
+        "state_copies": n_state_copies,
         "state_gib": state_bytes / gib,
         "residual_gib": residual_bytes / gib,
         "block_transient_gib": transient_bytes / gib,
@@ -208,18 +261,28 @@ def main() -> None:
     parser.add_argument("--remat", nargs="+", default=["none", "dots", "full"], choices=sorted(REMAT_POLICIES))
     parser.add_argument("--model", default="real", choices=["real", "standin"])
     parser.add_argument("--blocks", nargs="+", type=int, default=[None], help="blockwise key block sizes (default: config's)")
-    parser.add_argument("--time", type=int, default=0, metavar="STEPS",
+    parser.add_argument("--heads-per-step", default="gpu", choices=["gpu", "local"],
+                        help="blockwise attention's head grouping: gpu (all heads in one step, what a GPU "
+                             "runs; default) or local (this machine's auto_heads_per_step, 1 head per step on CPU)")
+    parser.add_argument("--time", type=int, default=0, metavar="STEPS",  # --model standin only
                         help="also execute: time the train step and the forward over STEPS steps")
     args = parser.parse_args()
+    if args.heads_per_step == "gpu":
+        # the estimate is for a GPU: blockwise attention there processes every head at once
+        # (on CPU, auto_heads_per_step runs them one by one: far smaller score tiles)
+        import fwi_jax.model.attention as attention_module
+
+        attention_module.auto_heads_per_step = lambda n_heads, *_, **__: n_heads
     rows = []
     for impl, remat, block in itertools.product(args.attention, args.remat, args.blocks):
         r = estimate(args.config, args.batch, args.dtype, impl, remat, args.model, args.time, block)
         impl = f"{impl} (block {block})" if impl == "blockwise" and block else impl
         rows.append((impl, remat, r))
         print(f"{impl} remat={remat}: {r}", flush=True)
+    print(f"\nfloat32 state = params, grads, AdamW mu and nu (x4){', EMA (x5)' if args.model == 'real' else ''}")
     print(f"\nXLA memory estimate ({jax.devices()[0].platform} compile, not executed), {args.config}, "
           f"batch {args.batch}, {args.dtype}, model {args.model} ({rows[0][2]['params'] / 1e6:.1f} M params)\n")
-    print("| attention | remat | saved residuals GiB | block bwd transient GiB | params+grads+AdamW GiB "
+    print("| attention | remat | saved residuals GiB | block bwd transient GiB | float32 state GiB "
           "| **peak estimate GiB** | XLA CPU whole-step GiB (upper bound) | XLA TFLOP/step |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for impl, remat, r in rows:
