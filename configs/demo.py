@@ -7,13 +7,14 @@ Command:
 Reproduces: nothing from the reference; it shows the pipeline end to end on a machine with no
 downloads. The run synthesises its own competition-format dataset (fwi_jax.synth, cached) when
 `data.root` is empty, trains for a few epochs, and still predicts full-size 1259 x 300 models.
-Expected result (measured at lr 5e-4 on the 2-core CPU, the code of the README's figure): held-out
-MAPE of the 2-member ensemble with flip TTA 0.074 against 0.087 for the mean-velocity-profile
-baseline; each member's validation MAPE about 0.076. At lr 1e-3 two of four seeds saturated the
-output sigmoid within 20 steps and never recovered (gradient norm < 1e-10), so 5e-4 it is; the
-train loop warns when that happens.
-Cost: about 14 minutes on 2 CPU cores for two members (about 7 each, ~5-6 samples/s) and the
-ensemble inference, plus about 2 minutes of data synthesis on the first run (cached after).
+Expected result (measured at commit c92e64d on the 2-core CPU, from an empty cache): held-out
+MAPE of the 2-member ensemble with flip TTA 0.0737, against 0.0871 for the mean-velocity-profile
+baseline. The members' best validation MAPE was 0.0743 and 0.0731. At lr 1e-3, two of four seeds
+saturated the output sigmoid within 20 steps and never recovered (gradient norm < 1e-10), so the
+demo uses 5e-4. The train loop warns when that happens.
+Cost: 13 min 20 s on 2 CPU cores for the whole `python -m fwi_jax.demo`: 2 min 56 s of data
+synthesis (cached after the first run), 10 min 11 s for training two members (8 samples/s), and
+12 s for the ensemble inference.
 """
 
 from fwi_jax.config import Config, DataConfig, Geometry, ModelConfig, SynthConfig, TrainConfig
