@@ -255,7 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-only", action="store_true", help="compile, report FLOPs and memory; run nothing")
     ap.add_argument("--max-mem-gib", type=float, default=None,
                     help="do not run a configuration whose XLA estimate exceeds this (default: 80%% of MemAvailable)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    from fwi_jax.config import add_override_argument  # no JAX import: XLA_FLAGS can still be set after
+
+    add_override_argument(ap)
     ap.add_argument("--json", help="also write the records to this file")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # child: ATTENTION REMAT
     ap.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # child
