@@ -86,6 +86,18 @@ def _frame_category(file: str, func: str, line: int, eva_classes) -> str | None:
     return None
 
 
+
+def _lines_by_computation(hlo_text: str):
+    """(name of the enclosing computation, line) for each line of an HLO module's text below a
+    computation header."""
+    computation = None
+    for line in hlo_text.splitlines():
+        c = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
+        if c:
+            computation = c.group(1)
+            continue
+        yield computation, line
+
 def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     """instruction name -> (category, 'fwd'|'bwd', kind) from the compiled HLO's metadata."""
     from fwi_jax.model import eva02
@@ -132,12 +144,7 @@ def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     # metadata of each computation's instructions: a fusion XLA made without metadata of its
     # own is attributed to the first instruction inside it that has some
     inner: dict[str, tuple[str, str]] = {}
-    computation = None
-    for line in hlo_text.splitlines():
-        c = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
-        if c:
-            computation = c.group(1)
-            continue
+    for computation, line in _lines_by_computation(hlo_text):
         sf = re.search(r"stack_frame_id=(\d+)", line)
         if computation and sf and computation not in inner:
             op_name = re.search(r'op_name="([^"]*)"', line)
@@ -145,12 +152,7 @@ def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str, str]]:
 
     out = {}
     inst = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
-    computation = None
-    for line in hlo_text.splitlines():
-        c = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
-        if c:
-            computation = c.group(1)
-            continue
+    for computation, line in _lines_by_computation(hlo_text):
         m = inst.match(line)
         if not m:
             continue
