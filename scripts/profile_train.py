@@ -86,7 +86,6 @@ def _frame_category(file: str, func: str, line: int, eva_classes) -> str | None:
     return None
 
 
-
 def _lines_by_computation(hlo_text: str):
     """(name of the enclosing computation, line) for each line of an HLO module's text below a
     computation header."""
