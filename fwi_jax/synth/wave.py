@@ -34,10 +34,11 @@ Speed (XLA CPU): the leapfrog runs in increment form, w = u(t) − u(t − dt), 
 terms), u += w, with w on whole rows, so each step is one fused pass over the grid plus a cheap
 row-block add and small strip kernels, with no full-grid copies (the two-buffer rotation, the
 2-D in-place window updates and scan unroll > 1 made XLA copy or re-walk the grid 3-4 times per
-step). On the 2-core dev machine (scripts/bench_synth.py, 8th order, 1 m grid, shared machine,
-so noisy; old and new run alternately in one process): 1 device 0.51 G cell-updates/s (was 0.27),
-2 host devices 0.37-0.75 G/s depending on other load (was 0.12-0.43), i.e. 0.37 G per CPU-second
-(was 0.1-0.2); fast mode 1.1-1.7 s per sample on 1 device (was 2.1-2.4), 1.2-1.35 s on 2 (was 1.6).
+step). Measured with scripts/bench_synth.py on the 2-core dev machine with nothing else running (load
+average 1.7-1.9 from the benchmark itself, 2026-11-25), 8th order, 1 m grid: 1.47, 1.67 and 1.65 G cell-updates/s with 2 host
+devices and --steps 3000 (1.66 and 1.27 with --steps 1000); 1.19 with 1 device. 4th order: 2.1-2.2
+G/s on 2 devices. Fast mode: 0.29-0.39 s per competition-format sample on 2 devices, 0.71 s on 1.
+Earlier figures, taken while other jobs loaded the machine, were 0.37-0.75 G/s and 1.1-1.7 s.
 
 Everything is plain ``jnp`` under ``jit``/``vmap``/``grad``: ``jax.grad`` of a data misfit with
 respect to the velocity model works (use ``remat=True`` for long runs: each block of
