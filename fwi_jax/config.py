@@ -93,7 +93,7 @@ class DataConfig:
     "store" (default): as stored, so float16 for a float16 packed store (``python -m fwi_jax.data
     pack --float16``) and float32 for folders and float32 stores; the loader only copies (half the
     bytes of float32), and the jitted train/eval/infer programs cast x to float32 on the device
-    (`preprocess.input_float32`). float16 -> float32 is exact, so results are bit-identical to
+    (the model's first operation, `FWIModel.__call__`). float16 -> float32 is exact, so results are bit-identical to
     "float32". "float32": the loader converts float16 to float32 on the host (slower: twice the bytes
     written and sent to the device); for code of your own that needs float32 NumPy batches."""
 

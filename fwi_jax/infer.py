@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fwi_jax.checkpoint import is_params_checkpoint, load_params
 from fwi_jax.config import Config, ConfigError, add_override_argument, apply_overrides, load_config
 from fwi_jax.model import apply_model, create_model
-from fwi_jax.preprocess import flip, input_float32
+from fwi_jax.preprocess import flip
 from fwi_jax.sharding import data_mesh, initialize_distributed
 
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -230,10 +230,9 @@ def graphdef_of(cfg: Config) -> Any:
 def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
                        member_chunk: int | None = None) -> jax.Array:
     """Every member's prediction: stacked params (M, ...) and x (B, 6, T, R) -> (M, B, depth, x).
-    x float32, or float16 (cast to float32 here, exactly). With ``tta``: ½(f(x) + unflip f(flip x)),
+    x float32, or float16 (the model casts it to float32, exactly). With ``tta``: ½(f(x) + unflip f(flip x)),
     the flipped copy riding in the same batch. Members are vmapped; ``member_chunk`` bounds how many
     run at once (``lax.map`` in chunks) to save memory."""
-    x = input_float32(x)
     b = x.shape[0]
     x_in = jnp.concatenate([x, flip(x)], axis=0) if tta else x
     run = lambda p: apply_model(graphdef, p, x_in)

@@ -15,16 +15,6 @@ ZERO_CHANNEL = CHANNEL_POSITIONS.index(151)  # 3 before a flip, 2 after
 AMPLITUDE_SCALE = 1e4
 
 
-def input_float32(x):
-    """Model input ``x`` as float32 inside a jitted program. Host batches from a float16 packed
-    store arrive as float16 (``data.host_dtype="store"``) and are cast here, on the device: every
-    float16 value is exactly a float32, so the result equals a batch converted on the host bit for
-    bit. float32 input is returned unchanged."""
-    import jax.numpy as jnp
-
-    return x if x.dtype == jnp.float32 else x.astype(jnp.float32)
-
-
 def flip(x, v=None):
     """Mirror the survey left-right (SPEC §2.4): reverse channels and receivers of ``x``
     (..., 6, T, R) and the x axis of ``v`` (..., depth, x). Flip twice is the identity."""

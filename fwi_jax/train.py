@@ -47,7 +47,6 @@ from fwi_jax.config import Config, ConfigError, add_override_argument, from_dict
 from fwi_jax.loss import get_loss, mape_per_sample
 from fwi_jax.model import create_model
 from fwi_jax.optim import LossScale, all_finite, ema_update, make_optimizer, uses_loss_scaling
-from fwi_jax.preprocess import input_float32
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted function was traced
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -80,7 +79,7 @@ def create_train_state(cfg: Config, params: Any, tx: optax.GradientTransformatio
 def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, ema_start_step: int) -> Callable:
     """Pure ``step(state, batch) -> (state, metrics)``; batch = {"x": (B, 6, T, R), "v": (B, depth, x)}.
-    x may be float16 (a float16 packed store's batches): it is cast to float32 first, exactly.
+    x may be float16 (a float16 packed store's batches): the model casts it to float32, exactly.
 
     With ``train.grad_accum = k`` the batch is cut into k micro-batches (sample i goes to
     micro-batch i mod k, so every device keeps its own samples) and their gradients averaged in a
@@ -101,7 +100,7 @@ def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
         TRACES["train_step"] += 1
         params, ls = state["params"], state["loss_scale"]
-        x, v = input_float32(batch["x"]), batch["v"]
+        x, v = batch["x"], batch["v"]
         if accum == 1:
             grads, loss = scaled_grads(params, x, v, ls.scale)
         else:
@@ -133,12 +132,12 @@ def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation
 
 def make_eval_step(graphdef: Any, tta: bool) -> Callable:
     """Pure ``(params, x, v, mask) -> (sum of per-sample MAPE over mask, count)``; x float32 or
-    float16 (cast to float32 first, exactly)."""
+    float16 (the model casts it to float32, exactly)."""
     from fwi_jax.infer import member_predictions
 
     def evaluate(params, x, v, mask):
         TRACES["eval_step"] += 1
-        pred = member_predictions(graphdef, jax.tree.map(lambda a: a[None], params), input_float32(x), tta)[0]
+        pred = member_predictions(graphdef, jax.tree.map(lambda a: a[None], params), x, tta)[0]
         return jnp.sum(mape_per_sample(pred, v) * mask), jnp.sum(mask)
 
     return evaluate

@@ -50,16 +50,16 @@ def _reference(q, k, v):
 GRID = (14, 14)  # 196 patches + cls = 197 tokens, not a multiple of 64
 
 
-@pytest.mark.parametrize("impl,block", [("blockwise", 64), ("blockwise", 50), ("blockwise", 512), ("einsum", 0)])
-def test_forward_and_gradients_match_with_rope(impl, block):
+def _check_with_rope(ours, seed=0, cotangent_seed=9):
+    """``ours`` (q, k, v) -> out against `_reference` with 2-D RoPE on q and k, N = 197 tokens:
+    the forward and the gradients w.r.t. q, k, v of a random projection of the output."""
     shape = (2, 1 + GRID[0] * GRID[1], 3, 16)
-    q, k, v = _qkv(shape)
-    w = jax.random.normal(jax.random.key(9), shape)  # random cotangent
+    q, k, v = _qkv(shape, seed=seed)
+    w = jax.random.normal(jax.random.key(cotangent_seed), shape)  # random cotangent
 
     def loss(fn, q, k, v):
         return jnp.sum(fn(rope_2d(q, GRID), rope_2d(k, GRID), v) * w)
 
-    ours = lambda q, k, v: attention(q, k, v, impl=impl, block_size=block)
     out = jax.jit(ours)(rope_2d(q, GRID), rope_2d(k, GRID), v)
     ref = _reference(rope_2d(q, GRID), rope_2d(k, GRID), v)
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=RTOL)
@@ -69,6 +69,11 @@ def test_forward_and_gradients_match_with_rope(impl, block):
     for name, g, r in zip("qkv", grads, ref_grads):
         assert float(jnp.abs(r).max()) > 1e-2, f"d{name} trivially small: the test could not fail"
         np.testing.assert_allclose(g, r, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("impl,block", [("blockwise", 64), ("blockwise", 50), ("blockwise", 512), ("einsum", 0)])
+def test_forward_and_gradients_match_with_rope(impl, block):
+    _check_with_rope(lambda q, k, v: attention(q, k, v, impl=impl, block_size=block))
 
 
 def test_blockwise_full_token_count_forward():
@@ -124,18 +129,8 @@ def test_blockwise_head_groups_match_with_rope(heads_per_step, block):
     """Blockwise attention cut into sequential groups of heads (batch 2 x 3 heads = 6 heads; 4
     per step leaves 2 zero heads of padding) matches the reference in forward and gradients,
     with RoPE and N = 197 tokens, not a multiple of the key block."""
-    shape = (2, 1 + GRID[0] * GRID[1], 3, 16)
-    q, k, v = _qkv(shape, seed=5)
-    w = jax.random.normal(jax.random.key(11), shape)
-    ours = lambda q, k, v: attention(q, k, v, impl="blockwise", block_size=block, heads_per_step=heads_per_step)
-    loss = lambda fn, q, k, v: jnp.sum(fn(rope_2d(q, GRID), rope_2d(k, GRID), v) * w)
-    out = jax.jit(ours)(rope_2d(q, GRID), rope_2d(k, GRID), v)
-    np.testing.assert_allclose(out, _reference(rope_2d(q, GRID), rope_2d(k, GRID), v), atol=ATOL, rtol=RTOL)
-    grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(q, k, v)
-    ref_grads = jax.grad(lambda *a: loss(_reference, *a), argnums=(0, 1, 2))(q, k, v)
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert float(jnp.abs(r).max()) > 1e-2, f"d{name} trivially small: the test could not fail"
-        np.testing.assert_allclose(g, r, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
+    _check_with_rope(lambda q, k, v: attention(q, k, v, impl="blockwise", block_size=block,
+                                               heads_per_step=heads_per_step), seed=5, cotangent_seed=11)
 
 
 def test_auto_heads_per_step():

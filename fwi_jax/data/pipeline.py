@@ -11,7 +11,7 @@ Batches are dicts {"x": (B, 6, 10000, 31), "v": (B, 1259, 300) float32 km/s (dep
 "id": (B,) str}; "v" is left out when the folders have no vp_model.npy (test data). x is float32,
 except from a float16 packed store with ``cfg.data.host_dtype == "store"`` (the default), where it
 stays float16 and the jitted programs cast it to float32 on the device, exactly
-(`preprocess.input_float32`); `batch_x_dtype` says which. The iterator is grain's
+(the model's first operation); `batch_x_dtype` says which. The iterator is grain's
 ``DatasetIterator``: ``get_state()`` / ``set_state(state)`` resume exactly. Reading in threads
 (0 workers), a batch's arrays are recycled for a later batch once nothing references them any
 more (`pack.StackBatch`): a batch stays intact for as long as it, a view of it or a JAX array made

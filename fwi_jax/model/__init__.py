@@ -38,7 +38,8 @@ def abstract_params(cfg: Config) -> Params:
 
 
 def apply_model(graphdef: nnx.GraphDef, params: Params, x: jax.Array) -> jax.Array:
-    """x (B, 6, n_time, n_receivers) float32 -> velocity (B, depth, x) float32 km/s. Pure; jit it."""
+    """x (B, 6, n_time, n_receivers) float32 (or float16, e.g. from a float16 packed store: cast to
+    float32 first, exactly) -> velocity (B, depth, x) float32 km/s. Pure; jit it."""
     model = nnx.merge(graphdef, nnx.State(_as_state_dict(params)))
     return model(x)
 

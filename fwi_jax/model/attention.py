@@ -178,6 +178,11 @@ def _key_blocks(k, v, block_size):
     return split(k), split(v), bias.reshape(n_blocks, block_size)
 
 
+def _block_scores(q, k_block, bias, scale):
+    """Scaled scores (g, N, block) in float32, padded keys at -inf (``bias``, from `_key_blocks`)."""
+    return jnp.einsum("hqd,hkd->hqk", q, k_block, preferred_element_type=_F32) * scale + bias
+
+
 def _group_forward(q, k, v, block_size):
     """One group, (g, N, D) each -> out (g, N, D) in q.dtype, log-sum-exp (g, N) float32."""
     g, n, d = q.shape
@@ -187,7 +192,7 @@ def _group_forward(q, k, v, block_size):
     def step(carry, block):
         m, l, acc = carry  # running max (g,N), normaliser (g,N), numerator (g,N,D)
         k_b, v_b, bias_b = block
-        s = jnp.einsum("hqd,hkd->hqk", q, k_b, preferred_element_type=_F32) * scale + bias_b
+        s = _block_scores(q, k_b, bias_b, scale)
         m_new = jnp.maximum(m, s.max(axis=-1))  # finite: every block holds >= 1 real key
         p = jnp.exp(s - m_new[..., None])
         alpha = jnp.exp(m - m_new)
@@ -211,7 +216,7 @@ def _group_backward(q, k, v, out, lse, d_out, block_size):
 
     def step(dq, block):
         k_b, v_b, bias_b = block
-        s = jnp.einsum("hqd,hkd->hqk", q, k_b, preferred_element_type=_F32) * scale + bias_b
+        s = _block_scores(q, k_b, bias_b, scale)
         p = jnp.exp(s - lse[..., None])  # (g, N, block)
         dv_b = jnp.einsum("hqk,hqd->hkd", p.astype(d_out.dtype), d_out, preferred_element_type=_F32)
         dp = jnp.einsum("hqd,hkd->hqk", d_out, v_b, preferred_element_type=_F32)

@@ -86,6 +86,7 @@ class FWIModel(nnx.Module):
         b, c = x.shape[:2]
         if x.shape[2:] != (g.n_time, g.n_receivers):
             raise ValueError(f"model input {x.shape}: expected (B, C, {g.n_time}, {g.n_receivers})")
+        # float16 input (a float16 packed store's batches) becomes float32 here, exactly
         img = fold_and_resize(x.astype(jnp.float32), g.fold, g.resize)  # (B, C, H, W)
         p, (gh, gw) = g.patch, g.grid
         patches = img.reshape(b * c, gh, p, gw, p).transpose(0, 1, 3, 2, 4).reshape(b * c, gh * gw, p * p)
