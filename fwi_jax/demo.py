@@ -115,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_override_argument(ap)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    from fwi_jax.host import tune_cpu_host
+
+    tune_cpu_host()
     try:
         cfg = load_config(args.config, args.set)
         run(cfg, pathlib.Path(args.workdir).expanduser().resolve(), args.members, args.plots, not args.no_progress)

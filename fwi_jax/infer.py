@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fwi_jax.checkpoint import is_params_checkpoint, load_params
 from fwi_jax.config import Config, ConfigError, add_override_argument, apply_overrides, load_config
+from fwi_jax.host import tune_cpu_host
 from fwi_jax.model import apply_model, create_model
 from fwi_jax.preprocess import flip
 from fwi_jax.sharding import data_mesh, initialize_distributed
@@ -503,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     initialize_distributed(force=args.distributed)  # each host reads its share; process 0 writes the file
+    tune_cpu_host(verbose=jax.process_index() == 0)
     out = pathlib.Path(args.out).expanduser()
     progress = not args.no_progress and jax.process_index() == 0
     try:

@@ -44,6 +44,7 @@ import optax
 from fwi_jax import sharding
 from fwi_jax.checkpoint import TrainCheckpoints, load_params, save_params
 from fwi_jax.config import Config, ConfigError, add_override_argument, from_dict, load_config
+from fwi_jax.host import tune_cpu_host
 from fwi_jax.loss import get_loss, mape_per_sample
 from fwi_jax.model import create_model
 from fwi_jax.optim import LossScale, all_finite, ema_update, make_optimizer, uses_loss_scaling
@@ -464,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     sharding.initialize_distributed(force=args.distributed)
+    tune_cpu_host(verbose=jax.process_index() == 0)
     overrides = list(args.set)
     for key, value in (("data.root", args.data), ("data.train_list", args.train_list),
                        ("data.val_list", args.val_list), ("train.seed", args.seed)):

@@ -22,7 +22,11 @@ and the ratio ours / PyTorch. A Markdown table closes the output.
 
     .venv/bin/python scripts/bench_train.py [--config tiny_s8] [--batch 1] [--dtype float32]
         [--attention xla einsum blockwise] [--remat none full dots] [--steps 2] [--warmup 1]
-        [--no-torch] [--torch-around] [--compile-only] [--set model.depth=2 ...]
+        [--cpu-tuning on off] [--no-torch] [--torch-around] [--compile-only] [--set model.depth=2 ...]
+
+Our rows run with fwi_jax.host.tune_cpu_host applied, as ``train`` and ``infer`` run
+(``--cpu-tuning off`` adds or selects rows with XLA's defaults); "CPU s/step (system)" shows
+the kernel's share, which that tuning removes.
 
 Timings on a shared machine are noisy: the table also gives the CPU seconds per step (process
 time, which other load inflates less than wall time). Only ratios within one run mean much.
@@ -31,6 +35,7 @@ time, which other load inflates less than wall time). Only ratios within one run
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -88,6 +93,22 @@ def _memory(compiled) -> float | None:
     return total / GIB
 
 
+def time_steps(step, warmup: int, steps: int, batch: int) -> dict:
+    """Run ``step()`` (returns the loss, after the step has finished) ``warmup`` + ``steps`` times;
+    wall, CPU (process) and system seconds of the timed steps, their medians, samples/s."""
+    wall, cpu, system = [], [], []
+    loss = None
+    for i in range(warmup + steps):
+        t0, c0, s0 = time.perf_counter(), time.process_time(), os.times().system
+        loss = step()
+        if i >= warmup:
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+            system.append(os.times().system - s0)
+    return {"step_s": statistics.median(wall), "step_s_all": wall, "cpu_s": statistics.median(cpu),
+            "sys_s": statistics.median(system), "samples_per_s": batch / statistics.median(wall), "loss": loss}
+
+
 def run_one(a) -> dict:
     """One (attention, remat) configuration of our step, in this process."""
     import jax
@@ -97,11 +118,13 @@ def run_one(a) -> dict:
     from fwi_jax.model import count_params, create_model
     from fwi_jax.model.attention import resolve_impl
     from fwi_jax.optim import make_optimizer
+    from fwi_jax.host import tune_cpu_host
     from fwi_jax.train import create_train_state, make_train_step
 
+    host = tune_cpu_host(verbose=False)  # before anything starts a backend
     attention, remat = a.one
     cfg = load_config(a.config, overrides(a, attention, remat))
-    rec = {"attention": attention, "resolved": resolve_impl(attention), "remat": remat}
+    rec = {"attention": attention, "resolved": resolve_impl(attention), "remat": remat, "host": host}
     graphdef, params = create_model(cfg, seed=0)
     rec["params"] = count_params(params)
     tx, schedule = make_optimizer(cfg, total_steps=1000)
@@ -123,21 +146,13 @@ def run_one(a) -> dict:
         rec["error"] = f"not run: XLA estimate {rec['mem_gib']:.1f} GiB > --max-mem-gib {a.max_mem_gib}"
         return rec
 
-    wall, cpu = [], []
-    loss = None
-    for i in range(a.warmup + a.steps):
-        t0, c0 = time.perf_counter(), time.process_time()
+    def one_step():
+        nonlocal state
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
-        if i >= a.warmup:
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        loss = float(metrics["loss"])
-    rec["step_s"] = statistics.median(wall)
-    rec["step_s_all"] = wall
-    rec["cpu_s"] = statistics.median(cpu)
-    rec["samples_per_s"] = a.batch / rec["step_s"]
-    rec["loss"] = loss
+        return float(metrics["loss"])
+
+    rec.update(time_steps(one_step, a.warmup, a.steps, a.batch))
     if rec["flops"]:
         rec["flop_per_s"] = rec["flops"] / rec["step_s"]
     return rec
@@ -196,23 +211,15 @@ def torch_train(a) -> dict:
         opt.step()
         return float(loss)
 
-    wall, cpu = [], []
-    loss = None
-    for i in range(a.warmup + a.torch_steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss = step()
-        if i >= a.warmup:
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    return {"step_s": statistics.median(wall), "step_s_all": wall, "cpu_s": statistics.median(cpu),
-            "samples_per_s": a.batch / statistics.median(wall), "loss": loss,
+    return {**time_steps(step, a.warmup, a.torch_steps, a.batch),
             "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters())}
 
 
-def child(a, extra: list[str]) -> dict:
+def child(a, extra: list[str], cpu_tuning: str = "on") -> dict:
     cmd = [sys.executable, __file__, *extra]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "FWI_JAX_CPU_TUNING": "1" if cpu_tuning == "on" else "0"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in p.stdout.splitlines()[::-1]:
         if line.startswith("RESULT "):
             rec = json.loads(line[len("RESULT "):])
@@ -233,6 +240,12 @@ def default_attention() -> list[str]:
     return impls
 
 
+def label(rec) -> str:
+    """Row label: attention (resolved), and the CPU tuning when it is off."""
+    impl = rec["attention"] + (f" ({rec['resolved']})" if rec.get("resolved", rec["attention"]) != rec["attention"] else "")
+    return impl + (", CPU tuning off" if rec.get("cpu_tuning") == "off" else "")
+
+
 def fmt(x, spec, missing="-"):
     return missing if x is None else format(x, spec)
 
@@ -245,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", nargs="+", default=None,
                     help="implementations (default: every one valid here: xla, einsum, blockwise, +cudnn on sm80+)")
     ap.add_argument("--remat", nargs="+", default=["none", "full", "dots"])
+    ap.add_argument("--cpu-tuning", nargs="+", default=["on"], choices=["on", "off"],
+                    help="fwi_jax.host.tune_cpu_host in our rows (on: as train/infer run; off: XLA defaults)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     ap.add_argument("--torch-steps", type=int, default=None, help="timed PyTorch steps (default --steps)")
@@ -310,22 +325,22 @@ def main(argv=None) -> int:
                   f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})", flush=True)
 
     records = []
-    for attention in a.attention:
-        for remat in a.remat:
-            rec = child(a, [*common, "--one", attention, remat])
-            rec.setdefault("attention", attention)
-            rec.setdefault("remat", remat)
-            records.append(rec)
-            msg = rec.get("error") or (
-                f"compile {rec['compile_s']:.1f} s, XLA {fmt(rec['flops'] and rec['flops'] / 1e12, '.3f')} TFLOP/step, "
-                f"memory {fmt(rec['mem_gib'], '.2f')} GiB"
-                + ("" if a.compile_only else
-                   f", {rec['samples_per_s']:.4f} samples/s (steps {', '.join(f'{t:.1f}' for t in rec['step_s_all'])} s, "
-                   f"CPU {rec['cpu_s']:.1f} s/step, loss {rec['loss']:.4f})"))
-            print(f"ours {attention}/{remat}: {msg} (load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})",
-                  flush=True)
-            if a.json:  # partial results survive an interrupted run
-                pathlib.Path(a.json).write_text(json.dumps({"args": vars(a), "roofline": roof, "ours": records}, indent=1))
+    for attention, remat, tuning in itertools.product(a.attention, a.remat, a.cpu_tuning):
+        rec = child(a, [*common, "--one", attention, remat], tuning)
+        rec.setdefault("attention", attention)
+        rec.setdefault("remat", remat)
+        rec["cpu_tuning"] = tuning
+        records.append(rec)
+        msg = rec.get("error") or (
+            f"compile {rec['compile_s']:.1f} s, XLA {fmt(rec['flops'] and rec['flops'] / 1e12, '.3f')} TFLOP/step, "
+            f"memory {fmt(rec['mem_gib'], '.2f')} GiB"
+            + ("" if a.compile_only else
+               f", {rec['samples_per_s']:.4f} samples/s (steps {', '.join(f'{t:.1f}' for t in rec['step_s_all'])} s, "
+               f"CPU {rec['cpu_s']:.1f} s/step of which system {rec['sys_s']:.1f}, loss {rec['loss']:.4f})"))
+        print(f"ours {label(rec)} / {remat}: {msg} (load average {' '.join(f'{x:.1f}' for x in os.getloadavg())})",
+              flush=True)
+        if a.json:  # partial results survive an interrupted run
+            pathlib.Path(a.json).write_text(json.dumps({"args": vars(a), "roofline": roof, "ours": records}, indent=1))
 
     ref = None
     if not a.no_torch and not a.compile_only:
@@ -334,22 +349,23 @@ def main(argv=None) -> int:
             walls = ref_before["step_s_all"] + ref["step_s_all"]
             ref = {**ref, "step_s_all": walls, "step_s": statistics.median(walls),
                    "samples_per_s": a.batch / statistics.median(walls),
-                   "cpu_s": statistics.median([ref_before["cpu_s"], ref["cpu_s"]])}
+                   "cpu_s": statistics.median([ref_before["cpu_s"], ref["cpu_s"]]),
+                   "sys_s": statistics.median([ref_before["sys_s"], ref["sys_s"]])}
         if "error" in ref:
             print(f"PyTorch reference: {ref['error']}", flush=True)
         else:
             print(f"PyTorch reference ({ref['threads']} threads, {ref['params']:,} params): "
                   f"{ref['samples_per_s']:.4f} samples/s (steps {', '.join(f'{t:.1f}' for t in ref['step_s_all'])} s, "
-                  f"CPU {ref['cpu_s']:.1f} s/step, loss {ref['loss']:.4f})", flush=True)
+                  f"CPU {ref['cpu_s']:.1f} s/step of which system {ref['sys_s']:.1f}, loss {ref['loss']:.4f})", flush=True)
 
     print(f"\nload average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if a.compile_only:
         print("\n| attention | remat | compile s | XLA TFLOP/step | XLA memory GiB |\n|---|---|---:|---:|---:|")
         for r in records:
             if "error" in r and "compile_s" not in r:
-                print(f"| {r['attention']} | {r['remat']} | {r['error']} | | |")
+                print(f"| {label(r)} | {r['remat']} | {r['error']} | | |")
                 continue
-            print(f"| {r['attention']} | {r['remat']} | {r['compile_s']:.1f} | "
+            print(f"| {label(r)} | {r['remat']} | {r['compile_s']:.1f} | "
                   f"{fmt(r['flops'] and r['flops'] / 1e12, '.3f')} | {fmt(r['mem_gib'], '.2f')} |")
     else:
         ref_sps = ref.get("samples_per_s") if ref else None
@@ -359,23 +375,23 @@ def main(argv=None) -> int:
                             and r.get("flops")), None)
         if model_flops:
             print(f"\nmodel FLOPs per step (XLA's count for xla attention, no remat): {model_flops / 1e9:.0f} GFLOP")
-        print("\n| implementation | remat | compile s | step s (median) | CPU s/step | samples/s | XLA GFLOP/step "
+        print("\n| implementation | remat | compile s | step s (median) | CPU s/step (system) | samples/s | XLA GFLOP/step "
               "| achieved GFLOP/s (XLA count) | % of matmul roofline | model GFLOP/s | XLA memory GiB | vs PyTorch |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in records:
             if "samples_per_s" not in r:
-                print(f"| ours {r['attention']} | {r['remat']} | {fmt(r.get('compile_s'), '.1f')} | "
+                print(f"| ours {label(r)} | {r['remat']} | {fmt(r.get('compile_s'), '.1f')} | "
                       f"{r.get('error', '')} | | | {fmt(r.get('flops') and r['flops'] / 1e9, '.0f')} | | | | "
                       f"{fmt(r.get('mem_gib'), '.2f')} | |")
                 continue
             fps = r.get("flop_per_s")
-            print(f"| ours {r['attention']} | {r['remat']} | {r['compile_s']:.1f} | {r['step_s']:.2f} | {r['cpu_s']:.1f} | "
+            print(f"| ours {label(r)} | {r['remat']} | {r['compile_s']:.1f} | {r['step_s']:.2f} | {r['cpu_s']:.1f} ({r['sys_s']:.1f}) | "
                   f"{r['samples_per_s']:.4f} | {fmt(r['flops'] and r['flops'] / 1e9, '.0f')} | "
                   f"{fmt(fps and fps / 1e9, '.1f')} | {fmt(fps and roof and 100 * fps / roof, '.0f')} | "
                   f"{fmt(model_flops and model_flops / r['step_s'] / 1e9, '.1f')} | {fmt(r['mem_gib'], '.2f')} | {fmt(ref_sps and r['samples_per_s'] / ref_sps, '.2f', 'n/a')}{'x' if ref_sps else ''} |")
         if ref and "samples_per_s" in ref:
             print(f"| PyTorch reference (timm, {'float32' if a.dtype == 'float32' else 'autocast ' + a.dtype}) | - | - | "
-                  f"{ref['step_s']:.2f} | {ref['cpu_s']:.1f} | {ref['samples_per_s']:.4f} | | | | {fmt(model_flops and model_flops / ref['step_s'] / 1e9, '.1f')} | | 1.00x |")
+                  f"{ref['step_s']:.2f} | {ref['cpu_s']:.1f} ({ref['sys_s']:.1f}) | {ref['samples_per_s']:.4f} | | | | {fmt(model_flops and model_flops / ref['step_s'] / 1e9, '.1f')} | | 1.00x |")
         if roof:
             print(f"\nmatmul roofline: {roof / 1e9:.1f} GFLOP/s (jitted float32 2048x2048 matmul)")
     if a.json:

@@ -1,7 +1,8 @@
 """Attention implementations agree with jax.nn.dot_product_attention (forward and gradients).
 
 Tolerances: every implementation computes the same float32 maths in a different summation order
-(the blockwise one rescales partial sums by exp(m_old - m_new) per key block). Each output or
+(the blockwise one rescales partial sums by exp(m_old - m_new) per key block; query_blocks sums
+dK and dV over query blocks). Each output or
 gradient entry is a sum of <= N products of O(1) values, so the reordering error is a few float32
 ulps times log2(N) -- about 1e-6 relative here. We allow atol = rtol = 2e-5 (float32 eps is 1.2e-7):
 loose enough for reordering, 1,000x tighter than any real bug (a wrong scale, a missing
@@ -71,29 +72,37 @@ def _check_with_rope(ours, seed=0, cotangent_seed=9):
         np.testing.assert_allclose(g, r, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("impl,block", [("blockwise", 64), ("blockwise", 50), ("blockwise", 512), ("einsum", 0)])
+@pytest.mark.parametrize("impl,block", [("blockwise", 64), ("blockwise", 50), ("blockwise", 512), ("einsum", 0),
+                                        ("query_blocks", 64), ("query_blocks", 50), ("query_blocks", 512)])
 def test_forward_and_gradients_match_with_rope(impl, block):
     _check_with_rope(lambda q, k, v: attention(q, k, v, impl=impl, block_size=block))
 
 
-def test_blockwise_full_token_count_forward():
-    """Forward at the real token count (1,980 patches + cls = 1,981; 1,980 itself is not a
-    multiple of 512 either), one head to keep it cheap."""
+@pytest.mark.parametrize("impl,block", [("blockwise", 512), ("query_blocks", 256)])
+def test_full_token_count(impl, block):
+    """The real token count (1,980 patches + cls = 1,981, a multiple of neither block), one head
+    to keep it cheap: forward, and the gradients of a random projection of the output."""
     q, k, v = _qkv((1, 1981, 1, 64), seed=3)
-    out = jax.jit(lambda q, k, v: attention(q, k, v, impl="blockwise", block_size=512))(q, k, v)
-    np.testing.assert_allclose(out, _reference(q, k, v), atol=ATOL, rtol=RTOL)
+    w = jax.random.normal(jax.random.key(4), q.shape)
+    ours = lambda q, k, v: attention(q, k, v, impl=impl, block_size=block)
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), _reference(q, k, v), atol=ATOL, rtol=RTOL)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2)))(q, k, v)
+    ref_grads = jax.grad(lambda *a: jnp.sum(_reference(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
 
 
-def test_blockwise_never_materialises_the_score_matrix():
+@pytest.mark.parametrize("impl", ["blockwise", "query_blocks"])
+def test_never_materialises_the_score_matrix(impl):
     n, block = 197, 64
     q, k, v = _qkv((1, n, 2, 16))
     grad = lambda impl: jax.grad(lambda q, k, v: attention(q, k, v, impl=impl, block_size=block).sum(), argnums=(0, 1, 2))
     square = f"{n},{n}]"
     assert square in str(jax.make_jaxpr(grad("xla"))(q, k, v))  # the check can see an (N, N) array
-    assert square not in str(jax.make_jaxpr(grad("blockwise"))(q, k, v))
+    assert square not in str(jax.make_jaxpr(grad(impl))(q, k, v))
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "einsum"])
+@pytest.mark.parametrize("impl", ["blockwise", "query_blocks", "einsum"])
 def test_bfloat16_inputs_accumulate_in_float32(impl):
     """bfloat16 in, bfloat16 out; compared with float32 attention of the same (rounded) inputs.
     Tolerance: bfloat16 has an 8-bit significand (eps 2^-8 = 3.9e-3); the output is rounded once
@@ -111,10 +120,10 @@ def test_bfloat16_inputs_accumulate_in_float32(impl):
 
 
 def test_auto_rule_and_errors():
-    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "einsum", "blockwise", "auto"}
+    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "einsum", "blockwise", "query_blocks", "auto"}
     device = jax.local_devices()[0]
     if device.platform == "cpu":
-        assert resolve_impl("auto") == "blockwise"
+        assert resolve_impl("auto") == "query_blocks"
         q = jnp.zeros((1, 8, 1, 8))
         with pytest.raises(ValueError, match="cudnn"):
             attention(q, q, q, impl="cudnn")
@@ -146,11 +155,12 @@ def test_auto_heads_per_step():
 
 
 def _forward_passes(jaxpr) -> int:
-    """Blockwise forward passes in a jaxpr: scans carrying (max, normaliser, numerator)."""
+    """Attention forward passes in a jaxpr: scans whose body takes a row max (both tilings'
+    forward scans do; their backward scans reuse the saved log-sum-exp and take none)."""
     n = 0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan" and eqn.params["num_carry"] == 3:
-            n += 1
+        if eqn.primitive.name == "scan":
+            n += any(e.primitive.name == "reduce_max" for e in eqn.params["jaxpr"].jaxpr.eqns)
         for param in eqn.params.values():
             sub = getattr(param, "jaxpr", param)
             if hasattr(sub, "eqns"):
@@ -158,9 +168,10 @@ def _forward_passes(jaxpr) -> int:
     return n
 
 
-def test_remat_dots_keeps_attention_residuals():
+@pytest.mark.parametrize("impl", ["blockwise", "query_blocks"])
+def test_remat_dots_keeps_attention_residuals(impl):
     """Under the model's "dots" remat policy the attention output and log-sum-exp are saved, so
-    the backward pass runs no second blockwise forward; "full" recomputes it."""
+    the backward pass runs no second attention forward; "full" recomputes it."""
     from fwi_jax.model.fwi import REMAT_POLICIES
 
     x = jax.random.normal(jax.random.key(0), (1, 197, 32))
@@ -168,7 +179,7 @@ def test_remat_dots_keeps_attention_residuals():
 
     def block(x, wq):
         q, k, v = (t.reshape(1, 197, 2, 16) for t in jnp.split(x @ wq, 3, axis=-1))
-        return jnp.sum(attention(q, k, v, impl="blockwise", block_size=64, heads_per_step=1) ** 2)
+        return jnp.sum(attention(q, k, v, impl=impl, block_size=64, heads_per_step=1) ** 2)
 
     passes = {}
     for remat in ("none", "dots", "full"):

@@ -17,9 +17,17 @@ Implementations (``cfg.model.attention``):
   key blocks of ``block_size`` tokens, the backward pass recomputes the scores block by block
   from the saved log-sum-exp. Peak memory per head is O(N * block_size), never O(N^2). For
   GPUs without cuDNN flash attention (V100) and for memory estimates.
+- ``"query_blocks"``: the CPU layout of the same idea, also with a custom VJP: one head at a
+  time, each sequential step takes ``block_size`` queries against all N keys, so every row's
+  softmax is exact in one pass (no online rescaling, no running accumulator); the backward
+  recomputes each probability tile, transposed to (N, block), from the saved log-sum-exp and
+  accumulates dK, dV. Peak memory O(block_size * N), never O(N^2). Its 2-D matmuls, single pass
+  and YNNPACK-friendly backward beat the key-block scan on CPU (fwd+bwd of tiny's attention
+  0.49 vs 0.61 s, docs/performance.md); a sequential loop over heads would starve a GPU, so
+  ``auto`` never picks it there.
 - ``"auto"``: the rule of :func:`resolve_impl` -- cuDNN on NVIDIA GPUs that have it
   (compute capability >= 8.0), blockwise on older NVIDIA GPUs (V100: no cuDNN flash kernel, the
-  (N, N) scores would dominate memory), blockwise on CPU too (fastest measured there, forward
+  (N, N) scores would dominate memory), query_blocks on CPU (fastest measured there, forward
   and backward: scripts/bench_attention.py, docs/performance.md), xla elsewhere (TPU, ROCm).
 
 Matmuls accumulate in float32 whatever the input dtype (bfloat16 / float16 inputs keep their
@@ -35,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "blockwise", "auto")
+IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "blockwise", "query_blocks", "auto")
 
 _F32 = jnp.float32
 
@@ -54,7 +62,7 @@ def resolve_impl(impl: str, device: jax.Device | None = None) -> str:
     """Concrete implementation for `impl` on `device` (default: the first local device).
 
     "auto": cudnn on NVIDIA GPUs of compute capability >= 8.0; blockwise on older NVIDIA GPUs
-    (V100, 7.0); blockwise on CPU (measured fastest there: its (N, block) score tiles stay in
+    (V100, 7.0); query_blocks on CPU (measured fastest there: its (block, N) score tiles stay in
     cache, where xla/einsum stream (N, N) arrays through memory); xla on any other platform.
     """
     if impl not in IMPLEMENTATIONS:
@@ -63,7 +71,7 @@ def resolve_impl(impl: str, device: jax.Device | None = None) -> str:
         return impl
     device = device or jax.local_devices()[0]
     if device.platform == "cpu":
-        return "blockwise"
+        return "query_blocks"
     if device.platform == "gpu" and getattr(device, "compute_capability", None) is not None:
         return "cudnn" if _cudnn_available(device) else "blockwise"
     return "xla"
@@ -74,9 +82,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
     """Softmax(q k^T / sqrt(d)) v, non-causal, no mask.
 
     q, k, v: (batch, tokens, heads, head_dim), same dtype. Returns (batch, tokens, heads, head_dim)
-    in q's dtype. `block_size` and `heads_per_step` are used by "blockwise" only: the key block
-    length (any positive int; the token count need not be a multiple of it) and how many of the
-    batch x heads attention heads one sequential step processes (None: `auto_heads_per_step`).
+    in q's dtype. `block_size` is the key block of "blockwise" and the query block of
+    "query_blocks" (any positive int; the token count need not be a multiple of it);
+    `heads_per_step` ("blockwise" only) is how many of the batch x heads attention heads one
+    sequential step processes (None: `auto_heads_per_step`).
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention expects q, k, v of one shape (batch, tokens, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
@@ -94,15 +103,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     if impl == "einsum":
         return _einsum_attention(q, k, v)
+    if impl in ("blockwise", "query_blocks") and block_size < 1:
+        raise ValueError(f"attention block_size must be a positive int, got {block_size}")
+    if impl == "query_blocks":
+        return _tiled_attention(q, k, v, "queries", int(block_size), 1)
     if impl == "blockwise":
-        if block_size < 1:
-            raise ValueError(f"attention block_size must be a positive int, got {block_size}")
         b, n, h, _ = q.shape
         if heads_per_step is None:
             heads_per_step = auto_heads_per_step(b * h, n, int(block_size))
         if heads_per_step < 1:
             raise ValueError(f"attention heads_per_step must be a positive int, got {heads_per_step}")
-        return _blockwise_attention(q, k, v, int(block_size), min(int(heads_per_step), b * h))
+        return _tiled_attention(q, k, v, "keys", int(block_size), min(int(heads_per_step), b * h))
     raise AssertionError(impl)  # unreachable: resolve_impl validated it
 
 
@@ -116,7 +127,7 @@ def _einsum_attention(q, k, v):
 
 
 # ----------------------------------------------------------------------------------------------
-# Blockwise (flash-style) attention.
+# Blockwise (flash-style) and query-block attention.
 # Written by hand because neither jax nor flax ships a portable memory-efficient attention with
 # a recomputing backward pass for CPU / pre-Ampere GPUs (jax's Pallas kernels are GPU/TPU only,
 # cuDNN's needs compute capability >= 8.0).
@@ -131,6 +142,14 @@ def _einsum_attention(q, k, v):
 # every head (a sequential loop over heads would starve the device).
 # Padded keys get a -inf additive bias (a per-block vector), so each tile's
 # scale/bias/exp is one elementwise pass fused behind its matmul.
+# query_blocks uses the same custom VJP and head groups of one head, but its inner `lax.scan`
+# walks query blocks: a (block, N) tile holds whole rows, so the forward's softmax is exact
+# at once and the backward accumulates dK, dV (N, D) in the carry. Padded queries are zero rows
+# that are cut off (the blocks are balanced: 1,981 rows in blocks of <= 256 are 8 x 248). On CPU
+# this is the fastest layout measured: one head's 248 x 1,981 tile is 2 MB, every matmul is 2-D,
+# the forward skips the online rescaling of a running output, the queries are scaled once
+# instead of every tile, and the backward keeps its tiles transposed so that XLA:CPU sends all
+# five of its matmuls to YNNPACK (two of them went to Eigen's slower path before).
 
 ATTENTION_RESIDUALS = ("attention_out", "attention_lse")  # checkpoint_name tags of the saved residuals
 _CPU_TILE_BYTES = 2 * 2**20  # target float32 (g, N, block) score tile on CPU (~ the L2 size)
@@ -231,6 +250,89 @@ def _group_backward(q, k, v, out, lse, d_out, block_size):
             unsplit(dv_blocks).astype(v.dtype))
 
 
+def _query_blocks(x, block_size):
+    """(N, ...) -> (n_blocks, rows, ...), rows = ceil(N / n_blocks) <= block_size (the blocks are
+    balanced, so at most n_blocks - 1 zero rows are padded at the end: 1,981 tokens in blocks of
+    512 become 4 x 496, not 4 x 512)."""
+    n = x.shape[0]
+    n_blocks = -(-n // block_size)
+    rows = -(-n // n_blocks)
+    x = jnp.pad(x, ((0, n_blocks * rows - n),) + ((0, 0),) * (x.ndim - 1))
+    return x.reshape(n_blocks, rows, *x.shape[1:])
+
+
+def _scaled(q):
+    """q / sqrt(head_dim), in q's dtype: scaling the (N, D) queries once costs less than scaling
+    every (rows, N) score tile."""
+    return (q.astype(_F32) * (1.0 / math.sqrt(q.shape[-1]))).astype(q.dtype)
+
+
+def _head_forward_by_queries(q, k, v, block_size):
+    """One head, (N, D) each, query block by query block -> out (N, D) in q.dtype, lse (N,) f32.
+    Padded query rows (zeros) give finite rows that are cut off."""
+    n, d = q.shape
+
+    def step(_, q_b):
+        s = jnp.einsum("qd,kd->qk", q_b, k, preferred_element_type=_F32)  # (rows, N), scaled
+        m = s.max(axis=-1)
+        p = jnp.exp(s - m[:, None])
+        l = p.sum(axis=-1)
+        o = jnp.einsum("qk,kd->qd", p.astype(v.dtype), v, preferred_element_type=_F32) / l[:, None]
+        return None, (o, m + jnp.log(l))
+
+    _, (out, lse) = jax.lax.scan(step, None, _query_blocks(_scaled(q), block_size))
+    return out.reshape(-1, d)[:n].astype(q.dtype), lse.reshape(-1)[:n]
+
+
+def _head_backward_by_queries(q, k, v, out, lse, d_out, block_size):
+    """One head's dq, dk, dv (N, D): each query block's probabilities recomputed from lse; dK and
+    dV accumulate over the blocks. Padded rows have q = dO = lse = delta = 0, so they add 0.
+
+    The tiles are kept transposed, (N, rows), so that every matmul contracts the last axis of its
+    left operand: XLA CPU hands those to YNNPACK, while a product contracting the first axis
+    (P^T dO, dS^T Q in the untransposed layout) went to Eigen's slower packing path (perf: ~11 %
+    of a tiny_s8 train step's CPU time in Eigen's gemm packing; fwd+bwd 13 % faster this way)."""
+    n, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    delta = jnp.einsum("qd,qd->q", d_out.astype(_F32), out.astype(_F32))
+    k_t = k.T  # (D, N), once per head, so that dQ^T = K^T dS^T is a plain product too
+
+    def step(carry, block):
+        dk, dv = carry
+        q_b, qs_b, do_b, lse_b, delta_b = block
+        s_t = jnp.einsum("kd,qd->kq", k, qs_b, preferred_element_type=_F32)  # (N, rows), scaled
+        p_t = jnp.exp(s_t - lse_b[None, :])
+        dv = dv + jnp.einsum("kq,qd->kd", p_t.astype(d_out.dtype), do_b, preferred_element_type=_F32)
+        dp_t = jnp.einsum("kd,qd->kq", v, do_b, preferred_element_type=_F32)
+        ds_t = p_t * (dp_t - delta_b[None, :])  # d(scores)^T / scale
+        dk = dk + jnp.einsum("kq,qd->kd", ds_t.astype(q.dtype), q_b, preferred_element_type=_F32)
+        dq_t = jnp.einsum("dk,kq->dq", k_t, ds_t.astype(k.dtype), preferred_element_type=_F32)  # (D, rows)
+        return (dk, dv), dq_t
+
+    blocks = tuple(_query_blocks(a, block_size) for a in (q, _scaled(q), d_out, lse, delta))
+    (dk, dv), dq_t = jax.lax.scan(step, (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32)), blocks)
+    dq = jnp.swapaxes(dq_t, 1, 2).reshape(-1, d)[:n]
+    return (dq * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype)
+
+
+def _group_forward_by_queries(q, k, v, block_size):
+    """A group of one head, (1, N, D): `_head_forward_by_queries` (2-D matmuls, measured faster
+    on CPU than the same with a unit batch axis)."""
+    out, lse = _head_forward_by_queries(q[0], k[0], v[0], block_size)
+    return out[None], lse[None]
+
+
+def _group_backward_by_queries(q, k, v, out, lse, d_out, block_size):
+    grads = _head_backward_by_queries(q[0], k[0], v[0], out[0], lse[0], d_out[0], block_size)
+    return tuple(g[None] for g in grads)
+
+
+_TILINGS = {  # tiling -> (group forward, group backward)
+    "keys": (_group_forward, _group_backward),
+    "queries": (_group_forward_by_queries, _group_backward_by_queries),
+}
+
+
 def _map_groups(fn, *grouped):
     """fn over the leading (group) axis: a plain call for one group, else lax.map (sequential)."""
     if grouped[0].shape[0] == 1:
@@ -238,22 +340,24 @@ def _map_groups(fn, *grouped):
     return jax.lax.map(lambda args: fn(*args), grouped)
 
 
-def _blockwise_forward(q, k, v, block_size, heads_per_step):
+def _tiled_forward(q, k, v, tiling, block_size, heads_per_step):
     """Returns out (B, N, H, D) in q.dtype and the log-sum-exp (B, H, N) float32."""
     b, n, h, _ = q.shape
     g = heads_per_step
-    out, lse = _map_groups(lambda *a: _group_forward(*a, block_size), *(_to_groups(a, g) for a in (q, k, v)))
+    forward = _TILINGS[tiling][0]
+    out, lse = _map_groups(lambda *a: forward(*a, block_size), *(_to_groups(a, g) for a in (q, k, v)))
     lse = lse.reshape(-1, n)[: b * h].reshape(b, h, n)
     return _from_groups(out, q.shape), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _blockwise_attention(q, k, v, block_size, heads_per_step):
-    return _blockwise_forward(q, k, v, block_size, heads_per_step)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _tiled_attention(q, k, v, tiling, block_size, heads_per_step):
+    """Blockwise ("keys") or query-block ("queries") attention, both with a recomputing backward."""
+    return _tiled_forward(q, k, v, tiling, block_size, heads_per_step)[0]
 
 
-def _blockwise_fwd(q, k, v, block_size, heads_per_step):
-    out, lse = _blockwise_forward(q, k, v, block_size, heads_per_step)
+def _tiled_fwd(q, k, v, tiling, block_size, heads_per_step):
+    out, lse = _tiled_forward(q, k, v, tiling, block_size, heads_per_step)
     # named so that a remat policy can keep them (fwi_jax.model.fwi's "dots" does): then the
     # backward pass needs no second forward pass
     out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
@@ -261,16 +365,16 @@ def _blockwise_fwd(q, k, v, block_size, heads_per_step):
     return out, (q, k, v, out, lse)
 
 
-def _blockwise_bwd(block_size, heads_per_step, residuals, d_out):
-    """Recompute each key block's probabilities from the saved log-sum-exp (no (N, N) residual)."""
+def _tiled_bwd(tiling, block_size, heads_per_step, residuals, d_out):
+    """Recompute each tile's probabilities from the saved log-sum-exp (no (N, N) residual)."""
     q, k, v, out, lse = residuals
-    b, n, h, _ = q.shape
     g = heads_per_step
     groups = lambda a: _to_groups(a, g)
     lse_groups = groups(lse.transpose(0, 2, 1)[..., None])[..., 0]  # (B,H,N) -> (groups, g, N)
-    dq, dk, dv = _map_groups(lambda *a: _group_backward(*a, block_size),
+    backward = _TILINGS[tiling][1]
+    dq, dk, dv = _map_groups(lambda *a: backward(*a, block_size),
                              groups(q), groups(k), groups(v), groups(out), lse_groups, groups(d_out))
     return _from_groups(dq, q.shape), _from_groups(dk, k.shape), _from_groups(dv, v.shape)
 
 
-_blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
+_tiled_attention.defvjp(_tiled_fwd, _tiled_bwd)
