@@ -23,6 +23,8 @@ import time
 import jax
 import numpy as np
 
+from fwi_jax.host import tune_cpu_host
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # torch_reference.py
 
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--member-chunk", type=int)
     add_override_argument(ap)
     args = ap.parse_args(argv)
+    tune_cpu_host()  # ours runs as `python -m fwi_jax.infer` does (FWI_JAX_CPU_TUNING=0: XLA's defaults)
     import torch
 
     from torch_reference import ReferenceModel, randomize_

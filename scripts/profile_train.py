@@ -216,6 +216,9 @@ def main(argv=None) -> int:
     ap.add_argument("--logdir", default=None, help="keep the trace here (default: a temporary folder)")
     a = ap.parse_args(argv)
 
+    from fwi_jax.host import tune_cpu_host
+
+    tune_cpu_host()  # as train and infer run (FWI_JAX_CPU_TUNING=0 profiles XLA's defaults)
     import jax
     import jax.numpy as jnp
 
