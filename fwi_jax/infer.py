@@ -267,6 +267,13 @@ def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | N
 # Devices
 
 
+def default_member_chunk(device: jax.Device) -> int | None:
+    """Members run at once by default: on CPU one (``lax.map``: each member's activations stay in
+    cache; tiny_s8, 3 members with TTA on 2 cores: 0.077 vs 0.065 samples/s with all vmapped,
+    docs/performance.md); elsewhere all of them (None: vmap keeps an accelerator busy)."""
+    return 1 if device.platform == "cpu" else None
+
+
 class Predictor:
     """Ensemble on a mesh: ``predict(x_local)`` -> (B_global, depth, x) float32 NumPy on every host.
 
@@ -276,8 +283,11 @@ class Predictor:
 
     def __init__(self, groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
                  mesh: Mesh | None = None):
+        """``member_chunk``: stacked members run at once; None = `default_member_chunk`."""
         self.groups = list(groups)
         self.mesh = mesh or data_mesh()
+        if member_chunk is None:
+            member_chunk = default_member_chunk(self.mesh.devices.flat[0])
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         replicated = NamedSharding(self.mesh, P())
         self.params = jax.device_put(tuple(g.params for g in self.groups), replicated)
@@ -288,13 +298,20 @@ class Predictor:
     def n_devices(self) -> int:
         return self.mesh.devices.size
 
-    def dispatch(self, x_local: np.ndarray) -> jax.Array:
-        """Start the forward pass on a host batch; returns the (global, sharded) device result."""
+    def _global_batch(self, x_local: np.ndarray) -> jax.Array:
         x_local = np.asarray(x_local)
         if x_local.dtype not in (np.float16, np.float32):
             x_local = x_local.astype(np.float32)
-        x = jax.make_array_from_process_local_data(self.batch_sharding, x_local)
-        return self._fn(self.params, self.weights, x)
+        return jax.make_array_from_process_local_data(self.batch_sharding, x_local)
+
+    def dispatch(self, x_local: np.ndarray) -> jax.Array:
+        """Start the forward pass on a host batch; returns the (global, sharded) device result."""
+        return self._fn(self.params, self.weights, self._global_batch(x_local))
+
+    def lower(self, x_local: np.ndarray) -> jax.stages.Lowered:
+        """The program for batches like ``x_local``, lowered (``.compile()`` gives XLA's cost and
+        memory analyses; scripts/bench_infer.py reports them)."""
+        return self._fn.lower(self.params, self.weights, self._global_batch(x_local))
 
     @staticmethod
     def fetch(y: jax.Array) -> np.ndarray:
@@ -487,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-tta", action="store_true", help="skip the flip test-time augmentation")
     ap.add_argument("--dtype", choices=DTYPES, help="compute dtype of every member (params stay float32)")
     ap.add_argument("--batch", type=int, default=4, help="global batch (rounded up to a multiple of the devices)")
-    ap.add_argument("--member-chunk", type=int, help="run at most this many stacked members at once (memory)")
+    ap.add_argument("--member-chunk", type=int, help="run at most this many stacked members at once "
+                    "(default: 1 on CPU, all elsewhere; fewer save memory)")
     add_override_argument(ap)
     ap.add_argument("--val", action="store_true", help="score against vp_model.npy: print MAPE, write per-sample CSV")
     ap.add_argument("--val-csv", help="per-sample MAPE CSV (default: OUT with .csv)")

@@ -2,15 +2,20 @@
 
 - ours: ``fwi_jax.infer.Predictor`` — N members of one config stacked and vmapped, flip TTA riding in
   the same batch, the weighted mean on device, one jitted program, batches sharded over devices;
+  one row per attention implementation (``--attention``; remat does not apply: no backward pass);
 - the reference's way: the PyTorch model (tests/torch_reference.py, timm Eva), one member after
   another, batch 1, TTA as a second forward pass, the mean on the host.
 
 Both run the same random weights (the PyTorch state_dicts converted by ``fwi_jax.convert``); the
 script prints the largest difference between the two ensembles as a check. Inputs are random
-(6, 10000, 31) arrays in memory, so the figures are compute only (no file reading).
+(6, 10000, 31) arrays in memory, so the figures are compute only (no file reading). Each of our
+rows also gives XLA's FLOPs per batch (``cost_analysis``; a ``lax.scan``/``lax.map`` body is
+counted once, so blockwise and query_blocks attention are undercounted: the ``xla`` row's count
+is the model's), the achieved FLOP/s, its share of this machine's dense float32 matmul FLOP/s
+measured in the same run (the practical roofline), and XLA's memory estimate of the program.
 
     python scripts/bench_infer.py [--config tiny_s8] [--members 3] [--batch 2] [--samples 2]
-        [--torch-samples 1] [--dtype float32] [--no-tta] [--set model.attention=xla]
+        [--torch-samples 1] [--dtype float32] [--attention auto xla] [--no-tta] [--set ...]
 """
 
 from __future__ import annotations
@@ -27,10 +32,35 @@ from fwi_jax.host import tune_cpu_host
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # torch_reference.py
+sys.path.insert(0, str(REPO / "scripts"))  # bench_train's helpers
 
+from bench_train import _cost, _memory, fmt, matmul_roofline  # noqa: E402
 from fwi_jax import infer  # noqa: E402
 from fwi_jax.config import add_override_argument, load_config  # noqa: E402
 from fwi_jax.convert import convert_state_dict  # noqa: E402
+from fwi_jax.model.attention import resolve_impl  # noqa: E402
+
+
+def bench_ours(cfg, state_dicts, xs, tta: bool, member_chunk: int | None) -> dict:
+    """Compile the ensemble program, run xs[0] as warm-up, time the rest (one batch in flight)."""
+    members = [infer.Member(cfg=cfg, params=convert_state_dict(sd, cfg)[0], weight=1.0, source=f"seed {s}")
+               for s, sd in enumerate(state_dicts)]
+    predictor = infer.Predictor(infer.group_members(members), tta=tta, member_chunk=member_chunk)
+    t0 = time.perf_counter()
+    compiled = predictor.lower(xs[0]).compile()
+    rec = {"compile_s": time.perf_counter() - t0, "flops": _cost(compiled), "mem_gib": _memory(compiled)}
+    rec["first"] = predictor(xs[0])  # warm-up
+    t0 = time.perf_counter()
+    pending = None
+    for x in xs[1:]:  # one batch in flight, as fwi_jax.infer runs
+        y = predictor.dispatch(x)
+        if pending is not None:
+            predictor.fetch(pending)
+        pending = y
+    predictor.fetch(pending)
+    rec["batch_s"] = (time.perf_counter() - t0) / (len(xs) - 1)
+    rec["samples_per_s"] = len(xs[0]) / rec["batch_s"]
+    return rec
 
 
 def main(argv=None) -> int:
@@ -41,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=2, help="samples timed for ours (after one warm-up batch)")
     ap.add_argument("--torch-samples", type=int, default=1, help="samples timed for the PyTorch reference (0: skip)")
     ap.add_argument("--dtype", default="float32", choices=infer.DTYPES)
+    ap.add_argument("--attention", nargs="+", default=["auto"], help="our rows: model.attention of each")
     ap.add_argument("--no-tta", action="store_true")
     ap.add_argument("--member-chunk", type=int)
     add_override_argument(ap)
@@ -53,38 +84,33 @@ def main(argv=None) -> int:
     tta = not args.no_tta
     cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}"])
     refs = [randomize_(ReferenceModel(cfg), seed=s).eval() for s in range(args.members)]
-    members = []
-    for s, ref in enumerate(refs):
-        params, _ = convert_state_dict({k: v.detach().numpy() for k, v in ref.state_dict().items()}, cfg)
-        members.append(infer.Member(cfg=cfg, params=params, weight=1.0, source=f"random seed {s}"))
-    predictor = infer.Predictor(infer.group_members(members), tta=tta, member_chunk=args.member_chunk)
-    batch = -(-args.batch // predictor.n_devices) * predictor.n_devices
+    state_dicts = [{k: v.detach().numpy() for k, v in ref.state_dict().items()} for ref in refs]
+    n_devices = jax.device_count()
+    batch = -(-args.batch // n_devices) * n_devices
     g = cfg.geometry
     rng = np.random.default_rng(0)
     n_batches = max(1, -(-args.samples // batch))
     xs = [rng.standard_normal((batch, 6, g.n_time, g.n_receivers)).astype(np.float32) for _ in range(n_batches + 1)]
 
-    print(f"config {cfg.name} ({args.dtype}, attention {cfg.model.attention}), {args.members} members, "
-          f"TTA {'on' if tta else 'off'}; {predictor.n_devices} {jax.devices()[0].platform} device(s), "
-          f"{torch.get_num_threads()} torch threads")
-    t0 = time.perf_counter()
-    first = predictor(xs[0])  # compile + warm-up
-    t_compile = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pending = None
-    for x in xs[1:]:  # one batch in flight, as fwi_jax.infer runs
-        y = predictor.dispatch(x)
-        if pending is not None:
-            predictor.fetch(pending)
-        pending = y
-    predictor.fetch(pending)
-    t_ours = time.perf_counter() - t0
-    ours = n_batches * batch / t_ours
-    print(f"ours: compile + first batch {t_compile:.1f} s; {n_batches * batch} samples in {t_ours:.1f} s "
-          f"= {ours:.3f} samples/s (batch {batch})")
+    platform = jax.devices()[0].platform
+    print(f"config {cfg.name} ({args.dtype}), {args.members} members, TTA {'on' if tta else 'off'}; "
+          f"{n_devices} {platform} device(s), {torch.get_num_threads()} torch threads", flush=True)
+    roof = matmul_roofline() if platform == "cpu" else None
+    if roof:
+        print(f"dense float32 matmul 2048^3 under XLA: {roof / 1e9:.1f} GFLOP/s (the practical roofline)", flush=True)
 
-    how = "stacked vmap" if not args.member_chunk else f"stacked, lax.map in chunks of {args.member_chunk}"
-    rows = [(f"ours: {how}, TTA in batch, one jit", batch, ours)]
+    chunk = args.member_chunk or infer.default_member_chunk(jax.devices()[0])
+    how = "stacked vmap" if not chunk or chunk >= args.members else f"stacked, lax.map in chunks of {chunk}"
+    rows = []
+    for attention in args.attention:
+        row_cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}", f"model.attention={attention}"])
+        rec = bench_ours(row_cfg, state_dicts, xs, tta, args.member_chunk)
+        rec["name"] = f"ours {attention} ({resolve_impl(attention)}): {how}, TTA in batch, one jit"
+        rec["batch"] = batch
+        rows.append(rec)
+        print(f"{rec['name']}: compile {rec['compile_s']:.1f} s, {rec['batch_s']:.1f} s per batch of {batch} "
+              f"= {rec['samples_per_s']:.3f} samples/s", flush=True)
+
     if args.torch_samples > 0:
         autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
 
@@ -100,20 +126,26 @@ def main(argv=None) -> int:
             return np.mean(outs, axis=0)
 
         check = reference_ensemble(xs[0][0])
-        diff = float(np.abs(check - first[0]).max())
+        diff = max(float(np.abs(check - r["first"][0]).max()) for r in rows)
         t0 = time.perf_counter()
         for i in range(args.torch_samples):
             reference_ensemble(xs[1 + i // batch % n_batches][i % batch])
         t_ref = time.perf_counter() - t0
         theirs = args.torch_samples / t_ref
         print(f"reference way (PyTorch, member by member, batch 1): {args.torch_samples} samples in {t_ref:.1f} s "
-              f"= {theirs:.3f} samples/s; max |ours - reference| = {diff:.2e} km/s")
-        rows.append(("reference: PyTorch, member by member, batch 1", 1, theirs))
-    print("\n| path | batch | samples/s |\n|---|---|---|")
-    for name, b, sps in rows:
-        print(f"| {name} | {b} | {sps:.3f} |")
-    if len(rows) == 2:
-        print(f"\nratio ours / reference: {rows[0][2] / rows[1][2]:.2f}x")
+              f"= {theirs:.3f} samples/s; max |ours - reference| = {diff:.2e} km/s", flush=True)
+        rows.append({"name": "reference: PyTorch, member by member, batch 1", "batch": 1, "samples_per_s": theirs})
+
+    ref_sps = rows[-1]["samples_per_s"] if args.torch_samples > 0 else None
+    print("\n| path | batch | samples/s | XLA GFLOP/batch (scan bodies once) | achieved GFLOP/s | % of matmul roofline "
+          "| XLA memory GiB | vs reference |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        fps = r["flops"] / r["batch_s"] if r.get("flops") else None
+        print(f"| {r['name']} | {r['batch']} | {r['samples_per_s']:.3f} | {fmt(r.get('flops') and r['flops'] / 1e9, '.0f')} "
+              f"| {fmt(fps and fps / 1e9, '.1f')} | {fmt(fps and roof and 100 * fps / roof, '.0f')} "
+              f"| {fmt(r.get('mem_gib'), '.2f')} | {fmt(ref_sps and r['samples_per_s'] / ref_sps, '.2f', 'n/a')}x |")
+    if roof:
+        print(f"\nmatmul roofline: {roof / 1e9:.1f} GFLOP/s (jitted float32 2048x2048 matmul)")
     return 0
 
 

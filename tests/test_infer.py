@@ -90,7 +90,7 @@ def predictor(paths, weights=None, **kw):
 
 def test_stacked_members_equal_mean_of_single_runs(members):
     x = inputs()
-    pred = predictor(members[:3], tta=False)
+    pred = predictor(members[:3], tta=False, member_chunk=3)  # all three vmapped at once
     assert len(pred.groups) == 1 and jax.tree.leaves(pred.groups[0].params)[0].shape[0] == 3
     singles = [single(p, x) for p in members[:3]]
     got = pred(x)
@@ -102,9 +102,13 @@ def test_stacked_members_equal_mean_of_single_runs(members):
     assert len(pred.groups) == 2
     want = (2.0 * single(members[3], x) + singles[0] + 0.5 * singles[2]) / 3.5
     assert np.abs(pred(x) - want).max() <= TOL
-    # members run in chunks (lax.map over vmapped pairs) give the same as one vmap
-    chunked = predictor(members[:3], tta=False, member_chunk=2)
-    assert np.abs(chunked(x) - np.mean(singles, axis=0)).max() <= TOL
+    # members run in chunks (lax.map over vmapped pairs; one at a time, the CPU default) give the
+    # same as one vmap; and the compiled program reports XLA's cost (scripts/bench_infer.py)
+    for chunk in (2, None):
+        chunked = predictor(members[:3], tta=False, member_chunk=chunk)
+        assert np.abs(chunked(x) - np.mean(singles, axis=0)).max() <= TOL
+    assert infer.default_member_chunk(jax.devices()[0]) == (1 if jax.devices()[0].platform == "cpu" else None)
+    assert chunked.lower(x).compile().cost_analysis()["flops"] > 0
 
 
 def test_tta_is_half_sum_of_prediction_and_unflipped_prediction_of_flip(members):
