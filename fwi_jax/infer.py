@@ -229,14 +229,22 @@ def graphdef_of(cfg: Config) -> Any:
 
 
 def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
-                       member_chunk: int | None = None) -> jax.Array:
+                       member_chunk: int | None = None, tta_in_batch: bool = True) -> jax.Array:
     """Every member's prediction: stacked params (M, ...) and x (B, 6, T, R) -> (M, B, depth, x).
     x float32, or float16 (the model casts it to float32, exactly). With ``tta``: ½(f(x) + unflip f(flip x)),
-    the flipped copy riding in the same batch. Members are vmapped; ``member_chunk`` bounds how many
-    run at once (``lax.map`` in chunks) to save memory."""
+    the flipped copy riding in the same batch (``tta_in_batch``: one forward pass of 2B), or else
+    in a second pass of B after the first (``lax.map``: on CPU a batch of B is faster per sample).
+    Members are vmapped; ``member_chunk`` bounds how many run at once (``lax.map`` in chunks)."""
     b = x.shape[0]
-    x_in = jnp.concatenate([x, flip(x)], axis=0) if tta else x
-    run = lambda p: apply_model(graphdef, p, x_in)
+    if tta and not tta_in_batch:
+        pair = jnp.stack([x, flip(x)])  # (2, B, ...): x, then its flipped copy
+
+        def run(p):
+            pred = jax.lax.map(lambda xi: apply_model(graphdef, p, xi), pair)  # (2, B, depth, x)
+            return pred.reshape(2 * b, *pred.shape[2:])  # as the in-batch layout: x rows, then flipped
+    else:
+        x_in = jnp.concatenate([x, flip(x)], axis=0) if tta else x
+        run = lambda p: apply_model(graphdef, p, x_in)
     m = jax.tree.leaves(stacked)[0].shape[0]
     if member_chunk is None or member_chunk >= m:
         pred = jax.vmap(run)(stacked)
@@ -247,7 +255,8 @@ def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
     return pred
 
 
-def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None) -> Callable:
+def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
+                tta_in_batch: bool = True) -> Callable:
     """A pure function (params tuple, weights tuple, x) -> weighted ensemble mean (B, depth, x).
     Jit it once: all groups, TTA and the mean are one program."""
     graphdefs = [g.graphdef for g in groups]
@@ -255,7 +264,7 @@ def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | N
     def f(params: tuple, weights: tuple, x: jax.Array) -> jax.Array:
         total, norm = 0.0, 0.0
         for graphdef, p, w in zip(graphdefs, params, weights):
-            pred = member_predictions(graphdef, p, x, tta, member_chunk)
+            pred = member_predictions(graphdef, p, x, tta, member_chunk, tta_in_batch)
             total = total + jnp.einsum("m,mbhw->bhw", w, pred, precision=jax.lax.Precision.HIGHEST)
             norm = norm + w.sum()
         return total / norm
@@ -274,6 +283,19 @@ def default_member_chunk(device: jax.Device) -> int | None:
     return 1 if device.platform == "cpu" else None
 
 
+def default_tta_in_batch(device: jax.Device) -> bool:
+    """Whether the flipped copy rides in the same forward pass by default: not on CPU, where a
+    tiny_s8 forward costs 1.8 s per sample at batch 1 and 2.0-2.2 s at batch 2-4 (2 cores,
+    docs/performance.md); elsewhere yes (a larger batch keeps an accelerator busy)."""
+    return device.platform != "cpu"
+
+
+def default_batch(device: jax.Device) -> int:
+    """``python -m fwi_jax.infer``'s global batch when ``--batch`` is not given: 1 on CPU (see
+    `default_tta_in_batch`), 4 elsewhere."""
+    return 1 if device.platform == "cpu" else 4
+
+
 class Predictor:
     """Ensemble on a mesh: ``predict(x_local)`` -> (B_global, depth, x) float32 NumPy on every host.
 
@@ -282,17 +304,22 @@ class Predictor:
     dtype is converted to float32 on the host. One compiled program per input dtype."""
 
     def __init__(self, groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
-                 mesh: Mesh | None = None):
-        """``member_chunk``: stacked members run at once; None = `default_member_chunk`."""
+                 mesh: Mesh | None = None, tta_in_batch: bool | None = None):
+        """``member_chunk``: stacked members run at once, None = `default_member_chunk`;
+        ``tta_in_batch``: see `member_predictions`, None = `default_tta_in_batch`."""
         self.groups = list(groups)
         self.mesh = mesh or data_mesh()
+        device = self.mesh.devices.flat[0]
         if member_chunk is None:
-            member_chunk = default_member_chunk(self.mesh.devices.flat[0])
+            member_chunk = default_member_chunk(device)
+        if tta_in_batch is None:
+            tta_in_batch = default_tta_in_batch(device)
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         replicated = NamedSharding(self.mesh, P())
         self.params = jax.device_put(tuple(g.params for g in self.groups), replicated)
         self.weights = jax.device_put(tuple(g.weights for g in self.groups), replicated)
-        self._fn = jax.jit(ensemble_fn(self.groups, tta, member_chunk), out_shardings=self.batch_sharding)
+        self._fn = jax.jit(ensemble_fn(self.groups, tta, member_chunk, tta_in_batch),
+                           out_shardings=self.batch_sharding)
 
     @property
     def n_devices(self) -> int:
@@ -503,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="submission .npz to write (atomically, once)")
     ap.add_argument("--no-tta", action="store_true", help="skip the flip test-time augmentation")
     ap.add_argument("--dtype", choices=DTYPES, help="compute dtype of every member (params stay float32)")
-    ap.add_argument("--batch", type=int, default=4, help="global batch (rounded up to a multiple of the devices)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="global batch, rounded up to a multiple of the devices (default: 1 on CPU, 4 elsewhere)")
     ap.add_argument("--member-chunk", type=int, help="run at most this many stacked members at once "
                     "(default: 1 on CPU, all elsewhere; fewer save memory)")
     add_override_argument(ap)
@@ -530,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InferenceError(f"--out {out}: the submission must be a .npz file")
         if not out.parent.is_dir():
             raise InferenceError(f"--out {out}: folder {out.parent} does not exist")
+        if args.batch is None:
+            args.batch = default_batch(jax.devices()[0])
         if args.batch < 1:
             raise InferenceError(f"--batch {args.batch}: must be at least 1")
         overrides = list(args.set) + ([f"model.dtype={args.dtype}"] if args.dtype else [])

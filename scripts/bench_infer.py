@@ -1,7 +1,9 @@
 """Inference throughput: our stacked ensemble vs the reference's way, in one run.
 
-- ours: ``fwi_jax.infer.Predictor`` — N members of one config stacked and vmapped, flip TTA riding in
-  the same batch, the weighted mean on device, one jitted program, batches sharded over devices;
+- ours: ``fwi_jax.infer.Predictor`` with its platform defaults, as ``python -m fwi_jax.infer`` runs —
+  N members of one config stacked (vmapped on accelerators, one at a time on CPU), flip TTA in the
+  same batch (accelerators) or as a second pass (CPU), the weighted mean on device, one jitted
+  program, batches sharded over devices;
   one row per attention implementation (``--attention``; remat does not apply: no backward pass);
 - the reference's way: the PyTorch model (tests/torch_reference.py, timm Eva), one member after
   another, batch 1, TTA as a second forward pass, the mean on the host.
@@ -15,7 +17,7 @@ undercounted), the achieved model FLOP/s (from the ``xla`` row's count times the
 trips, when an ``xla`` row is run), its share of this machine's dense float32 matmul FLOP/s
 measured in the same run (the practical roofline), and XLA's memory estimate of the program.
 
-    python scripts/bench_infer.py [--config tiny_s8] [--members 3] [--batch 2] [--samples 2]
+    python scripts/bench_infer.py [--config tiny_s8] [--members 3] [--batch 1] [--samples 2]
         [--torch-samples 1] [--dtype float32] [--attention auto xla] [--no-tta] [--set ...]
 """
 
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny_s8")
     ap.add_argument("--members", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=2, help="global batch of ours")
+    ap.add_argument("--batch", type=int, default=None, help="global batch of ours (default: infer's, 1 on CPU)")
     ap.add_argument("--samples", type=int, default=2, help="samples timed for ours (after one warm-up batch)")
     ap.add_argument("--torch-samples", type=int, default=1, help="samples timed for the PyTorch reference (0: skip)")
     ap.add_argument("--dtype", default="float32", choices=infer.DTYPES)
@@ -87,7 +89,8 @@ def main(argv=None) -> int:
     refs = [randomize_(ReferenceModel(cfg), seed=s).eval() for s in range(args.members)]
     state_dicts = [{k: v.detach().numpy() for k, v in ref.state_dict().items()} for ref in refs]
     n_devices = jax.device_count()
-    batch = -(-args.batch // n_devices) * n_devices
+    batch = args.batch or infer.default_batch(jax.devices()[0])
+    batch = -(-batch // n_devices) * n_devices
     g = cfg.geometry
     rng = np.random.default_rng(0)
     n_batches = max(1, -(-args.samples // batch))
@@ -102,11 +105,12 @@ def main(argv=None) -> int:
 
     chunk = args.member_chunk or infer.default_member_chunk(jax.devices()[0])
     how = "stacked vmap" if not chunk or chunk >= args.members else f"stacked, lax.map in chunks of {chunk}"
+    how += ", TTA in the batch" if infer.default_tta_in_batch(jax.devices()[0]) else ", TTA as a second pass"
     rows = []
     for attention in args.attention:
         row_cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}", f"model.attention={attention}"])
         rec = bench_ours(row_cfg, state_dicts, xs, tta, args.member_chunk)
-        rec["name"] = f"ours {attention} ({resolve_impl(attention)}): {how}, TTA in batch, one jit"
+        rec["name"] = f"ours {attention} ({resolve_impl(attention)}): {how}, one jit"
         rec["batch"] = batch
         rows.append(rec)
         print(f"{rec['name']}: compile {rec['compile_s']:.1f} s, {rec['batch_s']:.1f} s per batch of {batch} "

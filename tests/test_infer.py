@@ -115,8 +115,11 @@ def test_tta_is_half_sum_of_prediction_and_unflipped_prediction_of_flip(members)
     x = inputs(seed=6)
     f = lambda a: single(members[0], a)
     want = 0.5 * (f(x) + f(flip(x))[..., ::-1])
-    got = predictor(members[:1], tta=True)(x)
-    assert np.abs(got - want).max() <= TOL
+    # the flipped copy in the same batch, and in a second pass (the CPU default)
+    for in_batch in (True, False, None):
+        got = predictor(members[:1], tta=True, tta_in_batch=in_batch)(x)
+        assert np.abs(got - want).max() <= TOL, in_batch
+    assert infer.default_tta_in_batch(jax.devices()[0]) == (jax.devices()[0].platform != "cpu")
     assert np.abs(got - f(x)).max() > 1e-3  # TTA changes the prediction of a random net
     # two members with TTA: the mean of the members' TTA predictions
     g = lambda a: single(members[1], a)
