@@ -33,8 +33,10 @@ _applied: str | None = None
 
 
 def tune_cpu_host(verbose: bool = True) -> str:
-    """Apply the tuning above when JAX's default backend is the CPU; idempotent. Returns (and with
-    ``verbose`` prints once) a line saying what was done or why nothing was."""
+    """Apply the tuning above when JAX's default backend is the CPU; idempotent. Must run before
+    anything starts JAX's backends (``jax.devices()``, ``jax.process_index()``, a computation).
+    Returns a line saying what was done or why nothing was; ``verbose`` prints it once, on
+    process 0."""
     global _applied
     if _applied is not None:
         return _applied
@@ -48,17 +50,15 @@ def tune_cpu_host(verbose: bool = True) -> str:
         # CPU client only, so it is harmless where the default backend is a GPU
         jax.config.update("jax_cpu_enable_async_dispatch", False)
         if jax.default_backend() != "cpu":
-            _applied = msg = f"host: no CPU tuning on {jax.default_backend()}"
-            if verbose:
-                print(msg, flush=True)
-            return msg
-        kept = _keep_freed_memory()
-        msg = ("host: CPU tuning: synchronous dispatch; "
-               + ("freed memory kept in the process (glibc mallopt)" if kept is None else
-                  f"freed memory NOT kept ({kept}): each step re-faults its temporary buffer")
-               + f"; {ENV_SWITCH}=0 turns this off")
+            msg = f"host: no CPU tuning on {jax.default_backend()}"
+        else:
+            kept = _keep_freed_memory()
+            msg = ("host: CPU tuning: synchronous dispatch; "
+                   + ("freed memory kept in the process (glibc mallopt)" if kept is None else
+                      f"freed memory NOT kept ({kept}): each step re-faults its temporary buffer")
+                   + f"; {ENV_SWITCH}=0 turns this off")
     _applied = msg
-    if verbose:
+    if verbose and jax.process_index() == 0:
         print(msg, flush=True)
     return msg
 

@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     initialize_distributed(force=args.distributed)  # each host reads its share; process 0 writes the file
-    tune_cpu_host(verbose=jax.process_index() == 0)
+    tune_cpu_host()  # first: jax.process_index() and friends start the backends
     out = pathlib.Path(args.out).expanduser()
     progress = not args.no_progress and jax.process_index() == 0
     try:

@@ -465,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     sharding.initialize_distributed(force=args.distributed)
-    tune_cpu_host(verbose=jax.process_index() == 0)
+    tune_cpu_host()  # first: jax.process_index() and friends start the backends
     overrides = list(args.set)
     for key, value in (("data.root", args.data), ("data.train_list", args.train_list),
                        ("data.val_list", args.val_list), ("train.seed", args.seed)):

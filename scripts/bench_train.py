@@ -115,10 +115,10 @@ def run_one(a) -> dict:
     import jax.numpy as jnp
 
     from fwi_jax.config import load_config
+    from fwi_jax.host import tune_cpu_host
     from fwi_jax.model import count_params, create_model
     from fwi_jax.model.attention import resolve_impl
     from fwi_jax.optim import make_optimizer
-    from fwi_jax.host import tune_cpu_host
     from fwi_jax.train import create_train_state, make_train_step
 
     host = tune_cpu_host(verbose=False)  # before anything starts a backend
