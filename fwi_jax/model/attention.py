@@ -23,8 +23,8 @@ Implementations (``cfg.model.attention``):
   recomputes each probability tile, transposed to (N, block), from the saved log-sum-exp and
   accumulates dK, dV. Peak memory O(block_size * N), never O(N^2). Its 2-D matmuls, single pass
   and YNNPACK-friendly backward beat the key-block scan on CPU (fwd+bwd of tiny's attention
-  0.49 vs 0.61 s, docs/performance.md); a sequential loop over heads would starve a GPU, so
-  ``auto`` never picks it there.
+  0.37-0.41 vs 0.48-0.49 s; a tiny_s8 train step 5.64 vs 6.55 s, docs/performance.md); a
+  sequential loop over heads would starve a GPU, so ``auto`` never picks it there.
 - ``"auto"``: the rule of :func:`resolve_impl` -- cuDNN on NVIDIA GPUs that have it
   (compute capability >= 8.0), blockwise on older NVIDIA GPUs (V100: no cuDNN flash kernel, the
   (N, N) scores would dominate memory), query_blocks on CPU (fastest measured there, forward
@@ -299,20 +299,20 @@ def _head_backward_by_queries(q, k, v, out, lse, d_out, block_size):
 
     def step(carry, block):
         dk, dv = carry
-        q_b, qs_b, do_b, lse_b, delta_b = block
+        qs_b, do_b, lse_b, delta_b = block  # qs_b: the scaled queries
         s_t = jnp.einsum("kd,qd->kq", k, qs_b, preferred_element_type=_F32)  # (N, rows), scaled
         p_t = jnp.exp(s_t - lse_b[None, :])
         dv = dv + jnp.einsum("kq,qd->kd", p_t.astype(d_out.dtype), do_b, preferred_element_type=_F32)
         dp_t = jnp.einsum("kd,qd->kq", v, do_b, preferred_element_type=_F32)
         ds_t = p_t * (dp_t - delta_b[None, :])  # d(scores)^T / scale
-        dk = dk + jnp.einsum("kq,qd->kd", ds_t.astype(q.dtype), q_b, preferred_element_type=_F32)
+        dk = dk + jnp.einsum("kq,qd->kd", ds_t.astype(q.dtype), qs_b, preferred_element_type=_F32)  # scale folded in
         dq_t = jnp.einsum("dk,kq->dq", k_t, ds_t.astype(k.dtype), preferred_element_type=_F32)  # (D, rows)
         return (dk, dv), dq_t
 
-    blocks = tuple(_query_blocks(a, block_size) for a in (q, _scaled(q), d_out, lse, delta))
+    blocks = tuple(_query_blocks(a, block_size) for a in (_scaled(q), d_out, lse, delta))
     (dk, dv), dq_t = jax.lax.scan(step, (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32)), blocks)
     dq = jnp.swapaxes(dq_t, 1, 2).reshape(-1, d)[:n]
-    return (dq * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype)
+    return (dq * scale).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 def _group_forward_by_queries(q, k, v, block_size):
