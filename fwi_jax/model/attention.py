@@ -299,20 +299,22 @@ def _head_backward_by_queries(q, k, v, out, lse, d_out, block_size):
 
     def step(carry, block):
         dk, dv = carry
-        qs_b, do_b, lse_b, delta_b = block  # qs_b: the scaled queries
+        q_b, qs_b, do_b, lse_b, delta_b = block  # qs_b: the scaled queries, for the scores
         s_t = jnp.einsum("kd,qd->kq", k, qs_b, preferred_element_type=_F32)  # (N, rows), scaled
         p_t = jnp.exp(s_t - lse_b[None, :])
         dv = dv + jnp.einsum("kq,qd->kd", p_t.astype(d_out.dtype), do_b, preferred_element_type=_F32)
         dp_t = jnp.einsum("kd,qd->kq", v, do_b, preferred_element_type=_F32)
         ds_t = p_t * (dp_t - delta_b[None, :])  # d(scores)^T / scale
-        dk = dk + jnp.einsum("kq,qd->kd", ds_t.astype(q.dtype), qs_b, preferred_element_type=_F32)  # scale folded in
+        # dK from the unscaled queries, scaled once at the end: folding the scale into qs_b moved
+        # float32 rounding enough that test_train's 4-vs-1-device check (16 AdamW steps) failed
+        dk = dk + jnp.einsum("kq,qd->kd", ds_t.astype(q.dtype), q_b, preferred_element_type=_F32)
         dq_t = jnp.einsum("dk,kq->dq", k_t, ds_t.astype(k.dtype), preferred_element_type=_F32)  # (D, rows)
         return (dk, dv), dq_t
 
-    blocks = tuple(_query_blocks(a, block_size) for a in (_scaled(q), d_out, lse, delta))
+    blocks = tuple(_query_blocks(a, block_size) for a in (q, _scaled(q), d_out, lse, delta))
     (dk, dv), dq_t = jax.lax.scan(step, (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32)), blocks)
     dq = jnp.swapaxes(dq_t, 1, 2).reshape(-1, d)[:n]
-    return (dq * scale).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return (dq * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype)
 
 
 def _group_forward_by_queries(q, k, v, block_size):
