@@ -1,8 +1,9 @@
 """Attention implementations agree with jax.nn.dot_product_attention (forward and gradients).
 
 Tolerances: every implementation computes the same float32 maths in a different summation order
-(the blockwise one rescales partial sums by exp(m_old - m_new) per key block; query_blocks sums
-dK and dV over query blocks). Each output or
+(the blockwise one rescales partial sums by exp(m_old - m_new) per key block; query_blocks and
+fused_cpu sum dK and dV over query blocks; fused_cpu's exp is a polynomial with relative error
+< 2e-6). Each output or
 gradient entry is a sum of <= N products of O(1) values, so the reordering error is a few float32
 ulps times log2(N) -- about 1e-6 relative here. We allow atol = rtol = 2e-5 (float32 eps is 1.2e-7):
 loose enough for reordering, 1,000x tighter than any real bug (a wrong scale, a missing
@@ -51,10 +52,10 @@ def _reference(q, k, v):
 GRID = (14, 14)  # 196 patches + cls = 197 tokens, not a multiple of 64
 
 
-def _check_with_rope(ours, seed=0, cotangent_seed=9):
+def _check_with_rope(ours, seed=0, cotangent_seed=9, head_dim=16):
     """``ours`` (q, k, v) -> out against `_reference` with 2-D RoPE on q and k, N = 197 tokens:
     the forward and the gradients w.r.t. q, k, v of a random projection of the output."""
-    shape = (2, 1 + GRID[0] * GRID[1], 3, 16)
+    shape = (2, 1 + GRID[0] * GRID[1], 3, head_dim)
     q, k, v = _qkv(shape, seed=seed)
     w = jax.random.normal(jax.random.key(cotangent_seed), shape)  # random cotangent
 
@@ -73,12 +74,20 @@ def _check_with_rope(ours, seed=0, cotangent_seed=9):
 
 
 @pytest.mark.parametrize("impl,block", [("blockwise", 64), ("blockwise", 50), ("blockwise", 512), ("einsum", 0),
-                                        ("query_blocks", 64), ("query_blocks", 50), ("query_blocks", 512)])
+                                        ("query_blocks", 64), ("query_blocks", 50), ("query_blocks", 512),
+                                        ("fused_cpu", 64), ("fused_cpu", 50), ("fused_cpu", 512)])
 def test_forward_and_gradients_match_with_rope(impl, block):
     _check_with_rope(lambda q, k, v: attention(q, k, v, impl=impl, block_size=block))
 
 
-@pytest.mark.parametrize("impl,block", [("blockwise", 512), ("query_blocks", 256)])
+@pytest.mark.parametrize("head_dim,block", [(64, 128), (64, 7), (48, 64), (32, 197)])
+def test_fused_cpu_head_dims_with_rope(head_dim, block):
+    """The C++ kernel's other micro-tile widths (head_dim 64: 4 AVX-512 vectors a row; 48: 3;
+    32: 2; 16 above: 1) and ragged query blocks (7 rows: the 6-row micro-tile's remainders)."""
+    _check_with_rope(lambda q, k, v: attention(q, k, v, impl="fused_cpu", block_size=block), head_dim=head_dim)
+
+
+@pytest.mark.parametrize("impl,block", [("blockwise", 512), ("query_blocks", 256), ("fused_cpu", 128)])
 def test_full_token_count(impl, block):
     """The real token count (1,980 patches + cls = 1,981, a multiple of neither block), one head
     to keep it cheap: forward, and the gradients of a random projection of the output."""
@@ -102,7 +111,7 @@ def test_never_materialises_the_score_matrix(impl):
     assert square not in str(jax.make_jaxpr(grad(impl))(q, k, v))
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "query_blocks", "einsum"])
+@pytest.mark.parametrize("impl", ["blockwise", "query_blocks", "einsum", "fused_cpu"])
 def test_bfloat16_inputs_accumulate_in_float32(impl):
     """bfloat16 in, bfloat16 out; compared with float32 attention of the same (rounded) inputs.
     Tolerance: bfloat16 has an 8-bit significand (eps 2^-8 = 3.9e-3); the output is rounded once
@@ -120,13 +129,17 @@ def test_bfloat16_inputs_accumulate_in_float32(impl):
 
 
 def test_auto_rule_and_errors():
-    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "einsum", "blockwise", "query_blocks", "auto"}
+    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "einsum", "blockwise", "query_blocks", "fused_cpu", "auto"}
     device = jax.local_devices()[0]
     if device.platform == "cpu":
-        assert resolve_impl("auto") == "query_blocks"
+        assert resolve_impl("auto") == "fused_cpu"  # this machine has a C++ compiler (CI too)
         q = jnp.zeros((1, 8, 1, 8))
         with pytest.raises(ValueError, match="cudnn"):
             attention(q, q, q, impl="cudnn")
+        with pytest.raises(ValueError, match="head_dim a multiple of 16"):
+            attention(q, q, q, impl="fused_cpu")
+        # auto picks what runs: head_dim 8 goes to query_blocks
+        np.testing.assert_allclose(attention(q + 1.0, q, q + 2.0, impl="auto"), q + 2.0)
     with pytest.raises(ValueError, match="unknown attention implementation"):
         resolve_impl("flash")
     with pytest.raises(ValueError, match="one shape"):
@@ -168,7 +181,19 @@ def _forward_passes(jaxpr) -> int:
     return n
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "query_blocks"])
+def _ffi_forward_calls(jaxpr) -> int:
+    """fused_cpu forward kernel calls in a jaxpr, nested jaxprs included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "ffi_call" and "forward" in str(eqn.params.get("target_name", ""))
+        for param in eqn.params.values():
+            sub = getattr(param, "jaxpr", param)
+            if hasattr(sub, "eqns"):
+                n += _ffi_forward_calls(sub)
+    return n
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "query_blocks", "fused_cpu"])
 def test_remat_dots_keeps_attention_residuals(impl):
     """Under the model's "dots" remat policy the attention output and log-sum-exp are saved, so
     the backward pass runs no second attention forward; "full" recomputes it."""
@@ -184,5 +209,6 @@ def test_remat_dots_keeps_attention_residuals(impl):
     passes = {}
     for remat in ("none", "dots", "full"):
         fn = block if remat == "none" else jax.checkpoint(block, policy=REMAT_POLICIES[remat])
-        passes[remat] = _forward_passes(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(x, wq).jaxpr)
+        count = _ffi_forward_calls if impl == "fused_cpu" else _forward_passes
+        passes[remat] = count(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(x, wq).jaxpr)
     assert passes == {"none": 1, "dots": 1, "full": 2}, passes

@@ -25,10 +25,17 @@ Implementations (``cfg.model.attention``):
   and YNNPACK-friendly backward beat the key-block scan on CPU (fwd+bwd of tiny's attention
   0.37-0.41 vs 0.48-0.49 s; a tiny_s8 train step 5.64 vs 6.55 s, docs/performance.md); a
   sequential loop over heads would starve a GPU, so ``auto`` never picks it there.
+- ``"fused_cpu"``: a C++ kernel for XLA:CPU through the XLA FFI (`fused_attention.py`,
+  `csrc/attention_cpu.cc`): the query-block layout again, but each score tile goes from its
+  matmul through the softmax into the next matmul while it is in L2, with register-blocked
+  micro-kernels that read it in place; XLA:CPU cannot fuse that from JAX code. Float32 inside
+  (other dtypes are cast), head_dim a multiple of 16, built on first use with the system C++
+  compiler (cached). The fastest on CPU (tiny's attention forward + backward 0.30 s against
+  query_blocks' 0.40 s; docs/performance.md).
 - ``"auto"``: the rule of :func:`resolve_impl` -- cuDNN on NVIDIA GPUs that have it
   (compute capability >= 8.0), blockwise on older NVIDIA GPUs (V100: no cuDNN flash kernel, the
-  (N, N) scores would dominate memory), query_blocks on CPU (fastest measured there, forward
-  and backward: scripts/bench_attention.py, docs/performance.md), xla elsewhere (TPU, ROCm).
+  (N, N) scores would dominate memory), fused_cpu on CPU where its kernel builds (else
+  query_blocks, said on stderr), xla elsewhere (TPU, ROCm).
 
 Matmuls accumulate in float32 whatever the input dtype (bfloat16 / float16 inputs keep their
 dtype for the matmul operands, as flash attention does); the softmax runs in float32.
@@ -38,12 +45,17 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "blockwise", "query_blocks", "auto")
+IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "blockwise", "query_blocks", "fused_cpu", "auto")
+# block_size=None means: blockwise's key block, query_blocks' and fused_cpu's query block (measured
+# on CPU, docs/performance.md: fused_cpu's 128-row tile, 1 MB, stays in a 2 MB L2 beside K^T, V^T)
+DEFAULT_BLOCKS = {"blockwise": 256, "query_blocks": 256, "fused_cpu": 128}
+FUSED_HEAD_DIM_MULTIPLE = 16  # fused_cpu's micro-kernels step through head_dim in 16-float vectors
 
 _F32 = jnp.float32
 
@@ -62,8 +74,8 @@ def resolve_impl(impl: str, device: jax.Device | None = None) -> str:
     """Concrete implementation for `impl` on `device` (default: the first local device).
 
     "auto": cudnn on NVIDIA GPUs of compute capability >= 8.0; blockwise on older NVIDIA GPUs
-    (V100, 7.0); query_blocks on CPU (measured fastest there: its (block, N) score tiles stay in
-    cache, where xla/einsum stream (N, N) arrays through memory); xla on any other platform.
+    (V100, 7.0); fused_cpu on CPU where its kernel builds, else query_blocks (said once on
+    stderr); xla on any other platform.
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
@@ -71,25 +83,47 @@ def resolve_impl(impl: str, device: jax.Device | None = None) -> str:
         return impl
     device = device or jax.local_devices()[0]
     if device.platform == "cpu":
-        return "query_blocks"
+        return _cpu_auto()
     if device.platform == "gpu" and getattr(device, "compute_capability", None) is not None:
         return "cudnn" if _cudnn_available(device) else "blockwise"
     return "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", block_size: int = 512,
+@functools.cache
+def _cpu_auto() -> str:
+    """fused_cpu where its kernel builds (Linux with a C++ compiler), else query_blocks, said
+    once on stderr (never a silent fallback)."""
+    from fwi_jax.model.fused_attention import KernelBuildError, load_kernel
+
+    try:
+        load_kernel()
+    except KernelBuildError as err:
+        print(f"fwi_jax: attention auto -> query_blocks on CPU (slower) because the fused_cpu kernel is unavailable: {err}",
+              file=sys.stderr, flush=True)
+        return "query_blocks"
+    return "fused_cpu"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", block_size: int | None = None,
               heads_per_step: int | None = None) -> jax.Array:
     """Softmax(q k^T / sqrt(d)) v, non-causal, no mask.
 
     q, k, v: (batch, tokens, heads, head_dim), same dtype. Returns (batch, tokens, heads, head_dim)
     in q's dtype. `block_size` is the key block of "blockwise" and the query block of
-    "query_blocks" (any positive int; the token count need not be a multiple of it);
-    `heads_per_step` ("blockwise" only) is how many of the batch x heads attention heads one
-    sequential step processes (None: `auto_heads_per_step`).
+    "query_blocks" and "fused_cpu" (any positive int; the token count need not be a multiple of
+    it; None: `DEFAULT_BLOCKS`); `heads_per_step` ("blockwise" only) is how many of the
+    batch x heads attention heads one sequential step processes (None: `auto_heads_per_step`).
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention expects q, k, v of one shape (batch, tokens, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
-    impl = resolve_impl(impl)
+    requested, impl = impl, resolve_impl(impl)
+    if impl == "fused_cpu" and requested == "auto" and q.shape[-1] % FUSED_HEAD_DIM_MULTIPLE:
+        impl = "query_blocks"  # auto picks what runs: the kernel needs head_dim % 16 == 0
+    if impl == "fused_cpu" and q.shape[-1] % FUSED_HEAD_DIM_MULTIPLE:
+        raise ValueError(f"attention impl 'fused_cpu' needs head_dim a multiple of {FUSED_HEAD_DIM_MULTIPLE} "
+                         f"(every EVA02 size has 64); got {q.shape[-1]}. Use model.attention=query_blocks.")
+    if block_size is None:
+        block_size = DEFAULT_BLOCKS.get(impl, 0)
     if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     if impl == "cudnn":
@@ -103,10 +137,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     if impl == "einsum":
         return _einsum_attention(q, k, v)
-    if impl in ("blockwise", "query_blocks") and block_size < 1:
+    if impl in DEFAULT_BLOCKS and block_size < 1:
         raise ValueError(f"attention block_size must be a positive int, got {block_size}")
     if impl == "query_blocks":
         return _tiled_attention(q, k, v, "queries", int(block_size), 1)
+    if impl == "fused_cpu":
+        from fwi_jax.model.fused_attention import fused_attention
+
+        return fused_attention(q, k, v, int(block_size))
     if impl == "blockwise":
         b, n, h, _ = q.shape
         if heads_per_step is None:
@@ -151,7 +189,7 @@ def _einsum_attention(q, k, v):
 # instead of every tile, and the backward keeps its tiles transposed so that XLA:CPU sends all
 # five of its matmuls to YNNPACK (two of them went to Eigen's slower path before).
 
-ATTENTION_RESIDUALS = ("attention_out", "attention_lse")  # checkpoint_name tags of the saved residuals
+ATTENTION_RESIDUALS = ("attention_out", "attention_lse")  # checkpoint_name tags of the saved residuals (fused_cpu's too)
 _CPU_TILE_BYTES = 2 * 2**20  # target float32 (g, N, block) score tile on CPU (~ the L2 size)
 
 

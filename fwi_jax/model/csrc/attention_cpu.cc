@@ -1,0 +1,470 @@
+// Fused attention for XLA:CPU, forward and backward, called from JAX through the XLA FFI
+// (fwi_jax/model/fused_attention.py builds and registers it).
+//
+// Why by hand: XLA:CPU cannot fuse a matmul, the softmax and the next matmul into one kernel, so
+// the pure-JAX tilings (attention.py) write every score tile to memory between separate kernels,
+// and a BLAS library packs (copies) each tile before it multiplies it (perf: 15 % of the time in
+// OpenBLAS's packing routines with this file's first, sgemm-based version). Here one thread's
+// tile of scores is produced, turned into probabilities and consumed by register-blocked
+// micro-kernels that read it where it lies, while it is in L2; the tasks run on XLA's intra-op
+// thread pool.
+//
+// Layout: q, k, v, out, dq, dk, dv are float32 (..., N, H, D) (jax.nn.dot_product_attention's
+// layout; leading axes are merged into one batch axis B); lse is float32 (..., H, N), the
+// log-sum-exp of each row of scaled scores. Scale 1/sqrt(D). Non-causal, no mask. D must be a
+// multiple of kNR (64 with AVX-512, 16 otherwise); every EVA02 size has D = 64.
+//
+// Per block of `rows` queries of one head (tile T: rows x N, row stride Np = N rounded up to kNR):
+// forward:   T = scale Q_b K^T; P = exp(T - rowmax) in place; O_b = P V / rowsum;
+//            lse_b = rowmax + log(rowsum).
+// backward:  T = exp(scale Q_b K^T - lse_b); dV += T^T dO_b; T = T * (dO_b V^T - delta_b) with
+//            delta_b = rowsum(dO_b * O_b); dQ_b = scale T K; dK += scale T^T Q_b.
+// Three product shapes, all one micro-kernel (C[i, j..] += A(i, p) * B[p, j..]) with different
+// strides for A: "Q K^T" (A = Q_b, B = K^T, transposed once per task into (D, Np)), "T V"
+// (A = T, B = V) and "T^T dO" (A = T read down its columns, B = dO_b).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Calls fn(t) for every t in [0, n_tasks) on XLA's intra-op pool plus the calling thread, and
+// returns when all are done. Helpers that the pool starts late find no task left and touch only
+// the shared counters (held by shared_ptr), never fn or the caller's stack.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n_tasks, const Fn& fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const Fn* fn_ptr = &fn;
+  auto work = [state, n_tasks, fn_ptr]() {
+    for (int64_t t; (t = state->next.fetch_add(1)) < n_tasks;) {
+      (*fn_ptr)(t);
+      if (state->done.fetch_add(1) + 1 == n_tasks) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  // The calling thread works too, so num_threads - 1 helpers keep num_threads threads busy.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n_tasks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n_tasks; });
+}
+
+struct Shape {
+  int64_t batch, n, heads, dim;
+  int64_t ld() const { return heads * dim; }  // row stride of one head's (N, D) matrix
+  int64_t bh() const { return batch * heads; }
+  // Offset of head `bh`'s row 0 in a (B, N, H, D) array.
+  int64_t head_offset(int64_t bh) const { return (bh / heads) * n * heads * dim + (bh % heads) * dim; }
+};
+
+ffi::Error GetShape(const ffi::Buffer<ffi::F32>& q, Shape* s) {
+  auto dims = q.dimensions();
+  if (dims.size() < 3) return ffi::Error::InvalidArgument("fused attention expects q of rank >= 3 (..., tokens, heads, head_dim)");
+  *s = Shape{1, dims[dims.size() - 3], dims[dims.size() - 2], dims[dims.size() - 1]};
+  for (size_t i = 0; i + 3 < dims.size(); ++i) s->batch *= dims[i];
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckSame(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& other, const char* name) {
+  if (other.element_count() != q.element_count())
+    return ffi::Error::InvalidArgument(std::string("fused attention: ") + name + " has another shape than q");
+  return ffi::Error::Success();
+}
+
+// exp(x) for x <= ~88 by 2^(x log2 e) = 2^i * 2^f, |f| <= 1/2, with a degree-6 polynomial for 2^f:
+// relative error < 2e-6 (tests/test_attention.py compares with jax's exp-based softmax). Below
+// -87 it returns ~1e-38 instead of 0, which no softmax row notices (its maximum term is 1).
+// Written as plain scalar code that gcc vectorizes (16 lanes with AVX-512): glibc's vector expf
+// needs -ffast-math, whose crtfastmath would set flush-to-zero for the whole process.
+inline float Exp(float x) {
+  x = x > -87.0f ? x : -87.0f;
+  const float t = x * 1.44269504088896341f;
+  const float i = std::nearbyint(t);
+  const float f = t - i;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(i) * (1 << 23);  // multiply by 2^i through the exponent field
+  std::memcpy(&p, &bits, sizeof bits);
+  return p;
+}
+
+// max of row[0..n): 32 independent lanes, which gcc vectorizes (a single running max is a
+// scalar dependency chain, 10x slower measured).
+inline float RowMax(const float* row, int64_t n) {
+  constexpr int kLanes = 32;
+  float lanes[kLanes];
+  for (int l = 0; l < kLanes; ++l) lanes[l] = -INFINITY;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] = lanes[l] > row[j + l] ? lanes[l] : row[j + l];
+  float m = -INFINITY;
+  for (; j < n; ++j) m = m > row[j] ? m : row[j];
+  for (int l = 0; l < kLanes; ++l) m = m > lanes[l] ? m : lanes[l];
+  return m;
+}
+
+// In place: each of `rows` rows (stride ld) of `n` scores becomes exp(s - mx[i]) (mx: the row
+// maxima); 1 / (sum of the row's exps) goes to `inv`.
+inline void SoftmaxRows(float* tile, int64_t rows, int64_t n, int64_t ld, const float* mx, float* inv) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = tile + i * ld;
+    const float m = mx[i];
+    float l = 0.f;
+#pragma omp simd reduction(+ : l)
+    for (int64_t j = 0; j < n; ++j) {
+      const float e = Exp(row[j] - m);
+      row[j] = e;
+      l += e;
+    }
+    inv[i] = 1.f / l;
+  }
+}
+
+#if defined(__AVX512F__)
+constexpr int kVec = 16;  // floats per vector register
+constexpr int kNV = 4;    // vectors per micro-tile row at most: 6 x 4 accumulators (24 of 32 registers)
+#else
+constexpr int kVec = 8;
+constexpr int kNV = 2;    // 6 x 2 of AVX2's 16 registers
+#endif
+constexpr int kNR = kNV * kVec;  // widest micro-tile: the score products' column step
+constexpr int kMR = 6;           // micro-tile rows
+typedef float Vec __attribute__((vector_size(kVec * sizeof(float))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+inline Vec Splat(float x) {  // a broadcast (Vec{} + x would add 0.f, an instruction of its own)
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(x);
+#elif defined(__AVX__)
+  return _mm256_set1_ps(x);
+#else
+  Vec v;
+  for (int l = 0; l < kVec; ++l) v[l] = x;
+  return v;
+#endif
+}
+
+// A(i, p) = data[i * rs + p * cs].
+struct Strided {
+  const float* data;
+  int64_t rs, cs;
+};
+
+// acc[MR x NV vectors] = sum_p A(i, p) B[p, 0..NV * kVec), then epi(i, j0, acc row) for each row.
+template <int MR, int NV, typename Epi>
+__attribute__((noinline)) void Micro(int64_t k, Strided a, const float* b, int64_t ldb, int64_t i0, int64_t j0, const Epi& epi) {
+  constexpr int kNV = NV;
+  Vec acc[MR][kNV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < kNV; ++v) acc[i][v] = Vec{};
+  for (int64_t p = 0; p < k; ++p) {
+    Vec bv[kNV];
+#pragma GCC unroll 8
+    for (int v = 0; v < kNV; ++v) bv[v] = Load(b + p * ldb + v * kVec);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const Vec av = Splat(a.data[i * a.rs + p * a.cs]);
+#pragma GCC unroll 8
+      for (int v = 0; v < kNV; ++v) acc[i][v] += av * bv[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    epi(i0 + i, j0, acc[i]);
+}
+
+// C[m x n] = A[m x k] B[k x n] handed to epi(i, j, C[i, j..j + NV * kVec) as NV vectors); B
+// row-major with row stride ldb, n a multiple of NV * kVec. Column panels outer (a k x NV * kVec
+// panel of B stays in L1).
+template <int NV = kNV, typename Epi>
+void Product(int64_t m, int64_t n, int64_t k, Strided a, const float* b, int64_t ldb, const Epi& epi) {
+  for (int64_t j0 = 0; j0 < n; j0 += NV * kVec) {
+    for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+      const Strided ai{a.data + i0 * a.rs, a.rs, a.cs};
+      const float* bj = b + j0;
+      switch (std::min<int64_t>(kMR, m - i0)) {
+        case 6: Micro<6, NV>(k, ai, bj, ldb, i0, j0, epi); break;
+        case 5: Micro<5, NV>(k, ai, bj, ldb, i0, j0, epi); break;
+        case 4: Micro<4, NV>(k, ai, bj, ldb, i0, j0, epi); break;
+        case 3: Micro<3, NV>(k, ai, bj, ldb, i0, j0, epi); break;
+        case 2: Micro<2, NV>(k, ai, bj, ldb, i0, j0, epi); break;
+        default: Micro<1, NV>(k, ai, bj, ldb, i0, j0, epi); break;
+      }
+    }
+  }
+}
+static_assert(kMR == 6, "Product's switch covers 1..6 rows");
+constexpr int64_t kKB = 128;  // rows of B per step of ProductLongK (a 32 KiB panel)
+constexpr int64_t kKC = 64;  // rows of a score tile per "T^T X" product (measured: 64 beats 32, 128, all)
+
+// A row epilogue for Product<NV> from f(i, j, vector of C[i, j..j+kVec)).
+template <int NV = kNV, typename F>
+auto EachVector(const F& f) {
+  return [&f](int64_t i, int64_t j0, const Vec* c) {
+    for (int v = 0; v < NV; ++v) f(i, j0 + v * kVec, c[v]);
+  };
+}
+
+// C[m x n] = A[m x k] B[k x n] for a long k (A = a score tile, B = V or K): kKB rows of B at a
+// time, so that a kKB x kNR panel of B is read from L1 by every row of A rather than streamed
+// from L2 once per micro-tile; partial sums go to `acc` (m x n floats), then epi(i, j, C vector)
+// for each vector (a per-vector epilogue, as `EachVector` makes for Product).
+template <int NV, typename Epi>
+void ProductLongK(int64_t m, int64_t n, int64_t k, Strided a, const float* b, int64_t ldb, float* acc, const Epi& epi) {
+  for (int64_t p0 = 0; p0 < k; p0 += kKB) {
+    const bool first = p0 == 0;
+    Product<NV>(m, n, std::min(kKB, k - p0), Strided{a.data + p0 * a.cs, a.rs, a.cs}, b + p0 * ldb, ldb,
+            EachVector<NV>([&](int64_t i, int64_t j, Vec x) {
+              float* c = acc + i * n + j;
+              Store(c, first ? x : Load(c) + x);
+            }));
+  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; j += kVec) epi(i, j, Load(acc + i * n + j));
+}
+
+// One thread's working memory, reused across calls.
+float* Scratch(int which, size_t n) {
+  thread_local std::vector<float> buffers[5];
+  if (buffers[which].size() < n) buffers[which].resize(n);
+  return buffers[which].data();
+}
+
+// (N, D) rows at stride ld -> (D, np) row-major; columns N..np repeat row N-1 (so padded scores
+// equal a real one: they never raise a row maximum; no other use of them is ever read).
+void Transpose(const float* x, int64_t n, int64_t dim, int64_t ld, int64_t np, float* xt) {
+  for (int64_t d = 0; d < dim; ++d) std::fill(xt + d * np + n, xt + (d + 1) * np, x[(n - 1) * ld + d]);
+  constexpr int64_t kB = 16;
+  for (int64_t j0 = 0; j0 < n; j0 += kB)
+    for (int64_t d = 0; d < dim; ++d)
+      for (int64_t j = j0; j < std::min(n, j0 + kB); ++j) xt[d * np + j] = x[j * ld + d];
+}
+
+struct Problem {
+  Shape s;
+  int64_t rows_max, n_blocks;
+  int64_t cols;  // N rounded up to kNR: the width the score products compute
+  int64_t ldt;   // row stride of score tiles and of K^T, V^T: cols, plus kVec where that makes it an
+                 // even number of 64-byte lines (an odd count spreads a column over all L1 sets)
+  float scale;
+};
+
+ffi::Error Prepare(const ffi::Buffer<ffi::F32>& q, int64_t block, Problem* pr) {
+  if (auto err = GetShape(q, &pr->s); err.failure()) return err;
+  if (pr->s.dim % kVec != 0)
+    return ffi::Error::InvalidArgument("fused attention: head_dim " + std::to_string(pr->s.dim) +
+                                       " is not a multiple of " + std::to_string(kVec));
+  if (block < 1) return ffi::Error::InvalidArgument("fused attention: block must be >= 1");
+  pr->n_blocks = (pr->s.n + block - 1) / block;
+  pr->rows_max = (pr->s.n + pr->n_blocks - 1) / pr->n_blocks;  // balanced blocks
+  pr->cols = (pr->s.n + kNR - 1) / kNR * kNR;
+  pr->ldt = pr->cols + ((pr->cols * sizeof(float) / 64) % 2 == 0 ? kVec : 0);
+  pr->scale = 1.0f / std::sqrt(static_cast<float>(pr->s.dim));
+  return ffi::Error::Success();
+}
+
+// Query blocks [blk_begin, blk_end) of head bh: out and lse rows (the forward pass). NV: vectors
+// per micro-tile row in the products whose width is D (DimVectors).
+template <int NV>
+void ForwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_end, const float* qp,
+                 const float* kp, const float* vp, float* op, float* lp) {
+  const Shape& s = pr.s;
+  const int64_t ld = s.ld(), n = s.n, np = pr.ldt, dim = s.dim, off = s.head_offset(bh);
+  const float scale = pr.scale;
+  float* kt = Scratch(0, dim * np);
+  float* tile = Scratch(1, pr.rows_max * np);
+  float* lanes = Scratch(3, pr.rows_max * kVec);  // per row: running max of each vector lane
+  Transpose(kp + off, n, dim, ld, np, kt);
+  for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+    const int64_t i0 = blk * pr.rows_max, rows = std::min(pr.rows_max, n - i0);
+    if (rows <= 0) break;
+    std::fill(lanes, lanes + rows * kVec, -INFINITY);
+    Product(rows, pr.cols, dim, Strided{qp + off + i0 * ld, ld, 1}, kt, np, [&](int64_t i, int64_t j0, const Vec* c) {
+      Vec m = Load(lanes + i * kVec);  // padded columns repeat key N-1 (Transpose): they cannot raise it
+      for (int v = 0; v < kNR / kVec; ++v) {
+        const Vec x = c[v] * scale;
+        Store(tile + i * np + j0 + v * kVec, x);
+        m = m > x ? m : x;
+      }
+      Store(lanes + i * kVec, m);
+    });
+    float mx[rows], inv[rows];
+    for (int64_t i = 0; i < rows; ++i) mx[i] = RowMax(lanes + i * kVec, kVec);
+    SoftmaxRows(tile, rows, n, np, mx, inv);
+    float* o = op + off + i0 * ld;
+    ProductLongK<NV>(rows, dim, n, Strided{tile, np, 1}, vp + off, ld, Scratch(4, rows * dim),
+                 [&](int64_t i, int64_t j, Vec c) { Store(o + i * ld + j, c * inv[i]); });
+    for (int64_t i = 0; i < rows; ++i) lp[bh * n + i0 + i] = mx[i] - std::log(inv[i]);
+  }
+}
+
+// dq, dk, dv of head bh (the backward pass; dk, dv accumulate over all its query blocks).
+template <int NV>
+void BackwardHead(const Problem& pr, int64_t bh, const float* qp, const float* kp, const float* vp,
+                  const float* op, const float* lp, const float* gp, float* dqp, float* dkp, float* dvp) {
+  const Shape& s = pr.s;
+  const int64_t ld = s.ld(), n = s.n, np = pr.ldt, dim = s.dim, off = s.head_offset(bh);
+  const float scale = pr.scale;
+  float* kt = Scratch(0, dim * np);
+  float* vt = Scratch(2, dim * np);
+  float* tile = Scratch(1, pr.rows_max * np);
+  Transpose(kp + off, n, dim, ld, np, kt);
+  Transpose(vp + off, n, dim, ld, np, vt);
+  float *dk_h = dkp + off, *dv_h = dvp + off;
+  for (int64_t j = 0; j < n; ++j) {
+    std::fill(dk_h + j * ld, dk_h + j * ld + dim, 0.f);
+    std::fill(dv_h + j * ld, dv_h + j * ld + dim, 0.f);
+  }
+  for (int64_t i0 = 0; i0 < n; i0 += pr.rows_max) {
+    const int64_t rows = std::min(pr.rows_max, n - i0);
+    const float *q_b = qp + off + i0 * ld, *g_b = gp + off + i0 * ld, *o_b = op + off + i0 * ld;
+    const float* lse_b = lp + bh * n + i0;
+    float delta[rows];
+    for (int64_t i = 0; i < rows; ++i) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < dim; ++d) acc += g_b[i * ld + d] * o_b[i * ld + d];
+      delta[i] = acc;
+    }
+    // T = P = exp(scale Q_b K^T - lse)
+    Product(rows, pr.cols, dim, Strided{q_b, ld, 1}, kt, np, EachVector([&](int64_t i, int64_t j, Vec c) {
+      float x[kVec];
+      Store(x, c * scale - lse_b[i]);
+      for (int l = 0; l < kVec; ++l) x[l] = Exp(x[l]);
+      std::memcpy(tile + i * np + j, x, sizeof x);
+    }));
+    // dV += P^T dO_b, kKC rows of P at a time (a kKC x D block of dO_b stays in L1)
+    for (int64_t p0 = 0; p0 < rows; p0 += kKC)
+      Product<NV>(n, dim, std::min(kKC, rows - p0), Strided{tile + p0 * np, 1, np}, g_b + p0 * ld, ld,
+              EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dv_h + j * ld + c, Load(dv_h + j * ld + c) + x); }));
+    // T = dS = P * (dO_b V^T - delta)
+    Product(rows, pr.cols, dim, Strided{g_b, ld, 1}, vt, np, EachVector([&](int64_t i, int64_t j, Vec c) {
+      float* t = tile + i * np + j;
+      Store(t, Load(t) * (c - delta[i]));
+    }));
+    // dQ_b = scale dS K
+    float* dq_b = dqp + off + i0 * ld;
+    ProductLongK<NV>(rows, dim, n, Strided{tile, np, 1}, kp + off, ld, Scratch(4, rows * dim),
+                 [&](int64_t i, int64_t c, Vec x) { Store(dq_b + i * ld + c, x * scale); });
+    // dK += scale dS^T Q_b, in kKC-row steps like dV
+    for (int64_t p0 = 0; p0 < rows; p0 += kKC)
+      Product<NV>(n, dim, std::min(kKC, rows - p0), Strided{tile + p0 * np, 1, np}, q_b + p0 * ld, ld,
+              EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dk_h + j * ld + c, Load(dk_h + j * ld + c) + x * scale); }));
+  }
+}
+
+// Calls f(std::integral_constant<int, NV>) with NV the most vectors (<= kNV) per micro-tile row
+// that divide head_dim (Prepare checked that kVec does).
+template <typename F>
+void WithDimVectors(int64_t dim, const F& f) {
+  if (kNV >= 4 && dim % (4 * kVec) == 0) return f(std::integral_constant<int, (kNV >= 4 ? 4 : 1)>{});
+  if (kNV >= 3 && dim % (3 * kVec) == 0) return f(std::integral_constant<int, (kNV >= 3 ? 3 : 1)>{});
+  if (kNV >= 2 && dim % (2 * kVec) == 0) return f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 1>{});
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse, int64_t block) {
+  Problem pr;
+  if (auto err = Prepare(q, block, &pr); err.failure()) return err;
+  for (auto err : {CheckSame(q, k, "k"), CheckSame(q, v, "v")})
+    if (err.failure()) return err;
+  // Tasks: (head, chunk of query blocks); chunks only when there are too few heads to share out.
+  const int64_t heads = pr.s.bh(), workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::min(pr.n_blocks, std::max<int64_t>(1, (2 * workers + heads - 1) / heads));
+  const int64_t per_chunk = (pr.n_blocks + chunks - 1) / chunks;
+  WithDimVectors(pr.s.dim, [&](auto nv) {
+    ParallelFor(pool, heads * chunks, [&](int64_t task) {
+      const int64_t chunk = task % chunks, begin = chunk * per_chunk;
+      ForwardHead<decltype(nv)::value>(pr, task / chunks, begin, std::min(pr.n_blocks, begin + per_chunk),
+                                       q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(),
+                                       lse->typed_data());
+    });
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, int64_t block) {
+  Problem pr;
+  if (auto err = Prepare(q, block, &pr); err.failure()) return err;
+  for (auto err : {CheckSame(q, k, "k"), CheckSame(q, v, "v"), CheckSame(q, out, "out"), CheckSame(q, d_out, "d_out")})
+    if (err.failure()) return err;
+  if (lse.element_count() != static_cast<size_t>(pr.s.bh() * pr.s.n))
+    return ffi::Error::InvalidArgument("fused attention: lse must hold (..., heads, tokens) floats");
+  WithDimVectors(pr.s.dim, [&](auto nv) {
+    ParallelFor(pool, pr.s.bh(), [&](int64_t bh) {  // one head per task: its dK, dV accumulate
+      BackwardHead<decltype(nv)::value>(pr, bh, q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(),
+                                        lse.typed_data(), d_out.typed_data(), dq->typed_data(), dk->typed_data(),
+                                        dv->typed_data());
+    });
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FwiAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<int64_t>("block"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FwiAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attr<int64_t>("block"));

@@ -1,0 +1,139 @@
+"""The fused CPU attention kernel's build, fallbacks and batching (its numbers against
+jax.nn.dot_product_attention are in test_attention.py, beside the other implementations)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fwi_jax.model.attention import attention
+from fwi_jax.model.fused_attention import KernelBuildError, fused_attention, library_path, load_kernel
+
+ATOL = RTOL = 2e-5  # as test_attention.py: float32 reordering, and the kernel's exp (< 2e-6 relative)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300)
+
+
+def test_kernel_is_cached_per_machine():
+    path = load_kernel()
+    assert path == library_path() and path.exists()
+    assert path.parent.name == "kernels" and path.suffix == ".so"
+
+
+def test_vmap_over_members_matches_each_member():
+    """An ensemble vmaps members of one config: one kernel call over members x batch."""
+    q, k, v = (jax.random.normal(key, (3, 2, 97, 2, 16)) for key in jax.random.split(jax.random.key(0), 3))
+    batched = jax.jit(jax.vmap(lambda q, k, v: fused_attention(q, k, v, 32)))(q, k, v)
+    for m in range(3):
+        ref = jax.nn.dot_product_attention(q[m], k[m], v[m], implementation="xla")
+        np.testing.assert_allclose(batched[m], ref, atol=ATOL, rtol=RTOL)
+    # gradients through vmap (the backward kernel batched the same way), one operand unbatched
+    loss = lambda q, k, v: jnp.sum(fused_attention(q, k, v, 32) ** 2)
+    ref_loss = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, implementation="xla") ** 2)
+    grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, 0, None)))(q, k, v[0])
+    ref_grads = jax.vmap(jax.grad(ref_loss, argnums=(0, 1, 2)), in_axes=(0, 0, None))(q, k, v[0])
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=ATOL)
+    hlo = jax.jit(jax.vmap(lambda q, k, v: fused_attention(q, k, v, 32))).lower(q, k, v).as_text()
+    assert "stablehlo.while" not in hlo and "tensor<6x97x2x16xf32>" in hlo  # one call, members folded into the batch
+
+
+def test_without_a_compiler_auto_says_it_uses_query_blocks(tmp_path):
+    """No compiler: fused_cpu raises KernelBuildError naming the cause; auto runs query_blocks
+    and says so on stderr (never silently)."""
+    done = _run("""
+        import jax.numpy as jnp
+        from fwi_jax.model.attention import attention
+        from fwi_jax.model.fused_attention import KernelBuildError, load_kernel
+        try:
+            load_kernel()
+        except KernelBuildError as err:
+            print("raised:", err)
+        q = jnp.ones((1, 9, 1, 16))
+        print("auto:", float(attention(q, q, 2 * q, impl="auto").mean()))
+        """, CXX="/nonexistent/c++", PATH="/nonexistent", FWI_JAX_CACHE=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "raised: attention 'fused_cpu' builds its kernel with a C++ compiler" in done.stdout
+    assert "auto: 2.0" in done.stdout
+    assert "attention auto -> query_blocks on CPU" in done.stderr
+    assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").glob("*.so"))
+
+
+def test_a_failed_build_names_the_compiler_error(tmp_path):
+    """A compiler that fails: the error carries the command and the compiler's own message."""
+    fake = tmp_path / "c++"
+    fake.write_text("#!/bin/sh\necho 'fake compiler: no' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    done = _run("""
+        from fwi_jax.model.fused_attention import KernelBuildError, load_kernel
+        try:
+            load_kernel()
+        except KernelBuildError as err:
+            print("raised:", err)
+        """, CXX=str(fake), FWI_JAX_CACHE=str(tmp_path))
+    assert "raised: building" in done.stdout and "fake compiler: no" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_avx2_build_matches_the_reference(tmp_path):
+    """The kernel built for AVX2 (8-float vectors, 2 a micro-tile row: what a CPU without
+    AVX-512 runs) agrees with jax's attention in forward and gradients."""
+    done = _run("""
+        import jax, jax.numpy as jnp, numpy as np
+        from fwi_jax.model.fused_attention import fused_attention, load_kernel
+        print(load_kernel())
+        q, k, v, w = (jax.random.normal(key, (2, 131, 2, 48)) for key in jax.random.split(jax.random.key(1), 4))
+        ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        ours = lambda q, k, v: fused_attention(q, k, v, 40)
+        np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), atol=2e-5, rtol=2e-5)
+        g = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2))(q, k, v)
+        r = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(g, r):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+        print("ok")
+        """, FWI_JAX_KERNEL_ARCH="haswell", FWI_JAX_CACHE=str(tmp_path))
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+    assert str(tmp_path) in done.stdout  # built afresh for this architecture
+
+
+def test_errors_name_the_problem():
+    q = jnp.zeros((1, 8, 1, 24))
+    with pytest.raises(ValueError, match="head_dim a multiple of 16"):
+        attention(q, q, q, impl="fused_cpu")
+    with pytest.raises(ValueError, match="block_size"):
+        attention(jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 16)), impl="fused_cpu",
+                  block_size=0)
+    assert issubclass(KernelBuildError, RuntimeError)
+
+
+def test_sharded_batch_runs_per_device_without_gathering():
+    """Data parallelism over 4 CPU devices: each device's kernel takes its own batch shard (no
+    all-gather of q, k, v), and the forward and gradients equal the single-device ones."""
+    done = _run("""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from fwi_jax.model.fused_attention import fused_attention
+        q, k, v = (jax.random.normal(key, (8, 70, 2, 16)) for key in jax.random.split(jax.random.key(2), 3))
+        loss = lambda q, k, v: jnp.sum(fused_attention(q, k, v, 32) ** 2)
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        single = step(q, k, v)
+        shard = NamedSharding(jax.make_mesh((4,), ("data",)), P("data"))
+        args = [jax.device_put(a, shard) for a in (q, k, v)]
+        hlo = step.lower(*args).compile().as_text()
+        assert "all-gather" not in hlo, "inputs gathered"
+        assert "f32[2,70,2,16]" in hlo, "kernel not on per-device shards"
+        for a, b in zip(jax.tree.leaves(step(*args)), jax.tree.leaves(single)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        print("ok")
+        """, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
