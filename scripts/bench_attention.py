@@ -27,6 +27,8 @@ from fwi_jax.host import tune_cpu_host
 from fwi_jax.model.attention import attention, resolve_impl
 
 SHAPES = {"tiny": (6, 1981, 3, 64), "base": (6, 1981, 12, 64)}
+# --blocks unset: these per implementation (blockwise: key blocks; the others: query blocks)
+DEFAULT_BENCH_BLOCKS = {"blockwise": [256, 512, 1024], "query_blocks": [256, 512], "fused_cpu": [64, 128, 256]}
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -88,9 +90,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["tiny", "base"], choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, default=1, help="samples per step (attention batch = 6 x this)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--impls", nargs="+", default=["xla", "einsum", "blockwise", "query_blocks"])
-    parser.add_argument("--blocks", nargs="+", type=int, default=[256, 512, 1024],
-                        help="blockwise key block / query_blocks query block sizes")
+    parser.add_argument("--impls", nargs="+", default=["xla", "einsum", "blockwise", "query_blocks", "fused_cpu"])
+    parser.add_argument("--blocks", nargs="+", type=int, default=None,
+                        help="block sizes for every tiled implementation (default: DEFAULT_BENCH_BLOCKS)")
     parser.add_argument("--heads-per-step", nargs="+", type=int, default=[0],
                         help="blockwise: heads per sequential step (0 = auto_heads_per_step)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -105,19 +107,20 @@ def main() -> None:
         shape = (b * args.batch, n, h, d)
         cases = []
         for impl in args.impls:
+            blocks = args.blocks or DEFAULT_BENCH_BLOCKS.get(impl, [0])
             if impl == "blockwise":
-                cases += [(impl, blk, g) for blk in args.blocks for g in args.heads_per_step]
-            elif impl == "query_blocks":
-                cases += [(impl, blk, 0) for blk in args.blocks]
+                cases += [(impl, blk, g) for blk in blocks for g in args.heads_per_step]
+            elif impl in ("query_blocks", "fused_cpu"):
+                cases += [(impl, blk, 0) for blk in blocks]
             elif impl == "auto":
-                cases.append((f"auto={resolve_impl('auto')}", 256, 0))
+                cases.append((f"auto={resolve_impl('auto')}", None, 0))
             else:
                 cases.append((impl, 512, 0))
         for label, block, g in cases:
             impl = label.split("=")[-1]
             t_fwd, t_bwd = bench_jax(impl, block, shape, dtype, args.repeats, g or None)
             tag = f"jax {label}" + (f" (block {block}, {g or 'auto'} heads/step)" if impl == "blockwise" else
-                                    f" (query block {block})" if impl == "query_blocks" else "")
+                                    f" (query block {block})" if impl in ("query_blocks", "fused_cpu") else "")
             rows.append((name, shape, tag, t_fwd, t_bwd))
             print(f"{name} {tag}: fwd {t_fwd * 1e3:.0f} ms, fwd+bwd {t_bwd * 1e3:.0f} ms", flush=True)
         if not args.no_torch:

@@ -72,13 +72,17 @@ def make_batch(cfg, batch: int, seed: int = 0):
 
 
 def _cost(compiled) -> float | None:
+    """XLA's FLOPs per call, plus those of fused_cpu's attention kernel (a custom call, which
+    XLA counts as 0; `fwi_jax.model.fused_attention.kernel_flops`)."""
+    from fwi_jax.model.fused_attention import kernel_flops
+
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - not every backend implements it
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    return float(cost.get("flops", 0.0)) if cost else None
+    return float(cost.get("flops", 0.0)) + kernel_flops(compiled.as_text()) if cost else None
 
 
 def _memory(compiled) -> float | None:

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,21 @@ def load_kernel() -> Path:
     for symbol, target in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     return path
+
+
+_CALL = re.compile(r"\(f32\[(\d+),(\d+),(\d+),(\d+)\].*custom_call_target=\"fwi_attention_(forward|backward)\"")
+
+
+def kernel_flops(hlo_text: str) -> float:
+    """FLOPs of the kernel's calls in a compiled program's HLO text, which XLA's cost analysis
+    counts as 0: per head 2 matmuls of N x N x D forward, 5 backward, 2 FLOPs a multiply-add.
+    Calls inside loops count once."""
+    total = 0.0
+    for line in hlo_text.splitlines():
+        if (m := _CALL.search(line)):
+            b, n, h, d = map(int, m.groups()[:4])
+            total += (4 if m.group(5) == "forward" else 10) * b * h * n * n * d
+    return total
 
 
 def _f32(*arrays):
