@@ -42,7 +42,7 @@ def test_forward_parity_full_size(name):
     """Full-size float32 forward, batch 1: max |Δ| ≤ 1e-4 km/s against the PyTorch reference in
     float32. Both compute in float32 with different summation orders (oneDNN/SDPA vs XLA); any
     wrong op (RoPE layout, bias, norm, pixel-shuffle order) moves outputs by > 1e-2 km/s."""
-    cfg = load_config(name)  # default attention (auto: query_blocks on CPU); xla measured the same
+    cfg = load_config(name)  # default attention (auto: fused_cpu on CPU); xla measured the same
     ref = randomize_(ReferenceModel(cfg), seed=1).eval()
     params, skipped = convert_state_dict(torch_state(ref), cfg)
     assert set(skipped) <= {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
