@@ -116,6 +116,18 @@ def test_errors_name_the_problem():
     assert issubclass(KernelBuildError, RuntimeError)
 
 
+def test_not_on_accelerators(monkeypatch):
+    """fused_cpu asked for on a GPU process fails at trace time, naming the platform."""
+
+    class FakeGpu:
+        platform, device_kind = "gpu", "fake"
+
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [FakeGpu()])
+    q = jnp.zeros((1, 8, 1, 16))
+    with pytest.raises(ValueError, match="CPU kernel; this process runs on gpu"):
+        attention(q, q, q, impl="fused_cpu")
+
+
 def test_sharded_batch_runs_per_device_without_gathering():
     """Data parallelism over 4 CPU devices: each device's kernel takes its own batch shard (no
     all-gather of q, k, v), and the forward and gradients equal the single-device ones."""

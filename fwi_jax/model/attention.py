@@ -119,6 +119,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
     requested, impl = impl, resolve_impl(impl)
     if impl == "fused_cpu" and requested == "auto" and q.shape[-1] % FUSED_HEAD_DIM_MULTIPLE:
         impl = "query_blocks"  # auto picks what runs: the kernel needs head_dim % 16 == 0
+    if impl == "fused_cpu" and (platform := jax.local_devices()[0].platform) != "cpu":
+        raise ValueError(f"attention impl 'fused_cpu' is a CPU kernel; this process runs on {platform}. "
+                         "Use model.attention=auto (cuDNN or blockwise on GPUs).")
     if impl == "fused_cpu" and q.shape[-1] % FUSED_HEAD_DIM_MULTIPLE:
         raise ValueError(f"attention impl 'fused_cpu' needs head_dim a multiple of {FUSED_HEAD_DIM_MULTIPLE} "
                          f"(every EVA02 size has 64); got {q.shape[-1]}. Use model.attention=query_blocks.")

@@ -12,15 +12,15 @@
 // Layout: q, k, v, out, dq, dk, dv are float32 (..., N, H, D) (jax.nn.dot_product_attention's
 // layout; leading axes are merged into one batch axis B); lse is float32 (..., H, N), the
 // log-sum-exp of each row of scaled scores. Scale 1/sqrt(D). Non-causal, no mask. D must be a
-// multiple of kNR (64 with AVX-512, 16 otherwise); every EVA02 size has D = 64.
+// multiple of kVec (16 floats with AVX-512, 8 otherwise); every EVA02 size has D = 64.
 //
-// Per block of `rows` queries of one head (tile T: rows x N, row stride Np = N rounded up to kNR):
+// Per block of `rows` queries of one head (tile T: rows x N, row stride Problem::ldt):
 // forward:   T = scale Q_b K^T; P = exp(T - rowmax) in place; O_b = P V / rowsum;
 //            lse_b = rowmax + log(rowsum).
 // backward:  T = exp(scale Q_b K^T - lse_b); dV += T^T dO_b; T = T * (dO_b V^T - delta_b) with
 //            delta_b = rowsum(dO_b * O_b); dQ_b = scale T K; dK += scale T^T Q_b.
 // Three product shapes, all one micro-kernel (C[i, j..] += A(i, p) * B[p, j..]) with different
-// strides for A: "Q K^T" (A = Q_b, B = K^T, transposed once per task into (D, Np)), "T V"
+// strides for A: "Q K^T" (A = Q_b, B = K^T, transposed once per task into (D, ldt)), "T V"
 // (A = T, B = V) and "T^T dO" (A = T read down its columns, B = dO_b).
 
 #include <algorithm>
@@ -97,7 +97,8 @@ ffi::Error CheckSame(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>
   return ffi::Error::Success();
 }
 
-// exp(x) for x <= ~88 by 2^(x log2 e) = 2^i * 2^f, |f| <= 1/2, with a degree-6 polynomial for 2^f:
+// exp(x) for x <= 0 (both uses: scores minus their row max or log-sum-exp) by
+// 2^(x log2 e) = 2^i * 2^f, |f| <= 1/2, with a degree-6 polynomial for 2^f:
 // relative error < 2e-6 (tests/test_attention.py compares with jax's exp-based softmax). Below
 // -87 it returns ~1e-38 instead of 0, which no softmax row notices (its maximum term is 1).
 // Written as plain scalar code that gcc vectorizes (16 lanes with AVX-512): glibc's vector expf
@@ -191,21 +192,20 @@ struct Strided {
 // acc[MR x NV vectors] = sum_p A(i, p) B[p, 0..NV * kVec), then epi(i, j0, acc row) for each row.
 template <int MR, int NV, typename Epi>
 __attribute__((noinline)) void Micro(int64_t k, Strided a, const float* b, int64_t ldb, int64_t i0, int64_t j0, const Epi& epi) {
-  constexpr int kNV = NV;
-  Vec acc[MR][kNV];
+  Vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 8
-    for (int v = 0; v < kNV; ++v) acc[i][v] = Vec{};
+    for (int v = 0; v < NV; ++v) acc[i][v] = Vec{};
   for (int64_t p = 0; p < k; ++p) {
-    Vec bv[kNV];
+    Vec bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < kNV; ++v) bv[v] = Load(b + p * ldb + v * kVec);
+    for (int v = 0; v < NV; ++v) bv[v] = Load(b + p * ldb + v * kVec);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const Vec av = Splat(a.data[i * a.rs + p * a.cs]);
 #pragma GCC unroll 8
-      for (int v = 0; v < kNV; ++v) acc[i][v] += av * bv[v];
+      for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
     }
   }
   for (int i = 0; i < MR; ++i)
