@@ -262,11 +262,22 @@ void ProductLongK(int64_t m, int64_t n, int64_t k, Strided a, const float* b, in
     for (int64_t j = 0; j < n; j += kVec) epi(i, j, Load(acc + i * n + j));
 }
 
-// One thread's working memory, reused across calls.
-float* Scratch(int which, size_t n) {
-  thread_local std::vector<float> buffers[5];
+// One thread's working memory, reused across calls: buffer `which` of at least n floats.
+enum Buffer { kKt, kVt, kTile, kLanes, kAcc, kKRows, kVRows, kQRows, kGRows, kDk, kDv, kBuffers };
+float* Scratch(Buffer which, size_t n) {
+  thread_local std::vector<float> buffers[kBuffers];
   if (buffers[which].size() < n) buffers[which].resize(n);
   return buffers[which].data();
+}
+
+// (N, D) rows at stride ld <-> contiguous (N, D). A head's rows lie 256 B apart in 768 B (tiny's
+// 3 heads): copied together, the products stream them without the other heads' lines that the
+// hardware prefetcher would drag into L2 beside them.
+void Gather(const float* x, int64_t n, int64_t dim, int64_t ld, float* out) {
+  for (int64_t j = 0; j < n; ++j) std::memcpy(out + j * dim, x + j * ld, dim * sizeof(float));
+}
+void Scatter(const float* x, int64_t n, int64_t dim, int64_t ld, float* out) {
+  for (int64_t j = 0; j < n; ++j) std::memcpy(out + j * ld, x + j * dim, dim * sizeof(float));
 }
 
 // (N, D) rows at stride ld -> (D, np) row-major; columns N..np repeat row N-1 (so padded scores
@@ -310,10 +321,12 @@ void ForwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_e
   const Shape& s = pr.s;
   const int64_t ld = s.ld(), n = s.n, np = pr.ldt, dim = s.dim, off = s.head_offset(bh);
   const float scale = pr.scale;
-  float* kt = Scratch(0, dim * np);
-  float* tile = Scratch(1, pr.rows_max * np);
-  float* lanes = Scratch(3, pr.rows_max * kVec);  // per row: running max of each vector lane
+  float* kt = Scratch(kKt, dim * np);
+  float* tile = Scratch(kTile, pr.rows_max * np);
+  float* lanes = Scratch(kLanes, pr.rows_max * kVec);  // per row: running max of each vector lane
+  float* v_rows = Scratch(kVRows, n * dim);
   Transpose(kp + off, n, dim, ld, np, kt);
+  Gather(vp + off, n, dim, ld, v_rows);
   for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
     const int64_t i0 = blk * pr.rows_max, rows = std::min(pr.rows_max, n - i0);
     if (rows <= 0) break;
@@ -331,8 +344,8 @@ void ForwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_e
     for (int64_t i = 0; i < rows; ++i) mx[i] = RowMax(lanes + i * kVec, kVec);
     SoftmaxRows(tile, rows, n, np, mx, inv);
     float* o = op + off + i0 * ld;
-    ProductLongK<NV>(rows, dim, n, Strided{tile, np, 1}, vp + off, ld, Scratch(4, rows * dim),
-                 [&](int64_t i, int64_t j, Vec c) { Store(o + i * ld + j, c * inv[i]); });
+    ProductLongK<NV>(rows, dim, n, Strided{tile, np, 1}, v_rows, dim, Scratch(kAcc, rows * dim),
+                     [&](int64_t i, int64_t j, Vec c) { Store(o + i * ld + j, c * inv[i]); });
     for (int64_t i = 0; i < rows; ++i) lp[bh * n + i0 + i] = mx[i] - std::log(inv[i]);
   }
 }
@@ -344,28 +357,30 @@ void BackwardHead(const Problem& pr, int64_t bh, const float* qp, const float* k
   const Shape& s = pr.s;
   const int64_t ld = s.ld(), n = s.n, np = pr.ldt, dim = s.dim, off = s.head_offset(bh);
   const float scale = pr.scale;
-  float* kt = Scratch(0, dim * np);
-  float* vt = Scratch(2, dim * np);
-  float* tile = Scratch(1, pr.rows_max * np);
+  float* kt = Scratch(kKt, dim * np);
+  float* vt = Scratch(kVt, dim * np);
+  float* tile = Scratch(kTile, pr.rows_max * np);
+  float *k_rows = Scratch(kKRows, n * dim), *q_rows = Scratch(kQRows, n * dim), *g_rows = Scratch(kGRows, n * dim);
+  float *dk_h = Scratch(kDk, n * dim), *dv_h = Scratch(kDv, n * dim);  // contiguous; scattered at the end
   Transpose(kp + off, n, dim, ld, np, kt);
   Transpose(vp + off, n, dim, ld, np, vt);
-  float *dk_h = dkp + off, *dv_h = dvp + off;
-  for (int64_t j = 0; j < n; ++j) {
-    std::fill(dk_h + j * ld, dk_h + j * ld + dim, 0.f);
-    std::fill(dv_h + j * ld, dv_h + j * ld + dim, 0.f);
-  }
+  Gather(kp + off, n, dim, ld, k_rows);
+  Gather(qp + off, n, dim, ld, q_rows);
+  Gather(gp + off, n, dim, ld, g_rows);
+  std::fill(dk_h, dk_h + n * dim, 0.f);
+  std::fill(dv_h, dv_h + n * dim, 0.f);
   for (int64_t i0 = 0; i0 < n; i0 += pr.rows_max) {
     const int64_t rows = std::min(pr.rows_max, n - i0);
-    const float *q_b = qp + off + i0 * ld, *g_b = gp + off + i0 * ld, *o_b = op + off + i0 * ld;
+    const float *q_b = q_rows + i0 * dim, *g_b = g_rows + i0 * dim, *o_b = op + off + i0 * ld;
     const float* lse_b = lp + bh * n + i0;
     float delta[rows];
     for (int64_t i = 0; i < rows; ++i) {
       float acc = 0.f;
-      for (int64_t d = 0; d < dim; ++d) acc += g_b[i * ld + d] * o_b[i * ld + d];
+      for (int64_t d = 0; d < dim; ++d) acc += g_b[i * dim + d] * o_b[i * ld + d];
       delta[i] = acc;
     }
     // T = P = exp(scale Q_b K^T - lse)
-    Product(rows, pr.cols, dim, Strided{q_b, ld, 1}, kt, np, EachVector([&](int64_t i, int64_t j, Vec c) {
+    Product(rows, pr.cols, dim, Strided{q_b, dim, 1}, kt, np, EachVector([&](int64_t i, int64_t j, Vec c) {
       float x[kVec];
       Store(x, c * scale - lse_b[i]);
       for (int l = 0; l < kVec; ++l) x[l] = Exp(x[l]);
@@ -373,22 +388,24 @@ void BackwardHead(const Problem& pr, int64_t bh, const float* qp, const float* k
     }));
     // dV += P^T dO_b, kKC rows of P at a time (a kKC x D block of dO_b stays in L1)
     for (int64_t p0 = 0; p0 < rows; p0 += kKC)
-      Product<NV>(n, dim, std::min(kKC, rows - p0), Strided{tile + p0 * np, 1, np}, g_b + p0 * ld, ld,
-              EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dv_h + j * ld + c, Load(dv_h + j * ld + c) + x); }));
+      Product<NV>(n, dim, std::min(kKC, rows - p0), Strided{tile + p0 * np, 1, np}, g_b + p0 * dim, dim,
+                  EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dv_h + j * dim + c, Load(dv_h + j * dim + c) + x); }));
     // T = dS = P * (dO_b V^T - delta)
-    Product(rows, pr.cols, dim, Strided{g_b, ld, 1}, vt, np, EachVector([&](int64_t i, int64_t j, Vec c) {
+    Product(rows, pr.cols, dim, Strided{g_b, dim, 1}, vt, np, EachVector([&](int64_t i, int64_t j, Vec c) {
       float* t = tile + i * np + j;
       Store(t, Load(t) * (c - delta[i]));
     }));
     // dQ_b = scale dS K
     float* dq_b = dqp + off + i0 * ld;
-    ProductLongK<NV>(rows, dim, n, Strided{tile, np, 1}, kp + off, ld, Scratch(4, rows * dim),
-                 [&](int64_t i, int64_t c, Vec x) { Store(dq_b + i * ld + c, x * scale); });
+    ProductLongK<NV>(rows, dim, n, Strided{tile, np, 1}, k_rows, dim, Scratch(kAcc, rows * dim),
+                     [&](int64_t i, int64_t c, Vec x) { Store(dq_b + i * ld + c, x * scale); });
     // dK += scale dS^T Q_b, in kKC-row steps like dV
     for (int64_t p0 = 0; p0 < rows; p0 += kKC)
-      Product<NV>(n, dim, std::min(kKC, rows - p0), Strided{tile + p0 * np, 1, np}, q_b + p0 * ld, ld,
-              EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dk_h + j * ld + c, Load(dk_h + j * ld + c) + x * scale); }));
+      Product<NV>(n, dim, std::min(kKC, rows - p0), Strided{tile + p0 * np, 1, np}, q_b + p0 * dim, dim,
+                  EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dk_h + j * dim + c, Load(dk_h + j * dim + c) + x * scale); }));
   }
+  Scatter(dk_h, n, dim, ld, dkp + off);
+  Scatter(dv_h, n, dim, ld, dvp + off);
 }
 
 // Calls f(std::integral_constant<int, NV>) with NV the most vectors (<= kNV) per micro-tile row
