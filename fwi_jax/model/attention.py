@@ -30,8 +30,8 @@ Implementations (``cfg.model.attention``):
   matmul through the softmax into the next matmul while it is in L2, with register-blocked
   micro-kernels that read it in place; XLA:CPU cannot fuse that from JAX code. Float32 inside
   (other dtypes are cast), head_dim a multiple of 16, built on first use with the system C++
-  compiler (cached). The fastest on CPU (tiny's attention forward + backward 0.30 s against
-  query_blocks' 0.40 s; docs/performance.md).
+  compiler (cached). The fastest on CPU (tiny's attention forward + backward 0.27 s against
+  query_blocks' 0.40 s and PyTorch's fused 0.26 s; docs/performance.md).
 - ``"auto"``: the rule of :func:`resolve_impl` -- cuDNN on NVIDIA GPUs that have it
   (compute capability >= 8.0), blockwise on older NVIDIA GPUs (V100: no cuDNN flash kernel, the
   (N, N) scores would dominate memory), fused_cpu on CPU where its kernel builds (else
