@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 
-from fwi_jax.model.fused_attention import SOURCE, _compiler, _flags
+from fwi_jax.model.fused_attention import SOURCE, compile_flags, find_compiler
 
 HARNESS = r"""
 #include "%(source)s"
@@ -74,8 +74,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         harness, exe = Path(tmp) / "harness.cc", Path(tmp) / "harness"
         harness.write_text(HARNESS % {"source": SOURCE})
-        flags = [f for f in _flags() if f not in ("-shared", "-fPIC")]
-        cmd = [_compiler(), *flags, f"-I{jax.ffi.include_dir()}", str(harness), "-o", str(exe)]
+        flags = [f for f in compile_flags() if f not in ("-shared", "-fPIC")]
+        cmd = [find_compiler(), *flags, f"-I{jax.ffi.include_dir()}", str(harness), "-o", str(exe)]
         built = subprocess.run(cmd, capture_output=True, text=True)
         if built.returncode:
             raise SystemExit(f"compiling the harness failed:\n$ {' '.join(cmd)}\n{built.stderr[-4000:]}")

@@ -69,6 +69,18 @@ def test_without_a_compiler_auto_says_it_uses_query_blocks(tmp_path):
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").glob("*.so"))
 
 
+def test_a_missing_cxx_is_an_error_not_a_fallback(tmp_path):
+    """$CXX names a compiler that is not there: an error naming it, even with g++ on PATH."""
+    done = _run("""
+        from fwi_jax.model.fused_attention import KernelBuildError, load_kernel
+        try:
+            load_kernel()
+        except KernelBuildError as err:
+            print("raised:", err)
+        """, CXX="/nonexistent/c++", FWI_JAX_CACHE=str(tmp_path))
+    assert "raised:" in done.stdout and "$CXX='/nonexistent/c++' is not an executable" in done.stdout, done.stdout
+
+
 def test_a_failed_build_names_the_compiler_error(tmp_path):
     """A compiler that fails: the error carries the command and the compiler's own message."""
     fake = tmp_path / "c++"

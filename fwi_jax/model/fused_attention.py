@@ -5,7 +5,7 @@
 1/sqrt(head_dim), output in q's dtype. The kernel computes in float32 (other dtypes are cast on
 the way in and out). Its custom VJP saves q, k, v, the output and the log-sum-exp (B, H, N) and
 recomputes each score tile in the backward pass: memory per thread is one (block, N) float32
-tile plus K^T and V^T of one head, never (N, N).
+tile plus a few (N, D) copies of one head's K, V, Q, dO, dK, dV, never (N, N).
 
 Why a C++ kernel: XLA:CPU runs the score matmul, the softmax and the next matmul as separate
 kernels with each (rows, N) tile written to memory between them; the kernel keeps the tile in L2
@@ -56,16 +56,20 @@ class KernelBuildError(RuntimeError):
     """The fused attention kernel cannot be built or loaded on this machine."""
 
 
-def _compiler() -> str:
-    cxx = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")
+def find_compiler() -> str:
+    """The C++ compiler the kernel is built with: $CXX if set (it must exist), else g++ or c++ on PATH."""
+    requested = os.environ.get("CXX")
+    cxx = shutil.which(requested) if requested else shutil.which("g++") or shutil.which("c++")
     if not cxx:
+        missing = f"$CXX={requested!r} is not an executable" if requested else "no g++ or c++ on PATH"
         raise KernelBuildError(
-            f"attention 'fused_cpu' builds its kernel with a C++ compiler, and there is none "
-            f"(${{CXX}}={os.environ.get('CXX', '')!r}; no g++ or c++ on PATH): install one (Debian/Ubuntu: apt install g++) or set model.attention=query_blocks")
+            f"attention 'fused_cpu' builds its kernel with a C++ compiler, and there is none ({missing}): "
+            "install one (Debian/Ubuntu: apt install g++) or set model.attention=query_blocks")
     return cxx
 
 
-def _flags() -> tuple[str, ...]:
+def compile_flags() -> tuple[str, ...]:
+    """The kernel's compiler flags (-march from $FWI_JAX_KERNEL_ARCH, default native)."""
     return (*_FLAGS, f"-march={os.environ.get('FWI_JAX_KERNEL_ARCH', 'native')}")
 
 
@@ -79,9 +83,9 @@ def _cpu_id() -> str:
 
 def library_path(cxx: str | None = None) -> Path:
     """Where this machine's build of the kernel is cached (it may not exist yet)."""
-    cxx = cxx or _compiler()
+    cxx = cxx or find_compiler()
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(_flags()), cxx, jax.__version__, _cpu_id()):
+    for part in (SOURCE.read_bytes(), " ".join(compile_flags()), cxx, jax.__version__, _cpu_id()):
         key.update(part if isinstance(part, bytes) else part.encode())
     cache = Path(os.environ.get("FWI_JAX_CACHE") or Path.home() / ".cache" / "fwi_jax")
     return cache / "kernels" / f"attention_cpu-{key.hexdigest()[:16]}.so"
@@ -91,7 +95,7 @@ def _build(cxx: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        cmd = [cxx, *_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
+        cmd = [cxx, *compile_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise KernelBuildError(f"building {SOURCE} failed:\n$ {' '.join(cmd)}\n{done.stderr[-4000:]}")
@@ -105,7 +109,7 @@ def load_kernel() -> Path:
     if sys.platform != "linux":
         raise KernelBuildError(f"attention 'fused_cpu' is built for Linux only, not {sys.platform}: "
                                "set model.attention=query_blocks")
-    cxx = _compiler()
+    cxx = find_compiler()
     path = library_path(cxx)
     if not path.exists():
         print(f"fwi_jax: building the fused CPU attention kernel ({SOURCE.name}, ~5 s) into {path}",
