@@ -263,7 +263,7 @@ void ProductLongK(int64_t m, int64_t n, int64_t k, Strided a, const float* b, in
 }
 
 // One thread's working memory, reused across calls: buffer `which` of at least n floats.
-enum Buffer { kKt, kVt, kTile, kLanes, kAcc, kKRows, kVRows, kQRows, kGRows, kDk, kDv, kBuffers };
+enum Buffer { kKt, kVt, kTile, kAcc, kKRows, kVRows, kQRows, kGRows, kDk, kDv, kBuffers };
 float* Scratch(Buffer which, size_t n) {
   thread_local std::vector<float> buffers[kBuffers];
   if (buffers[which].size() < n) buffers[which].resize(n);
@@ -280,10 +280,10 @@ void Scatter(const float* x, int64_t n, int64_t dim, int64_t ld, float* out) {
   for (int64_t j = 0; j < n; ++j) std::memcpy(out + j * ld, x + j * dim, dim * sizeof(float));
 }
 
-// (N, D) rows at stride ld -> (D, np) row-major; columns N..np repeat row N-1 (so padded scores
-// equal a real one: they never raise a row maximum; no other use of them is ever read).
+// (N, D) rows at stride ld -> (D, np) row-major, columns N..np zero (the score products compute
+// them, rounded up to a whole micro-tile; nothing reads them).
 void Transpose(const float* x, int64_t n, int64_t dim, int64_t ld, int64_t np, float* xt) {
-  for (int64_t d = 0; d < dim; ++d) std::fill(xt + d * np + n, xt + (d + 1) * np, x[(n - 1) * ld + d]);
+  for (int64_t d = 0; d < dim; ++d) std::fill(xt + d * np + n, xt + (d + 1) * np, 0.f);
   constexpr int64_t kB = 16;
   for (int64_t j0 = 0; j0 < n; j0 += kB)
     for (int64_t d = 0; d < dim; ++d)
@@ -323,25 +323,17 @@ void ForwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_e
   const float scale = pr.scale;
   float* kt = Scratch(kKt, dim * np);
   float* tile = Scratch(kTile, pr.rows_max * np);
-  float* lanes = Scratch(kLanes, pr.rows_max * kVec);  // per row: running max of each vector lane
   float* v_rows = Scratch(kVRows, n * dim);
   Transpose(kp + off, n, dim, ld, np, kt);
   Gather(vp + off, n, dim, ld, v_rows);
   for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
     const int64_t i0 = blk * pr.rows_max, rows = std::min(pr.rows_max, n - i0);
     if (rows <= 0) break;
-    std::fill(lanes, lanes + rows * kVec, -INFINITY);
-    Product(rows, pr.cols, dim, Strided{qp + off + i0 * ld, ld, 1}, kt, np, [&](int64_t i, int64_t j0, const Vec* c) {
-      Vec m = Load(lanes + i * kVec);  // padded columns repeat key N-1 (Transpose): they cannot raise it
-      for (int v = 0; v < kNR / kVec; ++v) {
-        const Vec x = c[v] * scale;
-        Store(tile + i * np + j0 + v * kVec, x);
-        m = m > x ? m : x;
-      }
-      Store(lanes + i * kVec, m);
-    });
+    Product(rows, pr.cols, dim, Strided{qp + off + i0 * ld, ld, 1}, kt, np,
+            EachVector([&](int64_t i, int64_t j, Vec c) { Store(tile + i * np + j, c * scale); }));
+    // a separate pass for the row maxima: keeping them in the product's epilogue measured no faster
     float mx[rows], inv[rows];
-    for (int64_t i = 0; i < rows; ++i) mx[i] = RowMax(lanes + i * kVec, kVec);
+    for (int64_t i = 0; i < rows; ++i) mx[i] = RowMax(tile + i * np, n);
     SoftmaxRows(tile, rows, n, np, mx, inv);
     float* o = op + off + i0 * ld;
     ProductLongK<NV>(rows, dim, n, Strided{tile, np, 1}, v_rows, dim, Scratch(kAcc, rows * dim),
