@@ -278,8 +278,9 @@ def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | N
 
 def default_member_chunk(device: jax.Device) -> int | None:
     """Members run at once by default: on CPU one (``lax.map``: each member's activations stay in
-    cache; tiny_s8, 3 members with TTA on 2 cores: 0.077 vs 0.065 samples/s with all vmapped,
-    docs/performance.md); elsewhere all of them (None: vmap keeps an accelerator busy)."""
+    cache; tiny_s8, 3 members with TTA on 2 cores: 0.112 vs 0.090 samples/s with all vmapped,
+    fused_cpu attention, docs/performance.md); elsewhere all of them (None: vmap keeps an
+    accelerator busy)."""
     return 1 if device.platform == "cpu" else None
 
 

@@ -55,7 +55,6 @@ IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "blockwise", "query_blocks", "fused
 # block_size=None means: blockwise's key block, query_blocks' and fused_cpu's query block (measured
 # on CPU, docs/performance.md: fused_cpu's 128-row tile, 1 MB, stays in a 2 MB L2 beside K^T, V^T)
 DEFAULT_BLOCKS = {"blockwise": 256, "query_blocks": 256, "fused_cpu": 128}
-FUSED_HEAD_DIM_MULTIPLE = 16  # fused_cpu's micro-kernels step through head_dim in 16-float vectors
 
 _F32 = jnp.float32
 
@@ -117,14 +116,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention expects q, k, v of one shape (batch, tokens, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
     requested, impl = impl, resolve_impl(impl)
-    if impl == "fused_cpu" and requested == "auto" and q.shape[-1] % FUSED_HEAD_DIM_MULTIPLE:
-        impl = "query_blocks"  # auto picks what runs: the kernel needs head_dim % 16 == 0
-    if impl == "fused_cpu" and (platform := jax.local_devices()[0].platform) != "cpu":
-        raise ValueError(f"attention impl 'fused_cpu' is a CPU kernel; this process runs on {platform}. "
-                         "Use model.attention=auto (cuDNN or blockwise on GPUs).")
-    if impl == "fused_cpu" and q.shape[-1] % FUSED_HEAD_DIM_MULTIPLE:
-        raise ValueError(f"attention impl 'fused_cpu' needs head_dim a multiple of {FUSED_HEAD_DIM_MULTIPLE} "
-                         f"(every EVA02 size has 64); got {q.shape[-1]}. Use model.attention=query_blocks.")
+    if impl == "fused_cpu" and requested == "auto":
+        from fwi_jax.model.fused_attention import unsupported
+
+        if unsupported(q.shape):  # auto picks what runs; asked for by name, fused_attention raises
+            impl = "query_blocks"
     if block_size is None:
         block_size = DEFAULT_BLOCKS.get(impl, 0)
     if impl == "xla":
@@ -399,12 +395,14 @@ def _tiled_attention(q, k, v, tiling, block_size, heads_per_step):
     return _tiled_forward(q, k, v, tiling, block_size, heads_per_step)[0]
 
 
+def name_residuals(out, lse):
+    """A custom VJP's output and log-sum-exp, named so that a remat policy can keep them
+    (fwi_jax.model.fwi's "dots" does): then the backward pass needs no second forward pass."""
+    return checkpoint_name(out, ATTENTION_RESIDUALS[0]), checkpoint_name(lse, ATTENTION_RESIDUALS[1])
+
+
 def _tiled_fwd(q, k, v, tiling, block_size, heads_per_step):
-    out, lse = _tiled_forward(q, k, v, tiling, block_size, heads_per_step)
-    # named so that a remat policy can keep them (fwi_jax.model.fwi's "dots" does): then the
-    # backward pass needs no second forward pass
-    out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
-    lse = checkpoint_name(lse, ATTENTION_RESIDUALS[1])
+    out, lse = name_residuals(*_tiled_forward(q, k, v, tiling, block_size, heads_per_step))
     return out, (q, k, v, out, lse)
 
 

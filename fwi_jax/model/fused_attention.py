@@ -37,14 +37,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fwi_jax.model.attention import ATTENTION_RESIDUALS
+from fwi_jax.model.attention import name_residuals
 
 SOURCE = Path(__file__).parent / "csrc" / "attention_cpu.cc"
+HEAD_DIM_MULTIPLE = 16  # the micro-kernels step through head_dim in 16-float (AVX-512) vectors
 _TARGETS = {"FwiAttentionForward": "fwi_attention_forward", "FwiAttentionBackward": "fwi_attention_backward"}
 # No -ffast-math: it would link crtfastmath.o, which turns on flush-to-zero for the whole process;
 # the kernel's exp and max are written to vectorise without it.
@@ -139,6 +139,17 @@ def kernel_flops(hlo_text: str) -> float:
     return total
 
 
+def unsupported(shape: tuple[int, ...]) -> str | None:
+    """Why the kernel cannot run attention of q's `shape` (B, N, H, D) in this process, or None."""
+    platform = jax.local_devices()[0].platform
+    if platform != "cpu":
+        return f"is a CPU kernel; this process runs on {platform} (model.attention=auto picks cuDNN or blockwise)"
+    if shape[-1] % HEAD_DIM_MULTIPLE:
+        return (f"needs head_dim a multiple of {HEAD_DIM_MULTIPLE} (every EVA02 size has 64); got {shape[-1]} "
+                "(model.attention=query_blocks runs any)")
+    return None
+
+
 def _f32(*arrays):
     return tuple(a.astype(jnp.float32) for a in arrays)
 
@@ -211,6 +222,8 @@ def _call(partitioned, block_size: int):
 
 
 def _forward(q, k, v, block_size):
+    if (reason := unsupported(q.shape)):
+        raise ValueError(f"attention impl 'fused_cpu' {reason}")
     load_kernel()
     out, lse = _call(_forward_partitioned, int(block_size))(*_f32(q, k, v))
     return out.astype(q.dtype), lse
@@ -223,9 +236,7 @@ def fused_attention(q, k, v, block_size=128):
 
 
 def _fused_fwd(q, k, v, block_size):
-    out, lse = _forward(q, k, v, block_size)
-    # named so that the "dots" remat policy keeps them (fwi_jax.model.fwi): no second forward pass
-    out, lse = checkpoint_name(out, ATTENTION_RESIDUALS[0]), checkpoint_name(lse, ATTENTION_RESIDUALS[1])
+    out, lse = name_residuals(*_forward(q, k, v, block_size))
     return out, (q, k, v, out, lse)
 
 

@@ -234,7 +234,7 @@ void Product(int64_t m, int64_t n, int64_t k, Strided a, const float* b, int64_t
 }
 static_assert(kMR == 6, "Product's switch covers 1..6 rows");
 constexpr int64_t kKB = 128;  // rows of B per step of ProductLongK (a 32 KiB panel)
-constexpr int64_t kKC = 64;  // rows of a score tile per "T^T X" product (measured: 64 beats 32, 128, all)
+constexpr int64_t kKC = 64;  // rows of a score tile per "T^T X" product (measured: 32 and all slower, 128 ties)
 
 // A row epilogue for Product<NV> from f(i, j, vector of C[i, j..j+kVec)).
 template <int NV = kNV, typename F>
@@ -245,7 +245,7 @@ auto EachVector(const F& f) {
 }
 
 // C[m x n] = A[m x k] B[k x n] for a long k (A = a score tile, B = V or K): kKB rows of B at a
-// time, so that a kKB x kNR panel of B is read from L1 by every row of A rather than streamed
+// time, so that a kKB x NV * kVec panel of B is read from L1 by every row of A rather than streamed
 // from L2 once per micro-tile; partial sums go to `acc` (m x n floats), then epi(i, j, C vector)
 // for each vector (a per-vector epilogue, as `EachVector` makes for Product).
 template <int NV, typename Epi>
