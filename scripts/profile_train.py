@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import json
 import os
 import pathlib
 import re
@@ -214,6 +215,8 @@ def main(argv=None) -> int:
 
     add_override_argument(ap)
     ap.add_argument("--logdir", default=None, help="keep the trace here (default: a temporary folder)")
+    ap.add_argument("--dump", default=None, metavar="DIR",
+                    help="write the compiled HLO (step.hlo.txt) and each instruction's s/step (ops.json) here")
     a = ap.parse_args(argv)
 
     from fwi_jax.host import tune_cpu_host
@@ -274,6 +277,11 @@ def main(argv=None) -> int:
         count[cat] += 1
         busy[line] += dur / a.steps
     total = sum(per.values())
+    if a.dump:
+        out = pathlib.Path(a.dump)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "step.hlo.txt").write_text(compiled.as_text())
+        (out / "ops.json").write_text(json.dumps({op: v / 1e9 for op, v in per_op.items()}, indent=0))
     wall, cpu = statistics.median(walls), statistics.median(cpus)
 
     print(f"config {a.config} {' '.join(a.set)} batch {a.batch} {a.dtype}, attention {a.attention} "

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from fwi_jax.model.attention import attention
+from fwi_jax.model.linear import linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +56,8 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 
 
 def _linear(din, dout, *, rngs, dtype, use_bias=True):
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
+    return linear(din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                  kernel_init=nnx.initializers.truncated_normal(0.02))
 
 
 def _layer_norm(dim, *, rngs, dtype):

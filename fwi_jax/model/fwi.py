@@ -18,16 +18,19 @@ from flax import nnx
 from fwi_jax.config import Config, ConfigError
 from fwi_jax.model.attention import ATTENTION_RESIDUALS
 from fwi_jax.model.eva02 import SIZES, Block, EvaSize, rope_table
+from fwi_jax.model.linear import OUTPUT_NAME as DENSE_OUTPUT
+from fwi_jax.model.linear import linear
 from fwi_jax.preprocess import fold_and_resize
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    # the weight matmuls' outputs, plus blockwise attention's output and log-sum-exp (small:
-    # (B, N, dim) and (B, H, N)) so that the backward pass does not run attention's forward again
+    # the weight matmuls' outputs (plain dots, or linear.dense's tagged outputs on CPU), plus
+    # attention's output and log-sum-exp (small: (B, N, dim) and (B, H, N)) so that the backward
+    # pass does not run attention's forward again
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS)),
+        jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS, DENSE_OUTPUT)),
 }
 
 
@@ -58,7 +61,7 @@ class FWIModel(nnx.Module):
         self.dtype = dtype
         p = g.patch
         gh, gw = g.grid
-        self.patch_embed = nnx.Dict(proj=nnx.Linear(p * p, size.dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs))
+        self.patch_embed = nnx.Dict(proj=linear(p * p, size.dim, dtype=dtype, rngs=rngs))
         self.cls_token = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1, size.dim)))
         self.pos_embed = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1 + gh * gw, size.dim)))
         self.blocks = nnx.List([
@@ -66,8 +69,8 @@ class FWIModel(nnx.Module):
             for _ in range(size.depth)
         ])
         hp, wp = g.head_patch
-        self.head = nnx.Linear(size.dim, hp * wp, dtype=dtype, param_dtype=jnp.float32,
-                               kernel_init=nnx.initializers.truncated_normal(0.02), rngs=rngs)
+        self.head = linear(size.dim, hp * wp, dtype=dtype, rngs=rngs,
+                           kernel_init=nnx.initializers.truncated_normal(0.02))
         self.head_dim = size.dim // size.heads
 
     def _run_blocks(self, blocks, x):

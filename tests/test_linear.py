@@ -1,0 +1,87 @@
+"""fwi_jax.model.linear: the CPU dense layer equals plain autodiff, keeps nnx.Linear's parameters,
+and its compiled backward pass has the layout it exists for.
+
+Tolerance: the same float32 products summed in another order (the transposed operand changes
+the blocking of the token contraction, up to 400 terms here): a few ulps times log2(400) of the
+sum's magnitude, about 1e-6 of the largest entry (an entry that nearly cancels has a large
+relative error, so the bound is absolute at that scale). We allow 1e-5 of the largest entry,
+far below what a wrong transpose or a missing term would move (O(1) of it).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fwi_jax.model.linear import dense, linear
+
+TOL = 1e-5
+
+
+def close(got, want):
+    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("k, n", [(24, 80), (80, 24)])  # x transposed / dy transposed
+def test_dense_matches_autodiff(k, n):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 133, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((3, 133, n)), jnp.float32)
+    y, vjp = jax.vjp(lambda a, b: dense(a, b), x, w)
+    y_ref, vjp_ref = jax.vjp(jnp.dot, x, w)
+    close(y, y_ref)
+    for got, want in zip(jax.jit(vjp)(dy), vjp_ref(dy)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        close(got, want)
+
+
+def test_dense_bfloat16_keeps_dtypes():
+    x = jnp.ones((2, 7, 16), jnp.bfloat16)
+    w = jnp.full((16, 32), 0.5, jnp.bfloat16)
+    y, vjp = jax.vjp(lambda a, b: dense(a, b), x, w)
+    dx, dw = vjp(jnp.ones_like(y))
+    assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16,) * 3
+    np.testing.assert_allclose(np.asarray(dw, np.float32), 14.0)  # 2 * 7 tokens of 1 * 1
+    np.testing.assert_allclose(np.asarray(dx, np.float32), 16.0)  # 32 outputs of 0.5 * 1
+
+
+def test_linear_has_nnx_linear_parameters_and_results():
+    ours = linear(16, 40, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    plain = nnx.Linear(16, 40, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    assert jax.tree.map(jnp.shape, nnx.state(ours, nnx.Param).to_pure_dict()) == \
+        jax.tree.map(jnp.shape, nnx.state(plain, nnx.Param).to_pure_dict())
+    nnx.update(ours, nnx.state(plain, nnx.Param))
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 9, 16)), jnp.float32)
+
+    def grads(model):
+        return nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(model).to_pure_dict()
+
+    for got, want in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(plain))):
+        close(got, want)
+
+
+def test_backward_dots_contract_the_left_operands_last_axis():
+    """What the layer is for: in the compiled gradient every dot contracts lhs's last axis (the
+    form XLA:CPU gives YNNPACK); plain autodiff emits the weight gradient contracting axis 0."""
+    x = jnp.ones((6, 200, 32), jnp.float32)
+    model = linear(32, 96, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+
+    def loss(p, x):
+        return jnp.sum(nnx.merge(graphdef, p)(x) ** 2)
+
+    def contractions(fn, p):
+        hlo = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(p, x).compile().as_text()
+        return re.findall(r"lhs_contracting_dims=\{(\d+)\}", hlo)
+
+    ours = contractions(loss, params)
+    assert ours and all(c == "1" for c in ours), ours
+    plain = nnx.Linear(32, 96, rngs=nnx.Rngs(0))
+    pgraph, pparams = nnx.split(plain)
+    assert "0" in contractions(lambda p, x: jnp.sum(nnx.merge(pgraph, p)(x) ** 2), pparams)  # the case we avoid
