@@ -52,10 +52,10 @@ def _reference(q, k, v):
 GRID = (14, 14)  # 196 patches + cls = 197 tokens, not a multiple of 64
 
 
-def _check_with_rope(ours, seed=0, cotangent_seed=9, head_dim=16):
+def _check_with_rope(ours, seed=0, cotangent_seed=9, head_dim=16, batch=2, heads=3):
     """``ours`` (q, k, v) -> out against `_reference` with 2-D RoPE on q and k, N = 197 tokens:
     the forward and the gradients w.r.t. q, k, v of a random projection of the output."""
-    shape = (2, 1 + GRID[0] * GRID[1], 3, head_dim)
+    shape = (batch, 1 + GRID[0] * GRID[1], heads, head_dim)
     q, k, v = _qkv(shape, seed=seed)
     w = jax.random.normal(jax.random.key(cotangent_seed), shape)  # random cotangent
 
@@ -85,6 +85,14 @@ def test_fused_cpu_head_dims_with_rope(head_dim, block):
     """The C++ kernel's other micro-tile widths (head_dim 64: 4 AVX-512 vectors a row; 48: 3;
     32: 2; 16 above: 1) and ragged query blocks (7 rows: the 6-row micro-tile's remainders)."""
     _check_with_rope(lambda q, k, v: attention(q, k, v, impl="fused_cpu", block_size=block), head_dim=head_dim)
+
+
+@pytest.mark.parametrize("heads,block", [(3, 50), (1, 30)])
+def test_fused_cpu_few_heads_split_query_blocks(heads, block):
+    """Fewer batch x heads than twice the threads: each head's query blocks are cut into chunks
+    (3 heads: 2 chunks of 2 of the 4 blocks; 1 head: 4 chunks of 2, 2, 2, 1 of the 7 blocks on 2
+    threads) whose dK, dV partials are summed afterwards."""
+    _check_with_rope(lambda q, k, v: attention(q, k, v, impl="fused_cpu", block_size=block), batch=1, heads=heads)
 
 
 @pytest.mark.parametrize("impl,block", [("blockwise", 512), ("query_blocks", 256), ("fused_cpu", 128)])

@@ -342,10 +342,12 @@ void ForwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_e
   }
 }
 
-// dq, dk, dv of head bh (the backward pass; dk, dv accumulate over all its query blocks).
+// The backward pass over query blocks [blk_begin, blk_end) of head bh: their dq rows, and their
+// contributions to the head's dK, dV into dk_h, dv_h (contiguous (N, D), overwritten).
 template <int NV>
-void BackwardHead(const Problem& pr, int64_t bh, const float* qp, const float* kp, const float* vp,
-                  const float* op, const float* lp, const float* gp, float* dqp, float* dkp, float* dvp) {
+void BackwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_end, const float* qp,
+                  const float* kp, const float* vp, const float* op, const float* lp, const float* gp,
+                  float* dqp, float* dk_h, float* dv_h) {
   const Shape& s = pr.s;
   const int64_t ld = s.ld(), n = s.n, np = pr.ldt, dim = s.dim, off = s.head_offset(bh);
   const float scale = pr.scale;
@@ -353,7 +355,6 @@ void BackwardHead(const Problem& pr, int64_t bh, const float* qp, const float* k
   float* vt = Scratch(kVt, dim * np);
   float* tile = Scratch(kTile, pr.rows_max * np);
   float *k_rows = Scratch(kKRows, n * dim), *q_rows = Scratch(kQRows, n * dim), *g_rows = Scratch(kGRows, n * dim);
-  float *dk_h = Scratch(kDk, n * dim), *dv_h = Scratch(kDv, n * dim);  // contiguous; scattered at the end
   Transpose(kp + off, n, dim, ld, np, kt);
   Transpose(vp + off, n, dim, ld, np, vt);
   Gather(kp + off, n, dim, ld, k_rows);
@@ -361,7 +362,7 @@ void BackwardHead(const Problem& pr, int64_t bh, const float* qp, const float* k
   Gather(gp + off, n, dim, ld, g_rows);
   std::fill(dk_h, dk_h + n * dim, 0.f);
   std::fill(dv_h, dv_h + n * dim, 0.f);
-  for (int64_t i0 = 0; i0 < n; i0 += pr.rows_max) {
+  for (int64_t i0 = blk_begin * pr.rows_max; i0 < std::min(n, blk_end * pr.rows_max); i0 += pr.rows_max) {
     const int64_t rows = std::min(pr.rows_max, n - i0);
     const float *q_b = q_rows + i0 * dim, *g_b = g_rows + i0 * dim, *o_b = op + off + i0 * ld;
     const float* lse_b = lp + bh * n + i0;
@@ -396,8 +397,6 @@ void BackwardHead(const Problem& pr, int64_t bh, const float* qp, const float* k
       Product<NV>(n, dim, std::min(kKC, rows - p0), Strided{tile + p0 * np, 1, np}, q_b + p0 * dim, dim,
                   EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dk_h + j * dim + c, Load(dk_h + j * dim + c) + x * scale); }));
   }
-  Scatter(dk_h, n, dim, ld, dkp + off);
-  Scatter(dv_h, n, dim, ld, dvp + off);
 }
 
 // Calls f(std::integral_constant<int, NV>) with NV the most vectors (<= kNV) per micro-tile row
@@ -442,13 +441,38 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     if (err.failure()) return err;
   if (lse.element_count() != static_cast<size_t>(pr.s.bh() * pr.s.n))
     return ffi::Error::InvalidArgument("fused attention: lse must hold (..., heads, tokens) floats");
-  WithDimVectors(pr.s.dim, [&](auto nv) {
-    ParallelFor(pool, pr.s.bh(), [&](int64_t bh) {  // one head per task: its dK, dV accumulate
-      BackwardHead<decltype(nv)::value>(pr, bh, q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(),
-                                        lse.typed_data(), d_out.typed_data(), dq->typed_data(), dk->typed_data(),
-                                        dv->typed_data());
+  // Tasks as in Forward. A head cut into chunks sums its chunks' dK, dV partials afterwards (tiny's
+  // post-split layers: 3 heads on 2 threads would leave one thread idle for a third of the call).
+  const Shape& s = pr.s;
+  const int64_t heads = s.bh(), workers = std::max<int64_t>(1, pool.num_threads()), nd = s.n * s.dim;
+  const int64_t chunks = std::min(pr.n_blocks, std::max<int64_t>(1, (2 * workers + heads - 1) / heads));
+  const int64_t per_chunk = (pr.n_blocks + chunks - 1) / chunks;
+  std::vector<float> partials(chunks > 1 ? 2 * heads * chunks * nd : 0);  // [dk | dv][task] (N, D)
+  WithDimVectors(s.dim, [&](auto nv) {
+    ParallelFor(pool, heads * chunks, [&](int64_t task) {
+      const int64_t bh = task / chunks, begin = (task % chunks) * per_chunk;
+      float* dk_h = chunks > 1 ? partials.data() + task * nd : Scratch(kDk, nd);
+      float* dv_h = chunks > 1 ? partials.data() + (heads * chunks + task) * nd : Scratch(kDv, nd);
+      BackwardHead<decltype(nv)::value>(pr, bh, begin, std::min(pr.n_blocks, begin + per_chunk), q.typed_data(),
+                                        k.typed_data(), v.typed_data(), out.typed_data(), lse.typed_data(),
+                                        d_out.typed_data(), dq->typed_data(), dk_h, dv_h);
+      if (chunks == 1) {
+        Scatter(dk_h, s.n, s.dim, s.ld(), dk->typed_data() + s.head_offset(bh));
+        Scatter(dv_h, s.n, s.dim, s.ld(), dv->typed_data() + s.head_offset(bh));
+      }
     });
   });
+  if (chunks > 1) {
+    ParallelFor(pool, 2 * heads, [&](int64_t t) {  // (dk or dv, head): sum the chunks, scatter
+      const int64_t which = t / heads, bh = t % heads;
+      float* sum = partials.data() + (which * heads * chunks + bh * chunks) * nd;
+      for (int64_t c = 1; c < chunks; ++c) {
+        const float* part = sum + c * nd;
+        for (int64_t i = 0; i < nd; ++i) sum[i] += part[i];
+      }
+      Scatter(sum, s.n, s.dim, s.ld(), (which ? dv : dk)->typed_data() + s.head_offset(bh));
+    });
+  }
   return ffi::Error::Success();
 }
 
