@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from fwi_jax.model.attention import attention
-from fwi_jax.model.linear import linear
+from fwi_jax.model.layers import LayerNorm, linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _linear(din, dout, *, rngs, dtype, use_bias=True):
 
 
 def _layer_norm(dim, *, rngs, dtype):
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):

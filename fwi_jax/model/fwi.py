@@ -18,8 +18,8 @@ from flax import nnx
 from fwi_jax.config import Config, ConfigError
 from fwi_jax.model.attention import ATTENTION_RESIDUALS
 from fwi_jax.model.eva02 import SIZES, Block, EvaSize, rope_table
-from fwi_jax.model.linear import OUTPUT_NAME as DENSE_OUTPUT
-from fwi_jax.model.linear import linear
+from fwi_jax.model.layers import OUTPUT_NAME as DENSE_OUTPUT
+from fwi_jax.model.layers import linear
 from fwi_jax.preprocess import fold_and_resize
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

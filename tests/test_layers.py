@@ -1,5 +1,6 @@
-"""fwi_jax.model.linear: the CPU dense layer equals plain autodiff, keeps nnx.Linear's parameters,
-and its compiled backward pass has the layout it exists for.
+"""fwi_jax.model.layers: the CPU dense layer and the LayerNorm equal plain autodiff of their flax
+counterparts, keep their parameters, and the dense layer's compiled backward pass has the layout
+it exists for.
 
 Tolerance: the same float32 products summed in another order (the transposed operand changes
 the blocking of the token contraction, up to 400 terms here): a few ulps times log2(400) of the
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fwi_jax.model.linear import dense, linear
+from fwi_jax.model.layers import LayerNorm, dense, linear
 
 TOL = 1e-5
 
@@ -85,3 +86,37 @@ def test_backward_dots_contract_the_left_operands_last_axis():
     plain = nnx.Linear(32, 96, rngs=nnx.Rngs(0))
     pgraph, pparams = nnx.split(plain)
     assert "0" in contractions(lambda p, x: jnp.sum(nnx.merge(pgraph, p)(x) ** 2), pparams)  # the case we avoid
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_matches_flax(dtype):
+    """Forward and gradients (input, scale, bias) of nnx.LayerNorm's autodiff, with non-trivial
+    scale and bias and rows of nonzero mean (where a wrong mean term in dx would show)."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 50, 48)) * 2.0 + 0.5, jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((3, 50, 48)), jnp.float32)
+    ours = LayerNorm(48, epsilon=1e-6, dtype=dtype, rngs=nnx.Rngs(0))
+    plain = nnx.LayerNorm(48, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    params = {"scale": jnp.asarray(1.0 + 0.3 * rng.standard_normal(48), jnp.float32),
+              "bias": jnp.asarray(0.2 * rng.standard_normal(48), jnp.float32)}
+    for m in (ours, plain):
+        m.scale.value, m.bias.value = params["scale"], params["bias"]
+
+    def run(model):
+        graphdef, p = nnx.split(model)
+        y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), p, x)
+        dp, dx = vjp(dy.astype(y.dtype))
+        return y, dx, dp.to_pure_dict()
+
+    (y, dx, dp), (y_ref, dx_ref, dp_ref) = run(ours), run(plain)
+    assert y.dtype == y_ref.dtype == dtype and dx.dtype == jnp.float32
+    if dtype == jnp.float32:
+        check = close
+    else:  # one bfloat16 rounding of y (and of dy's path through it): 2^-8 relative
+        def check(got, want):
+            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                       rtol=1e-2, atol=1e-2 * float(np.abs(np.asarray(want, np.float32)).max()))
+    check(y, y_ref)
+    check(dx, dx_ref)
+    for name in ("scale", "bias"):
+        check(dp[name], dp_ref[name])
