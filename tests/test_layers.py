@@ -67,11 +67,12 @@ def test_linear_has_nnx_linear_parameters_and_results():
         close(got, want)
 
 
-def test_backward_dots_contract_the_left_operands_last_axis():
+@pytest.mark.parametrize("din, dout", [(32, 96), (96, 32)])  # x transposed / dy transposed
+def test_backward_dots_contract_the_left_operands_last_axis(din, dout):
     """What the layer is for: in the compiled gradient every dot contracts lhs's last axis (the
     form XLA:CPU gives YNNPACK); plain autodiff emits the weight gradient contracting axis 0."""
-    x = jnp.ones((6, 200, 32), jnp.float32)
-    model = linear(32, 96, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.ones((6, 200, din), jnp.float32)
+    model = linear(din, dout, dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
 
     def loss(p, x):
@@ -83,7 +84,7 @@ def test_backward_dots_contract_the_left_operands_last_axis():
 
     ours = contractions(loss, params)
     assert ours and all(c == "1" for c in ours), ours
-    plain = nnx.Linear(32, 96, rngs=nnx.Rngs(0))
+    plain = nnx.Linear(din, dout, rngs=nnx.Rngs(0))
     pgraph, pparams = nnx.split(plain)
     assert "0" in contractions(lambda p, x: jnp.sum(nnx.merge(pgraph, p)(x) ** 2), pparams)  # the case we avoid
 

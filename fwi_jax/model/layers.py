@@ -59,8 +59,9 @@ def _dense_bwd(precision, preferred_element_type, residuals, dy):
     dx = jnp.dot(dy, w.T, precision=precision, preferred_element_type=jnp.float32).astype(x.dtype)
     if k <= n:  # transpose x (tokens x K): (K, tokens) @ (tokens, N)
         dw = jnp.dot(barrier(x2.T), dy2, precision=precision, preferred_element_type=jnp.float32)
-    else:  # transpose dy: ((N, tokens) @ (tokens, K))^T, the (N, K) result is small
-        dw = jnp.dot(barrier(dy2.T), x2, precision=precision, preferred_element_type=jnp.float32).T
+    else:  # transpose dy: ((N, tokens) @ (tokens, K))^T, the (N, K) result is small (its barrier
+        # keeps XLA from folding the final transpose into the dot as an Eigen (x^T dy) again)
+        dw = barrier(jnp.dot(barrier(dy2.T), x2, precision=precision, preferred_element_type=jnp.float32)).T
     return dx, dw.astype(w.dtype)
 
 
