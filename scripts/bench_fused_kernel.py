@@ -29,7 +29,7 @@ HARNESS = r"""
 int main(int argc, char** argv) {
   const int64_t B = atol(argv[1]), N = atol(argv[2]), H = atol(argv[3]), D = atol(argv[4]), ld = H * D;
   std::vector<float> q(B * N * ld), k(q.size()), v(q.size()), o(q.size()), g(q.size()), dq(q.size()),
-      dk(q.size()), dv(q.size()), lse(B * H * N);
+      dk(q.size()), dv(q.size()), lse(B * H * N), dkh(N * D), dvh(N * D);
   unsigned state = 1;
   auto rnd = [&] { state = state * 1664525u + 1013904223u; return ((state >> 8) & 0xffff) / 65536.f - 0.5f; };
   for (size_t i = 0; i < q.size(); ++i) { q[i] = 4 * rnd(); k[i] = 4 * rnd(); v[i] = rnd(); g[i] = 0.01f * rnd(); }
@@ -51,9 +51,12 @@ int main(int argc, char** argv) {
       });
       auto t1 = std::chrono::steady_clock::now();
       WithDimVectors(D, [&](auto nv) {
-        for (int64_t bh = 0; bh < B * H; ++bh)
-          BackwardHead<decltype(nv)::value>(pr, bh, q.data(), k.data(), v.data(), o.data(), lse.data(), g.data(),
-                                            dq.data(), dk.data(), dv.data());
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+          BackwardHead<decltype(nv)::value>(pr, bh, 0, pr.n_blocks, q.data(), k.data(), v.data(), o.data(),
+                                            lse.data(), g.data(), dq.data(), dkh.data(), dvh.data());
+          Scatter(dkh.data(), N, D, ld, dk.data() + pr.s.head_offset(bh));
+          Scatter(dvh.data(), N, D, ld, dv.data() + pr.s.head_offset(bh));
+        }
       });
       auto t2 = std::chrono::steady_clock::now();
       fwd = std::min(fwd, std::chrono::duration<double>(t1 - t0).count() / (B * H));
