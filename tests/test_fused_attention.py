@@ -174,3 +174,15 @@ def test_kernel_flops_counts_what_xla_leaves_out():
     assert kernel_flops(compiled.as_text()) == 14 * b * h * n * n * d
     forward_only = jax.jit(lambda q: fused_attention(q, q, q, 32)).lower(q).compile()
     assert kernel_flops(forward_only.as_text()) == 4 * b * h * n * n * d
+
+
+def test_single_thread_bench_harness_builds_and_runs():
+    """scripts/bench_fused_kernel.py includes the kernel's source and calls its per-head functions
+    directly: it must keep compiling when their signatures change (a tiny shape, one block size;
+    the harness prints one table row per block)."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "bench_fused_kernel.py")
+    run = subprocess.run([sys.executable, script, "--shape", "2", "70", "3", "16", "--blocks", "32"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| 32 |")]
+    assert len(rows) == 1 and all(float(x) > 0 for x in rows[0].strip("| \n").split("|")[1:]), run.stdout
