@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from fwi_jax.model.attention import attention
-from fwi_jax.model.layers import LayerNorm, linear
+from fwi_jax.model.layers import LayerNorm, linear, silu_mul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +112,9 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.scale_mlp:
-            h = self.norm(nnx.silu(self.fc1_g(x)) * self.fc1_x(x))
+            h = self.norm(silu_mul(self.fc1_g(x), self.fc1_x(x)))
         else:
-            gate, h = jnp.split(self.fc1(x), 2, axis=-1)
-            h = nnx.silu(gate) * h
+            h = silu_mul(*jnp.split(self.fc1(x), 2, axis=-1))
         return self.fc2(h)
 
 

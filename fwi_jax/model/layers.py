@@ -105,6 +105,26 @@ def _layer_norm_bwd(eps, residuals, dy):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+@jax.custom_vjp
+def silu_mul(gate: jax.Array, x: jax.Array) -> jax.Array:
+    """SwiGLU's gating, silu(gate) * x, elementwise. Its VJP computes sigmoid(gate) once for
+    both gradients (autodiff of silu then the product forms it in separate passes)."""
+    return jax.nn.silu(gate) * x
+
+
+def _silu_mul_fwd(gate, x):
+    return silu_mul(gate, x), (gate, x)
+
+
+def _silu_mul_bwd(residuals, dy):
+    gate, x = residuals
+    s = jax.nn.sigmoid(gate)
+    return dy * x * s * (1 + gate * (1 - s)), dy * gate * s
+
+
+silu_mul.defvjp(_silu_mul_fwd, _silu_mul_bwd)
+
+
 class LayerNorm(nnx.LayerNorm):
     """nnx.LayerNorm (scale and bias, over the last axis) through ``layer_norm``; float32
     parameters, output in ``dtype``."""
