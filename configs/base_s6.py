@@ -10,8 +10,8 @@ Expected result: validation MAPE about 0.0206 (reference base_s6 x10 ensemble CV
 public LB 0.023526).
 Cost: about 1.7 TFLOP per forward, 5.1 TFLOP per training sample; the reference took about 5 h
 per run on a V100-32GB in fp16. Use `--set model.dtype=bfloat16` on Ampere or newer,
-`model.dtype=float16` on a V100; `model.remat=full` with blockwise attention to fit 24 GB (estimated 15.3 GiB at batch 8 in
-float16; `dots` estimates 25.2 GiB, see docs/performance.md).
+`model.dtype=float16` on a V100; `model.remat=full` with blockwise attention to fit 24 GB (estimated 12.8 GiB at batch 8 in
+float16; `dots` estimates 22.7 GiB, 24.4 GB, see docs/performance.md).
 """
 
 from fwi_jax.config import Config, ModelConfig, TrainConfig
