@@ -76,6 +76,8 @@ def _frame_category(file: str, func: str, line: int, eva_classes) -> str | None:
         return None
     if file.endswith("flax/nnx/nn/normalization.py"):
         return "layernorm"
+    if file.endswith("fwi_jax/model/layers.py"):  # dense and silu_mul: the calling module's part
+        return "layernorm" if "layer_norm" in func or "LayerNorm" in func else None
     if file.endswith("fwi_jax/preprocess.py"):
         return "fold+resize"
     if file.endswith("fwi_jax/model/fwi.py"):
