@@ -25,7 +25,7 @@ from fwi_jax.preprocess import fold_and_resize
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    # the weight matmuls' outputs (plain dots, or linear.dense's tagged outputs on CPU), plus
+    # the weight matmuls' outputs (plain dots, or layers.dense's tagged outputs on CPU), plus
     # attention's output and log-sum-exp (small: (B, N, dim) and (B, H, N)) so that the backward
     # pass does not run attention's forward again
     "dots": jax.checkpoint_policies.save_from_both_policies(
