@@ -426,6 +426,23 @@ void WithDimVectors(int64_t dim, const F& f) {
   f(std::integral_constant<int, 1>{});
 }
 
+// Tasks: (head, chunk of query blocks). Heads are cut into chunks only when there are fewer
+// than 2 x threads of them (tiny's post-split layers: 3 heads on 2 threads would leave one thread
+// idle for a third of the call).
+struct Tasks {
+  int64_t heads, chunks, per_chunk, n_blocks;
+  int64_t count() const { return heads * chunks; }
+  int64_t head(int64_t t) const { return t / chunks; }
+  int64_t begin(int64_t t) const { return (t % chunks) * per_chunk; }
+  int64_t end(int64_t t) const { return std::min(n_blocks, begin(t) + per_chunk); }
+};
+
+Tasks SplitTasks(const Problem& pr, ffi::ThreadPool& pool) {
+  const int64_t heads = pr.s.bh(), workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunks = std::min(pr.n_blocks, std::max<int64_t>(1, (2 * workers + heads - 1) / heads));
+  return Tasks{heads, chunks, (pr.n_blocks + chunks - 1) / chunks, pr.n_blocks};
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
                    ffi::ResultBuffer<ffi::F32> lse, int64_t block) {
@@ -433,16 +450,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   if (auto err = Prepare(q, block, &pr); err.failure()) return err;
   for (auto err : {CheckSame(q, k, "k"), CheckSame(q, v, "v")})
     if (err.failure()) return err;
-  // Tasks: (head, chunk of query blocks); chunks only when there are too few heads to share out.
-  const int64_t heads = pr.s.bh(), workers = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunks = std::min(pr.n_blocks, std::max<int64_t>(1, (2 * workers + heads - 1) / heads));
-  const int64_t per_chunk = (pr.n_blocks + chunks - 1) / chunks;
+  const Tasks tasks = SplitTasks(pr, pool);
   WithDimVectors(pr.s.dim, [&](auto nv) {
-    ParallelFor(pool, heads * chunks, [&](int64_t task) {
-      const int64_t chunk = task % chunks, begin = chunk * per_chunk;
-      ForwardHead<decltype(nv)::value>(pr, task / chunks, begin, std::min(pr.n_blocks, begin + per_chunk),
-                                       q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(),
-                                       lse->typed_data());
+    ParallelFor(pool, tasks.count(), [&](int64_t t) {
+      ForwardHead<decltype(nv)::value>(pr, tasks.head(t), tasks.begin(t), tasks.end(t), q.typed_data(),
+                                       k.typed_data(), v.typed_data(), out->typed_data(), lse->typed_data());
     });
   });
   return ffi::Error::Success();
@@ -458,21 +470,19 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     if (err.failure()) return err;
   if (lse.element_count() != static_cast<size_t>(pr.s.bh() * pr.s.n))
     return ffi::Error::InvalidArgument("fused attention: lse must hold (..., heads, tokens) floats");
-  // Tasks as in Forward. A head cut into chunks sums its chunks' dK, dV partials afterwards (tiny's
-  // post-split layers: 3 heads on 2 threads would leave one thread idle for a third of the call).
+  // A head cut into chunks sums its chunks' dK, dV partials afterwards.
   const Shape& s = pr.s;
-  const int64_t heads = s.bh(), workers = std::max<int64_t>(1, pool.num_threads()), nd = s.n * s.dim;
-  const int64_t chunks = std::min(pr.n_blocks, std::max<int64_t>(1, (2 * workers + heads - 1) / heads));
-  const int64_t per_chunk = (pr.n_blocks + chunks - 1) / chunks;
-  std::vector<float> partials(chunks > 1 ? 2 * heads * chunks * nd : 0);  // [dk | dv][task] (N, D)
+  const Tasks tasks = SplitTasks(pr, pool);
+  const int64_t heads = tasks.heads, chunks = tasks.chunks, nd = s.n * s.dim;
+  std::vector<float> partials(chunks > 1 ? 2 * tasks.count() * nd : 0);  // [dk | dv][task] (N, D)
   WithDimVectors(s.dim, [&](auto nv) {
-    ParallelFor(pool, heads * chunks, [&](int64_t task) {
-      const int64_t bh = task / chunks, begin = (task % chunks) * per_chunk;
-      float* dk_h = chunks > 1 ? partials.data() + task * nd : Scratch(kDk, nd);
-      float* dv_h = chunks > 1 ? partials.data() + (heads * chunks + task) * nd : Scratch(kDv, nd);
-      BackwardHead<decltype(nv)::value>(pr, bh, begin, std::min(pr.n_blocks, begin + per_chunk), q.typed_data(),
-                                        k.typed_data(), v.typed_data(), out.typed_data(), lse.typed_data(),
-                                        d_out.typed_data(), dq->typed_data(), dk_h, dv_h);
+    ParallelFor(pool, tasks.count(), [&](int64_t t) {
+      const int64_t bh = tasks.head(t);
+      float* dk_h = chunks > 1 ? partials.data() + t * nd : Scratch(kDk, nd);
+      float* dv_h = chunks > 1 ? partials.data() + (tasks.count() + t) * nd : Scratch(kDv, nd);
+      BackwardHead<decltype(nv)::value>(pr, bh, tasks.begin(t), tasks.end(t), q.typed_data(), k.typed_data(),
+                                        v.typed_data(), out.typed_data(), lse.typed_data(), d_out.typed_data(),
+                                        dq->typed_data(), dk_h, dv_h);
       if (chunks == 1) {
         Scatter(dk_h, s.n, s.dim, s.ld(), dk->typed_data() + s.head_offset(bh));
         Scatter(dv_h, s.n, s.dim, s.ld(), dv->typed_data() + s.head_offset(bh));
