@@ -75,7 +75,7 @@ class ModelConfig:
     heads: int | None = None
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
     attention: str = "auto"  # auto | xla | cudnn | einsum | blockwise | query_blocks | fused_cpu (fwi_jax.model.attention)
-    attention_block: int | None = None  # key block of blockwise, query block of query_blocks / fused_cpu (None: per impl)
+    attention_block: int | None = None  # key block of blockwise, query block of query_blocks / fused_cpu (None: per impl and pass)
     remat: str = "none"  # none | full | dots (rematerialisation policy per block)
     ref_feat_shape: tuple[int, int] = (16, 16)  # RoPE reference grid (timm)
     v_min: float = 1.5  # km/s; output = sigmoid(.) * v_span + v_min

@@ -5,6 +5,7 @@ kernel's own flags, then times ForwardHead and BackwardHead over every head of t
 shape (6, 1,981, 3, 64), best of 3 passes, for each --blocks query block.
 
     .venv/bin/python scripts/bench_fused_kernel.py [--blocks 64 128 256] [--shape 6 1981 3 64]
+        [--define FWI_KEY_CHUNK=256]
 
 GFLOP/s count the matmuls only (forward 2, backward 5 of N x N x D per head). The whole kernel
 on 2 threads (JAX, with PyTorch's attention beside it) is scripts/bench_attention.py.
@@ -72,13 +73,15 @@ int main(int argc, char** argv) {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", nargs="+", type=int, default=[64, 128, 256])
+    ap.add_argument("--define", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="preprocessor definitions for the build, e.g. FWI_KEY_CHUNK=256 (the backward's key chunk)")
     ap.add_argument("--shape", nargs=4, type=int, default=[6, 1981, 3, 64], metavar=("B", "N", "H", "D"))
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         harness, exe = Path(tmp) / "harness.cc", Path(tmp) / "harness"
         harness.write_text(HARNESS % {"source": SOURCE})
         flags = [f for f in compile_flags() if f not in ("-shared", "-fPIC")]
-        cmd = [find_compiler(), *flags, f"-I{jax.ffi.include_dir()}", str(harness), "-o", str(exe)]
+        cmd = [find_compiler(), *flags, f"-I{jax.ffi.include_dir()}", *(f"-D{d}" for d in a.define), str(harness), "-o", str(exe)]
         built = subprocess.run(cmd, capture_output=True, text=True)
         if built.returncode:
             raise SystemExit(f"compiling the harness failed:\n$ {' '.join(cmd)}\n{built.stderr[-4000:]}")

@@ -109,6 +109,56 @@ def test_full_token_count(impl, block):
         np.testing.assert_allclose(g, r, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
 
 
+def _attention_float64(q, k, v, w):
+    """Exact (float64, numpy) attention of float32 inputs: out and the gradients of sum(out * w)."""
+    q, k, v, w = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v, w))  # (B, H, N, D)
+    scale = q.shape[-1] ** -0.5
+    s = scale * q @ k.swapaxes(-1, -2)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dp = w @ v.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    grads = (scale * ds @ k, scale * ds.swapaxes(-1, -2) @ q, p.swapaxes(-1, -2) @ w)
+    return [x.transpose(0, 2, 1, 3) for x in (p @ v, *grads)]
+
+
+@pytest.mark.parametrize("profile", ["rising", "negative"])
+def test_fused_cpu_score_profiles(profile):
+    """fused_cpu's forward raises a row's running maximum only when a later panel of 64 keys
+    outscores it by more than 8, and rescales the row's earlier probabilities then; its backward
+    walks the keys in chunks of 512. N = 600 tokens: two key chunks, the second ragged (88 keys),
+    and 40 padding columns after the last key.
+
+    rising: scaled scores grow with the key index by ~100 over the row (every panel raises the
+    maximum: the rescale path on every row). negative: all scores near -500 (a padding column that
+    leaked into the maximum, at 0, would underflow every probability).
+
+    Tolerance: scores of magnitude 100-500 carry float32 rounding errors of ~|s| x 1e-7 whatever
+    the order of summation, so both fused_cpu and XLA's float32 attention are compared with exact
+    (float64) attention: fused_cpu's error may be at most 3x XLA's plus 2e-6 (measured: 1.2-1.7x). The bugs named
+    above move entries by >= 1e-2."""
+    n, d = 600, 64
+    q, k, v = _qkv((2, n, 2, d), seed=5)
+    q = q.at[..., 0].set(8.0)
+    if profile == "rising":
+        k = k.at[..., 0].set(jnp.linspace(0.0, 100.0, n)[None, :, None])  # scaled score ~ 8 k_0 / 8
+    else:
+        k = k.at[..., 0].set(-500.0)
+    w = jax.random.normal(jax.random.key(6), q.shape)
+
+    def out_and_grads(fn):
+        out = jax.jit(fn)(q, k, v)
+        return [out, *jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=(0, 1, 2)))(q, k, v)]
+
+    exact = _attention_float64(q, k, v, w)
+    ours = out_and_grads(lambda q, k, v: attention(q, k, v, impl="fused_cpu", block_size=64))
+    xla = out_and_grads(_reference)
+    for name, o, x, e in zip(["out", "dq", "dk", "dv"], ours, xla, exact):
+        assert np.abs(e).max() > 1e-2, f"{name} trivially small: the test could not fail"
+        err, err_xla = np.abs(np.asarray(o) - e).max(), np.abs(np.asarray(x) - e).max()
+        assert err <= 3 * err_xla + 2e-6, f"{name}: fused_cpu off by {err:.2e}, XLA's float32 by {err_xla:.2e}"
+
+
 @pytest.mark.parametrize("impl", ["blockwise", "query_blocks"])
 def test_never_materialises_the_score_matrix(impl):
     n, block = 197, 64

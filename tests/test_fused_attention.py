@@ -186,3 +186,22 @@ def test_single_thread_bench_harness_builds_and_runs():
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [line for line in run.stdout.splitlines() if line.startswith("| 32 |")]
     assert len(rows) == 1 and all(float(x) > 0 for x in rows[0].strip("| \n").split("|")[1:]), run.stdout
+
+
+def test_default_blocks_differ_per_pass():
+    """block_size None: the forward runs 64-row query blocks, the backward 256 (each pass's
+    measured best, docs/performance.md §1a); an explicit block_size sets both."""
+    import re
+
+    from fwi_jax.model.attention import DEFAULT_BLOCKS, FUSED_CPU_BACKWARD_BLOCK
+
+    q = jnp.ones((1, 97, 2, 16))
+
+    def blocks(block_size):
+        grad = jax.grad(lambda q: attention(q, q, q, impl="fused_cpu", block_size=block_size).sum())
+        text = jax.jit(grad).lower(q).as_text()
+        return {name: int(b) for name, b in re.findall(r"@fwi_attention_(\w+)\(.*?block = (\d+)", text)}
+
+    assert blocks(None) == {"forward": DEFAULT_BLOCKS["fused_cpu"], "backward": FUSED_CPU_BACKWARD_BLOCK}
+    assert DEFAULT_BLOCKS["fused_cpu"] != FUSED_CPU_BACKWARD_BLOCK  # else the first check proves nothing
+    assert blocks(40) == {"forward": 40, "backward": 40}

@@ -53,8 +53,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "blockwise", "query_blocks", "fused_cpu", "auto")
 # block_size=None means: blockwise's key block, query_blocks' and fused_cpu's query block (measured
-# on CPU, docs/performance.md: fused_cpu's 128-row tile, 1 MB, stays in a 2 MB L2 beside K^T, V^T)
-DEFAULT_BLOCKS = {"blockwise": 256, "query_blocks": 256, "fused_cpu": 128}
+# on CPU, docs/performance.md: fused_cpu's forward tile of 64 rows x N keys, 0.5 MB, stays in a
+# 2 MB L2 beside K^T and V). fused_cpu's backward pass, which walks the keys 512 at a time, runs
+# best on blocks of 256 queries: its default block, unless block_size sets both passes'.
+DEFAULT_BLOCKS = {"blockwise": 256, "query_blocks": 256, "fused_cpu": 64}
+FUSED_CPU_BACKWARD_BLOCK = 256
 
 _F32 = jnp.float32
 
@@ -110,7 +113,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
     q, k, v: (batch, tokens, heads, head_dim), same dtype. Returns (batch, tokens, heads, head_dim)
     in q's dtype. `block_size` is the key block of "blockwise" and the query block of
     "query_blocks" and "fused_cpu" (any positive int; the token count need not be a multiple of
-    it; None: `DEFAULT_BLOCKS`); `heads_per_step` ("blockwise" only) is how many of the
+    it; None: `DEFAULT_BLOCKS`, and `FUSED_CPU_BACKWARD_BLOCK` for fused_cpu's backward pass); `heads_per_step` ("blockwise" only) is how many of the
     batch x heads attention heads one sequential step processes (None: `auto_heads_per_step`).
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
@@ -121,8 +124,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
 
         if unsupported(q.shape):  # auto picks what runs; asked for by name, fused_attention raises
             impl = "query_blocks"
+    backward_block = None  # fused_cpu's backward: block_size's when set
     if block_size is None:
         block_size = DEFAULT_BLOCKS.get(impl, 0)
+        backward_block = FUSED_CPU_BACKWARD_BLOCK
     if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     if impl == "cudnn":
@@ -143,7 +148,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
     if impl == "fused_cpu":
         from fwi_jax.model.fused_attention import fused_attention
 
-        return fused_attention(q, k, v, int(block_size))
+        return fused_attention(q, k, v, int(block_size), backward_block)
     if impl == "blockwise":
         b, n, h, _ = q.shape
         if heads_per_step is None:

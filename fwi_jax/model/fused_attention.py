@@ -4,8 +4,9 @@
 (batch, tokens, heads, head_dim) with head_dim a multiple of 16, non-causal, scale
 1/sqrt(head_dim), output in q's dtype. The kernel computes in float32 (other dtypes are cast on
 the way in and out). Its custom VJP saves q, k, v, the output and the log-sum-exp (B, H, N) and
-recomputes each score tile in the backward pass: memory per thread is one (block, N) float32
-tile plus a few (N, D) copies of one head's K, V, Q, dO, dK, dV, never (N, N).
+recomputes each score tile in the backward pass: memory per thread is one float32 score tile,
+(block, N) in the forward and (block, 512) in the backward, plus a few (N, D) copies of one
+head's K, V, Q, dO, dK, dV, never (N, N).
 
 Why a C++ kernel: XLA:CPU runs the score matmul, the softmax and the next matmul as separate
 kernels with each (rows, N) tile written to memory between them; the kernel keeps the tile in L2
@@ -229,20 +230,22 @@ def _forward(q, k, v, block_size):
     return out.astype(q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def fused_attention(q, k, v, block_size=128):
-    """softmax(q k^T / sqrt(d)) v by the C++ kernel; q, k, v (B, N, H, D); `block_size` query rows per tile."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_attention(q, k, v, block_size=64, backward_block_size=None):
+    """softmax(q k^T / sqrt(d)) v by the C++ kernel; q, k, v (B, N, H, D); `block_size` query rows
+    per tile of the forward pass, `backward_block_size` of the backward pass (None: the same)."""
     return _forward(q, k, v, block_size)[0]
 
 
-def _fused_fwd(q, k, v, block_size):
+def _fused_fwd(q, k, v, block_size, backward_block_size):
     out, lse = name_residuals(*_forward(q, k, v, block_size))
     return out, (q, k, v, out, lse)
 
 
-def _fused_bwd(block_size, residuals, d_out):
+def _fused_bwd(block_size, backward_block_size, residuals, d_out):
     q, k, v, out, lse = residuals
-    grads = _call(_backward_partitioned, int(block_size))(*_f32(q, k, v, out), lse, *_f32(d_out))
+    block = int(backward_block_size or block_size)
+    grads = _call(_backward_partitioned, block)(*_f32(q, k, v, out), lse, *_f32(d_out))
     return tuple(g.astype(a.dtype) for g, a in zip(grads, (q, k, v)))
 
 

@@ -120,21 +120,6 @@ inline float Exp(float x) {
   return p;
 }
 
-// max of row[0..n): 32 independent lanes, which gcc vectorizes (a single running max is a
-// scalar dependency chain, 10x slower measured).
-inline float RowMax(const float* row, int64_t n) {
-  constexpr int kLanes = 32;
-  float lanes[kLanes];
-  for (int l = 0; l < kLanes; ++l) lanes[l] = -INFINITY;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] = lanes[l] > row[j + l] ? lanes[l] : row[j + l];
-  float m = -INFINITY;
-  for (; j < n; ++j) m = m > row[j] ? m : row[j];
-  for (int l = 0; l < kLanes; ++l) m = m > lanes[l] ? m : lanes[l];
-  return m;
-}
-
 #if defined(__AVX512F__)
 constexpr int kVec = 16;  // floats per vector register
 constexpr int kNV = 4;    // vectors per micro-tile row at most: 6 x 4 accumulators (24 of 32 registers)
@@ -178,29 +163,6 @@ inline Vec ExpVec(Vec x) {
   for (int l = 0; l < kVec; ++l) x[l] = Exp(x[l]);
   return x;
 #endif
-}
-
-// In place: each of `rows` rows (stride ld) of `n` scores becomes exp(s - mx[i]) (mx: the row
-// maxima); 1 / (sum of the row's exps) goes to `inv`.
-inline void SoftmaxRows(float* tile, int64_t rows, int64_t n, int64_t ld, const float* mx, float* inv) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float* row = tile + i * ld;
-    const Vec m = Splat(mx[i]);
-    Vec sum{};
-    int64_t j = 0;
-    for (; j + kVec <= n; j += kVec) {
-      const Vec e = ExpVec(Load(row + j) - m);
-      Store(row + j, e);
-      sum += e;
-    }
-    float l = 0.f;
-    for (; j < n; ++j) {
-      row[j] = Exp(row[j] - mx[i]);
-      l += row[j];
-    }
-    for (int v = 0; v < kVec; ++v) l += sum[v];
-    inv[i] = 1.f / l;
-  }
 }
 
 // A(i, p) = data[i * rs + p * cs].
@@ -264,20 +226,26 @@ auto EachVector(const F& f) {
   };
 }
 
-// C[m x n] = A[m x k] B[k x n] for a long k (A = a score tile, B = V or K): kKB rows of B at a
-// time, so that a kKB x NV * kVec panel of B is read from L1 by every row of A rather than streamed
-// from L2 once per micro-tile; partial sums go to `acc` (m x n floats), then epi(i, j, C vector)
-// for each vector (a per-vector epilogue, as `EachVector` makes for Product).
-template <int NV, typename Epi>
-void ProductLongK(int64_t m, int64_t n, int64_t k, Strided a, const float* b, int64_t ldb, float* acc, const Epi& epi) {
+// acc[m x n] = A[m x k] B[k x n] (or acc += A B when `accumulate`) for a long k (A = a score
+// tile, B = V or K): kKB rows of B at a time, so that a kKB x NV * kVec panel of B is read from L1
+// by every row of A rather than streamed from L2 once per micro-tile.
+template <int NV>
+void AccumulateLongK(int64_t m, int64_t n, int64_t k, Strided a, const float* b, int64_t ldb, float* acc, bool accumulate) {
   for (int64_t p0 = 0; p0 < k; p0 += kKB) {
-    const bool first = p0 == 0;
+    const bool first = p0 == 0 && !accumulate;
     Product<NV>(m, n, std::min(kKB, k - p0), Strided{a.data + p0 * a.cs, a.rs, a.cs}, b + p0 * ldb, ldb,
             EachVector<NV>([&](int64_t i, int64_t j, Vec x) {
               float* c = acc + i * n + j;
               Store(c, first ? x : Load(c) + x);
             }));
   }
+}
+
+// C[m x n] = A[m x k] B[k x n] for a long k through `acc` (m x n floats, AccumulateLongK), then
+// epi(i, j, C vector) for each vector (a per-vector epilogue, as `EachVector` makes for Product).
+template <int NV, typename Epi>
+void ProductLongK(int64_t m, int64_t n, int64_t k, Strided a, const float* b, int64_t ldb, float* acc, const Epi& epi) {
+  AccumulateLongK<NV>(m, n, k, a, b, ldb, acc, false);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < n; j += kVec) epi(i, j, Load(acc + i * n + j));
 }
@@ -333,6 +301,23 @@ ffi::Error Prepare(const ffi::Buffer<ffi::F32>& q, int64_t block, Problem* pr) {
   return ffi::Error::Success();
 }
 
+// The forward's probabilities are exp(s - m) with m a running row maximum that is raised only when
+// a score exceeds it by more than kLazyMax: the exp and the row sums then happen in the score
+// product's epilogue, with no pass over the tile for the maxima. Entries stay <= e^kLazyMax (row
+// sums <= N e^8, far from float32 overflow); raising m rescales the row's earlier entries (rare:
+// a later panel of keys must outscore the first by more than 8).
+constexpr float kLazyMax = 8.0f;
+
+inline bool AnyGreater(Vec x, float bound) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(x, Splat(bound), _CMP_GT_OQ) != 0;
+#else
+  for (int l = 0; l < kVec; ++l)
+    if (x[l] > bound) return true;
+  return false;
+#endif
+}
+
 // Query blocks [blk_begin, blk_end) of head bh: out and lse rows (the forward pass). NV: vectors
 // per micro-tile row in the products whose width is D (DimVectors).
 template <int NV>
@@ -346,15 +331,47 @@ void ForwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_e
   float* v_rows = Scratch(kVRows, n * dim);
   Transpose(kp + off, n, dim, ld, np, kt);
   Gather(vp + off, n, dim, ld, v_rows);
+  // -inf on the padding columns n..cols of the last micro-tile column (added to its scores)
+  Vec pad[kNV];
+  for (int v = 0; v < kNV; ++v)
+    for (int l = 0; l < kVec; ++l) pad[v][l] = (pr.cols - kNR) + v * kVec + l < n ? 0.f : -INFINITY;
   for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
     const int64_t i0 = blk * pr.rows_max, rows = std::min(pr.rows_max, n - i0);
     if (rows <= 0) break;
-    Product(rows, pr.cols, dim, Strided{qp + off + i0 * ld, ld, 1}, kt, np,
-            EachVector([&](int64_t i, int64_t j, Vec c) { Store(tile + i * np + j, c * scale); }));
-    // a separate pass for the row maxima: keeping them in the product's epilogue measured no faster
     float mx[rows], inv[rows];
-    for (int64_t i = 0; i < rows; ++i) mx[i] = RowMax(tile + i * np, n);
-    SoftmaxRows(tile, rows, n, np, mx, inv);
+    Vec sum[rows];
+    for (int64_t i = 0; i < rows; ++i) mx[i] = -INFINITY, sum[i] = Vec{};
+    // T = exp(scale Q_b K^T - mx), row sums, panel by panel (Product walks each row's panels in order)
+    Product(rows, pr.cols, dim, Strided{qp + off + i0 * ld, ld, 1}, kt, np, [&](int64_t i, int64_t j0, const Vec* c) {
+      Vec x[kNV];
+      for (int v = 0; v < kNV; ++v) x[v] = c[v] * scale;
+      if (j0 + kNR > n)
+        for (int v = 0; v < kNV; ++v) x[v] += pad[v];
+      Vec top = x[0];
+      for (int v = 1; v < kNV; ++v) top = top > x[v] ? top : x[v];
+      if (AnyGreater(top, mx[i] + kLazyMax)) {  // raise the row's m to this panel's maximum
+        float m = top[0];
+        for (int l = 1; l < kVec; ++l) m = m > top[l] ? m : top[l];
+        if (j0 > 0) {
+          const float f = Exp(mx[i] - m);
+          float* row = tile + i * np;
+          for (int64_t j = 0; j < j0; j += kVec) Store(row + j, Load(row + j) * f);
+          sum[i] *= f;
+        }
+        mx[i] = m;
+      }
+      const Vec m = Splat(mx[i]);
+      for (int v = 0; v < kNV; ++v) {
+        const Vec e = ExpVec(x[v] - m);
+        Store(tile + i * np + j0 + v * kVec, e);
+        sum[i] += e;
+      }
+    });
+    for (int64_t i = 0; i < rows; ++i) {
+      float l = 0.f;
+      for (int v = 0; v < kVec; ++v) l += sum[i][v];
+      inv[i] = 1.f / l;
+    }
     float* o = op + off + i0 * ld;
     ProductLongK<NV>(rows, dim, n, Strided{tile, np, 1}, v_rows, dim, Scratch(kAcc, rows * dim),
                      [&](int64_t i, int64_t j, Vec c) { Store(o + i * ld + j, c * inv[i]); });
@@ -362,18 +379,30 @@ void ForwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_e
   }
 }
 
+#ifndef FWI_KEY_CHUNK
+#define FWI_KEY_CHUNK 512
+#endif
+// Keys per step of the backward pass (a multiple of kNR). Each step's score tile (rows x chunk)
+// and its slices of K^T, V^T, K rows, dK and dV (chunk x D each) stay in L2 across its five products.
+constexpr int64_t kKeyChunk = FWI_KEY_CHUNK;
+static_assert(kKeyChunk % kNR == 0, "key chunks are whole micro-tile columns");
+
 // The backward pass over query blocks [blk_begin, blk_end) of head bh: their dq rows, and their
-// contributions to the head's dK, dV into dk_h, dv_h (contiguous (N, D), overwritten).
+// contributions to the head's dK, dV into dk_h, dv_h (contiguous (N, D), overwritten). Each block
+// walks the keys in chunks of kKeyChunk (P from the saved log-sum-exp needs no whole row).
 template <int NV>
 void BackwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_end, const float* qp,
                   const float* kp, const float* vp, const float* op, const float* lp, const float* gp,
                   float* dqp, float* dk_h, float* dv_h) {
   const Shape& s = pr.s;
   const int64_t ld = s.ld(), n = s.n, np = pr.ldt, dim = s.dim, off = s.head_offset(bh);
+  const int64_t chunk = std::min(kKeyChunk, pr.cols);
+  const int64_t ldc = chunk + ((chunk * sizeof(float) / 64) % 2 == 0 ? kVec : 0);  // as Problem::ldt
   const float scale = pr.scale;
   float* kt = Scratch(kKt, dim * np);
   float* vt = Scratch(kVt, dim * np);
-  float* tile = Scratch(kTile, pr.rows_max * np);
+  float* tile = Scratch(kTile, pr.rows_max * ldc);
+  float* dq_acc = Scratch(kAcc, pr.rows_max * dim);
   float *k_rows = Scratch(kKRows, n * dim), *q_rows = Scratch(kQRows, n * dim), *g_rows = Scratch(kGRows, n * dim);
   Transpose(kp + off, n, dim, ld, np, kt);
   Transpose(vp + off, n, dim, ld, np, vt);
@@ -392,27 +421,33 @@ void BackwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_
       for (int64_t d = 0; d < dim; ++d) acc += g_b[i * dim + d] * o_b[i * ld + d];
       delta[i] = acc;
     }
-    // T = P = exp(scale Q_b K^T - lse)
-    Product(rows, pr.cols, dim, Strided{q_b, dim, 1}, kt, np, EachVector([&](int64_t i, int64_t j, Vec c) {
-      Store(tile + i * np + j, ExpVec(c * scale - lse_b[i]));
-    }));
-    // dV += P^T dO_b, kKC rows of P at a time (a kKC x D block of dO_b stays in L1)
-    for (int64_t p0 = 0; p0 < rows; p0 += kKC)
-      Product<NV>(n, dim, std::min(kKC, rows - p0), Strided{tile + p0 * np, 1, np}, g_b + p0 * dim, dim,
-                  EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dv_h + j * dim + c, Load(dv_h + j * dim + c) + x); }));
-    // T = dS = P * (dO_b V^T - delta)
-    Product(rows, pr.cols, dim, Strided{g_b, dim, 1}, vt, np, EachVector([&](int64_t i, int64_t j, Vec c) {
-      float* t = tile + i * np + j;
-      Store(t, Load(t) * (c - delta[i]));
-    }));
-    // dQ_b = scale dS K
+    for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+      // keys [c0, c0 + keys); the score products compute `width` columns (whole micro-tiles)
+      const int64_t width = std::min(chunk, pr.cols - c0), keys = std::min(chunk, n - c0);
+      float *dk_c = dk_h + c0 * dim, *dv_c = dv_h + c0 * dim;
+      // T = P = exp(scale Q_b K_c^T - lse)
+      Product(rows, width, dim, Strided{q_b, dim, 1}, kt + c0, np, EachVector([&](int64_t i, int64_t j, Vec c) {
+        Store(tile + i * ldc + j, ExpVec(c * scale - lse_b[i]));
+      }));
+      // dV_c += P^T dO_b, kKC rows of P at a time (a kKC x D block of dO_b stays in L1)
+      for (int64_t p0 = 0; p0 < rows; p0 += kKC)
+        Product<NV>(keys, dim, std::min(kKC, rows - p0), Strided{tile + p0 * ldc, 1, ldc}, g_b + p0 * dim, dim,
+                    EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dv_c + j * dim + c, Load(dv_c + j * dim + c) + x); }));
+      // T = dS = P * (dO_b V_c^T - delta)
+      Product(rows, width, dim, Strided{g_b, dim, 1}, vt + c0, np, EachVector([&](int64_t i, int64_t j, Vec c) {
+        float* t = tile + i * ldc + j;
+        Store(t, Load(t) * (c - delta[i]));
+      }));
+      // dQ_b (+)= dS K_c (scaled when written out)
+      AccumulateLongK<NV>(rows, dim, keys, Strided{tile, ldc, 1}, k_rows + c0 * dim, dim, dq_acc, c0 > 0);
+      // dK_c += scale dS^T Q_b, in kKC-row steps like dV
+      for (int64_t p0 = 0; p0 < rows; p0 += kKC)
+        Product<NV>(keys, dim, std::min(kKC, rows - p0), Strided{tile + p0 * ldc, 1, ldc}, q_b + p0 * dim, dim,
+                    EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dk_c + j * dim + c, Load(dk_c + j * dim + c) + x * scale); }));
+    }
     float* dq_b = dqp + off + i0 * ld;
-    ProductLongK<NV>(rows, dim, n, Strided{tile, np, 1}, k_rows, dim, Scratch(kAcc, rows * dim),
-                     [&](int64_t i, int64_t c, Vec x) { Store(dq_b + i * ld + c, x * scale); });
-    // dK += scale dS^T Q_b, in kKC-row steps like dV
-    for (int64_t p0 = 0; p0 < rows; p0 += kKC)
-      Product<NV>(n, dim, std::min(kKC, rows - p0), Strided{tile + p0 * np, 1, np}, q_b + p0 * dim, dim,
-                  EachVector<NV>([&](int64_t j, int64_t c, Vec x) { Store(dk_h + j * dim + c, Load(dk_h + j * dim + c) + x * scale); }));
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t c = 0; c < dim; c += kVec) Store(dq_b + i * ld + c, Load(dq_acc + i * dim + c) * scale);
   }
 }
 
