@@ -14,11 +14,13 @@
 // log-sum-exp of each row of scaled scores. Scale 1/sqrt(D). Non-causal, no mask. D must be a
 // multiple of kVec (16 floats with AVX-512, 8 otherwise); every EVA02 size has D = 64.
 //
-// Per block of `rows` queries of one head (tile T: rows x N, row stride Problem::ldt):
-// forward:   T = scale Q_b K^T; P = exp(T - rowmax) in place; O_b = P V / rowsum;
-//            lse_b = rowmax + log(rowsum).
-// backward:  T = exp(scale Q_b K^T - lse_b); dV += T^T dO_b; T = T * (dO_b V^T - delta_b) with
-//            delta_b = rowsum(dO_b * O_b); dQ_b = scale T K; dK += scale T^T Q_b.
+// Per block of `rows` queries of one head:
+// forward (tile T: rows x N, row stride Problem::ldt): T = exp(scale Q_b K^T - m) with m a
+//            running row maximum (kLazyMax), written by the score product's epilogue with the
+//            row sums; O_b = T V / rowsum; lse_b = m + log(rowsum).
+// backward (per chunk c of kKeyChunk keys, tile T: rows x chunk): T = exp(scale Q_b K_c^T - lse_b);
+//            dV_c += T^T dO_b; T = T * (dO_b V_c^T - delta_b) with delta_b = rowsum(dO_b * O_b);
+//            dQ_b += scale T K_c; dK_c += scale T^T Q_b.
 // Three product shapes, all one micro-kernel (C[i, j..] += A(i, p) * B[p, j..]) with different
 // strides for A: "Q K^T" (A = Q_b, B = K^T, transposed once per task into (D, ldt)), "T V"
 // (A = T, B = V) and "T^T dO" (A = T read down its columns, B = dO_b).
