@@ -218,7 +218,7 @@ void Product(int64_t m, int64_t n, int64_t k, Strided a, const float* b, int64_t
 }
 static_assert(kMR == 6, "Product's switch covers 1..6 rows");
 constexpr int64_t kKB = 128;  // rows of B per step of ProductLongK (a 32 KiB panel)
-constexpr int64_t kKC = 64;  // rows of a score tile per "T^T X" product (measured: 32 and all slower, 128 ties)
+constexpr int64_t kKC = 128;  // rows of a score tile per "T^T X" product (measured, backward blocks of 256: 64 and 256 slower)
 
 // A row epilogue for Product<NV> from f(i, j, vector of C[i, j..j+kVec)).
 template <int NV = kNV, typename F>
@@ -382,7 +382,7 @@ void ForwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_e
 }
 
 #ifndef FWI_KEY_CHUNK
-#define FWI_KEY_CHUNK 512
+#define FWI_KEY_CHUNK 256
 #endif
 // Keys per step of the backward pass (a multiple of kNR). Each step's score tile (rows x chunk)
 // and its slices of K^T, V^T, K rows, dK and dV (chunk x D each) stay in L2 across its five products.
