@@ -10,7 +10,7 @@ epoch 20, fp16 with loss scaling in the reference (`--set model.dtype=float16`).
 Expected result: validation MAPE about 0.0209 (reference tiny_s8 x6 ensemble CV 0.020851).
 Cost: about 0.25 TFLOP per forward; about 3.5 h on one A100 in bfloat16 by FLOP count;
 training ~0.24 samples/s on 2 idle CPU cores, as the PyTorch reference in the same runs (1.00x, median of
-five; docs/performance.md):
+eight; docs/performance.md):
 not a CPU job.
 """
 
