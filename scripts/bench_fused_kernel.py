@@ -37,12 +37,7 @@ int main(int argc, char** argv) {
   for (int a = 5; a < argc; ++a) {
     const int64_t block = atol(argv[a]);
     Problem pr;
-    pr.s = Shape{B, N, H, D};
-    pr.n_blocks = (N + block - 1) / block;
-    pr.rows_max = (N + pr.n_blocks - 1) / pr.n_blocks;
-    pr.cols = (N + kNR - 1) / kNR * kNR;
-    pr.ldt = pr.cols + ((pr.cols * sizeof(float) / 64) %% 2 == 0 ? kVec : 0);
-    pr.scale = 1.0f / std::sqrt(static_cast<float>(D));
+    if (MakeProblem(Shape{B, N, H, D}, block, &pr).failure()) { fprintf(stderr, "bad shape or block\n"); return 1; }
     double fwd = 1e9, bwd = 1e9;
     for (int rep = 0; rep < 3; ++rep) {
       auto t0 = std::chrono::steady_clock::now();

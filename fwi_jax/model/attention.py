@@ -54,7 +54,7 @@ from jax.ad_checkpoint import checkpoint_name
 IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "blockwise", "query_blocks", "fused_cpu", "auto")
 # block_size=None means: blockwise's key block, query_blocks' and fused_cpu's query block (measured
 # on CPU, docs/performance.md: fused_cpu's forward tile of 64 rows x N keys, 0.5 MB, stays in a
-# 2 MB L2 beside K^T and V). fused_cpu's backward pass, which walks the keys 512 at a time, runs
+# 2 MB L2 beside K^T and V). fused_cpu's backward pass, which walks the keys 256 at a time, runs
 # best on blocks of 256 queries: its default block, unless block_size sets both passes'.
 DEFAULT_BLOCKS = {"blockwise": 256, "query_blocks": 256, "fused_cpu": 64}
 FUSED_CPU_BACKWARD_BLOCK = 256
@@ -113,8 +113,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
     q, k, v: (batch, tokens, heads, head_dim), same dtype. Returns (batch, tokens, heads, head_dim)
     in q's dtype. `block_size` is the key block of "blockwise" and the query block of
     "query_blocks" and "fused_cpu" (any positive int; the token count need not be a multiple of
-    it; None: `DEFAULT_BLOCKS`, and `FUSED_CPU_BACKWARD_BLOCK` for fused_cpu's backward pass); `heads_per_step` ("blockwise" only) is how many of the
-    batch x heads attention heads one sequential step processes (None: `auto_heads_per_step`).
+    it; None: `DEFAULT_BLOCKS`, and `FUSED_CPU_BACKWARD_BLOCK` for fused_cpu's backward pass);
+    `heads_per_step` ("blockwise" only) is how many of the batch x heads attention heads one
+    sequential step processes (None: `auto_heads_per_step`).
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention expects q, k, v of one shape (batch, tokens, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
@@ -124,10 +125,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
 
         if unsupported(q.shape):  # auto picks what runs; asked for by name, fused_attention raises
             impl = "query_blocks"
-    backward_block = None  # fused_cpu's backward: block_size's when set
+    block_given = block_size is not None  # fused_cpu: then it is both passes' block
     if block_size is None:
         block_size = DEFAULT_BLOCKS.get(impl, 0)
-        backward_block = FUSED_CPU_BACKWARD_BLOCK
     if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     if impl == "cudnn":
@@ -148,7 +148,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", bl
     if impl == "fused_cpu":
         from fwi_jax.model.fused_attention import fused_attention
 
-        return fused_attention(q, k, v, int(block_size), backward_block)
+        return fused_attention(q, k, v, int(block_size), None if block_given else FUSED_CPU_BACKWARD_BLOCK)
     if impl == "blockwise":
         b, n, h, _ = q.shape
         if heads_per_step is None:

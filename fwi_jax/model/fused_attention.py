@@ -5,7 +5,7 @@
 1/sqrt(head_dim), output in q's dtype. The kernel computes in float32 (other dtypes are cast on
 the way in and out). Its custom VJP saves q, k, v, the output and the log-sum-exp (B, H, N) and
 recomputes each score tile in the backward pass: memory per thread is one float32 score tile,
-(block, N) in the forward and (block, 512) in the backward, plus a few (N, D) copies of one
+(block, N) in the forward and (block, 256) in the backward, plus a few (N, D) copies of one
 head's K, V, Q, dO, dK, dV, never (N, N).
 
 Why a C++ kernel: XLA:CPU runs the score matmul, the softmax and the next matmul as separate

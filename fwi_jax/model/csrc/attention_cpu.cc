@@ -289,18 +289,29 @@ struct Problem {
   float scale;
 };
 
-ffi::Error Prepare(const ffi::Buffer<ffi::F32>& q, int64_t block, Problem* pr) {
-  if (auto err = GetShape(q, &pr->s); err.failure()) return err;
-  if (pr->s.dim % kVec != 0)
-    return ffi::Error::InvalidArgument("fused attention: head_dim " + std::to_string(pr->s.dim) +
+// Row stride for rows of `cols` floats: cols, plus kVec where that makes an odd number of lines.
+inline int64_t TileStride(int64_t cols) { return cols + ((cols * sizeof(float) / 64) % 2 == 0 ? kVec : 0); }
+
+// The problem of attention shape `s` in query blocks of at most `block` rows (also the
+// single-thread harness's entry, scripts/bench_fused_kernel.py).
+ffi::Error MakeProblem(const Shape& s, int64_t block, Problem* pr) {
+  if (s.dim % kVec != 0)
+    return ffi::Error::InvalidArgument("fused attention: head_dim " + std::to_string(s.dim) +
                                        " is not a multiple of " + std::to_string(kVec));
   if (block < 1) return ffi::Error::InvalidArgument("fused attention: block must be >= 1");
-  pr->n_blocks = (pr->s.n + block - 1) / block;
-  pr->rows_max = (pr->s.n + pr->n_blocks - 1) / pr->n_blocks;  // balanced blocks
-  pr->cols = (pr->s.n + kNR - 1) / kNR * kNR;
-  pr->ldt = pr->cols + ((pr->cols * sizeof(float) / 64) % 2 == 0 ? kVec : 0);
-  pr->scale = 1.0f / std::sqrt(static_cast<float>(pr->s.dim));
+  pr->s = s;
+  pr->n_blocks = (s.n + block - 1) / block;
+  pr->rows_max = (s.n + pr->n_blocks - 1) / pr->n_blocks;  // balanced blocks
+  pr->cols = (s.n + kNR - 1) / kNR * kNR;
+  pr->ldt = TileStride(pr->cols);
+  pr->scale = 1.0f / std::sqrt(static_cast<float>(s.dim));
   return ffi::Error::Success();
+}
+
+ffi::Error Prepare(const ffi::Buffer<ffi::F32>& q, int64_t block, Problem* pr) {
+  Shape s;
+  if (auto err = GetShape(q, &s); err.failure()) return err;
+  return MakeProblem(s, block, pr);
 }
 
 // The forward's probabilities are exp(s - m) with m a running row maximum that is raised only when
@@ -399,7 +410,7 @@ void BackwardHead(const Problem& pr, int64_t bh, int64_t blk_begin, int64_t blk_
   const Shape& s = pr.s;
   const int64_t ld = s.ld(), n = s.n, np = pr.ldt, dim = s.dim, off = s.head_offset(bh);
   const int64_t chunk = std::min(kKeyChunk, pr.cols);
-  const int64_t ldc = chunk + ((chunk * sizeof(float) / 64) % 2 == 0 ? kVec : 0);  // as Problem::ldt
+  const int64_t ldc = TileStride(chunk);
   const float scale = pr.scale;
   float* kt = Scratch(kKt, dim * np);
   float* vt = Scratch(kVt, dim * np);
