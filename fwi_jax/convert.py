@@ -185,14 +185,18 @@ def convert_file(path: str | pathlib.Path, cfg: Config, seed: int = 0) -> dict:
     return params
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fwi_jax.convert", description=__doc__.split("\n")[0])
     ap.add_argument("input", help="timm EVA02 checkpoint or reference state_dict (.pth/.pt/.safetensors)")
     ap.add_argument("--config", required=True, help="config name (tiny_s8, base_s6, ...) or path")
     ap.add_argument("--out", required=True, help="output params checkpoint directory")
     ap.add_argument("--seed", type=int, default=0, help="seed of the head's init for timm backbones")
     add_override_argument(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from fwi_jax.checkpoint import save_params
 
     try:

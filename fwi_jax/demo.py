@@ -104,9 +104,7 @@ def _best_val(run_dir: pathlib.Path) -> float | None:
     return min(vals) if vals else None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from fwi_jax.train import TrainError
-
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fwi_jax.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="demo", help="config name or path (default: demo)")
     ap.add_argument("--workdir", default="runs/demo")
@@ -114,7 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--plots", type=int, default=4, help="held-out samples to plot")
     add_override_argument(ap)
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fwi_jax.train import TrainError
+
+    args = build_parser().parse_args(argv)
     from fwi_jax.host import tune_cpu_host
 
     tune_cpu_host()

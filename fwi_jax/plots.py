@@ -158,13 +158,17 @@ def plot_training_curves(metrics_jsonl_path: str | pathlib.Path, out_png: str | 
     return out_png
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fwi_jax.plots", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     curves = sub.add_parser("curves", help="training loss and validation MAPE from metrics.jsonl")
     curves.add_argument("metrics")
     curves.add_argument("out_png")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         out = plot_training_curves(args.metrics, args.out_png)
     except (OSError, ValueError) as e:

@@ -26,7 +26,7 @@ def _ids_of(source: str) -> list[str]:
     raise FileNotFoundError(f"{p}: neither a dataset folder nor an id list")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fwi_jax.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -49,7 +49,11 @@ def main(argv=None) -> int:
     k.add_argument("--v-range", type=float, nargs=2, default=(0.5, 10.0), metavar=("LO", "HI"),
                    help="allowed velocities in km/s (default 0.5 10)")
     k.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     try:
         if args.cmd == "check":

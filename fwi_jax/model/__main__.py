@@ -14,12 +14,16 @@ from fwi_jax.config import ConfigError, add_override_argument, load_config
 from fwi_jax.model import apply_model, count_params, create_model
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fwi_jax.model", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny_s8")
     ap.add_argument("--batch", type=int, default=1)
     add_override_argument(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:

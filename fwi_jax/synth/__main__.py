@@ -12,7 +12,7 @@ import os
 import sys
 
 
-def parse(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     from fwi_jax.synth.geology import FAMILIES
 
     p = argparse.ArgumentParser(prog="python -m fwi_jax.synth", description="Write synthetic samples in the competition format.")
@@ -24,7 +24,11 @@ def parse(argv=None):
     p.add_argument("--batch", type=int, default=None, help="models per solver call (default 2 per device)")
     p.add_argument("--cpu-devices", type=int, default=os.cpu_count() or 1, help="JAX host devices (CPU only)")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
