@@ -1,0 +1,155 @@
+"""README.md's commands stay true: each ``python -m fwi_jax.X ...`` line parses with X's own flags.
+
+Rules for README commands (what ``readme_commands`` extracts and ``check_command`` checks):
+
+- every line of a fenced code block, and every inline code span with arguments, that runs
+  ``python -m fwi_jax.X`` (also ``.venv/bin/python``, after ``VAR=value`` prefixes, between
+  ``&&``/``;``/``|``), with backslash continuations joined and ``# comments`` dropped;
+- the arguments are parsed by X's ``build_parser()`` (nothing runs): an unknown flag, a missing
+  required flag or a bad choice fails;
+- a command is written out in full: ``...`` or ``…`` is an error (placeholders are upper-case
+  words such as ``DIR``, which parse as values);
+- ``--config NAME`` must name a file in ``configs/`` (or be a path that exists), and every
+  ``--set KEY=VALUE`` must apply to that config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import pathlib
+import re
+import shlex
+
+import pytest
+
+from fwi_jax.config import ConfigError, load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SHELL_OPERATORS = {"&&", "||", ";", "|"}
+MODULE = re.compile(r"fwi_jax(\.\w+)*")  # "python -m fwi_jax.train: the loop" in prose is no command
+MODULE_ONLY = re.compile(r"\S*python3? -m fwi_jax(\.\w+)*")
+
+
+def _code_lines(text: str) -> list[str]:
+    """Lines of fenced code blocks (continuations joined) and inline code spans elsewhere."""
+    out, block, pending = [], False, ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            block, pending = not block, ""
+            continue
+        if block:
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1] + " "
+                continue
+            out.append(pending + line)
+            pending = ""
+        else:  # an inline span with arguments is a command; a bare `python -m fwi_jax.X` names one
+            out.extend(s for s in re.findall(r"`([^`]+)`", line) if not MODULE_ONLY.fullmatch(s.strip()))
+    return out
+
+
+def readme_commands(text: str) -> list[tuple[str, list[str]]]:
+    """``(module, args)`` of every ``python -m fwi_jax.X`` command in a README's text."""
+    found = []
+    for line in _code_lines(text):
+        if "python -m fwi_jax" not in line:
+            continue
+        tokens = shlex.split(line, comments=True)
+        for i in range(len(tokens) - 2):
+            if (tokens[i].endswith("python") or tokens[i].endswith("python3")) and tokens[i + 1] == "-m" \
+                    and MODULE.fullmatch(tokens[i + 2]):
+                rest = tokens[i + 3:]
+                end = next((j for j, t in enumerate(rest) if t in SHELL_OPERATORS), len(rest))
+                found.append((tokens[i + 2], rest[:end]))
+    return found
+
+
+def parser_of(module: str) -> argparse.ArgumentParser:
+    """The argparse parser of ``python -m module`` (a package's ``__main__``), built without running."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise AssertionError(f"python -m {module}: {e}") from None
+    if hasattr(mod, "__path__"):  # a package: python -m runs its __main__
+        mod = importlib.import_module(f"{module}.__main__")
+    if not hasattr(mod, "build_parser"):
+        raise AssertionError(f"{module} has no build_parser(): the README test cannot check its flags")
+    return mod.build_parser()
+
+
+def check_command(module: str, args: list[str]) -> None:
+    """Raise AssertionError naming the command if it would not parse or names a missing config."""
+    shown = f"python -m {module} {' '.join(args)}"
+    if any(a in ("...", "…") or "…" in a for a in args):
+        raise AssertionError(f"{shown}: a README command must be complete (no '...')")
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            ns = parser_of(module).parse_args(args)
+    except SystemExit:
+        raise AssertionError(f"{shown}: {stderr.getvalue().strip()}") from None
+    config = getattr(ns, "config", None)
+    if config is not None:
+        try:
+            load_config(config, getattr(ns, "set", []) or [])
+        except ConfigError as e:
+            raise AssertionError(f"{shown}: {e}") from None
+
+
+def test_readme_commands_parse():
+    commands = readme_commands(README.read_text())
+    # the README covers every command a user runs; losing one from the extraction is a test bug
+    modules = {m for m, _ in commands}
+    expected = {"fwi_jax.demo", "fwi_jax.data", "fwi_jax.train", "fwi_jax.infer", "fwi_jax.convert",
+                "fwi_jax.synth"}
+    assert expected <= modules, f"README commands found for {sorted(modules)}; expected {sorted(expected)}"
+    errors = []
+    for module, args in commands:
+        try:
+            check_command(module, args)
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, "README commands that do not parse:\n" + "\n".join(errors)
+
+
+SAMPLE = """
+Run it:
+
+```bash
+XLA_FLAGS=--x .venv/bin/python -m fwi_jax.train --config tiny_s8 --data DIR \\
+    --workdir runs/a --set train.lr=1e-4   # a comment --bogus
+python -m venv .venv && .venv/bin/python -m fwi_jax.demo
+```
+
+Then `python -m fwi_jax.plots curves runs/a/metrics.jsonl out.png` plots it.
+"""
+
+
+def test_extraction_joins_lines_and_splits_shell():
+    assert readme_commands(SAMPLE) == [
+        ("fwi_jax.train", ["--config", "tiny_s8", "--data", "DIR", "--workdir", "runs/a", "--set",
+                           "train.lr=1e-4"]),
+        ("fwi_jax.demo", []),
+        ("fwi_jax.plots", ["curves", "runs/a/metrics.jsonl", "out.png"]),
+    ]
+    for module, args in readme_commands(SAMPLE):
+        check_command(module, args)
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("fwi_jax.train", ["--config", "tiny_s8", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ("fwi_jax.infer", ["--data", "d", "--out", "o.npz"], "required"),
+    ("fwi_jax.data", ["split", "--first", "a", "--out", "b", "--bogus"], "unrecognized arguments"),
+    ("fwi_jax.synth", ["--n", "3", "--out", "s", "--family", "nope"], "invalid choice"),
+    ("fwi_jax.train", ["--config", "no_such_config"], "unknown config"),
+    ("fwi_jax.convert", ["w.pth", "--config", "base_s6", "--out", "c", "--set", "train.nope=1"], "train.nope"),
+    ("fwi_jax.train", ["--config", "base_s6", "..."], "must be complete"),
+    ("fwi_jax.trian", ["--config", "base_s6"], "No module named"),
+])
+def test_check_command_rejects(module, args, message):
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        check_command(module, args)
