@@ -1,23 +1,18 @@
-"""CPU-sized demo: the full code path on a reduced input grid with a 4-block EVA02, on synthetic data.
+"""CPU-sized demo: the whole code path on synthetic data, a reduced input grid and a 4-block EVA02.
 
 Command:
-    python -m fwi_jax.demo                      # synth -> train 2 members -> ensemble + TTA -> plots
-    python -m fwi_jax.train --config demo --workdir runs/demo   # one member only
+    python -m fwi_jax.demo                                  # synth, 2 members, ensemble + TTA, plots
+    python -m fwi_jax.train --config demo --workdir runs/demo_member    # one member only
 
-Reproduces: nothing from the reference; it shows the pipeline end to end on a machine with no
-downloads. The run synthesises its own competition-format dataset (fwi_jax.synth, cached) when
-`data.root` is empty, trains for a few epochs, and still predicts full-size 1259 x 300 models.
-Expected result (measured 2026-11-30 on a 2-core CPU, from an empty cache, fused_cpu attention):
-held-out MAPE of the 2-member ensemble with flip TTA 0.0769, against 0.0871 for the
-mean-velocity-profile baseline; the members' best validation MAPE 0.0783 and 0.0724. The
-attention's summation order moves these by a few 1e-3 from one implementation to the next
-(query_blocks: 0.0745, members 0.0761 / 0.0739; commit c92e64d, blockwise: 0.0737). At lr 1e-3,
-two of four seeds saturated the output sigmoid within 20 steps and never recovered (gradient
-norm < 1e-10), so the demo uses 5e-4. The train loop warns when that happens.
-Cost: 10 min 32 s on 2 CPU cores for the whole `python -m fwi_jax.demo`: 2 min 42 s of data
-synthesis (cached after the first run; the kernel build's 5 s included), 7 min 38 s for training
-two members, and the ensemble inference and plots in the remaining seconds (11 min 1 s with
-query_blocks attention, 13 min 20 s on the earlier machine and code).
+Reproduces: nothing of the reference; it runs the pipeline end to end with no downloads. With no
+`data.root` it synthesises a competition-format dataset (fwi_jax.synth, cached), trains for 8
+epochs and still predicts full-size 1259 x 300 models. lr is 5e-4: at 1e-3 the output sigmoid
+saturated for two of four seeds and never recovered (the train loop warns when that happens).
+Expected result: held-out MAPE of the 2-member ensemble with flip TTA 0.0755, against 0.0871 for
+the mean-velocity-profile baseline (2026-12-01, 2-core AMD EPYC CPU); the CPU's summation order
+moves the last digits.
+Cost: 9 min 35 s for `python -m fwi_jax.demo` from a fresh clone, the install included (same date
+and machine); the synthetic data are cached for later runs.
 """
 
 from fwi_jax.config import Config, DataConfig, Geometry, ModelConfig, SynthConfig, TrainConfig

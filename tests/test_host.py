@@ -2,7 +2,7 @@
 allocated again) and makes CPU dispatch synchronous; FWI_JAX_CPU_TUNING=0 leaves both alone.
 
 Each case runs in a fresh interpreter: the tuning is process-wide and must not leak into the
-test session. Page faults are counted with getrusage (minor faults) around the second allocation
+pytest process. Page faults are counted with getrusage (minor faults) around the second allocation
 of a 256 MiB buffer written in full: 65,536 faults of 4 KiB pages when glibc maps fresh memory,
 almost none when the freed block is reused. The threshold (10 % of the pages) separates the two by
 an order of magnitude either way.

@@ -16,6 +16,7 @@ Rules for README commands (what ``readme_commands`` extracts and ``check_command
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib
 import io
@@ -153,3 +154,18 @@ def test_extraction_joins_lines_and_splits_shell():
 def test_check_command_rejects(module, args, message):
     with pytest.raises(AssertionError, match=re.escape(message)):
         check_command(module, args)
+
+
+def test_config_docstring_commands_parse():
+    """The commands in each config's docstring follow the same rules as the README's."""
+    errors, n = [], 0
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        for module, args in readme_commands(f"```\n{doc}\n```"):
+            n += 1
+            try:
+                check_command(module, args)
+            except AssertionError as e:
+                errors.append(f"{path.name}: {e}")
+    assert n >= 4, "each reference config's docstring shows its command"
+    assert not errors, "config docstring commands that do not parse:\n" + "\n".join(errors)
