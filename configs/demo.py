@@ -1,7 +1,7 @@
 """CPU-sized demo: the whole code path on synthetic data, a reduced input grid and a 4-block EVA02.
 
 Command:
-    python -m fwi_jax.demo                                  # synth, 2 members, ensemble + TTA, plots
+    python -m fwi_jax.demo                        # synth, 2 members, ensemble + TTA, plots
     python -m fwi_jax.train --config demo --workdir runs/demo_member    # one member only
 
 Reproduces: nothing of the reference; it runs the pipeline end to end with no downloads. With no

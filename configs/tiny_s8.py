@@ -1,4 +1,4 @@
-"""EVA02-tiny split at block 8 with the hard-example-mining loss: the reference's `eva02_tiny_s_at_8`.
+"""EVA02-tiny split at block 8, hard-example-mining loss: the reference's `eva02_tiny_s_at_8`.
 
 Command:
     python -m fwi_jax.train --config tiny_s8 --data DIR --train-list lists/train_f0.txt \

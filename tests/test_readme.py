@@ -31,7 +31,8 @@ from fwi_jax.config import ConfigError, load_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SHELL_OPERATORS = {"&&", "||", ";", "|"}
-MODULE = re.compile(r"fwi_jax(\.\w+)*")  # "python -m fwi_jax.train: the loop" in prose is no command
+# a module name, whole: "python -m fwi_jax.train: the loop" in a sketch is no command
+MODULE = re.compile(r"fwi_jax(\.\w+)*")
 MODULE_ONLY = re.compile(r"\S*python3? -m fwi_jax(\.\w+)*")
 
 
@@ -49,7 +50,8 @@ def _code_lines(text: str) -> list[str]:
             out.append(pending + line)
             pending = ""
         else:  # an inline span with arguments is a command; a bare `python -m fwi_jax.X` names one
-            out.extend(s for s in re.findall(r"`([^`]+)`", line) if not MODULE_ONLY.fullmatch(s.strip()))
+            spans = re.findall(r"`([^`]+)`", line)
+            out.extend(s for s in spans if not MODULE_ONLY.fullmatch(s.strip()))
     return out
 
 
@@ -61,8 +63,8 @@ def readme_commands(text: str) -> list[tuple[str, list[str]]]:
             continue
         tokens = shlex.split(line, comments=True)
         for i in range(len(tokens) - 2):
-            if (tokens[i].endswith("python") or tokens[i].endswith("python3")) and tokens[i + 1] == "-m" \
-                    and MODULE.fullmatch(tokens[i + 2]):
+            is_python = tokens[i].endswith("python") or tokens[i].endswith("python3")
+            if is_python and tokens[i + 1] == "-m" and MODULE.fullmatch(tokens[i + 2]):
                 rest = tokens[i + 3:]
                 end = next((j for j, t in enumerate(rest) if t in SHELL_OPERATORS), len(rest))
                 found.append((tokens[i + 2], rest[:end]))
@@ -70,7 +72,7 @@ def readme_commands(text: str) -> list[tuple[str, list[str]]]:
 
 
 def parser_of(module: str) -> argparse.ArgumentParser:
-    """The argparse parser of ``python -m module`` (a package's ``__main__``), built without running."""
+    """The argparse parser of ``python -m module`` (a package's ``__main__``), not run."""
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
@@ -78,7 +80,7 @@ def parser_of(module: str) -> argparse.ArgumentParser:
     if hasattr(mod, "__path__"):  # a package: python -m runs its __main__
         mod = importlib.import_module(f"{module}.__main__")
     if not hasattr(mod, "build_parser"):
-        raise AssertionError(f"{module} has no build_parser(): the README test cannot check its flags")
+        raise AssertionError(f"{module} has no build_parser(): its README flags cannot be checked")
     return mod.build_parser()
 
 
@@ -107,7 +109,7 @@ def test_readme_commands_parse():
     modules = {m for m, _ in commands}
     expected = {"fwi_jax.demo", "fwi_jax.data", "fwi_jax.train", "fwi_jax.infer", "fwi_jax.convert",
                 "fwi_jax.synth"}
-    assert expected <= modules, f"README commands found for {sorted(modules)}; expected {sorted(expected)}"
+    assert expected <= modules, f"commands for {sorted(modules)}, expected {sorted(expected)}"
     errors = []
     for module, args in commands:
         try:
@@ -142,12 +144,14 @@ def test_extraction_joins_lines_and_splits_shell():
 
 
 @pytest.mark.parametrize("module, args, message", [
-    ("fwi_jax.train", ["--config", "tiny_s8", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ("fwi_jax.train", ["--config", "tiny_s8", "--no-such-flag"],
+     "unrecognized arguments: --no-such-flag"),
     ("fwi_jax.infer", ["--data", "d", "--out", "o.npz"], "required"),
     ("fwi_jax.data", ["split", "--first", "a", "--out", "b", "--bogus"], "unrecognized arguments"),
     ("fwi_jax.synth", ["--n", "3", "--out", "s", "--family", "nope"], "invalid choice"),
     ("fwi_jax.train", ["--config", "no_such_config"], "unknown config"),
-    ("fwi_jax.convert", ["w.pth", "--config", "base_s6", "--out", "c", "--set", "train.nope=1"], "train.nope"),
+    ("fwi_jax.convert", ["w.pth", "--config", "base_s6", "--out", "c", "--set", "train.nope=1"],
+     "train.nope"),
     ("fwi_jax.train", ["--config", "base_s6", "..."], "must be complete"),
     ("fwi_jax.trian", ["--config", "base_s6"], "No module named"),
 ])
