@@ -10,7 +10,10 @@ Two layouts, both plain pytrees of arrays plus the resolved config as JSON:
   run metadata as JSON), one folder per step under ``WORKDIR/checkpoints``, saved asynchronously by
   an orbax ``CheckpointManager`` that keeps the newest N. Orbax writes each step under a
   temporary name and renames it when complete, so a checkpoint half-written by a crash is never
-  listed, let alone loaded.
+  listed, let alone loaded. A listed checkpoint damaged later (a truncated or missing file after a
+  node failure) is found by restoring it: `TrainCheckpoints.restore_newest_intact` moves it aside
+  as ``<step>.damaged`` and falls back to the newest one that restores. A save that fails (a full
+  disk) raises `CheckpointSaveError` naming it; the checkpoints before it stay intact.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fwi_jax.config import Config, from_dict
+from fwi_jax.storage import free_bytes
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -38,10 +42,16 @@ def save_params(path: str | pathlib.Path, params: Any, cfg: Config) -> pathlib.P
     old = path.with_name(path.name + ".old")
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / CONFIG_FILE).write_text(cfg.to_json())
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / PARAMS_DIR, jax.device_get(params))
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / CONFIG_FILE).write_text(cfg.to_json())
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_DIR, jax.device_get(params))
+    except Exception as e:  # a full disk: TensorStore raises ValueError, Python OSError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"{path} is untouched" if path.exists() else "nothing was written"
+        raise CheckpointSaveError(f"saving params checkpoint {path} failed: {describe_error(e)}; "
+                                  f"{kept}") from e
     if path.exists():
         path.rename(old)
     tmp.rename(path)
@@ -68,6 +78,32 @@ def load_params(path: str | pathlib.Path) -> tuple[Config, Any]:
     return cfg, params
 
 
+class CheckpointError(ValueError):
+    """No checkpoint of a run can be restored; the message lists each one and what is wrong."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A train-state checkpoint could not be written; the message names it and the newest intact one."""
+
+
+def describe_error(e: BaseException, limit: int = 400) -> str:
+    """One line for an exception raised while reading or writing a checkpoint: the innermost cause
+    (TensorStore's own error, e.g. 'OUT_OF_RANGE: Error reading "params.head.kernel/0" ...: Requested
+    byte range [0, 268719) is not valid for value of size 1000'), without the TensorStore spec that
+    orbax appends."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e) or type(e).__name__
+    for cut in (" See full TensorStore details", " [tensorstore_spec", "\n"):
+        text = text.split(cut)[0]
+    text = text.strip()  # long ones end with the OS's reason ("File too large"): keep both ends
+    return text if len(text) <= limit else text[: limit // 3] + " ... " + text[-(2 * limit) // 3:]
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
 class TrainCheckpoints:
     """Train-state checkpoints of one run: ``DIR/<step>/{state, loader, meta}``.
 
@@ -80,6 +116,7 @@ class TrainCheckpoints:
                                                enable_async_checkpointing=asynchronous)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "loader", "meta"))
+        self._pending: int | None = None  # step of the save in flight
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -87,13 +124,78 @@ class TrainCheckpoints:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def path(self, step: int) -> pathlib.Path:
+        return self.directory / str(step)
+
     def save(self, step: int, state: Any, loader_state: dict, meta: dict) -> None:
-        """Start saving (returns once the arrays are copied off the devices)."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            loader=ocp.args.JsonSave(loader_state),
-            meta=ocp.args.JsonSave(meta),
-        ))
+        """Start saving (returns once the arrays are copied off the devices). Raises
+        CheckpointSaveError when the previous save failed, or when the disk has less room than
+        the state's size (orbax writes the new step in full before it deletes the oldest)."""
+        self.wait()
+        need, free = _nbytes(state), free_bytes(self.directory)
+        if free < need:
+            raise self._save_failed(step, f"{free / 1e6:.1f} MB free on its disk, the train state "
+                                          f"needs {need / 1e6:.1f} MB")
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                loader=ocp.args.JsonSave(loader_state),
+                meta=ocp.args.JsonSave(meta),
+            ))
+        except Exception as e:
+            raise self._save_failed(step, describe_error(e)) from e
+        self._pending = step
+
+    def _save_failed(self, step: int, reason: str) -> CheckpointSaveError:
+        self._manager.reload()  # after a failed save its own list of steps may be off: read the disk
+        kept = [s for s in self.all_steps() if s != step]
+        intact = (f"the newest complete checkpoint, {self.path(max(kept))}, is untouched" if kept
+                  else "no checkpoint of this run was complete before it")
+        return CheckpointSaveError(f"saving checkpoint {self.path(step)} failed: {reason}; {intact}")
+
+    def restore_newest_intact(self, target: Any, log=print) -> tuple[int, Any, dict, dict]:
+        """(step, state, loader_state, meta) of the newest checkpoint that restores. Each newer one
+        that fails (a truncated array file, a missing metadata file ...) is reported through
+        ``log`` with what is wrong and renamed ``<step>.damaged`` (orbax no longer lists it, so
+        the resumed run saves that step afresh). Raises CheckpointError when none restores."""
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, loader_state, meta = self.restore(step, target)
+            except Exception as e:  # orbax/TensorStore raise many types for one cause: bad files
+                reason = describe_error(e)
+                damaged.append((step, reason))
+                log(f"warning: checkpoint {self.path(step)} is damaged ({reason}); trying the one before")
+                continue
+            self._set_aside([s for s, _ in damaged])
+            return step, state, loader_state, meta
+        if not damaged:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        listing = "; ".join(f"{self.path(s)}: {r}" for s, r in damaged)
+        raise CheckpointError(f"no intact checkpoint in {self.directory} ({listing}); "
+                              f"start a new run in another --workdir")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename damaged step folders to ``<step>.damaged[.k]`` (kept for inspection)."""
+        if not steps:
+            return
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fwi_jax: damaged checkpoints read")  # all hosts tried
+        if jax.process_index() == 0:
+            for step in steps:
+                dest, k = self.directory / f"{step}.damaged", 1
+                while dest.exists():
+                    dest, k = self.directory / f"{step}.damaged.{k}", k + 1
+                self.path(step).rename(dest)
+        multihost_utils.sync_global_devices("fwi_jax: damaged checkpoints set aside")
+        self._manager.reload()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step where all hosts agreed to stop after a preemption notice (SIGTERM to
+        any host; JAX's preemption service, started by ``jax.distributed.initialize``). Always
+        False in a single process, which has no such service."""
+        return self._manager.reached_preemption(step)
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict, dict]:
         """(state, loader_state, meta) of ``step``; ``target`` gives the structure, shapes and
@@ -107,8 +209,13 @@ class TrainCheckpoints:
         return out.state, out.loader, out.meta
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Block until pending asynchronous saves are on disk; CheckpointSaveError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            step, self._pending = self._pending, None
+            raise self._save_failed(step, describe_error(e)) from e
+        self._pending = None
 
     def close(self) -> None:
         self._manager.close()

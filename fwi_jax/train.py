@@ -31,8 +31,11 @@ import dataclasses
 import json
 import math
 import pathlib
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -42,12 +45,13 @@ import numpy as np
 import optax
 
 from fwi_jax import sharding
-from fwi_jax.checkpoint import TrainCheckpoints, load_params, save_params
+from fwi_jax.checkpoint import CheckpointError, TrainCheckpoints, load_params, save_params
 from fwi_jax.config import Config, ConfigError, add_override_argument, from_dict, load_config
 from fwi_jax.host import tune_cpu_host
 from fwi_jax.loss import get_loss, mape_per_sample
 from fwi_jax.model import create_model
 from fwi_jax.optim import LossScale, all_finite, ema_update, make_optimizer, uses_loss_scaling
+from fwi_jax.storage import StorageError, require_writable
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted function was traced
 TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -58,6 +62,40 @@ VANISHED_GRAD_NORM = 1e-7
 
 class TrainError(ValueError):
     """A user error (data, config, checkpoint, work directory); the message says what to do."""
+
+
+# exit status after a SIGTERM: the shell's "terminated by SIGTERM", so a scheduler does not count
+# the run as finished; its checkpoint is saved and --resume continues it
+PREEMPTED_EXIT = 128 + signal.SIGTERM
+
+
+class Preempted(Exception):
+    """Training stopped after ``step`` on SIGTERM (a scheduler's preemption), checkpoint saved."""
+
+    def __init__(self, step: int, total: int, checkpoint: pathlib.Path):
+        super().__init__(f"stopped by SIGTERM after step {step} of {total}; checkpoint {checkpoint} saved")
+        self.step, self.total, self.checkpoint = step, total, checkpoint
+
+
+class _SigtermFlag:
+    """While active, SIGTERM sets ``raised`` instead of killing the process, so the loop can
+    finish its step and save. Only in a single process on the main thread: with several
+    processes JAX's preemption service (``TrainCheckpoints.reached_preemption``) owns SIGTERM and
+    makes every host stop at the same step."""
+
+    def __init__(self):
+        self.raised, self._previous = False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self) -> None:
+        """Give SIGTERM back to the handler it had before."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,13 +348,15 @@ def _saved_config(path: pathlib.Path) -> dict | None:
 
 def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None, *, resume: bool = False,
           init_from: str | None = None, load_from: str | None = None, drop_head: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, on_batch: Callable[[int, dict], None] | None = None) -> dict:
     """Train ``cfg`` in ``workdir``; returns a summary {steps, best_mape, final_mape, samples_per_s,
-    skipped_steps, traces}."""
+    skipped_steps, traces}. ``on_batch(step, host_batch)`` (optional) sees each batch this host
+    read (its "id"s included) before it goes to the devices. On SIGTERM the current step finishes,
+    a checkpoint is saved and `Preempted` is raised."""
     from fwi_jax.data.pipeline import make_loader
 
     tc = cfg.train
-    workdir = pathlib.Path(workdir).expanduser().resolve()
+    workdir = require_writable(workdir, "--workdir")  # before any data loading or compiling
     main_host = jax.process_index() == 0
     data = data or resolve_data(cfg, progress)
     mesh = sharding.data_mesh()
@@ -353,9 +393,10 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
     it = iter(loader)
     best, start = math.inf, 0
     if resume and latest is not None:
-        state, loader_state, meta = ckpts.restore(latest, state)
+        warn = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main_host else (lambda msg: None)
+        start, state, loader_state, meta = ckpts.restore_newest_intact(state, log=warn)
         it.set_state(loader_state)
-        best, start = meta["best_mape"], latest
+        best = meta["best_mape"]
         if main_host:
             print(f"resuming {workdir} at step {start} of {total}", flush=True)
     log = MetricsLog(workdir / "metrics.jsonl", start if resume else None, enabled=main_host)
@@ -379,9 +420,14 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
     pending, t0, seen, val_mape, warned = [], time.perf_counter(), 0, None, False
     loader_state = it.get_state()
     step = start
+    sigterm = _SigtermFlag()
     try:
         for step in range(start, total):
-            batch = sharding.host_to_global(mesh, next(it))
+            host_batch = next(it)
+            if on_batch is not None:
+                on_batch(step, host_batch)
+            batch = sharding.host_to_global(mesh, host_batch)
+            del host_batch  # its arrays are recycled by the loader once unreferenced
             state, metrics = step_fn(state, batch)
             loader_state = it.get_state()
             pending.append(metrics)
@@ -417,13 +463,18 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
                 t0 = time.perf_counter()
             if epoch_end or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
                 save(done, loader_state)
-    except BaseException:
-        # keep the work of every finished step (a failed batch read or Ctrl-C loses nothing)
-        if int(state["step"]) > (ckpts.latest_step() or 0):
-            save(int(state["step"]), loader_state)
-        ckpts.wait()
+            if done < total and (sigterm.raised or ckpts.reached_preemption(done)):
+                raise Preempted(done, total, ckpts.path(done))
+    except BaseException as e:
+        # keep the work of every finished step (a failed batch read, Ctrl-C or SIGTERM loses
+        # nothing), unless saving is what failed
+        if not isinstance(e, CheckpointError):
+            if int(state["step"]) > (ckpts.latest_step() or 0):
+                save(int(state["step"]), loader_state)
+            ckpts.wait()
         raise
     finally:
+        sigterm.restore()
         bar.close()
     ckpts.wait()
     final = eval_params(total)
@@ -480,9 +531,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = args.workdir or f"runs/{cfg.name}"
         summary = train(cfg, workdir, resume=args.resume, init_from=args.init_from, load_from=args.load_from,
                         drop_head=args.drop_head, progress=not args.no_progress)
-    except (TrainError, ConfigError, DataError) as e:
+    except (TrainError, ConfigError, DataError, CheckpointError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        if jax.process_index() == 0:
+            again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+            print(f"{e}; to continue: python -m fwi_jax.train {shlex.join(again)} --resume",
+                  file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "traces"}))
     return 0

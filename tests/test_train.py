@@ -146,6 +146,104 @@ def test_kill_9_then_resume_is_bit_exact(dataset, uninterrupted, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no step logged twice after the resume
 
 
+def _wait_for_checkpoint(proc, ckpt_dir, at_least, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
+        if any(s >= at_least for s in steps):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint >= {at_least} in {ckpt_dir} after {timeout} s")
+
+
+def _assert_same_params(workdir, ref_dir):
+    for a, b in zip(jax.tree.leaves(params_of(workdir)), jax.tree.leaves(params_of(ref_dir))):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+
+
+def test_sigterm_finishes_the_step_saves_and_resume_is_bit_exact(dataset, uninterrupted, tmp_path):
+    """A scheduler's preemption: SIGTERM mid-run -> the step finishes, a checkpoint of it is saved,
+    the run says how to continue and exits with 143; --resume then repeats the uninterrupted run."""
+    ref_dir, ref_summary = uninterrupted
+    workdir = tmp_path / "preempted"
+    args = cli_args(dataset, workdir, *RESUME_SET)
+    proc = run_cli(args)
+    _wait_for_checkpoint(proc, workdir / "checkpoints", 4)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == T.PREEMPTED_EXIT == 143, err[-3000:]
+    stopped = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM after step ")]
+    assert len(stopped) == 1, err[-3000:]
+    step = int(stopped[0].split()[5])
+    assert 4 <= step < 16 and f"checkpoint {workdir / 'checkpoints' / str(step)} saved" in stopped[0]
+    assert stopped[0].endswith(" --resume") and "to continue: python -m fwi_jax.train" in stopped[0]
+    assert (workdir / "checkpoints" / str(step)).is_dir() and not (workdir / "final").exists()
+    resumed = run_cli(args + ["--resume"])
+    out, err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resuming {workdir} at step {step} of 16" in out
+    _assert_same_params(workdir, ref_dir)
+    assert json.loads(out.strip().splitlines()[-1])["best_mape"] == ref_summary["best_mape"]
+
+
+def _truncate_largest_array_file(step_dir):
+    f = max((f for f in (step_dir / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_one_before(dataset, uninterrupted, tmp_path):
+    """The finished reference run with its newest checkpoint (16) truncated: --resume names it and
+    what is wrong, continues from 14 and ends where the reference ended, bit for bit. With every
+    checkpoint damaged it refuses in one error line (never a silent restart from step 0)."""
+    import shutil
+
+    ref_dir, ref_summary = uninterrupted
+    workdir = tmp_path / "damaged"
+    shutil.copytree(ref_dir, workdir)
+    shutil.copytree(ref_dir, tmp_path / "all_damaged")
+    ckpt_dir = workdir / "checkpoints"
+    assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [14, 16]
+    _truncate_largest_array_file(ckpt_dir / "16")
+    proc = run_cli(cli_args(dataset, workdir, *RESUME_SET) + ["--resume"])
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"warning: checkpoint {ckpt_dir / '16'} is damaged (OUT_OF_RANGE: Error reading" in err
+    assert "is not valid for value of size 1000); trying the one before" in err
+    assert f"resuming {workdir} at step 14 of 16" in out and "Traceback" not in err
+    assert (ckpt_dir / "16.damaged").is_dir() and (ckpt_dir / "16").is_dir()  # set aside, then saved afresh
+    _assert_same_params(workdir, ref_dir)
+    assert json.loads(out.strip().splitlines()[-1])["best_mape"] == ref_summary["best_mape"]
+
+    workdir = tmp_path / "all_damaged"
+    _truncate_largest_array_file(workdir / "checkpoints" / "16")
+    (workdir / "checkpoints" / "14" / "meta" / "metadata").unlink()
+    proc = run_cli(cli_args(dataset, workdir, *RESUME_SET) + ["--resume"])
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 2 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no intact checkpoint in {workdir / 'checkpoints'} (")
+    assert "14/meta/metadata not found" in errors[0] and "start a new run in another --workdir" in errors[0]
+    assert "resuming" not in out
+
+
+def test_unwritable_workdir_fails_fast_naming_it(dataset, tmp_path, mount_tmpfs):
+    """Before any data loading or compiling: a --workdir under a regular file (NotADirectory), and
+    a read-only mount (tmpfs; skipped where this process may not mount)."""
+    (tmp_path / "file").write_text("")
+    cases = {tmp_path / "file" / "run": "Not a directory"}
+    cases[mount_tmpfs(tmp_path / "ro", "ro,size=1m")] = "Read-only file system"
+    for workdir, reason in cases.items():
+        t0 = time.perf_counter()
+        proc = run_cli(cli_args(dataset, workdir, *RESUME_SET))
+        out, err = proc.communicate(timeout=60)
+        elapsed = time.perf_counter() - t0
+        assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+        assert f"error: --workdir {workdir} is not writable: {reason}\n" in err
+        assert elapsed < 10, f"{elapsed:.1f} s"
+
+
 def test_four_devices_match_one(dataset, uninterrupted, tmp_path):
     """Same global batch over 4 forced host devices: params equal one device's within float32
     reduction-order noise after 16 AdamW steps of lr 5e-4.

@@ -1,0 +1,45 @@
+"""Output locations: checked with a real write before any compute.
+
+A work directory or output folder that cannot be written (read-only mount, a path under a regular
+file, no permission, a full disk) should fail in seconds with the path named, not after data
+loading and compilation, and not as a traceback from deep inside a checkpoint writer.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+
+
+class StorageError(ValueError):
+    """An output location that cannot be written; the message names it and says why."""
+
+
+def require_writable(directory: str | pathlib.Path, what: str) -> pathlib.Path:
+    """Create ``directory`` (and its parents) if needed, then create, write, flush and remove a
+    tiny probe file in it. Returns the resolved path; raises StorageError naming ``what`` (e.g.
+    "--workdir") and the path. Permission bits alone say nothing for root or on a read-only mount,
+    so this writes instead of asking ``os.access``."""
+    path = pathlib.Path(directory).expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        try:
+            os.write(fd, b"fwi_jax write probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        failed = pathlib.Path(e.filename) if e.filename else path
+        where = "" if failed == path or path in failed.parents else f" ({failed})"  # a parent failed
+        raise StorageError(f"{what} {path} is not writable: {reason}{where}") from None
+    return path.resolve()
+
+
+def free_bytes(directory: str | pathlib.Path) -> int:
+    """Bytes free for this user on the file system holding ``directory``."""
+    return shutil.disk_usage(directory).free

@@ -1,0 +1,137 @@
+"""Train-state checkpoints that go wrong: a damaged newest checkpoint, none intact, a save the disk
+refuses, and output folders that cannot be written. A tiny state keeps each test well under a
+second of checkpoint I/O.
+
+The refused writes are real: the process's file-size limit (RLIMIT_FSIZE) makes the kernel fail
+every write past it with EFBIG, as a full disk fails them with ENOSPC; where this process may mount
+file systems (root with CAP_SYS_ADMIN), a 1 MiB tmpfs gives a really full disk and a read-only
+tmpfs a really read-only directory."""
+
+import contextlib
+import pathlib
+import resource
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fwi_jax.checkpoint import (CheckpointError, CheckpointSaveError, TrainCheckpoints, load_params,
+                                save_params)
+from fwi_jax.config import load_config
+from fwi_jax.storage import StorageError, require_writable
+
+
+def _state(k: float) -> dict:
+    return {"params": {"w": jnp.arange(50_000, dtype=jnp.float32) + k, "b": jnp.full((3,), k)},
+            "step": jnp.asarray(int(k), jnp.int32)}
+
+
+def _run(directory, steps=(2, 4, 6), keep=3) -> TrainCheckpoints:
+    ckpts = TrainCheckpoints(directory, keep=keep)
+    for s in steps:
+        ckpts.save(s, _state(s), {"position": s}, {"step": s})
+    ckpts.wait()
+    return ckpts
+
+
+def _largest_file(folder: pathlib.Path) -> pathlib.Path:
+    return max((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past ``nbytes`` in one file fail with EFBIG (Python ignores SIGXFSZ)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_damaged_newest_is_named_set_aside_and_the_one_before_restored(tmp_path):
+    ckpts = _run(tmp_path / "ck")
+    newest = _largest_file(ckpts.path(6) / "state")  # the params' array data
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as after a node failure
+    (ckpts.path(4) / "meta" / "metadata").unlink()  # a metadata file lost
+    ckpts = TrainCheckpoints(tmp_path / "ck", keep=3)
+    assert ckpts.latest_step() == 6  # orbax still lists it: only reading it shows the damage
+    said = []
+    step, state, loader, meta = ckpts.restore_newest_intact(_state(0), log=said.append)
+    assert step == 2 and loader == {"position": 2} and meta == {"step": 2}
+    np.testing.assert_array_equal(state["params"]["w"], _state(2)["params"]["w"])
+    assert len(said) == 2
+    assert str(ckpts.path(6)) in said[0] and "is not valid for value of size 1000" in said[0]
+    assert str(ckpts.path(4)) in said[1] and "meta/metadata not found" in said[1]
+    # set aside (kept for inspection), so the resumed run can save steps 4 and 6 afresh
+    assert (tmp_path / "ck" / "6.damaged").is_dir() and (tmp_path / "ck" / "4.damaged").is_dir()
+    assert ckpts.all_steps() == [2]
+    ckpts.save(4, _state(4), {}, {})
+    ckpts.wait()
+    assert ckpts.all_steps() == [2, 4]
+
+
+def test_none_intact_refuses_with_every_reason(tmp_path):
+    ckpts = _run(tmp_path / "ck", steps=(2, 4))
+    shutil.rmtree(ckpts.path(4) / "state")
+    f = _largest_file(ckpts.path(2) / "state")
+    f.write_bytes(b"\0" * f.stat().st_size)
+    with pytest.raises(CheckpointError) as e:
+        TrainCheckpoints(tmp_path / "ck").restore_newest_intact(_state(0), log=lambda _: None)
+    msg = str(e.value)
+    assert "\n" not in msg and "no intact checkpoint" in msg
+    assert f"{ckpts.path(4)}: " in msg and "'Item \"state\" was not found" in msg
+    assert f"{ckpts.path(2)}: " in msg
+    assert not list((tmp_path / "ck").glob("*.damaged"))  # nothing renamed when nothing restores
+
+
+def test_refused_write_names_the_failing_save_and_keeps_the_previous(tmp_path):
+    ckpts = _run(tmp_path / "ck", steps=(2,), keep=1)
+    with file_size_limit(50_000):  # the 200 kB array file cannot be written
+        ckpts.save(4, _state(4), {"position": 4}, {"step": 4})  # asynchronous: fails in the background
+        with pytest.raises(CheckpointSaveError) as e:
+            ckpts.wait()
+    msg = str(e.value)
+    assert f"saving checkpoint {ckpts.path(4)} failed" in msg and "File too large" in msg
+    assert f"the newest complete checkpoint, {ckpts.path(2)}, is untouched" in msg
+    fresh = TrainCheckpoints(tmp_path / "ck", keep=1)
+    assert fresh.all_steps() == [2]
+    step, state, loader, _ = fresh.restore_newest_intact(_state(0))
+    assert step == 2 and loader == {"position": 2}
+    np.testing.assert_array_equal(state["params"]["w"], _state(2)["params"]["w"])
+
+
+def test_refused_params_save_keeps_the_previous(tmp_path):
+    cfg = load_config("demo")
+    save_params(tmp_path / "best", {"w": np.ones(50_000, np.float32)}, cfg)
+    with file_size_limit(50_000), pytest.raises(CheckpointSaveError, match="File too large") as e:
+        noise = np.random.default_rng(0).standard_normal(50_000).astype(np.float32)  # 200 kB compressed
+        save_params(tmp_path / "best", {"w": noise}, cfg)
+    assert f"{(tmp_path / 'best').resolve()} is untouched" in str(e.value)
+    np.testing.assert_array_equal(load_params(tmp_path / "best")[1]["w"], 1.0)
+
+
+def test_full_disk_is_refused_before_writing(tmp_path, mount_tmpfs):
+    disk = mount_tmpfs(tmp_path / "disk", "size=1m")
+    ckpts = TrainCheckpoints(disk / "ck", keep=1)
+    ckpts.save(2, _state(2), {}, {})
+    ckpts.wait()
+    big = {"params": {"w": jnp.zeros(400_000, jnp.float32)}}  # 1.6 MB > the disk
+    with pytest.raises(CheckpointSaveError, match=r"MB free on its disk, the train state needs 1\.6 MB"):
+        ckpts.save(4, big, {}, {})
+    assert TrainCheckpoints(disk / "ck").all_steps() == [2]
+
+
+def test_write_probe_names_the_unwritable_path(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match=r"--workdir .*/file/run is not writable: Not a directory"):
+        require_writable(tmp_path / "file" / "run", "--workdir")
+    assert require_writable(tmp_path / "new" / "run", "--out folder") == tmp_path / "new" / "run"
+    assert list((tmp_path / "new" / "run").iterdir()) == []  # the probe file is gone
+
+
+def test_write_probe_on_a_read_only_mount(tmp_path, mount_tmpfs):
+    ro = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
+    with pytest.raises(StorageError, match=r"^--workdir .*/ro is not writable: Read-only file system$"):
+        require_writable(ro, "--workdir")
