@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import subprocess
 import sys
 import time
 from typing import Sequence
@@ -32,7 +33,7 @@ def mean_profile_baseline(root: pathlib.Path, train_ids: Sequence[str], test_ids
     """Competition MAPE on ``test_ids`` of predicting, for every sample, the training set's mean
     velocity at each depth (constant along x)."""
     from fwi_jax.data.io import VELOCITY_FILE
-    from fwi_jax.infer import competition_mape
+    from fwi_jax.loss import competition_mape
 
     load = lambda i: np.load(root / i / VELOCITY_FILE)  # (x, depth) km/s
     profile = np.mean([load(i).mean(axis=0) for i in train_ids], axis=0)  # (depth,)
@@ -44,7 +45,7 @@ def mean_profile_baseline(root: pathlib.Path, train_ids: Sequence[str], test_ids
 
 
 def run(cfg: Config, workdir: pathlib.Path, members: int = 2, plots: int = 4, progress: bool = True) -> dict:
-    from fwi_jax import infer, plots as plotting
+    from fwi_jax import plots as plotting
     from fwi_jax.train import TrainError, resolve_data, train
 
     t_start = time.perf_counter()
@@ -71,11 +72,13 @@ def run(cfg: Config, workdir: pathlib.Path, members: int = 2, plots: int = 4, pr
     test_list = workdir / "test_ids.txt"
     test_list.write_text("".join(i + "\n" for i in data.test_ids))
     sub = workdir / "submission.npz"
-    argv = ["--data", str(data.root), "--list", str(test_list), "--checkpoints", *map(str, runs),
-            "--out", str(sub), "--val", "--plot", str(plots), "--batch", str(cfg.train.batch_size)]
+    # the inference command as a user runs it (its own process, as the simulator's)
+    cmd = [sys.executable, "-m", "fwi_jax.infer", "--data", str(data.root), "--list", str(test_list),
+           "--checkpoints", *map(str, runs), "--out", str(sub), "--val", "--plot", str(plots),
+           "--batch", str(cfg.train.batch_size)]
     if not progress:
-        argv.append("--no-progress")
-    if infer.main(argv) != 0:
+        cmd.append("--no-progress")
+    if subprocess.run(cmd).returncode != 0:
         raise TrainError("ensemble inference failed (see the error above)")
     per_sample = np.loadtxt(sub.with_suffix(".csv"), delimiter=",", skiprows=1, usecols=1, ndmin=1)
     summary = {

@@ -8,17 +8,16 @@ one competition submission file (SPEC §1, §2.4, §5).
 DIR: a folder of sample folders, or a packed store (``python -m fwi_jax.data pack``; a float16
 store's batches reach the device as float16 and are cast to float32 there, exactly).
 
-Members: a params checkpoint (``fwi_jax.checkpoint.save_params``; carries its config), a training
-run directory (its best params, EMA when active), or a PyTorch ``state_dict`` of the reference
-solution (``.pth``/``.pt`` read with ``torch.load(weights_only=True)``, or ``.safetensors``),
-converted on the fly for ``--config``. An ensemble file is a JSON list of
+Members (``fwi_jax.members``): a params checkpoint (``fwi_jax.checkpoint.save_params``; carries
+its config), a training run directory (its best params, EMA when active), or a PyTorch
+``state_dict`` of the reference solution (``.pth``/``.pt`` read with
+``torch.load(weights_only=True)``, or ``.safetensors``), converted on the fly for ``--config``.
+An ensemble file is a JSON list of
 ``{"checkpoint": PATH, "config": NAME or null, "weight": 1.0}``; relative paths are taken from
 the ensemble file's folder.
 
-How it runs: members whose configs build the same network (geometry + model) are stacked
-(``jax.tree.map(np.stack)``) and evaluated with ``vmap``; the groups, flip TTA
-(``½(f(x) + unflip f(flip x))``) and the weighted ensemble mean all live in ONE jitted function,
-so a batch crosses the host-device boundary once each way. Batches are sharded over every device
+How it runs: the ensemble is one jitted program (``fwi_jax.ensemble``: members of one network
+stacked and vmapped, flip TTA ``½(f(x) + unflip f(flip x))``, the weighted mean). Batches are sharded over every device
 on a 1-D ``data`` mesh (params replicated); each host reads only its slice of every global batch;
 reading runs in background threads (grain) while the devices compute. The last batch is padded to
 the global batch (one compiled shape) and the padding dropped.
@@ -33,25 +32,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fwi_jax.checkpoint import is_params_checkpoint, load_params
-from fwi_jax.config import Config, ConfigError, add_override_argument, apply_overrides, load_config
+from fwi_jax.config import Config, add_override_argument
+from fwi_jax.ensemble import Predictor, group_members
 from fwi_jax.host import tune_cpu_host
-from fwi_jax.model import apply_model, create_model
-from fwi_jax.preprocess import flip
-from fwi_jax.sharding import data_mesh, initialize_distributed
+from fwi_jax.loss import competition_mape
+from fwi_jax.members import MemberError, MemberSpec, load_member, read_ensemble_file
+from fwi_jax.sharding import initialize_distributed
 
-TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -59,299 +55,10 @@ class InferenceError(ValueError):
     """A user error (bad member, config, id list or sample); the message names the culprit."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Members: what to load, and loading it
-
-
-@dataclasses.dataclass(frozen=True)
-class MemberSpec:
-    """One ensemble member as the user names it."""
-
-    checkpoint: str
-    config: str | None = None  # config of members that carry none (PyTorch state_dicts)
-    weight: float = 1.0
-
-
-@dataclasses.dataclass
-class Member:
-    cfg: Config
-    params: Any  # nested dict of float32 NumPy arrays
-    weight: float
-    source: str
-
-
-def read_ensemble_file(path: str | pathlib.Path) -> list[MemberSpec]:
-    """JSON list of {"checkpoint", "config" (optional), "weight" (optional, > 0)} -> specs.
-    Relative checkpoint paths are resolved against the ensemble file's folder."""
-    path = pathlib.Path(path).expanduser()
-    try:
-        entries = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InferenceError(f"ensemble file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise InferenceError(f"ensemble file {path}: not valid JSON ({e})") from None
-    if not isinstance(entries, list) or not entries:
-        raise InferenceError(f"ensemble file {path}: expected a non-empty JSON list of members")
-    specs = []
-    for i, entry in enumerate(entries):
-        where = f"ensemble file {path}, member {i}"
-        if not isinstance(entry, dict) or "checkpoint" not in entry:
-            raise InferenceError(f"{where}: expected an object with a 'checkpoint' key, got {entry!r}")
-        unknown = set(entry) - {"checkpoint", "config", "weight"}
-        if unknown:
-            raise InferenceError(f"{where}: unknown keys {sorted(unknown)} (allowed: checkpoint, config, weight)")
-        ckpt = pathlib.Path(entry["checkpoint"]).expanduser()
-        if not ckpt.is_absolute():
-            ckpt = path.parent / ckpt
-        weight = entry.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
-            raise InferenceError(f"{where}: weight must be a positive number, got {weight!r}")
-        specs.append(MemberSpec(str(ckpt), entry.get("config"), float(weight)))
-    return specs
-
-
-def resolve_params_dir(path: pathlib.Path) -> pathlib.Path:
-    """A params checkpoint as given, or the best params of a training run directory."""
-    if is_params_checkpoint(path):
-        return path
-    # a training run (fwi_jax.train) keeps its best model as a params checkpoint under best/
-    # (EMA weights once the EMA is active, as the reference validated and saved them)
-    for name in ("best", "best_params"):
-        if is_params_checkpoint(path / name):
-            return path / name
-    raise InferenceError(
-        f"member {path}: not a params checkpoint (no params/ + config.json), not a training run with a "
-        f"best/ params checkpoint, and not a PyTorch file ({', '.join(TORCH_SUFFIXES)})"
-    )
-
-
-def load_member(spec: MemberSpec, default_config: str | None = None,
-                overrides: Sequence[str] = ()) -> Member:
-    """Load one member; PyTorch state_dicts are converted for ``spec.config or default_config``.
-    ``overrides`` (``model.dtype=bfloat16`` ...) apply to every member's config."""
-    path = pathlib.Path(spec.checkpoint).expanduser()
-    if not path.exists():
-        raise InferenceError(f"member {path} does not exist")
-    config_name = spec.config or default_config
-    try:
-        if path.is_file() and path.suffix in TORCH_SUFFIXES:
-            if config_name is None:
-                raise InferenceError(f"member {path} is a PyTorch state_dict and carries no config: name it "
-                                     f"with --config (or 'config' in the ensemble file)")
-            from fwi_jax.convert import convert_file  # needs torch only for .pth/.pt
-
-            cfg = load_config(config_name)
-            params = convert_file(path, cfg)
-        else:
-            cfg, params = load_params(resolve_params_dir(path))
-            if spec.config is not None:
-                named = load_config(spec.config)
-                if network_key(named) != network_key(cfg):
-                    raise InferenceError(f"member {path}: its saved config {cfg.name!r} builds a different network "
-                                         f"than the config {spec.config!r} named for it")
-        cfg = apply_overrides(cfg, list(overrides))
-    except (ConfigError, FileNotFoundError) as e:
-        raise InferenceError(f"member {path}: {e}") from None
-    except ValueError as e:  # convert.CheckpointMismatch and unreadable torch files
-        if isinstance(e, InferenceError):
-            raise
-        raise InferenceError(f"member {path}: {e}") from None
-    return Member(cfg=cfg, params=params, weight=spec.weight, source=str(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# Grouping, stacking and the jitted ensemble
-
-
-def network_key(cfg: Config) -> str:
-    """Members with equal keys build the same graph (geometry + model); training settings differ freely."""
-    return json.dumps({"geometry": dataclasses.asdict(cfg.geometry), "model": dataclasses.asdict(cfg.model)},
-                      sort_keys=True)
-
-
-@dataclasses.dataclass
-class Group:
-    """Members of one network: params stacked on a new leading axis (M, ...), weights (M,)."""
-
-    cfg: Config
-    graphdef: Any
-    params: Any
-    weights: np.ndarray
-    sources: list[str]
-
-
-def stack_params(params: Sequence[Any]) -> Any:
-    """[tree, tree, ...] -> tree of arrays with a leading member axis."""
-    return jax.tree.map(lambda *leaves: np.stack([np.asarray(a, np.float32) for a in leaves]), *params)
-
-
-def group_members(members: Sequence[Member]) -> list[Group]:
-    """Group members by network (first-seen order) and stack each group's params."""
-    if not members:
-        raise InferenceError("no ensemble members given (--checkpoints or --ensemble)")
-    out_shapes = {m.cfg.geometry.out_shape for m in members}
-    in_shapes = {(m.cfg.geometry.n_time, m.cfg.geometry.n_receivers) for m in members}
-    if len(out_shapes) > 1 or len(in_shapes) > 1:
-        raise InferenceError("ensemble members disagree on input or output grids: "
-                             + ", ".join(f"{m.source}: in {m.cfg.geometry.n_time}x{m.cfg.geometry.n_receivers} "
-                                         f"out {m.cfg.geometry.out_shape}" for m in members))
-    by_key: dict[str, list[Member]] = {}
-    for m in members:
-        by_key.setdefault(network_key(m.cfg), []).append(m)
-    groups = []
-    for ms in by_key.values():
-        structures = {jax.tree.structure(m.params) for m in ms}
-        if len(structures) > 1:
-            raise InferenceError(f"members {[m.source for m in ms]} share a config but not a parameter tree")
-        graphdef = graphdef_of(ms[0].cfg)
-        groups.append(Group(cfg=ms[0].cfg, graphdef=graphdef, params=stack_params([m.params for m in ms]),
-                            weights=np.array([m.weight for m in ms], np.float32),
-                            sources=[m.source for m in ms]))
-    return groups
-
-
-_GRAPHDEFS: dict[str, Any] = {}
-
-
-def graphdef_of(cfg: Config) -> Any:
-    """The NNX graphdef of ``cfg``'s network, traced abstractly (no params allocated), cached."""
-    key = network_key(cfg)
-    if key not in _GRAPHDEFS:
-        holder = {}
-
-        def build():
-            holder["graphdef"], params = create_model(cfg)
-            return params
-
-        jax.eval_shape(build)
-        _GRAPHDEFS[key] = holder["graphdef"]
-    return _GRAPHDEFS[key]
-
-
-def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
-                       member_chunk: int | None = None, tta_in_batch: bool = True) -> jax.Array:
-    """Every member's prediction: stacked params (M, ...) and x (B, 6, T, R) -> (M, B, depth, x).
-    x float32, or float16 (the model casts it to float32, exactly). With ``tta``: ½(f(x) + unflip f(flip x)),
-    the flipped copy riding in the same batch (``tta_in_batch``: one forward pass of 2B), or else
-    in a second pass of B after the first (``lax.map``: on CPU a batch of B is faster per sample).
-    Members are vmapped; ``member_chunk`` bounds how many run at once (``lax.map`` in chunks)."""
-    b = x.shape[0]
-    if tta and not tta_in_batch:
-        pair = jnp.stack([x, flip(x)])  # (2, B, ...): x, then its flipped copy
-
-        def run(p):
-            pred = jax.lax.map(lambda xi: apply_model(graphdef, p, xi), pair)  # (2, B, depth, x)
-            return pred.reshape(2 * b, *pred.shape[2:])  # as the in-batch layout: x rows, then flipped
-    else:
-        x_in = jnp.concatenate([x, flip(x)], axis=0) if tta else x
-        run = lambda p: apply_model(graphdef, p, x_in)
-    m = jax.tree.leaves(stacked)[0].shape[0]
-    if member_chunk is None or member_chunk >= m:
-        pred = jax.vmap(run)(stacked)
-    else:
-        pred = jax.lax.map(run, stacked, batch_size=member_chunk)
-    if tta:
-        pred = 0.5 * (pred[:, :b] + pred[:, b:][..., ::-1])  # [..., ::-1] = preprocess.flip's velocity mirror
-    return pred
-
-
-def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
-                tta_in_batch: bool = True) -> Callable:
-    """A pure function (params tuple, weights tuple, x) -> weighted ensemble mean (B, depth, x).
-    Jit it once: all groups, TTA and the mean are one program."""
-    graphdefs = [g.graphdef for g in groups]
-
-    def f(params: tuple, weights: tuple, x: jax.Array) -> jax.Array:
-        total, norm = 0.0, 0.0
-        for graphdef, p, w in zip(graphdefs, params, weights):
-            pred = member_predictions(graphdef, p, x, tta, member_chunk, tta_in_batch)
-            total = total + jnp.einsum("m,mbhw->bhw", w, pred, precision=jax.lax.Precision.HIGHEST)
-            norm = norm + w.sum()
-        return total / norm
-
-    return f
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices
-
-
-def default_member_chunk(device: jax.Device) -> int | None:
-    """Members run at once by default: on CPU one (``lax.map``: each member's activations stay in
-    cache; tiny_s8, 3 members with TTA on 2 cores: 0.112 vs 0.090 samples/s with all vmapped,
-    fused_cpu attention, docs/performance.md); elsewhere all of them (None: vmap keeps an
-    accelerator busy)."""
-    return 1 if device.platform == "cpu" else None
-
-
-def default_tta_in_batch(device: jax.Device) -> bool:
-    """Whether the flipped copy rides in the same forward pass by default: not on CPU, where a
-    tiny_s8 forward costs 1.8 s per sample at batch 1 and 2.0-2.2 s at batch 2-4 (2 cores,
-    docs/performance.md); elsewhere yes (a larger batch keeps an accelerator busy)."""
-    return device.platform != "cpu"
-
-
 def default_batch(device: jax.Device) -> int:
     """``python -m fwi_jax.infer``'s global batch when ``--batch`` is not given: 1 on CPU (see
-    `default_tta_in_batch`), 4 elsewhere."""
+    `fwi_jax.ensemble.default_tta_in_batch`), 4 elsewhere."""
     return 1 if device.platform == "cpu" else 4
-
-
-class Predictor:
-    """Ensemble on a mesh: ``predict(x_local)`` -> (B_global, depth, x) float32 NumPy on every host.
-
-    ``x_local`` is this host's slice (B_global / n_hosts, 6, T, R) of the global batch: float32, or
-    float16 (sent as float16, half the bytes, and cast to float32 on the device, exactly); any other
-    dtype is converted to float32 on the host. One compiled program per input dtype."""
-
-    def __init__(self, groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
-                 mesh: Mesh | None = None, tta_in_batch: bool | None = None):
-        """``member_chunk``: stacked members run at once, None = `default_member_chunk`;
-        ``tta_in_batch``: see `member_predictions`, None = `default_tta_in_batch`."""
-        self.groups = list(groups)
-        self.mesh = mesh or data_mesh()
-        device = self.mesh.devices.flat[0]
-        if member_chunk is None:
-            member_chunk = default_member_chunk(device)
-        if tta_in_batch is None:
-            tta_in_batch = default_tta_in_batch(device)
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
-        replicated = NamedSharding(self.mesh, P())
-        self.params = jax.device_put(tuple(g.params for g in self.groups), replicated)
-        self.weights = jax.device_put(tuple(g.weights for g in self.groups), replicated)
-        self._fn = jax.jit(ensemble_fn(self.groups, tta, member_chunk, tta_in_batch),
-                           out_shardings=self.batch_sharding)
-
-    @property
-    def n_devices(self) -> int:
-        return self.mesh.devices.size
-
-    def _global_batch(self, x_local: np.ndarray) -> jax.Array:
-        x_local = np.asarray(x_local)
-        if x_local.dtype not in (np.float16, np.float32):
-            x_local = x_local.astype(np.float32)
-        return jax.make_array_from_process_local_data(self.batch_sharding, x_local)
-
-    def dispatch(self, x_local: np.ndarray) -> jax.Array:
-        """Start the forward pass on a host batch; returns the (global, sharded) device result."""
-        return self._fn(self.params, self.weights, self._global_batch(x_local))
-
-    def lower(self, x_local: np.ndarray) -> jax.stages.Lowered:
-        """The program for batches like ``x_local``, lowered (``.compile()`` gives XLA's cost and
-        memory analyses; scripts/bench_infer.py reports them)."""
-        return self._fn.lower(self.params, self.weights, self._global_batch(x_local))
-
-    @staticmethod
-    def fetch(y: jax.Array) -> np.ndarray:
-        """Device result -> the whole global batch as NumPy on every host."""
-        if jax.process_count() == 1:
-            return np.asarray(jax.device_get(y))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(y, tiled=True))
-
-    def __call__(self, x_local: np.ndarray) -> np.ndarray:
-        return self.fetch(self.dispatch(x_local))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,13 +156,6 @@ def _progress(enabled: bool, desc: str, total: int):
 
 # ---------------------------------------------------------------------------------------------
 # The run
-
-
-def competition_mape(v_true: np.ndarray, v_pred: np.ndarray) -> float:
-    """SPEC §1: mean over pixels of |v_true - v_pred| / (v_true + 1e-8), in float64."""
-    v_true = np.asarray(v_true, np.float64)
-    return float(np.mean(np.abs(v_true - np.asarray(v_pred, np.float64)) / (v_true + 1e-8)))
-
 
 @dataclasses.dataclass
 class Result:
@@ -572,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = group_members(members)
         check_samples(root, ids, need_velocity=args.val, v_range=groups[0].cfg.data.v_range,
                       progress=progress)  # before any compute
-    except InferenceError as e:
+    except (InferenceError, MemberError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     predictor = Predictor(groups, tta=not args.no_tta, member_chunk=args.member_chunk)

@@ -4,7 +4,8 @@
     w(z) = linspace(1.0, 0.25, depth)        depth weight (shallow pixels count 4x the deepest)
     base:  L = mean(e * w)
     hard:  h = exp(stop_gradient(e)), renormalised per sample to mean 1;  L = mean(e * w * h)
-    MAPE:  mean(e) per sample (the competition score is its mean over samples)
+    MAPE:  mean(e) per sample (the competition score is its mean over samples);
+           `competition_mape` is the score of one sample as the competition computes it
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LOSSES = ("base", "hard")
 
@@ -54,3 +56,10 @@ def get_loss(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
 def mape_per_sample(pred: jax.Array, v: jax.Array) -> jax.Array:
     """(B,) mean absolute percentage error of each sample (as a fraction, not %)."""
     return jnp.mean(relative_error(pred, v), axis=(-2, -1))
+
+
+def competition_mape(v_true: np.ndarray, v_pred: np.ndarray) -> float:
+    """The competition's score of one sample (SPEC §1): mean over pixels of
+    |v_true - v_pred| / (v_true + 1e-8), in float64 on the host."""
+    v_true = np.asarray(v_true, np.float64)
+    return float(np.mean(np.abs(v_true - np.asarray(v_pred, np.float64)) / (v_true + 1e-8)))

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 from fwi_jax import sharding
-from fwi_jax.checkpoint import CheckpointError, TrainCheckpoints, load_params, save_params
+from fwi_jax.checkpoint import CheckpointError, TrainCheckpoints, save_params
 from fwi_jax.config import Config, ConfigError, add_override_argument, from_dict, load_config
 from fwi_jax.host import tune_cpu_host
 from fwi_jax.loss import get_loss, mape_per_sample
@@ -54,7 +54,6 @@ from fwi_jax.optim import LossScale, all_finite, ema_update, make_optimizer, use
 from fwi_jax.storage import StorageError, require_writable
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted function was traced
-TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
 # a logged gradient norm below this means training has stalled for good (healthy runs log >= 1e-3):
 # with the bounded head (sigmoid) this is a saturated output, typically from too high a learning rate
 VANISHED_GRAD_NORM = 1e-7
@@ -172,7 +171,7 @@ def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation
 def make_eval_step(graphdef: Any, tta: bool) -> Callable:
     """Pure ``(params, x, v, mask) -> (sum of per-sample MAPE over mask, count)``; x float32 or
     float16 (the model casts it to float32, exactly)."""
-    from fwi_jax.infer import member_predictions
+    from fwi_jax.ensemble import member_predictions
 
     def evaluate(params, x, v, mask):
         TRACES["eval_step"] += 1
@@ -293,26 +292,19 @@ def initial_params(cfg: Config, fresh: Any, init_from: str | None, load_from: st
     """``fresh`` params, or weights from ``--init-from`` (a timm EVA02 or reference PyTorch
     checkpoint, or one of our params checkpoints) or ``--load-from`` (another run; with
     ``drop_head`` its head is replaced by the fresh one, as the reference fine-tuned)."""
-    from fwi_jax.convert import CheckpointMismatch, convert_file
-    from fwi_jax.infer import InferenceError, resolve_params_dir
+    from fwi_jax.members import MemberError, read_weights
 
     source = init_from or load_from
     if source is None:
         return fresh
-    path = pathlib.Path(source).expanduser()
-    if not path.exists():
-        raise TrainError(f"{path} does not exist")
     try:
-        if path.is_file() and path.suffix in TORCH_SUFFIXES:
-            params = convert_file(path, cfg, seed=cfg.train.seed)
-        else:
-            _, params = load_params(resolve_params_dir(path))
-    except (CheckpointMismatch, InferenceError, FileNotFoundError) as e:
-        raise TrainError(f"cannot initialise from {path}: {e}") from None
+        _, params = read_weights(source, cfg, seed=cfg.train.seed)
+    except MemberError as e:
+        raise TrainError(f"{'--init-from' if init_from else '--load-from'} {e}") from None
     if drop_head:
         params = dict(params)
         params["head"] = fresh["head"]
-    check_fits(params, fresh, str(path))
+    check_fits(params, fresh, str(pathlib.Path(source).expanduser()))
     return params
 
 

@@ -1,6 +1,6 @@
 """Inference throughput: our stacked ensemble vs the reference's way, in one run.
 
-- ours: ``fwi_jax.infer.Predictor`` with its platform defaults, as ``python -m fwi_jax.infer`` runs —
+- ours: ``fwi_jax.ensemble.Predictor`` with its platform defaults, as ``python -m fwi_jax.infer`` runs —
   N members of one config stacked (vmapped on accelerators, one at a time on CPU), flip TTA in the
   same batch (accelerators) or as a second pass (CPU), the weighted mean on device, one jitted
   program, batches sharded over devices;
@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / "tests"))  # torch_reference.py
 sys.path.insert(0, str(REPO / "scripts"))  # bench_train's helpers
 
 from bench_train import _cost, _memory, fmt, matmul_roofline  # noqa: E402
-from fwi_jax import infer  # noqa: E402
+from fwi_jax import ensemble, infer  # noqa: E402
+from fwi_jax import members as members_lib  # noqa: E402
 from fwi_jax.config import add_override_argument, load_config  # noqa: E402
 from fwi_jax.convert import convert_state_dict  # noqa: E402
 from fwi_jax.model.attention import resolve_impl  # noqa: E402
@@ -46,9 +47,9 @@ from fwi_jax.model.attention import resolve_impl  # noqa: E402
 
 def bench_ours(cfg, state_dicts, xs, tta: bool, member_chunk: int | None) -> dict:
     """Compile the ensemble program, run xs[0] as warm-up, time the rest (one batch in flight)."""
-    members = [infer.Member(cfg=cfg, params=convert_state_dict(sd, cfg)[0], weight=1.0, source=f"seed {s}")
+    members = [members_lib.Member(cfg=cfg, params=convert_state_dict(sd, cfg)[0], weight=1.0, source=f"seed {s}")
                for s, sd in enumerate(state_dicts)]
-    predictor = infer.Predictor(infer.group_members(members), tta=tta, member_chunk=member_chunk)
+    predictor = ensemble.Predictor(ensemble.group_members(members), tta=tta, member_chunk=member_chunk)
     t0 = time.perf_counter()
     rec = {"first": predictor(xs[0])}  # compile + warm-up
     rec["compile_s"] = time.perf_counter() - t0  # compile + first batch
@@ -106,9 +107,9 @@ def main(argv=None) -> int:
     if roof:
         print(f"dense float32 matmul 2048^3 under XLA: {roof / 1e9:.1f} GFLOP/s (the practical roofline)", flush=True)
 
-    chunk = args.member_chunk or infer.default_member_chunk(jax.devices()[0])
+    chunk = args.member_chunk or ensemble.default_member_chunk(jax.devices()[0])
     how = "stacked vmap" if not chunk or chunk >= args.members else f"stacked, lax.map in chunks of {chunk}"
-    how += ", TTA in the batch" if infer.default_tta_in_batch(jax.devices()[0]) else ", TTA as a second pass"
+    how += ", TTA in the batch" if ensemble.default_tta_in_batch(jax.devices()[0]) else ", TTA as a second pass"
     rows = []
     for attention in args.attention:
         row_cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}", f"model.attention={attention}"])

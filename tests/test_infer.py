@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from fwi_jax import infer
+from fwi_jax import ensemble, infer, members as members_lib
 from fwi_jax.checkpoint import save_params
 from fwi_jax.config import load_config
 from fwi_jax.model import apply_model, create_model
@@ -84,8 +84,10 @@ def inputs(n=2, seed=5):
 
 
 def predictor(paths, weights=None, **kw):
-    specs = [infer.MemberSpec(str(p), weight=w) for p, w in zip(paths, weights or [1.0] * len(paths))]
-    return infer.Predictor(infer.group_members([infer.load_member(s) for s in specs]), **kw)
+    specs = [members_lib.MemberSpec(str(p), weight=w)
+             for p, w in zip(paths, weights or [1.0] * len(paths))]
+    loaded = [members_lib.load_member(s) for s in specs]
+    return ensemble.Predictor(ensemble.group_members(loaded), **kw)
 
 
 def test_stacked_members_equal_mean_of_single_runs(members):
@@ -107,7 +109,7 @@ def test_stacked_members_equal_mean_of_single_runs(members):
     for chunk in (2, None):
         chunked = predictor(members[:3], tta=False, member_chunk=chunk)
         assert np.abs(chunked(x) - np.mean(singles, axis=0)).max() <= TOL
-    assert infer.default_member_chunk(jax.devices()[0]) == (1 if jax.devices()[0].platform == "cpu" else None)
+    assert ensemble.default_member_chunk(jax.devices()[0]) == (1 if jax.devices()[0].platform == "cpu" else None)
     assert chunked.lower(x).compile().cost_analysis()["flops"] > 0
 
 
@@ -119,7 +121,7 @@ def test_tta_is_half_sum_of_prediction_and_unflipped_prediction_of_flip(members)
     for in_batch in (True, False, None):
         got = predictor(members[:1], tta=True, tta_in_batch=in_batch)(x)
         assert np.abs(got - want).max() <= TOL, in_batch
-    assert infer.default_tta_in_batch(jax.devices()[0]) == (jax.devices()[0].platform != "cpu")
+    assert ensemble.default_tta_in_batch(jax.devices()[0]) == (jax.devices()[0].platform != "cpu")
     assert np.abs(got - f(x)).max() > 1e-3  # TTA changes the prediction of a random net
     # two members with TTA: the mean of the members' TTA predictions
     g = lambda a: single(members[1], a)

@@ -1,0 +1,205 @@
+"""The ensemble as one jitted program: members grouped by network, their params stacked, and a
+weighted mean of their predictions with flip test-time augmentation, sharded over devices.
+
+Members whose configs build the same network (geometry + model, `members.network_key`) are
+stacked (``jax.tree.map(np.stack)``) and evaluated with ``vmap`` (or ``lax.map`` in chunks); the
+groups, flip TTA (``½(f(x) + unflip f(flip x))``) and the weighted mean live in ONE jitted
+function, so a batch crosses the host-device boundary once each way. `Predictor` runs it on a
+1-D ``data`` mesh: batches sharded over every device, params replicated. Training's validation
+runs a single member through `member_predictions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from fwi_jax import sharding
+from fwi_jax.config import Config
+from fwi_jax.members import Member, MemberError, network_key
+from fwi_jax.model import apply_model, create_model
+from fwi_jax.preprocess import flip
+
+
+@dataclasses.dataclass
+class Group:
+    """Members of one network: params stacked on a new leading axis (M, ...), weights (M,)."""
+
+    cfg: Config
+    graphdef: Any
+    params: Any
+    weights: np.ndarray
+    sources: list[str]
+
+
+def stack_params(params: Sequence[Any]) -> Any:
+    """[tree, tree, ...] -> tree of arrays with a leading member axis."""
+    return jax.tree.map(lambda *leaves: np.stack([np.asarray(a, np.float32) for a in leaves]), *params)
+
+
+def group_members(members: Sequence[Member]) -> list[Group]:
+    """Group members by network (first-seen order) and stack each group's params."""
+    if not members:
+        raise MemberError("no ensemble members given (--checkpoints or --ensemble)")
+    out_shapes = {m.cfg.geometry.out_shape for m in members}
+    in_shapes = {(m.cfg.geometry.n_time, m.cfg.geometry.n_receivers) for m in members}
+    if len(out_shapes) > 1 or len(in_shapes) > 1:
+        raise MemberError("ensemble members disagree on input or output grids: "
+                             + ", ".join(f"{m.source}: in {m.cfg.geometry.n_time}x{m.cfg.geometry.n_receivers} "
+                                         f"out {m.cfg.geometry.out_shape}" for m in members))
+    by_key: dict[str, list[Member]] = {}
+    for m in members:
+        by_key.setdefault(network_key(m.cfg), []).append(m)
+    groups = []
+    for ms in by_key.values():
+        structures = {jax.tree.structure(m.params) for m in ms}
+        if len(structures) > 1:
+            raise MemberError(f"members {[m.source for m in ms]} share a config but not a parameter tree")
+        graphdef = graphdef_of(ms[0].cfg)
+        groups.append(Group(cfg=ms[0].cfg, graphdef=graphdef, params=stack_params([m.params for m in ms]),
+                            weights=np.array([m.weight for m in ms], np.float32),
+                            sources=[m.source for m in ms]))
+    return groups
+
+
+_GRAPHDEFS: dict[str, Any] = {}
+
+
+def graphdef_of(cfg: Config) -> Any:
+    """The NNX graphdef of ``cfg``'s network, traced abstractly (no params allocated), cached."""
+    key = network_key(cfg)
+    if key not in _GRAPHDEFS:
+        holder = {}
+
+        def build():
+            holder["graphdef"], params = create_model(cfg)
+            return params
+
+        jax.eval_shape(build)
+        _GRAPHDEFS[key] = holder["graphdef"]
+    return _GRAPHDEFS[key]
+
+
+def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
+                       member_chunk: int | None = None, tta_in_batch: bool = True) -> jax.Array:
+    """Every member's prediction: stacked params (M, ...) and x (B, 6, T, R) -> (M, B, depth, x).
+    x float32, or float16 (the model casts it to float32, exactly). With ``tta``: ½(f(x) + unflip f(flip x)),
+    the flipped copy riding in the same batch (``tta_in_batch``: one forward pass of 2B), or else
+    in a second pass of B after the first (``lax.map``: on CPU a batch of B is faster per sample).
+    Members are vmapped; ``member_chunk`` bounds how many run at once (``lax.map`` in chunks)."""
+    b = x.shape[0]
+    if tta and not tta_in_batch:
+        pair = jnp.stack([x, flip(x)])  # (2, B, ...): x, then its flipped copy
+
+        def run(p):
+            pred = jax.lax.map(lambda xi: apply_model(graphdef, p, xi), pair)  # (2, B, depth, x)
+            return pred.reshape(2 * b, *pred.shape[2:])  # as the in-batch layout: x rows, then flipped
+    else:
+        x_in = jnp.concatenate([x, flip(x)], axis=0) if tta else x
+        run = lambda p: apply_model(graphdef, p, x_in)
+    m = jax.tree.leaves(stacked)[0].shape[0]
+    if member_chunk is None or member_chunk >= m:
+        pred = jax.vmap(run)(stacked)
+    else:
+        pred = jax.lax.map(run, stacked, batch_size=member_chunk)
+    if tta:
+        pred = 0.5 * (pred[:, :b] + pred[:, b:][..., ::-1])  # [..., ::-1] = preprocess.flip's velocity mirror
+    return pred
+
+
+def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
+                tta_in_batch: bool = True) -> Callable:
+    """A pure function (params tuple, weights tuple, x) -> weighted ensemble mean (B, depth, x).
+    Jit it once: all groups, TTA and the mean are one program."""
+    graphdefs = [g.graphdef for g in groups]
+
+    def f(params: tuple, weights: tuple, x: jax.Array) -> jax.Array:
+        total, norm = 0.0, 0.0
+        for graphdef, p, w in zip(graphdefs, params, weights):
+            pred = member_predictions(graphdef, p, x, tta, member_chunk, tta_in_batch)
+            total = total + jnp.einsum("m,mbhw->bhw", w, pred, precision=jax.lax.Precision.HIGHEST)
+            norm = norm + w.sum()
+        return total / norm
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+
+def default_member_chunk(device: jax.Device) -> int | None:
+    """Members run at once by default: on CPU one (``lax.map``: each member's activations stay in
+    cache, faster than all vmapped; docs/performance.md); elsewhere all of them (None: vmap keeps
+    an accelerator busy)."""
+    return 1 if device.platform == "cpu" else None
+
+
+def default_tta_in_batch(device: jax.Device) -> bool:
+    """Whether the flipped copy rides in the same forward pass by default: not on CPU, where a
+    forward pass of one sample is faster per sample than a batch of two (docs/performance.md);
+    elsewhere yes (a larger batch keeps an accelerator busy)."""
+    return device.platform != "cpu"
+
+
+class Predictor:
+    """Ensemble on a mesh: ``predict(x_local)`` -> (B_global, depth, x) float32 NumPy on every host.
+
+    ``x_local`` is this host's slice (B_global / n_hosts, 6, T, R) of the global batch: float32, or
+    float16 (sent as float16, half the bytes, and cast to float32 on the device, exactly); any other
+    dtype is converted to float32 on the host. One compiled program per input dtype."""
+
+    def __init__(self, groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
+                 mesh: Mesh | None = None, tta_in_batch: bool | None = None):
+        """``member_chunk``: stacked members run at once, None = `default_member_chunk`;
+        ``tta_in_batch``: see `member_predictions`, None = `default_tta_in_batch`."""
+        self.groups = list(groups)
+        self.mesh = mesh or sharding.data_mesh()
+        device = self.mesh.devices.flat[0]
+        if member_chunk is None:
+            member_chunk = default_member_chunk(device)
+        if tta_in_batch is None:
+            tta_in_batch = default_tta_in_batch(device)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        replicated = sharding.replicated(self.mesh)
+        self.params = jax.device_put(tuple(g.params for g in self.groups), replicated)
+        self.weights = jax.device_put(tuple(g.weights for g in self.groups), replicated)
+        self._fn = jax.jit(ensemble_fn(self.groups, tta, member_chunk, tta_in_batch),
+                           out_shardings=self.batch_sharding)
+
+    @property
+    def n_devices(self) -> int:
+        return self.mesh.devices.size
+
+    def _global_batch(self, x_local: np.ndarray) -> jax.Array:
+        x_local = np.asarray(x_local)
+        if x_local.dtype not in (np.float16, np.float32):
+            x_local = x_local.astype(np.float32)
+        return sharding.host_to_global(self.mesh, x_local)
+
+    def dispatch(self, x_local: np.ndarray) -> jax.Array:
+        """Start the forward pass on a host batch; returns the (global, sharded) device result."""
+        return self._fn(self.params, self.weights, self._global_batch(x_local))
+
+    def lower(self, x_local: np.ndarray) -> jax.stages.Lowered:
+        """The program for batches like ``x_local``, lowered (``.compile()`` gives XLA's cost and
+        memory analyses; scripts/bench_infer.py reports them)."""
+        return self._fn.lower(self.params, self.weights, self._global_batch(x_local))
+
+    @staticmethod
+    def fetch(y: jax.Array) -> np.ndarray:
+        """Device result -> the whole global batch as NumPy on every host."""
+        if jax.process_count() == 1:
+            return np.asarray(jax.device_get(y))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(y, tiled=True))
+
+    def __call__(self, x_local: np.ndarray) -> np.ndarray:
+        return self.fetch(self.dispatch(x_local))
