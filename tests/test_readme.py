@@ -173,3 +173,19 @@ def test_config_docstring_commands_parse():
                 errors.append(f"{path.name}: {e}")
     assert n >= 4, "each reference config's docstring shows its command"
     assert not errors, "config docstring commands that do not parse:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/reference.md", "docs/performance.md"])
+def test_docs_name_files_and_tests_that_exist(doc):
+    """Paths in backticks (fwi_jax/, tests/, scripts/, configs/, docs/) exist, placeholders aside,
+    and every test a document cites by name (`test_...`) is defined in tests/."""
+    text = (ROOT / doc).read_text()
+    paths = re.findall(r"`((?:fwi_jax|tests|scripts|configs|docs)/[\w./-]*)", text)
+    placeholder = re.compile(r"\*|\b[A-Z]{2,}\b")  # a glob, or an upper-case word like NAME
+    missing = [p for p in paths if not placeholder.search(p) and not (ROOT / p).exists()]
+    sources = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    defined = set(re.findall(r"^def (test_\w+)", sources, flags=re.MULTILINE))
+    cited = set(re.findall(r"`(test_\w+)`", text))
+    assert paths, f"{doc} names no repository path"
+    assert not missing, f"{doc} names paths that do not exist: {missing}"
+    assert cited <= defined, f"{doc} cites tests that do not exist: {sorted(cited - defined)}"
