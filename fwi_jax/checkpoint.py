@@ -36,26 +36,35 @@ CONFIG_FILE = "config.json"
 
 def save_params(path: str | pathlib.Path, params: Any, cfg: Config) -> pathlib.Path:
     """Write ``params`` (a pytree of float32 arrays) and ``cfg`` to ``path``, replacing it
-    atomically: written beside it under a temporary name, then swapped in."""
+    atomically: written beside it under a temporary name, then swapped in. In a multi-process run
+    every process calls it (orbax's save is collective); process 0 writes the files."""
+    from jax.experimental import multihost_utils
+
     path = pathlib.Path(path).expanduser().resolve()
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
+    primary = jax.process_index() == 0
     try:
-        tmp.mkdir(parents=True)
-        (tmp / CONFIG_FILE).write_text(cfg.to_json())
+        if primary:
+            for p in (tmp, old):
+                shutil.rmtree(p, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            (tmp / CONFIG_FILE).write_text(cfg.to_json())
+        multihost_utils.sync_global_devices(f"fwi_jax save_params {path}: folder ready")
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, jax.device_get(params))
     except Exception as e:  # a full disk: TensorStore raises ValueError, Python OSError
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         kept = f"{path} is untouched" if path.exists() else "nothing was written"
         raise CheckpointSaveError(f"saving params checkpoint {path} failed: {describe_error(e)}; "
                                   f"{kept}") from e
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    if primary:
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    multihost_utils.sync_global_devices(f"fwi_jax save_params {path}: swapped in")
     return path
 
 
@@ -83,14 +92,14 @@ class CheckpointError(ValueError):
 
 
 class CheckpointSaveError(CheckpointError):
-    """A train-state checkpoint could not be written; the message names it and the newest intact one."""
+    """A checkpoint could not be written; the message names it and the newest intact one."""
 
 
 def describe_error(e: BaseException, limit: int = 400) -> str:
     """One line for an exception raised while reading or writing a checkpoint: the innermost cause
-    (TensorStore's own error, e.g. 'OUT_OF_RANGE: Error reading "params.head.kernel/0" ...: Requested
-    byte range [0, 268719) is not valid for value of size 1000'), without the TensorStore spec that
-    orbax appends."""
+    (TensorStore's own error, e.g. 'OUT_OF_RANGE: Error reading "params.head.kernel/0" ...:
+    Requested byte range [0, 268719) is not valid for value of size 1000'), without the
+    TensorStore spec that orbax appends."""
     while (e.__cause__ or e.__context__) is not None:
         e = e.__cause__ or e.__context__
     text = str(e) or type(e).__name__
@@ -101,7 +110,8 @@ def describe_error(e: BaseException, limit: int = 400) -> str:
 
 
 def _nbytes(tree: Any) -> int:
-    return sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+    return sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize
+               for a in jax.tree.leaves(tree))
 
 
 class TrainCheckpoints:
@@ -147,11 +157,12 @@ class TrainCheckpoints:
         self._pending = step
 
     def _save_failed(self, step: int, reason: str) -> CheckpointSaveError:
-        self._manager.reload()  # after a failed save its own list of steps may be off: read the disk
+        self._manager.reload()  # after a failed save, its list of steps may be off: read the disk
         kept = [s for s in self.all_steps() if s != step]
         intact = (f"the newest complete checkpoint, {self.path(max(kept))}, is untouched" if kept
                   else "no checkpoint of this run was complete before it")
-        return CheckpointSaveError(f"saving checkpoint {self.path(step)} failed: {reason}; {intact}")
+        return CheckpointSaveError(f"saving checkpoint {self.path(step)} failed: {reason}; "
+                                   f"{intact}")
 
     def restore_newest_intact(self, target: Any, log=print) -> tuple[int, Any, dict, dict]:
         """(step, state, loader_state, meta) of the newest checkpoint that restores. Each newer one
@@ -165,7 +176,8 @@ class TrainCheckpoints:
             except Exception as e:  # orbax/TensorStore raise many types for one cause: bad files
                 reason = describe_error(e)
                 damaged.append((step, reason))
-                log(f"warning: checkpoint {self.path(step)} is damaged ({reason}); trying the one before")
+                log(f"warning: checkpoint {self.path(step)} is damaged ({reason}); "
+                    "trying the one before")
                 continue
             self._set_aside([s for s, _ in damaged])
             return step, state, loader_state, meta

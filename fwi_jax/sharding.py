@@ -25,12 +25,18 @@ _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS"
 
 def initialize_distributed(force: bool = False) -> bool:
     """Call ``jax.distributed.initialize()`` when the environment describes a multi-process run
-    (coordinator address, SLURM or Open MPI), or always with ``force``. Returns whether it did.
-    Must run before anything touches a JAX device."""
+    (SLURM, Open MPI, Cloud TPU, or ``JAX_COORDINATOR_ADDRESS=host:port`` with
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``), or always with ``force``. Returns whether it
+    did. Must run before anything touches a JAX device. On CPUs the processes exchange gradients
+    through JAX's CPU collectives (``jax_cpu_collectives_implementation``, gloo by default)."""
     if force or any(os.environ.get(k) for k in _CLUSTER_ENV):
         if os.environ.get("SLURM_NTASKS") == "1" and not force:
             return False
-        jax.distributed.initialize()
+        # JAX reads the coordinator address from the environment but not the process count and
+        # id, which it takes from a scheduler it recognises; these two name them without one
+        count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        jax.distributed.initialize(num_processes=int(count) if count else None,
+                                   process_id=int(index) if index else None)
         return True
     return False
 

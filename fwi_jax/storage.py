@@ -35,7 +35,7 @@ def require_writable(directory: str | pathlib.Path, what: str) -> pathlib.Path:
     except OSError as e:
         reason = e.strerror or str(e)
         failed = pathlib.Path(e.filename) if e.filename else path
-        where = "" if failed == path or path in failed.parents else f" ({failed})"  # a parent failed
+        where = "" if failed == path or path in failed.parents else f" ({failed})"  # a parent
         raise StorageError(f"{what} {path} is not writable: {reason}{where}") from None
     return path.resolve()
 

@@ -450,8 +450,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
                            "val/ema": done > ema_start})
                 if val_mape < best:
                     best = val_mape
-                    if main_host:
-                        save_params(workdir / "best", eval_params(done), cfg)
+                    save_params(workdir / "best", eval_params(done), cfg)  # every host: collective
                 t0 = time.perf_counter()
             if epoch_end or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
                 save(done, loader_state)
@@ -470,10 +469,9 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
         bar.close()
     ckpts.wait()
     final = eval_params(total)
-    if main_host:
-        save_params(workdir / "final", final, cfg)
-        if not data.val_ids:  # nothing to choose by: the final weights are the best we have
-            save_params(workdir / "best", final, cfg)
+    save_params(workdir / "final", final, cfg)  # every host: orbax's save is collective
+    if not data.val_ids:  # nothing to choose by: the final weights are the best we have
+        save_params(workdir / "best", final, cfg)
     ckpts.close()
     return {"steps": total, "best_mape": best if data.val_ids else None, "final_mape": val_mape,
             "skipped_steps": int(state["loss_scale"].skipped), "traces": dict(TRACES), "workdir": str(workdir)}

@@ -18,8 +18,8 @@ def mount_tmpfs():
 
     def mount(path: pathlib.Path, options: str) -> pathlib.Path:
         path.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                                               capture_output=True).returncode:
+        command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]
+        if os.geteuid() != 0 or subprocess.run(command, capture_output=True).returncode:
             pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
         mounted.append(path)
         return path

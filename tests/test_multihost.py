@@ -1,0 +1,129 @@
+"""Two real processes through ``jax.distributed`` on this machine (coordinator on localhost, CPU
+collectives: gloo, one device each) against one process with two devices: training gives the same
+parameters, each process reads only its half of every batch, and inference writes one submission
+equal to the one-process one.
+
+Every process is started with a deadline and killed with its partner when anything fails, so a
+hung collective fails the test instead of hanging it."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from test_train import SMALL, dataset  # noqa: F401  (dataset: a pytest fixture)
+
+from fwi_jax.checkpoint import load_params
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TRAIN_SET = SMALL + ["train.epochs=1"]  # 16 training samples / batch 4: 4 steps, then validation
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(argv: list[str], n: int, logs: pathlib.Path, devices_per_process: int = 1,
+                  timeout: float = 300) -> None:
+    """Start ``argv`` as ``n`` processes of one ``jax.distributed`` run (n = 1: a plain process)
+    with ``devices_per_process`` CPU devices each; wait for all, killing every one that is left at
+    the first failure or at the deadline. Output goes to logs/<i>.{out,err}."""
+    logs.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    procs, files = [], []
+    try:
+        for i in range(n):
+            env = {**os.environ, "PYTHONPATH": str(ROOT),
+                   "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+            if n > 1:
+                env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n),
+                           JAX_PROCESS_ID=str(i))
+            files += [(logs / f"{i}.out").open("w"), (logs / f"{i}.err").open("w")]
+            procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=files[-2],
+                                          stderr=files[-1]))
+        deadline = time.time() + timeout
+        while any(p.poll() is None for p in procs) or any(p.returncode for p in procs):
+            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed:
+                err = (logs / f"{failed[0]}.err").read_text()[-3000:]
+                raise AssertionError(f"process {failed[0]} of {n} failed:\n{err}")
+            assert time.time() < deadline, f"not finished after {timeout} s"
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for f in files:
+            f.close()
+
+
+def _train(dataset, tmp, n, devices_per_process):  # noqa: F811
+    """Train TRAIN_SET in ``n`` processes: (workdir, each process's multihost_train.py report)."""
+    argv = [sys.executable, "tests/multihost_train.py", str(dataset), str(tmp / "run"),
+            str(tmp / "report_{process}.json"), *TRAIN_SET]
+    run_processes(argv, n, tmp / "logs", devices_per_process)
+    return tmp / "run", [json.loads((tmp / f"report_{i}.json").read_text()) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def one_process(dataset, tmp_path_factory):  # noqa: F811
+    """The reference: one process with two devices."""
+    return _train(dataset, tmp_path_factory.mktemp("one_process"), n=1, devices_per_process=2)
+
+
+def test_two_processes_train_like_one_with_two_devices(dataset, one_process, tmp_path):  # noqa
+    """Same global batches, same steps: the parameters agree within the float32 reduction-order
+    noise that test_train's four-devices test allows (its docstring says why), and each process
+    read only its own half of every global batch."""
+    ref_dir, (ref,) = one_process
+    workdir, reports = _train(dataset, tmp_path, n=2, devices_per_process=1)
+    assert [(r["process"], r["processes"], r["local_devices"], r["devices"]) for r in reports] == [
+        (0, 2, 1, 2), (1, 2, 1, 2)]
+    assert (ref["processes"], ref["devices"]) == (1, 2)
+    steps = sorted(ref["read"], key=int)
+    assert len(steps) == 4 and all(sorted(r["read"], key=int) == steps for r in reports)
+    for step in steps:
+        mine, theirs = reports[0]["read"][step], reports[1]["read"][step]
+        assert len(mine) == len(theirs) == 2 and not set(mine) & set(theirs)  # half each
+        assert sorted(mine + theirs) == sorted(ref["read"][step])  # together: the global batch
+    for a, b in zip(jax.tree.leaves(load_params(workdir / "final")[1]),
+                    jax.tree.leaves(load_params(ref_dir / "final")[1])):
+        outside = np.abs(a - b) > 2e-5 + 1e-4 * np.abs(b)
+        assert outside.mean() <= 1e-4, f"{outside.sum()} of {a.size}: {np.abs(a - b).max():.2e}"
+        np.testing.assert_allclose(a, b, atol=4 * 5e-4)  # 4 steps x lr
+    ref_mape = ref["summary"]["best_mape"]
+    assert reports[0]["summary"]["best_mape"] == pytest.approx(ref_mape, rel=1e-4)
+
+
+def test_two_processes_infer_one_submission(dataset, one_process, tmp_path):  # noqa: F811
+    """``python -m fwi_jax.infer`` itself in two processes: 7 samples (3 global batches of 4, the
+    last padded; process 1 has one sample fewer) give one submission, written by process 0, equal
+    to one process's."""
+    ref_dir, _ = one_process
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"s{i:02d}\n" for i in range(7)))
+
+    def infer(n, devices, name):
+        out = tmp_path / name / "sub.npz"
+        out.parent.mkdir()
+        run_processes([sys.executable, "-m", "fwi_jax.infer", "--data", str(dataset), "--list",
+                       str(ids), "--checkpoints", str(ref_dir), "--out", str(out), "--batch", "4",
+                       "--no-tta", "--no-progress"], n, tmp_path / f"logs_{name}", devices)
+        assert sorted(p.name for p in out.parent.iterdir()) == ["sub.npz"]  # no leftovers
+        with np.load(out) as z:
+            return {k: z[k] for k in z.files}
+
+    one, two = infer(1, 2, "one"), infer(2, 1, "two")
+    assert sorted(two) == sorted(one) == [f"s{i:02d}" for i in range(7)]
+    for k in one:
+        # the same per-device programs on the same samples: equal up to float32 rounding
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-6, atol=1e-6)
