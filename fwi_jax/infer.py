@@ -47,6 +47,7 @@ from fwi_jax.host import tune_cpu_host
 from fwi_jax.loss import competition_mape
 from fwi_jax.members import MemberError, MemberSpec, load_member, read_ensemble_file
 from fwi_jax.sharding import initialize_distributed
+from fwi_jax.storage import StorageError, require_writable
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InferenceError(f"--out {out}: the submission must be a .npz file")
         if not out.parent.is_dir():
             raise InferenceError(f"--out {out}: folder {out.parent} does not exist")
+        require_writable(out.parent, "--out folder")  # before any compute
         if args.batch is None:
             args.batch = default_batch(jax.devices()[0])
         if args.batch < 1:
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = group_members(members)
         check_samples(root, ids, need_velocity=args.val, v_range=groups[0].cfg.data.v_range,
                       progress=progress)  # before any compute
-    except (InferenceError, MemberError) as e:
+    except (InferenceError, MemberError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     predictor = Predictor(groups, tta=not args.no_tta, member_chunk=args.member_chunk)

@@ -248,6 +248,15 @@ def test_user_errors_name_the_culprit(dataset, members, tmp_path):
     assert list(tmp_path.glob("s*.npz")) == []
 
 
+def test_read_only_out_folder_fails_before_any_compute(dataset, members, tmp_path, mount_tmpfs):
+    root, _ = dataset
+    ro = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
+    proc = run_cli("--data", root, "--checkpoints", members[0], "--out", ro / "s.npz")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: --out folder {ro} is not writable: Read-only file system\n" in proc.stderr
+    assert "ensemble" not in proc.stdout  # the run never reached the devices
+
+
 @pytest.mark.slow
 def test_reference_state_dict_through_cli_matches_pytorch(tmp_path):
     """A reference-solution state_dict (random weights, timm pretrain pos-embed grid, _orig_mod.
