@@ -74,7 +74,7 @@ class ModelConfig:
     depth: int | None = None
     heads: int | None = None
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
-    attention: str = "auto"  # auto | xla | cudnn | einsum | blockwise | query_blocks | fused_cpu (fwi_jax.model.attention)
+    attention: str = "auto"  # auto | xla | cudnn | blockwise | query_blocks | fused_cpu (fwi_jax.model.attention)
     attention_block: int | None = None  # key block of blockwise, query block of query_blocks / fused_cpu (None: per impl and pass)
     remat: str = "none"  # none | full | dots (rematerialisation policy per block)
     ref_feat_shape: tuple[int, int] = (16, 16)  # RoPE reference grid (timm)

@@ -41,10 +41,10 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_jax(impl: str, block: int, shape, dtype, repeats: int, heads_per_step: int | None = None) -> tuple[float, float]:
+def bench_jax(impl: str, block: int, shape, dtype, repeats: int) -> tuple[float, float]:
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, w = (jax.random.normal(key, shape, dtype) for key in keys)
-    attn = lambda q, k, v: attention(q, k, v, impl=impl, block_size=block, heads_per_step=heads_per_step)
+    attn = lambda q, k, v: attention(q, k, v, impl=impl, block_size=block)
     fwd = jax.jit(attn)
     loss = lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32) * w)
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
@@ -90,11 +90,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["tiny", "base"], choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, default=1, help="samples per step (attention batch = 6 x this)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--impls", nargs="+", default=["xla", "einsum", "blockwise", "query_blocks", "fused_cpu"])
+    parser.add_argument("--impls", nargs="+", default=["xla", "blockwise", "query_blocks", "fused_cpu"])
     parser.add_argument("--blocks", nargs="+", type=int, default=None,
                         help="block sizes for every tiled implementation (default: DEFAULT_BENCH_BLOCKS)")
-    parser.add_argument("--heads-per-step", nargs="+", type=int, default=[0],
-                        help="blockwise: heads per sequential step (0 = auto_heads_per_step)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
@@ -108,18 +106,16 @@ def main() -> None:
         cases = []
         for impl in args.impls:
             blocks = args.blocks or DEFAULT_BENCH_BLOCKS.get(impl, [0])
-            if impl == "blockwise":
-                cases += [(impl, blk, g) for blk in blocks for g in args.heads_per_step]
-            elif impl in ("query_blocks", "fused_cpu"):
-                cases += [(impl, blk, 0) for blk in blocks]
+            if impl in ("blockwise", "query_blocks", "fused_cpu"):
+                cases += [(impl, blk) for blk in blocks]
             elif impl == "auto":
-                cases.append((f"auto={resolve_impl('auto')}", None, 0))
+                cases.append((f"auto={resolve_impl('auto', head_dim=d)}", None))
             else:
-                cases.append((impl, 512, 0))
-        for label, block, g in cases:
+                cases.append((impl, None))
+        for label, block in cases:
             impl = label.split("=")[-1]
-            t_fwd, t_bwd = bench_jax(impl, block, shape, dtype, args.repeats, g or None)
-            tag = f"jax {label}" + (f" (block {block}, {g or 'auto'} heads/step)" if impl == "blockwise" else
+            t_fwd, t_bwd = bench_jax(impl, block, shape, dtype, args.repeats)
+            tag = f"jax {label}" + (f" (key block {block})" if impl == "blockwise" else
                                     f" (query block {block})" if impl in ("query_blocks", "fused_cpu") else "")
             rows.append((name, shape, tag, t_fwd, t_bwd))
             print(f"{name} {tag}: fwd {t_fwd * 1e3:.0f} ms, fwd+bwd {t_bwd * 1e3:.0f} ms", flush=True)

@@ -9,7 +9,7 @@ fed an already resized image (no resize cost, favouring PyTorch slightly). JAX s
 scripts/memory_estimate.py's stand-in (fold + bilinear resize inside, no RoPE).
 
     .venv/bin/python scripts/bench_standin.py --config tiny_s8 --batch 1 --steps 3 \
-        --attention blockwise einsum xla
+        --attention blockwise xla
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--config", default="tiny_s8")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--attention", nargs="+", default=["blockwise", "einsum", "xla"])
+    parser.add_argument("--attention", nargs="+", default=["blockwise", "xla"])
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--breakdown", action="store_true", help="only time the stand-in's pieces")
     args = parser.parse_args()

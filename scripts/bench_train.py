@@ -21,7 +21,7 @@ or under ``torch.autocast("cpu", dtype)`` for bfloat16/float16; the script repor
 and the ratio ours / PyTorch. A Markdown table closes the output.
 
     .venv/bin/python scripts/bench_train.py [--config tiny_s8] [--batch 1] [--dtype float32]
-        [--attention xla einsum blockwise] [--remat none full dots] [--steps 5] [--warmup 2]
+        [--attention xla blockwise] [--remat none full dots] [--steps 5] [--warmup 2]
         [--cpu-tuning on off] [--no-torch] [--torch-around] [--compile-only] [--set model.depth=2 ...]
 
 Our rows run with fwi_jax.host.tune_cpu_host applied, as ``train`` and ``infer`` run
@@ -234,12 +234,10 @@ def child(a, extra: list[str], cpu_tuning: str = "on") -> dict:
 
 
 def default_attention() -> list[str]:
-    import jax
+    from fwi_jax.model.attention import resolve_impl
 
-    from fwi_jax.model.attention import _cudnn_available
-
-    impls = ["xla", "einsum", "blockwise"]
-    if _cudnn_available(jax.devices()[0]):
+    impls = ["xla", "blockwise"]
+    if resolve_impl("auto") == "cudnn":  # a GPU of compute capability >= 8.0
         impls.insert(1, "cudnn")
     return impls
 
@@ -260,7 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="global batch (default 1 on CPU, 8 elsewhere)")
     ap.add_argument("--dtype", default="float32", choices=DTYPES)
     ap.add_argument("--attention", nargs="+", default=None,
-                    help="implementations (default: every one valid here: xla, einsum, blockwise, +cudnn on sm80+)")
+                    help="implementations (default: every one valid here: xla, blockwise, +cudnn on sm80+)")
     ap.add_argument("--remat", nargs="+", default=["none", "full", "dots"])
     ap.add_argument("--cpu-tuning", nargs="+", default=["on"], choices=["on", "off"],
                     help="fwi_jax.host.tune_cpu_host in our rows (on: as train/infer run; off: XLA defaults)")

@@ -48,6 +48,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 WIDTHS = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+# The estimate is for a GPU: the real model is built as a CUDA process builds it (model.attention
+# auto -> blockwise, plain dense layers), then compiled for the local backend for the analysis.
+PLATFORM = "cuda"
 
 
 def _standin(cfg, dtype, impl, block_size, remat):
@@ -118,7 +121,7 @@ def _standin(cfg, dtype, impl, block_size, remat):
 def _real(cfg):
     from fwi_jax.model import apply_model, create_model
 
-    graphdef, params = create_model(cfg, seed=0)
+    graphdef, params = create_model(cfg, seed=0, platform=PLATFORM)
     return params, lambda p, x: apply_model(graphdef, p, x)
 
 
@@ -127,14 +130,16 @@ def _real_block_vjp(cfg, batch: int):
     policy, abstract block params, abstract tokens): the per-block backward transient."""
     from flax import nnx
 
+    from fwi_jax.model.attention import resolve_impl
     from fwi_jax.model.eva02 import Block, rope_table
     from fwi_jax.model.fwi import DTYPES, REMAT_POLICIES as MODEL_POLICIES, model_size
 
     m, geo = cfg.model, cfg.geometry
     size = model_size(cfg)
     dtype = DTYPES[m.dtype]
-    block = nnx.eval_shape(lambda: Block(size, impl=m.attention, block_size=m.attention_block, dtype=dtype,
-                                         rngs=nnx.Rngs(0)))
+    impl = resolve_impl(m.attention, PLATFORM, size.dim // size.heads)
+    block = nnx.eval_shape(lambda: Block(size, impl=impl, block_size=m.attention_block, dtype=dtype,
+                                         platform=PLATFORM, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(block)
     sin, cos = rope_table(geo.grid, size.dim // size.heads, m.ref_feat_shape)
 
@@ -169,7 +174,7 @@ def estimate(config: str, batch: int, dtype: str, impl: str, remat: str, model: 
         from fwi_jax.optim import make_optimizer
         from fwi_jax.train import create_train_state, make_train_step
 
-        graphdef, _ = create_model(cfg, seed=0)
+        graphdef, _ = create_model(cfg, seed=0, platform=PLATFORM)
         tx, schedule = make_optimizer(cfg, total_steps=1000)
         train_step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)
         state = jax.eval_shape(lambda p: create_train_state(cfg, p, tx), abstract(params))
@@ -261,18 +266,9 @@ def main() -> None:
     parser.add_argument("--remat", nargs="+", default=["none", "dots", "full"], choices=sorted(REMAT_POLICIES))
     parser.add_argument("--model", default="real", choices=["real", "standin"])
     parser.add_argument("--blocks", nargs="+", type=int, default=[None], help="blockwise key block sizes (default: config's)")
-    parser.add_argument("--heads-per-step", default="gpu", choices=["gpu", "local"],
-                        help="blockwise attention's head grouping: gpu (all heads in one step, what a GPU "
-                             "runs; default) or local (this machine's auto_heads_per_step, 1 head per step on CPU)")
     parser.add_argument("--time", type=int, default=0, metavar="STEPS",  # --model standin only
                         help="also execute: time the train step and the forward over STEPS steps")
     args = parser.parse_args()
-    if args.heads_per_step == "gpu":
-        # the estimate is for a GPU: blockwise attention there processes every head at once
-        # (on CPU, auto_heads_per_step runs them one by one: far smaller score tiles)
-        import fwi_jax.model.attention as attention_module
-
-        attention_module.auto_heads_per_step = lambda n_heads, *_, **__: n_heads
     rows = []
     for impl, remat, block in itertools.product(args.attention, args.remat, args.blocks):
         r = estimate(args.config, args.batch, args.dtype, impl, remat, args.model, args.time, block)

@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 
 from fwi_jax.model.attention import attention
-from fwi_jax.model.fused_attention import KernelBuildError, fused_attention, library_path, load_kernel
+from fwi_jax.model.fused_attention import KernelBuildError, library_path, load_kernel
 
 ATOL = RTOL = 2e-5  # as test_attention.py: float32 reordering, and the kernel's exp (< 2e-6 relative)
+
+
+def fused(q, k, v, block):
+    return attention(q, k, v, impl="fused_cpu", block_size=block)
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -33,18 +37,18 @@ def test_kernel_is_cached_per_machine():
 def test_vmap_over_members_matches_each_member():
     """An ensemble vmaps members of one config: one kernel call over members x batch."""
     q, k, v = (jax.random.normal(key, (3, 2, 97, 2, 16)) for key in jax.random.split(jax.random.key(0), 3))
-    batched = jax.jit(jax.vmap(lambda q, k, v: fused_attention(q, k, v, 32)))(q, k, v)
+    batched = jax.jit(jax.vmap(lambda q, k, v: fused(q, k, v, 32)))(q, k, v)
     for m in range(3):
         ref = jax.nn.dot_product_attention(q[m], k[m], v[m], implementation="xla")
         np.testing.assert_allclose(batched[m], ref, atol=ATOL, rtol=RTOL)
     # gradients through vmap (the backward kernel batched the same way), one operand unbatched
-    loss = lambda q, k, v: jnp.sum(fused_attention(q, k, v, 32) ** 2)
+    loss = lambda q, k, v: jnp.sum(fused(q, k, v, 32) ** 2)
     ref_loss = lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, implementation="xla") ** 2)
     grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, 0, None)))(q, k, v[0])
     ref_grads = jax.vmap(jax.grad(ref_loss, argnums=(0, 1, 2)), in_axes=(0, 0, None))(q, k, v[0])
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, atol=1e-4, rtol=ATOL)
-    hlo = jax.jit(jax.vmap(lambda q, k, v: fused_attention(q, k, v, 32))).lower(q, k, v).as_text()
+    hlo = jax.jit(jax.vmap(lambda q, k, v: fused(q, k, v, 32))).lower(q, k, v).as_text()
     assert "stablehlo.while" not in hlo and "tensor<6x97x2x16xf32>" in hlo  # one call, members folded into the batch
 
 
@@ -65,7 +69,7 @@ def test_without_a_compiler_auto_says_it_uses_query_blocks(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "raised: attention 'fused_cpu' builds its kernel with a C++ compiler" in done.stdout
     assert "auto: 2.0" in done.stdout
-    assert "attention auto -> query_blocks on CPU" in done.stderr
+    assert "model.attention=auto -> query_blocks for cpu: slower, because the fused_cpu kernel" in done.stderr
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").glob("*.so"))
 
 
@@ -104,12 +108,13 @@ def test_avx2_build_matches_the_reference(tmp_path):
     row maximum (AnyGreater's portable branch) and rescales."""
     done = _run("""
         import jax, jax.numpy as jnp, numpy as np
-        from fwi_jax.model.fused_attention import fused_attention, load_kernel
+        from fwi_jax.model.attention import attention
+        from fwi_jax.model.fused_attention import load_kernel
         print(load_kernel())
         q, k, v, w = (jax.random.normal(key, (2, 300, 2, 48)) for key in jax.random.split(jax.random.key(1), 4))
         q, k = q.at[..., 0].set(2.0), k.at[..., 0].set(jnp.linspace(0.0, 40.0, 300)[None, :, None])
         ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
-        ours = lambda q, k, v: fused_attention(q, k, v, 40)
+        ours = lambda q, k, v: attention(q, k, v, impl="fused_cpu", block_size=40)
         np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), atol=2e-5, rtol=2e-5)
         g = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2))(q, k, v)
         r = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(q, k, v)
@@ -131,16 +136,13 @@ def test_errors_name_the_problem():
     assert issubclass(KernelBuildError, RuntimeError)
 
 
-def test_not_on_accelerators(monkeypatch):
-    """fused_cpu asked for on a GPU process fails at trace time, naming the platform."""
-
-    class FakeGpu:
-        platform, device_kind = "gpu", "fake"
-
-    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [FakeGpu()])
+def test_not_on_accelerators():
+    """fused_cpu asked for in a program compiled for an accelerator fails, naming the platform
+    (tests/test_gpu_lowering.py: a CUDA program that held the kernel anyway fails its check)."""
     q = jnp.zeros((1, 8, 1, 16))
-    with pytest.raises(ValueError, match="CPU kernel; this process runs on gpu"):
-        attention(q, q, q, impl="fused_cpu")
+    for platform in ("cuda", "tpu"):
+        with pytest.raises(ValueError, match=f"CPU kernel; the program is compiled for {platform}"):
+            attention(q, q, q, impl="fused_cpu", platform=platform)
 
 
 def test_sharded_batch_runs_per_device_without_gathering():
@@ -149,9 +151,9 @@ def test_sharded_batch_runs_per_device_without_gathering():
     done = _run("""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
-        from fwi_jax.model.fused_attention import fused_attention
+        from fwi_jax.model.attention import attention
         q, k, v = (jax.random.normal(key, (8, 70, 2, 16)) for key in jax.random.split(jax.random.key(2), 3))
-        loss = lambda q, k, v: jnp.sum(fused_attention(q, k, v, 32) ** 2)
+        loss = lambda q, k, v: jnp.sum(attention(q, k, v, impl="fused_cpu", block_size=32) ** 2)
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
         single = step(q, k, v)
         shard = NamedSharding(jax.make_mesh((4,), ("data",)), P("data"))
@@ -173,9 +175,9 @@ def test_kernel_flops_counts_what_xla_leaves_out():
 
     b, n, h, d = 2, 97, 3, 16
     q = jnp.ones((b, n, h, d))
-    compiled = jax.jit(jax.grad(lambda q: fused_attention(q, q, q, 32).sum())).lower(q).compile()
+    compiled = jax.jit(jax.grad(lambda q: fused(q, q, q, 32).sum())).lower(q).compile()
     assert kernel_flops(compiled.as_text()) == 14 * b * h * n * n * d
-    forward_only = jax.jit(lambda q: fused_attention(q, q, q, 32)).lower(q).compile()
+    forward_only = jax.jit(lambda q: fused(q, q, q, 32)).lower(q).compile()
     assert kernel_flops(forward_only.as_text()) == 4 * b * h * n * n * d
 
 

@@ -25,16 +25,33 @@ def _str_keys(tree: Any) -> Any:
     return tree
 
 
-def create_model(cfg: Config, seed: int = 0) -> tuple[nnx.GraphDef, Params]:
-    """Randomly initialised model for ``cfg``: (graphdef, params)."""
-    model = FWIModel(cfg, rngs=nnx.Rngs(seed))
+def create_model(cfg: Config, seed: int = 0, *, platform: str | None = None
+                 ) -> tuple[nnx.GraphDef, Params]:
+    """Randomly initialised model for ``cfg``: (graphdef, params). ``platform``: the platform
+    its programs are compiled for (cpu, cuda, rocm, tpu; None: this process's default backend),
+    which decides ``model.attention=auto`` and the dense layers' backward pass
+    (`fwi_jax.model.target`)."""
+    model = FWIModel(cfg, rngs=nnx.Rngs(seed), platform=platform)
     graphdef, state = nnx.split(model, nnx.Param)
     return graphdef, _str_keys(state.to_pure_dict())
 
 
+def abstract_model(cfg: Config, *, platform: str | None = None) -> tuple[nnx.GraphDef, Params]:
+    """``create_model(cfg, platform=platform)`` without allocating: the graphdef, and the
+    params' shapes and dtypes (jax.ShapeDtypeStruct). What lowering a program needs."""
+    built = {}
+
+    def build():
+        built["graphdef"], params = create_model(cfg, platform=platform)
+        return params
+
+    params = jax.eval_shape(build)
+    return built["graphdef"], params
+
+
 def abstract_params(cfg: Config) -> Params:
     """Shapes and dtypes of ``create_model(cfg)[1]`` without allocating (jax.ShapeDtypeStruct)."""
-    return jax.eval_shape(lambda: create_model(cfg)[1])
+    return abstract_model(cfg)[1]
 
 
 def apply_model(graphdef: nnx.GraphDef, params: Params, x: jax.Array) -> jax.Array:
@@ -55,4 +72,5 @@ def count_params(params: Params) -> int:
     return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)))
 
 
-__all__ = ["create_model", "apply_model", "abstract_params", "count_params", "model_size", "FWIModel", "Params"]
+__all__ = ["FWIModel", "Params", "abstract_model", "abstract_params", "apply_model", "count_params",
+           "create_model", "model_size"]

@@ -4,38 +4,40 @@ Layout everywhere: q, k, v of shape (batch, tokens, heads, head_dim), the layout
 `jax.nn.dot_product_attention`. Output has the shape and dtype of q. Non-causal, no mask
 (EVA02 attends over all patch tokens plus the cls token, N = 1,981 for 1,980 patches).
 
-Implementations (``cfg.model.attention``):
+Implementations (``cfg.model.attention``), each kept for a platform that needs it:
 
-- ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``; materialises the
-  (N, N) scores of every head.
-- ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash
-  attention. NVIDIA GPUs of compute capability >= 8.0 only; anywhere else it raises, never
-  falls back silently.
-- ``"einsum"``: einsum - softmax - einsum. Same maths as "xla", measured faster on CPU
-  (SPEC §7: 290 ms vs 470 ms for tiny's attention forward); see ``docs/performance.md``.
-- ``"blockwise"``: flash-style attention in pure JAX with a custom VJP: an online softmax over
-  key blocks of ``block_size`` tokens, the backward pass recomputes the scores block by block
-  from the saved log-sum-exp. Peak memory per head is O(N * block_size), never O(N^2). For
-  GPUs without cuDNN flash attention (V100) and for memory estimates.
+- ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``, the plain formula; it
+  materialises the (N, N) scores of every head. It lowers for every platform, it is what the
+  others are tested against, and ``auto`` picks it on TPU and ROCm.
+- ``"cudnn"``: the same library call with ``implementation="cudnn"``: cuDNN's fused flash
+  attention, for NVIDIA GPUs of compute capability >= 8.0 (A100, H100). cuDNN needs such a GPU
+  visible to the process even to trace the program; anywhere else it raises, never falls back.
+- ``"blockwise"``: flash-style attention in pure JAX with a custom VJP, all heads at once: an
+  online softmax over key blocks of ``block_size`` tokens; the backward pass recomputes the
+  scores block by block from the saved log-sum-exp. Memory O(N * block_size) per head, never
+  O(N^2). For NVIDIA GPUs without cuDNN flash attention (V100), and what ``auto`` lowers for
+  CUDA in a process that sees no GPU (CI), where cuDNN cannot be traced.
 - ``"query_blocks"``: the CPU layout of the same idea, also with a custom VJP: one head at a
   time, each sequential step takes ``block_size`` queries against all N keys, so every row's
-  softmax is exact in one pass (no online rescaling, no running accumulator); the backward
-  recomputes each probability tile, transposed to (N, block), from the saved log-sum-exp and
-  accumulates dK, dV. Peak memory O(block_size * N), never O(N^2). Its 2-D matmuls, single pass
-  and YNNPACK-friendly backward beat the key-block scan on CPU (fwd+bwd of tiny's attention
-  0.37-0.41 vs 0.48-0.49 s; a tiny_s8 train step 5.64 vs 6.55 s, docs/performance.md); a
-  sequential loop over heads would starve a GPU, so ``auto`` never picks it there.
+  softmax is exact in one pass; the backward recomputes each probability tile, transposed to
+  (N, block), and accumulates dK, dV. Its 2-D matmuls suit XLA:CPU (a sequential loop over heads
+  would starve a GPU). ``auto``'s CPU choice where fused_cpu cannot run: no C++ compiler, not
+  Linux, or head_dim not a multiple of 16.
 - ``"fused_cpu"``: a C++ kernel for XLA:CPU through the XLA FFI (`fused_attention.py`,
-  `csrc/attention_cpu.cc`): the query-block layout again, but each score tile goes from its
-  matmul through the softmax into the next matmul while it is in L2, with register-blocked
-  micro-kernels that read it in place; XLA:CPU cannot fuse that from JAX code. Float32 inside
-  (other dtypes are cast), head_dim a multiple of 16, built on first use with the system C++
-  compiler (cached). The fastest on CPU (tiny's attention forward + backward 0.27 s against
-  query_blocks' 0.40 s and PyTorch's fused 0.26 s; docs/performance.md).
-- ``"auto"``: the rule of :func:`resolve_impl` -- cuDNN on NVIDIA GPUs that have it
-  (compute capability >= 8.0), blockwise on older NVIDIA GPUs (V100: no cuDNN flash kernel, the
-  (N, N) scores would dominate memory), fused_cpu on CPU where its kernel builds (else
-  query_blocks, said on stderr), xla elsewhere (TPU, ROCm).
+  ``csrc/attention_cpu.cc``): the query-block layout again, but each score tile goes from its
+  matmul through the softmax into the next matmul while it is in L2, which XLA:CPU cannot fuse
+  from JAX code. Float32 inside (other dtypes are cast), head_dim a multiple of 16, built on
+  first use with the system C++ compiler (cached). The fastest on CPU and ``auto``'s CPU choice
+  (docs/performance.md). CPU only: a program compiled for another platform refuses it.
+- ``"auto"``: decided for the platform the program is compiled for (`resolve_impl`; the model
+  passes its build platform, `fwi_jax.model.target`), not for the process's default backend:
+  cpu -> fused_cpu (else query_blocks); cuda -> cudnn where every visible GPU has compute
+  capability >= 8.0, else blockwise (older GPUs, or no GPU visible); rocm, tpu -> xla. The
+  choice and its reason are said once per process on stderr.
+
+Not offered: an einsum-softmax-einsum (the maths of "xla", which the tests keep as their own
+reference), and blockwise over sequential groups of heads on CPU (query_blocks is the CPU
+layout).
 
 Matmuls accumulate in float32 whatever the input dtype (bfloat16 / float16 inputs keep their
 dtype for the matmul operands, as flash attention does); the softmax runs in float32.
@@ -51,177 +53,198 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-IMPLEMENTATIONS = ("xla", "cudnn", "einsum", "blockwise", "query_blocks", "fused_cpu", "auto")
-# block_size=None means: blockwise's key block, query_blocks' and fused_cpu's query block (measured
-# on CPU, docs/performance.md: fused_cpu's forward tile of 64 rows x N keys, 0.5 MB, stays in a
-# 2 MB L2 beside K^T and V). fused_cpu's backward pass, which walks the keys 256 at a time, runs
-# best on blocks of 256 queries: its default block, unless block_size sets both passes'.
+from fwi_jax.model import fused_attention as fused
+from fwi_jax.model.target import local_devices, target_platform
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "query_blocks", "fused_cpu")
+# block_size=None means each implementation's own block (docs/performance.md): blockwise's key
+# block, query_blocks' and fused_cpu's query block (fused_cpu's forward tile of 64 rows x N keys
+# stays in L2 beside K^T and V). fused_cpu's backward pass, which walks the keys 256 at a time,
+# runs best on blocks of 256 queries: its default block, unless block_size sets both passes'.
 DEFAULT_BLOCKS = {"blockwise": 256, "query_blocks": 256, "fused_cpu": 64}
 FUSED_CPU_BACKWARD_BLOCK = 256
+CUDNN_MIN_CAPABILITY = 8.0  # cuDNN's fused flash attention: Ampere (sm80) and newer
+# checkpoint_name tags of the recomputing implementations' saved residuals (output, log-sum-exp)
+ATTENTION_RESIDUALS = ("attention_out", "attention_lse")
 
 _F32 = jnp.float32
 
 
-def _cudnn_available(device: jax.Device) -> bool:
-    """True for NVIDIA GPUs with cuDNN flash attention (compute capability >= 8.0)."""
-    if device.platform != "gpu":
-        return False
-    capability = getattr(device, "compute_capability", None)
-    if capability is None:  # ROCm and others report none: no cuDNN
-        return False
-    return float(capability) >= 8.0
+def _cuda_capabilities() -> list[float]:
+    """Compute capabilities of this process's CUDA GPUs ([] when it sees none)."""
+    return [float(d.compute_capability) for d in local_devices("cuda")
+            if getattr(d, "compute_capability", None) is not None]
 
 
-def resolve_impl(impl: str, device: jax.Device | None = None) -> str:
-    """Concrete implementation for `impl` on `device` (default: the first local device).
+def resolve_impl(impl: str, platform: str | None = None, head_dim: int | None = None) -> str:
+    """The implementation that attention ``impl`` runs in a program compiled for ``platform``
+    (None: this process's default backend), for heads of ``head_dim`` (None: not known yet).
 
-    "auto": cudnn on NVIDIA GPUs of compute capability >= 8.0; blockwise on older NVIDIA GPUs
-    (V100, 7.0); fused_cpu on CPU where its kernel builds, else query_blocks (said once on
-    stderr); xla on any other platform.
+    "auto" follows the rule in the module docstring and says its choice once on stderr. A
+    named implementation is returned as it is, or refused with a ValueError saying why where
+    it cannot run: fused_cpu for anything but cpu, cudnn without a GPU of compute capability
+    >= 8.0 in this process.
     """
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
-    if impl != "auto":
-        return impl
-    device = device or jax.local_devices()[0]
-    if device.platform == "cpu":
-        return _cpu_auto()
-    if device.platform == "gpu" and getattr(device, "compute_capability", None) is not None:
-        return "cudnn" if _cudnn_available(device) else "blockwise"
-    return "xla"
+        raise ValueError(f"unknown attention implementation {impl!r}; "
+                         f"choose one of {', '.join(IMPLEMENTATIONS)}")
+    platform = target_platform(platform)
+    if impl == "auto":
+        choice, reason = _auto(platform, head_dim)
+        _say_once(f"fwi_jax: model.attention=auto -> {choice} for {platform}: {reason}")
+        return choice
+    if impl == "fused_cpu" and platform != "cpu":
+        raise ValueError(f"attention 'fused_cpu' is a CPU kernel; the program is compiled for "
+                         f"{platform} (model.attention=auto picks cudnn or blockwise there)")
+    if impl == "cudnn":
+        capabilities = _cuda_capabilities()
+        if platform != "cuda" or not capabilities or min(capabilities) < CUDNN_MIN_CAPABILITY:
+            seen = ", ".join(f"compute capability {c}" for c in capabilities) or "no CUDA GPU"
+            raise ValueError(
+                f"attention 'cudnn' needs an NVIDIA GPU of compute capability >= "
+                f"{CUDNN_MIN_CAPABILITY} in this process, even to trace the program; it is "
+                f"compiled for {platform} in a process with {seen}. "
+                "Use model.attention=auto, blockwise or xla.")
+    return impl
+
+
+def _auto(platform: str, head_dim: int | None) -> tuple[str, str]:
+    """(implementation, reason) of "auto" for ``platform``."""
+    if platform == "cpu":
+        if head_dim is not None and head_dim % fused.HEAD_DIM_MULTIPLE:
+            return "query_blocks", (f"head_dim {head_dim} is not a multiple of "
+                                    f"{fused.HEAD_DIM_MULTIPLE}, which fused_cpu needs")
+        try:
+            fused.load_kernel()
+        except fused.KernelBuildError as err:
+            return "query_blocks", f"slower, because the fused_cpu kernel is unavailable: {err}"
+        return "fused_cpu", "the fused C++ kernel is built"
+    if platform == "cuda":
+        capabilities = _cuda_capabilities()
+        if not capabilities:
+            return "blockwise", ("this process sees no CUDA GPU, and cuDNN attention can be "
+                                 "neither checked nor traced without one")
+        if min(capabilities) < CUDNN_MIN_CAPABILITY:
+            return "blockwise", (f"compute capability {min(capabilities)} has no cuDNN flash "
+                                 f"attention (needs >= {CUDNN_MIN_CAPABILITY})")
+        return "cudnn", f"compute capability {min(capabilities)} has cuDNN flash attention"
+    return "xla", "no fused or blockwise implementation is tuned for this platform"
 
 
 @functools.cache
-def _cpu_auto() -> str:
-    """fused_cpu where its kernel builds (Linux with a C++ compiler), else query_blocks, said
-    once on stderr (never a silent fallback)."""
-    from fwi_jax.model.fused_attention import KernelBuildError, load_kernel
-
-    try:
-        load_kernel()
-    except KernelBuildError as err:
-        print(f"fwi_jax: attention auto -> query_blocks on CPU (slower) because the fused_cpu kernel is unavailable: {err}",
-              file=sys.stderr, flush=True)
-        return "query_blocks"
-    return "fused_cpu"
+def _say_once(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla", block_size: int | None = None,
-              heads_per_step: int | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla",
+              block_size: int | None = None, platform: str | None = None) -> jax.Array:
     """Softmax(q k^T / sqrt(d)) v, non-causal, no mask.
 
-    q, k, v: (batch, tokens, heads, head_dim), same dtype. Returns (batch, tokens, heads, head_dim)
-    in q's dtype. `block_size` is the key block of "blockwise" and the query block of
+    q, k, v: (batch, tokens, heads, head_dim), same dtype. Returns (batch, tokens, heads,
+    head_dim) in q's dtype. ``impl``: one of IMPLEMENTATIONS, resolved for ``platform`` (the
+    platform the program is compiled for; None: this process's default backend) by
+    `resolve_impl`. ``block_size`` is the key block of "blockwise" and the query block of
     "query_blocks" and "fused_cpu" (any positive int; the token count need not be a multiple of
-    it; None: `DEFAULT_BLOCKS`, and `FUSED_CPU_BACKWARD_BLOCK` for fused_cpu's backward pass);
-    `heads_per_step` ("blockwise" only) is how many of the batch x heads attention heads one
-    sequential step processes (None: `auto_heads_per_step`).
+    it; None: `DEFAULT_BLOCKS`, and `FUSED_CPU_BACKWARD_BLOCK` for fused_cpu's backward pass).
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"attention expects q, k, v of one shape (batch, tokens, heads, head_dim); got {q.shape}, {k.shape}, {v.shape}")
-    requested, impl = impl, resolve_impl(impl)
-    if impl == "fused_cpu" and requested == "auto":
-        from fwi_jax.model.fused_attention import unsupported
-
-        if unsupported(q.shape):  # auto picks what runs; asked for by name, fused_attention raises
-            impl = "query_blocks"
-    block_given = block_size is not None  # fused_cpu: then it is both passes' block
+        raise ValueError("attention expects q, k, v of one shape (batch, tokens, heads, "
+                         f"head_dim); got {q.shape}, {k.shape}, {v.shape}")
+    impl = resolve_impl(impl, platform, q.shape[-1])
+    if impl in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
     if block_size is None:
-        block_size = DEFAULT_BLOCKS.get(impl, 0)
-    if impl == "xla":
-        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    if impl == "cudnn":
-        device = jax.local_devices()[0]
-        if not _cudnn_available(device):
-            raise ValueError(
-                f"attention impl 'cudnn' needs an NVIDIA GPU of compute capability >= 8.0 with cuDNN; "
-                f"this process runs on {device.platform} ({device.device_kind}). "
-                "Use model.attention=auto, blockwise, einsum or xla."
-            )
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    if impl == "einsum":
-        return _einsum_attention(q, k, v)
-    if impl in DEFAULT_BLOCKS and block_size < 1:
+        block = DEFAULT_BLOCKS[impl]
+        backward_block = FUSED_CPU_BACKWARD_BLOCK if impl == "fused_cpu" else block
+    elif block_size < 1:
         raise ValueError(f"attention block_size must be a positive int, got {block_size}")
-    if impl == "query_blocks":
-        return _tiled_attention(q, k, v, "queries", int(block_size), 1)
-    if impl == "fused_cpu":
-        from fwi_jax.model.fused_attention import fused_attention
-
-        return fused_attention(q, k, v, int(block_size), None if block_given else FUSED_CPU_BACKWARD_BLOCK)
-    if impl == "blockwise":
-        b, n, h, _ = q.shape
-        if heads_per_step is None:
-            heads_per_step = auto_heads_per_step(b * h, n, int(block_size))
-        if heads_per_step < 1:
-            raise ValueError(f"attention heads_per_step must be a positive int, got {heads_per_step}")
-        return _tiled_attention(q, k, v, "keys", int(block_size), min(int(heads_per_step), b * h))
-    raise AssertionError(impl)  # unreachable: resolve_impl validated it
-
-
-def _einsum_attention(q, k, v):
-    """Plain einsum-softmax-einsum; scores (B, H, N, N) in float32."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_F32) * scale
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=_F32)
-    return out.astype(q.dtype)
+    else:
+        block = backward_block = int(block_size)
+    if impl == "fused_cpu" and (reason := fused.unsupported(q.shape)):
+        raise ValueError(f"attention impl 'fused_cpu' {reason}")
+    return _recomputing_attention(q, k, v, impl, block, backward_block)
 
 
 # ----------------------------------------------------------------------------------------------
-# Blockwise (flash-style) and query-block attention.
-# Written by hand because neither jax nor flax ships a portable memory-efficient attention with
-# a recomputing backward pass for CPU / pre-Ampere GPUs (jax's Pallas kernels are GPU/TPU only,
-# cuDNN's needs compute capability >= 8.0).
+# blockwise, query_blocks and fused_cpu: one custom VJP. The forward pass saves q, k, v, the
+# output and the log-sum-exp (B, H, N); the backward pass recomputes each tile's probabilities
+# from them, so no (N, N) array is ever saved.
 #
-# Layout inside: the batch and head axes are merged into one axis of B * H independent heads,
-# cut into groups of `heads_per_step` heads, (groups, g, N, D). A `lax.map` runs the groups one
-# after another; within a group a `lax.scan` walks the key blocks (online softmax forward; the
-# backward recomputes each block's probabilities from the saved log-sum-exp). On CPU a small
-# group keeps each (g, N, block) score tile in cache (tiny at 1,981 tokens and block 256: one
-# head = a 2 MB tile) where all B * H heads at once stream 36 MB tiles through memory; measured
-# 1.2x faster than all heads at once on 2 cores (docs/performance.md). On GPUs one group holds
-# every head (a sequential loop over heads would starve the device).
-# Padded keys get a -inf additive bias (a per-block vector), so each tile's
-# scale/bias/exp is one elementwise pass fused behind its matmul.
-# query_blocks uses the same custom VJP and head groups of one head, but its inner `lax.scan`
-# walks query blocks: a (block, N) tile holds whole rows, so the forward's softmax is exact
-# at once and the backward accumulates dK, dV (N, D) in the carry. Padded queries are zero rows
-# that are cut off (the blocks are balanced: 1,981 rows in blocks of <= 256 are 8 x 248). On CPU
-# this is the fastest layout measured: one head's 248 x 1,981 tile is 2 MB, every matmul is 2-D,
-# the forward skips the online rescaling of a running output, the queries are scaled once
-# instead of every tile, and the backward keeps its tiles transposed so that XLA:CPU sends all
-# five of its matmuls to YNNPACK (two of them went to Eigen's slower path before).
-
-ATTENTION_RESIDUALS = ("attention_out", "attention_lse")  # checkpoint_name tags of the saved residuals (fused_cpu's too)
-_CPU_TILE_BYTES = 2 * 2**20  # target float32 (g, N, block) score tile on CPU (~ the L2 size)
+# blockwise and query_blocks are written by hand because neither jax nor flax ships a portable
+# memory-efficient attention with a recomputing backward pass for CPUs and pre-Ampere GPUs
+# (jax's Pallas kernels are GPU/TPU only, cuDNN's needs compute capability >= 8.0).
+#
+# blockwise: the batch and head axes merge into one axis of B * H independent heads, (g, N, D),
+# and a `lax.scan` walks the key blocks (online softmax forward; the backward recomputes each
+# block's probabilities from the saved log-sum-exp). Padded keys get a -inf additive bias (a
+# per-block vector), so each tile's scale/bias/exp is one elementwise pass behind its matmul.
+#
+# query_blocks: a `lax.map` runs the B * H heads one after another; within a head a `lax.scan`
+# walks query blocks: a (block, N) tile holds whole rows, so the forward's softmax is exact at
+# once (no online rescaling of a running output), and the backward accumulates dK, dV (N, D) in
+# the carry. Padded queries are zero rows that are cut off (the blocks are balanced: 1,981 rows
+# in blocks of <= 256 are 8 x 248). Every matmul is 2-D, the queries are scaled once instead of
+# every tile, and the backward keeps its tiles transposed so that XLA:CPU sends all five of its
+# matmuls to YNNPACK (docs/performance.md).
 
 
-def auto_heads_per_step(n_heads: int, n_tokens: int, block_size: int, device: jax.Device | None = None) -> int:
-    """Heads per sequential step of blockwise attention: CPU, as many heads as keep one float32
-    (heads, N, block) score tile within ~2 MiB (at least 1); elsewhere all of them."""
-    device = device or jax.local_devices()[0]
-    if device.platform != "cpu":
-        return n_heads
-    per_head = n_tokens * min(block_size, n_tokens) * 4
-    most = max(1, min(n_heads, _CPU_TILE_BYTES // per_head))
-    return -(-n_heads // -(-n_heads // most))  # the same number of steps, fewer padded heads
-
-
-def _to_groups(x, g):
-    """(B, N, H, D) -> (groups, g, N, D), heads b-major, zero heads padded at the end."""
+def _to_heads(x):
+    """(B, N, H, D) -> (B * H, N, D), heads b-major."""
     b, n, h, d = x.shape
-    x = x.transpose(0, 2, 1, 3).reshape(b * h, n, d)
-    groups = -(-(b * h) // g)
-    if groups * g > b * h:
-        x = jnp.pad(x, ((0, groups * g - b * h), (0, 0), (0, 0)))
-    return x.reshape(groups, g, n, d)
+    return x.transpose(0, 2, 1, 3).reshape(b * h, n, d)
 
 
-def _from_groups(x, shape):
-    """(groups, g, N, D) -> (B, N, H, D) of `shape`."""
+def _from_heads(x, shape):
+    """(B * H, N, D) -> (B, N, H, D) of ``shape``."""
     b, n, h, d = shape
-    return x.reshape(-1, n, d)[: b * h].reshape(b, h, n, d).transpose(0, 2, 1, 3)
+    return x.reshape(b, h, n, d).transpose(0, 2, 1, 3)
+
+
+def _forward(impl, q, k, v, block_size):
+    """out (B, N, H, D) in q.dtype and the log-sum-exp (B, H, N) float32."""
+    if impl == "fused_cpu":
+        return fused.forward(q, k, v, block_size)
+    b, n, h, _ = q.shape
+    heads = tuple(_to_heads(a) for a in (q, k, v))
+    if impl == "blockwise":
+        out, lse = _keys_forward(*heads, block_size)
+    else:
+        out, lse = jax.lax.map(lambda a: _head_forward_by_queries(*a, block_size), heads)
+    return _from_heads(out, q.shape), lse.reshape(b, h, n)
+
+
+def _backward(impl, q, k, v, out, lse, d_out, block_size):
+    """dq, dk, dv (B, N, H, D) in the dtypes of q, k, v."""
+    if impl == "fused_cpu":
+        return fused.backward(q, k, v, out, lse, d_out, block_size)
+    b, n, h, _ = q.shape
+    heads = (*(_to_heads(a) for a in (q, k, v, out)), lse.reshape(b * h, n), _to_heads(d_out))
+    if impl == "blockwise":
+        grads = _keys_backward(*heads, block_size)
+    else:
+        grads = jax.lax.map(lambda a: _head_backward_by_queries(*a, block_size), heads)
+    return tuple(_from_heads(g, q.shape) for g in grads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _recomputing_attention(q, k, v, impl, block_size, backward_block_size):
+    return _forward(impl, q, k, v, block_size)[0]
+
+
+def _recomputing_fwd(q, k, v, impl, block_size, backward_block_size):
+    # named so that a remat policy can keep them (fwi_jax.model.fwi's "dots" does): then the
+    # backward pass needs no second forward pass
+    out, lse = _forward(impl, q, k, v, block_size)
+    out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
+    lse = checkpoint_name(lse, ATTENTION_RESIDUALS[1])
+    return out, (q, k, v, out, lse)
+
+
+def _recomputing_bwd(impl, block_size, backward_block_size, residuals, d_out):
+    return _backward(impl, *residuals, d_out, backward_block_size)
+
+
+_recomputing_attention.defvjp(_recomputing_fwd, _recomputing_bwd)
 
 
 def _key_blocks(k, v, block_size):
@@ -240,12 +263,13 @@ def _key_blocks(k, v, block_size):
 
 
 def _block_scores(q, k_block, bias, scale):
-    """Scaled scores (g, N, block) in float32, padded keys at -inf (``bias``, from `_key_blocks`)."""
+    """Scaled scores (g, N, block) in float32, padded keys at -inf (``bias`` of `_key_blocks`)."""
     return jnp.einsum("hqd,hkd->hqk", q, k_block, preferred_element_type=_F32) * scale + bias
 
 
-def _group_forward(q, k, v, block_size):
-    """One group, (g, N, D) each -> out (g, N, D) in q.dtype, log-sum-exp (g, N) float32."""
+def _keys_forward(q, k, v, block_size):
+    """All heads at once, (g, N, D) each -> out (g, N, D) in q.dtype, log-sum-exp (g, N)
+    float32."""
     g, n, d = q.shape
     scale = 1.0 / math.sqrt(d)
     k_blocks, v_blocks, bias = _key_blocks(k, v, block_size)
@@ -267,8 +291,8 @@ def _group_forward(q, k, v, block_size):
     return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
 
-def _group_backward(q, k, v, out, lse, d_out, block_size):
-    """One group's dq, dk, dv (g, N, D); probabilities recomputed per key block from lse."""
+def _keys_backward(q, k, v, out, lse, d_out, block_size):
+    """dq, dk, dv (g, N, D) of all heads; probabilities recomputed per key block from lse."""
     n, d = q.shape[1], q.shape[2]
     scale = 1.0 / math.sqrt(d)
     k_blocks, v_blocks, bias = _key_blocks(k, v, block_size)
@@ -286,7 +310,8 @@ def _group_backward(q, k, v, out, lse, d_out, block_size):
         dk_b = jnp.einsum("hqk,hqd->hkd", ds.astype(q.dtype), q, preferred_element_type=_F32)
         return dq, (dk_b, dv_b)
 
-    dq, (dk_blocks, dv_blocks) = jax.lax.scan(step, jnp.zeros(q.shape, _F32), (k_blocks, v_blocks, bias))
+    dq, (dk_blocks, dv_blocks) = jax.lax.scan(step, jnp.zeros(q.shape, _F32),
+                                              (k_blocks, v_blocks, bias))
     unsplit = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, d)[:, :n]
     return ((dq * scale).astype(q.dtype), (unsplit(dk_blocks) * scale).astype(k.dtype),
             unsplit(dv_blocks).astype(v.dtype))
@@ -332,8 +357,8 @@ def _head_backward_by_queries(q, k, v, out, lse, d_out, block_size):
 
     The tiles are kept transposed, (N, rows), so that every matmul contracts the last axis of its
     left operand: XLA CPU hands those to YNNPACK, while a product contracting the first axis
-    (P^T dO, dS^T Q in the untransposed layout) went to Eigen's slower packing path (perf: ~11 %
-    of a tiny_s8 train step's CPU time in Eigen's gemm packing; fwd+bwd 13 % faster this way)."""
+    (P^T dO, dS^T Q in the untransposed layout) went to Eigen's slower packing path
+    (docs/performance.md)."""
     n, d = q.shape
     scale = 1.0 / math.sqrt(d)
     delta = jnp.einsum("qd,qd->q", d_out.astype(_F32), out.astype(_F32))
@@ -344,83 +369,21 @@ def _head_backward_by_queries(q, k, v, out, lse, d_out, block_size):
         q_b, qs_b, do_b, lse_b, delta_b = block  # qs_b: the scaled queries, for the scores
         s_t = jnp.einsum("kd,qd->kq", k, qs_b, preferred_element_type=_F32)  # (N, rows), scaled
         p_t = jnp.exp(s_t - lse_b[None, :])
-        dv = dv + jnp.einsum("kq,qd->kd", p_t.astype(d_out.dtype), do_b, preferred_element_type=_F32)
+        dv = dv + jnp.einsum("kq,qd->kd", p_t.astype(d_out.dtype), do_b,
+                             preferred_element_type=_F32)
         dp_t = jnp.einsum("kd,qd->kq", v, do_b, preferred_element_type=_F32)
         ds_t = p_t * (dp_t - delta_b[None, :])  # d(scores)^T / scale
         # dK from the unscaled queries, scaled once at the end: folding the scale into qs_b moved
         # float32 rounding enough that test_train's 4-vs-1-device check (16 AdamW steps) failed
         dk = dk + jnp.einsum("kq,qd->kd", ds_t.astype(q.dtype), q_b, preferred_element_type=_F32)
-        dq_t = jnp.einsum("dk,kq->dq", k_t, ds_t.astype(k.dtype), preferred_element_type=_F32)  # (D, rows)
+        dq_t = jnp.einsum("dk,kq->dq", k_t, ds_t.astype(k.dtype),
+                          preferred_element_type=_F32)  # (D, rows)
         return (dk, dv), dq_t
 
     blocks = tuple(_query_blocks(a, block_size) for a in (q, _scaled(q), d_out, lse, delta))
-    (dk, dv), dq_t = jax.lax.scan(step, (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32)), blocks)
+    zeros = (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32))
+    (dk, dv), dq_t = jax.lax.scan(step, zeros, blocks)
     dq = jnp.swapaxes(dq_t, 1, 2).reshape(-1, d)[:n]
     return (dq * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype)
 
 
-def _group_forward_by_queries(q, k, v, block_size):
-    """A group of one head, (1, N, D): `_head_forward_by_queries` (2-D matmuls, measured faster
-    on CPU than the same with a unit batch axis)."""
-    out, lse = _head_forward_by_queries(q[0], k[0], v[0], block_size)
-    return out[None], lse[None]
-
-
-def _group_backward_by_queries(q, k, v, out, lse, d_out, block_size):
-    grads = _head_backward_by_queries(q[0], k[0], v[0], out[0], lse[0], d_out[0], block_size)
-    return tuple(g[None] for g in grads)
-
-
-_TILINGS = {  # tiling -> (group forward, group backward)
-    "keys": (_group_forward, _group_backward),
-    "queries": (_group_forward_by_queries, _group_backward_by_queries),
-}
-
-
-def _map_groups(fn, *grouped):
-    """fn over the leading (group) axis: a plain call for one group, else lax.map (sequential)."""
-    if grouped[0].shape[0] == 1:
-        return jax.tree.map(lambda a: a[None], fn(*(a[0] for a in grouped)))
-    return jax.lax.map(lambda args: fn(*args), grouped)
-
-
-def _tiled_forward(q, k, v, tiling, block_size, heads_per_step):
-    """Returns out (B, N, H, D) in q.dtype and the log-sum-exp (B, H, N) float32."""
-    b, n, h, _ = q.shape
-    g = heads_per_step
-    forward = _TILINGS[tiling][0]
-    out, lse = _map_groups(lambda *a: forward(*a, block_size), *(_to_groups(a, g) for a in (q, k, v)))
-    lse = lse.reshape(-1, n)[: b * h].reshape(b, h, n)
-    return _from_groups(out, q.shape), lse
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _tiled_attention(q, k, v, tiling, block_size, heads_per_step):
-    """Blockwise ("keys") or query-block ("queries") attention, both with a recomputing backward."""
-    return _tiled_forward(q, k, v, tiling, block_size, heads_per_step)[0]
-
-
-def name_residuals(out, lse):
-    """A custom VJP's output and log-sum-exp, named so that a remat policy can keep them
-    (fwi_jax.model.fwi's "dots" does): then the backward pass needs no second forward pass."""
-    return checkpoint_name(out, ATTENTION_RESIDUALS[0]), checkpoint_name(lse, ATTENTION_RESIDUALS[1])
-
-
-def _tiled_fwd(q, k, v, tiling, block_size, heads_per_step):
-    out, lse = name_residuals(*_tiled_forward(q, k, v, tiling, block_size, heads_per_step))
-    return out, (q, k, v, out, lse)
-
-
-def _tiled_bwd(tiling, block_size, heads_per_step, residuals, d_out):
-    """Recompute each tile's probabilities from the saved log-sum-exp (no (N, N) residual)."""
-    q, k, v, out, lse = residuals
-    g = heads_per_step
-    groups = lambda a: _to_groups(a, g)
-    lse_groups = groups(lse.transpose(0, 2, 1)[..., None])[..., 0]  # (B,H,N) -> (groups, g, N)
-    backward = _TILINGS[tiling][1]
-    dq, dk, dv = _map_groups(lambda *a: backward(*a, block_size),
-                             groups(q), groups(k), groups(v), groups(out), lse_groups, groups(d_out))
-    return _from_groups(dq, q.shape), _from_groups(dk, k.shape), _from_groups(dv, v.shape)
-
-
-_tiled_attention.defvjp(_tiled_fwd, _tiled_bwd)

@@ -6,6 +6,7 @@ Tokens are (batch, tokens, dim). Parameters are float32; ``dtype`` is the comput
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +56,8 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def _linear(din, dout, *, rngs, dtype, use_bias=True):
-    return linear(din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs,
+def _linear(din, dout, *, rngs, dtype, platform, use_bias=True):
+    return linear(din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs, platform=platform,
                   kernel_init=nnx.initializers.truncated_normal(0.02))
 
 
@@ -65,20 +66,25 @@ def _layer_norm(dim, *, rngs, dtype):
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with q and v bias (no k bias) and RoPE on the non-cls tokens."""
+    """Multi-head self-attention with q and v bias (no k bias) and RoPE on the non-cls tokens.
+    ``impl``: the attention implementation (fwi_jax.model.attention); ``platform``: the one the
+    program is compiled for."""
 
-    def __init__(self, dim: int, heads: int, qkv_fused: bool, *, impl: str, block_size: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, qkv_fused: bool, *, impl: str, block_size: int, dtype,
+                 platform: str, rngs: nnx.Rngs):
         self.heads, self.impl, self.block_size, self.dtype = heads, impl, block_size, dtype
+        self.platform = platform
         self.qkv_fused = qkv_fused
+        lin = functools.partial(_linear, rngs=rngs, dtype=dtype, platform=platform)
         if qkv_fused:
-            self.qkv = _linear(dim, 3 * dim, use_bias=False, rngs=rngs, dtype=dtype)
+            self.qkv = lin(dim, 3 * dim, use_bias=False)
             self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
             self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
         else:
-            self.q_proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
-            self.k_proj = _linear(dim, dim, use_bias=False, rngs=rngs, dtype=dtype)
-            self.v_proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
-        self.proj = _linear(dim, dim, rngs=rngs, dtype=dtype)
+            self.q_proj = lin(dim, dim)
+            self.k_proj = lin(dim, dim, use_bias=False)
+            self.v_proj = lin(dim, dim)
+        self.proj = lin(dim, dim)
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, n_prefix: int = 1) -> jax.Array:
         b, n, d = x.shape
@@ -91,7 +97,7 @@ class Attention(nnx.Module):
         q, k, v = (t.reshape(b, n, self.heads, d // self.heads) for t in (q, k, v))
         q = jnp.concatenate([q[:, :n_prefix], apply_rope(q[:, n_prefix:], sin, cos)], axis=1)
         k = jnp.concatenate([k[:, :n_prefix], apply_rope(k[:, n_prefix:], sin, cos)], axis=1)
-        out = attention(q, k, v, impl=self.impl, block_size=self.block_size)
+        out = attention(q, k, v, impl=self.impl, block_size=self.block_size, platform=self.platform)
         return self.proj(out.reshape(b, n, d))
 
 
@@ -99,16 +105,17 @@ class SwiGLU(nnx.Module):
     """SwiGLU MLP, hidden = int(dim * 4 * 2/3). Packed (timm GluMlp: fc1 -> [gate | x]) or split
     (timm SwiGLU: fc1_g, fc1_x, then LayerNorm ``norm`` before fc2 when ``scale_mlp``)."""
 
-    def __init__(self, dim: int, scale_mlp: bool, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, scale_mlp: bool, *, dtype, platform: str, rngs: nnx.Rngs):
         hidden = int(dim * 4 * 2 / 3)
         self.scale_mlp = scale_mlp
+        lin = functools.partial(_linear, rngs=rngs, dtype=dtype, platform=platform)
         if scale_mlp:
-            self.fc1_g = _linear(dim, hidden, rngs=rngs, dtype=dtype)
-            self.fc1_x = _linear(dim, hidden, rngs=rngs, dtype=dtype)
+            self.fc1_g = lin(dim, hidden)
+            self.fc1_x = lin(dim, hidden)
             self.norm = _layer_norm(hidden, rngs=rngs, dtype=dtype)
         else:
-            self.fc1 = _linear(dim, 2 * hidden, rngs=rngs, dtype=dtype)
-        self.fc2 = _linear(hidden, dim, rngs=rngs, dtype=dtype)
+            self.fc1 = lin(dim, 2 * hidden)
+        self.fc2 = lin(hidden, dim)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.scale_mlp:
@@ -121,12 +128,13 @@ class SwiGLU(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm EVA02 block: x + attn(norm1(x)); x + mlp(norm2(x)). No layer scale."""
 
-    def __init__(self, size: EvaSize, *, impl: str, block_size: int, dtype, rngs: nnx.Rngs):
+    def __init__(self, size: EvaSize, *, impl: str, block_size: int, dtype, platform: str,
+                 rngs: nnx.Rngs):
         self.norm1 = _layer_norm(size.dim, rngs=rngs, dtype=dtype)
         self.attn = Attention(size.dim, size.heads, size.qkv_fused, impl=impl, block_size=block_size,
-                              dtype=dtype, rngs=rngs)
+                              dtype=dtype, platform=platform, rngs=rngs)
         self.norm2 = _layer_norm(size.dim, rngs=rngs, dtype=dtype)
-        self.mlp = SwiGLU(size.dim, size.scale_mlp, dtype=dtype, rngs=rngs)
+        self.mlp = SwiGLU(size.dim, size.scale_mlp, dtype=dtype, platform=platform, rngs=rngs)
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x), sin, cos)

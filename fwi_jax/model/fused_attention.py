@@ -1,12 +1,12 @@
 """Fused CPU attention: a C++ kernel (csrc/attention_cpu.cc) called through the XLA FFI.
 
-`fused_attention(q, k, v, block_size)` has the contract of `attention.attention`: q, k, v
+`forward` and `backward` are the two passes of ``attention(impl="fused_cpu")``, whose custom VJP
+(in `fwi_jax.model.attention`, shared with the pure-JAX implementations) saves q, k, v, the output
+and the log-sum-exp (B, H, N), and recomputes each score tile in the backward pass: memory per
+thread is one float32 score tile, (block, N) in the forward and (block, 256) in the backward,
+plus a few (N, D) copies of one head's K, V, Q, dO, dK, dV, never (N, N). q, k, v are
 (batch, tokens, heads, head_dim) with head_dim a multiple of 16, non-causal, scale
-1/sqrt(head_dim), output in q's dtype. The kernel computes in float32 (other dtypes are cast on
-the way in and out). Its custom VJP saves q, k, v, the output and the log-sum-exp (B, H, N) and
-recomputes each score tile in the backward pass: memory per thread is one float32 score tile,
-(block, N) in the forward and (block, 256) in the backward, plus a few (N, D) copies of one
-head's K, V, Q, dO, dK, dV, never (N, N).
+1/sqrt(head_dim). The kernel computes in float32 (other dtypes are cast on the way in and out).
 
 Why a C++ kernel: XLA:CPU runs the score matmul, the softmax and the next matmul as separate
 kernels with each (rows, N) tile written to memory between them; the kernel keeps the tile in L2
@@ -15,11 +15,13 @@ measurements).
 
 Build: the first use in a process compiles the kernel with the system C++ compiler ($CXX, else
 g++ or c++ on PATH) against jaxlib's FFI headers, for this machine's CPU (-march=native, or
-$FWI_JAX_KERNEL_ARCH), in about 5 s, and caches the shared library under
-$FWI_JAX_CACHE/kernels (default ~/.cache/fwi_jax/kernels), keyed by the source, flags, compiler,
-jax version and CPU; later processes load it in milliseconds. Where that is impossible (no
-compiler, not Linux) `load_kernel` raises KernelBuildError saying why; `attention`'s "auto"
-then uses query_blocks and says so on stderr.
+$FWI_JAX_KERNEL_ARCH), and caches the shared library under $FWI_JAX_CACHE/kernels (default
+~/.cache/fwi_jax/kernels), keyed by the source, flags, compiler, jax version and CPU; later
+processes load it without compiling. Where that is impossible (no compiler, not Linux)
+`load_kernel` raises KernelBuildError saying why; `attention`'s "auto" then uses query_blocks and
+says so on stderr.
+
+This module imports nothing from the rest of the model: `fwi_jax.model.attention` builds on it.
 """
 
 from __future__ import annotations
@@ -42,15 +44,14 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fwi_jax.model.attention import name_residuals
-
 SOURCE = Path(__file__).parent / "csrc" / "attention_cpu.cc"
 HEAD_DIM_MULTIPLE = 16  # the micro-kernels step through head_dim in 16-float (AVX-512) vectors
-_TARGETS = {"FwiAttentionForward": "fwi_attention_forward", "FwiAttentionBackward": "fwi_attention_backward"}
+_TARGETS = {"FwiAttentionForward": "fwi_attention_forward",
+            "FwiAttentionBackward": "fwi_attention_backward"}
 # No -ffast-math: it would link crtfastmath.o, which turns on flush-to-zero for the whole process;
 # the kernel's exp and max are written to vectorise without it.
-_FLAGS = ("-std=c++17", "-O3", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd",
-          "-fPIC", "-shared")
+_FLAGS = ("-std=c++17", "-O3", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math",
+          "-fopenmp-simd", "-fPIC", "-shared")
 
 
 class KernelBuildError(RuntimeError):
@@ -58,14 +59,17 @@ class KernelBuildError(RuntimeError):
 
 
 def find_compiler() -> str:
-    """The C++ compiler the kernel is built with: $CXX if set (it must exist), else g++ or c++ on PATH."""
+    """The C++ compiler the kernel is built with: $CXX if set (it must exist), else g++ or c++
+    on PATH."""
     requested = os.environ.get("CXX")
     cxx = shutil.which(requested) if requested else shutil.which("g++") or shutil.which("c++")
     if not cxx:
-        missing = f"$CXX={requested!r} is not an executable" if requested else "no g++ or c++ on PATH"
+        missing = (f"$CXX={requested!r} is not an executable" if requested
+                   else "no g++ or c++ on PATH")
         raise KernelBuildError(
-            f"attention 'fused_cpu' builds its kernel with a C++ compiler, and there is none ({missing}): "
-            "install one (Debian/Ubuntu: apt install g++) or set model.attention=query_blocks")
+            f"attention 'fused_cpu' builds its kernel with a C++ compiler, and there is none "
+            f"({missing}): install one (Debian/Ubuntu: apt install g++) or set "
+            "model.attention=query_blocks")
     return cxx
 
 
@@ -97,9 +101,10 @@ def _build(cxx: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         cmd = [cxx, *compile_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:
-            raise KernelBuildError(f"building {SOURCE} failed:\n$ {' '.join(cmd)}\n{done.stderr[-4000:]}")
+            raise KernelBuildError(
+                f"building {SOURCE} failed:\n$ {' '.join(cmd)}\n{done.stderr[-4000:]}")
         os.replace(built, target)  # atomic: a concurrent process sees no file or the whole file
 
 
@@ -108,13 +113,13 @@ def load_kernel() -> Path:
     """Build (once per machine; cached) and load the kernel, and register its FFI targets for
     the CPU; returns the library's path. Raises KernelBuildError where that is impossible."""
     if sys.platform != "linux":
-        raise KernelBuildError(f"attention 'fused_cpu' is built for Linux only, not {sys.platform}: "
-                               "set model.attention=query_blocks")
+        raise KernelBuildError(f"attention 'fused_cpu' is built for Linux only, not "
+                               f"{sys.platform}: set model.attention=query_blocks")
     cxx = find_compiler()
     path = library_path(cxx)
     if not path.exists():
-        print(f"fwi_jax: building the fused CPU attention kernel ({SOURCE.name}, ~5 s) into {path}",
-              file=sys.stderr, flush=True)
+        print(f"fwi_jax: building the fused CPU attention kernel ({SOURCE.name}, once per "
+              f"machine) into {path}", file=sys.stderr, flush=True)
         _build(cxx, path)
     try:
         lib = ctypes.CDLL(str(path))
@@ -125,7 +130,8 @@ def load_kernel() -> Path:
     return path
 
 
-_CALL = re.compile(r"\(f32\[(\d+),(\d+),(\d+),(\d+)\].*custom_call_target=\"fwi_attention_(forward|backward)\"")
+_CALL = re.compile(r"\(f32\[(\d+),(\d+),(\d+),(\d+)\]"
+                   r".*custom_call_target=\"fwi_attention_(forward|backward)\"")
 
 
 def kernel_flops(hlo_text: str) -> float:
@@ -141,13 +147,11 @@ def kernel_flops(hlo_text: str) -> float:
 
 
 def unsupported(shape: tuple[int, ...]) -> str | None:
-    """Why the kernel cannot run attention of q's `shape` (B, N, H, D) in this process, or None."""
-    platform = jax.local_devices()[0].platform
-    if platform != "cpu":
-        return f"is a CPU kernel; this process runs on {platform} (model.attention=auto picks cuDNN or blockwise)"
+    """Why the kernel cannot run attention of q's ``shape`` (B, N, H, D), or None. (That it runs
+    on CPUs only is `attention.resolve_impl`'s check: it knows the platform compiled for.)"""
     if shape[-1] % HEAD_DIM_MULTIPLE:
-        return (f"needs head_dim a multiple of {HEAD_DIM_MULTIPLE} (every EVA02 size has 64); got {shape[-1]} "
-                "(model.attention=query_blocks runs any)")
+        return (f"needs head_dim a multiple of {HEAD_DIM_MULTIPLE} (every EVA02 size has 64); "
+                f"got {shape[-1]} (model.attention=query_blocks runs any)")
     return None
 
 
@@ -167,7 +171,8 @@ def _ffi_forward(q, k, v, block_size):
 def _ffi_backward(q, k, v, out, lse, d_out, block_size):
     """float32 q, k, v, out, d_out (B, N, H, D), lse (B, H, N) -> dq, dk, dv."""
     return jax.ffi.ffi_call(
-        _TARGETS["FwiAttentionBackward"], tuple(jax.ShapeDtypeStruct(q.shape, jnp.float32) for _ in range(3)),
+        _TARGETS["FwiAttentionBackward"],
+        tuple(jax.ShapeDtypeStruct(q.shape, jnp.float32) for _ in range(3)),
     )(q, k, v, out, lse, d_out, block=int(block_size))
 
 
@@ -215,38 +220,25 @@ def _call(partitioned, block_size: int):
 
     @f.def_vmap
     def fold(axis_size, in_batched, *arrays):
-        arrays = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, batched in zip(arrays, in_batched)]
+        arrays = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+                  for a, batched in zip(arrays, in_batched)]
         outs = f(*(a.reshape(-1, *a.shape[2:]) for a in arrays))
         return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), (True,) * len(outs)
 
     return f
 
 
-def _forward(q, k, v, block_size):
-    if (reason := unsupported(q.shape)):
-        raise ValueError(f"attention impl 'fused_cpu' {reason}")
+def forward(q, k, v, block_size: int):
+    """q, k, v (B, N, H, D) -> out (B, N, H, D) in q's dtype, log-sum-exp (B, H, N) float32;
+    ``block_size`` query rows per tile."""
     load_kernel()
     out, lse = _call(_forward_partitioned, int(block_size))(*_f32(q, k, v))
     return out.astype(q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def fused_attention(q, k, v, block_size=64, backward_block_size=None):
-    """softmax(q k^T / sqrt(d)) v by the C++ kernel; q, k, v (B, N, H, D); `block_size` query rows
-    per tile of the forward pass, `backward_block_size` of the backward pass (None: the same)."""
-    return _forward(q, k, v, block_size)[0]
-
-
-def _fused_fwd(q, k, v, block_size, backward_block_size):
-    out, lse = name_residuals(*_forward(q, k, v, block_size))
-    return out, (q, k, v, out, lse)
-
-
-def _fused_bwd(block_size, backward_block_size, residuals, d_out):
-    q, k, v, out, lse = residuals
-    block = int(backward_block_size or block_size)
-    grads = _call(_backward_partitioned, block)(*_f32(q, k, v, out), lse, *_f32(d_out))
+def backward(q, k, v, out, lse, d_out, block_size: int):
+    """dq, dk, dv (B, N, H, D) in the dtypes of q, k, v, from `forward`'s out and lse and the
+    output's cotangent d_out; ``block_size`` query rows per tile."""
+    load_kernel()
+    grads = _call(_backward_partitioned, int(block_size))(*_f32(q, k, v, out), lse, *_f32(d_out))
     return tuple(g.astype(a.dtype) for g, a in zip(grads, (q, k, v)))
-
-
-fused_attention.defvjp(_fused_fwd, _fused_bwd)

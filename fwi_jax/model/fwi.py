@@ -16,10 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwi_jax.config import Config, ConfigError
-from fwi_jax.model.attention import ATTENTION_RESIDUALS
+from fwi_jax.model.attention import ATTENTION_RESIDUALS, resolve_impl
 from fwi_jax.model.eva02 import SIZES, Block, EvaSize, rope_table
 from fwi_jax.model.layers import OUTPUT_NAME as DENSE_OUTPUT
 from fwi_jax.model.layers import linear
+from fwi_jax.model.target import target_platform
 from fwi_jax.preprocess import fold_and_resize
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -49,7 +50,11 @@ def model_size(cfg: Config) -> EvaSize:
 
 
 class FWIModel(nnx.Module):
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+    """The model of ``cfg`` for programs compiled for ``platform`` (cpu, cuda, rocm, tpu; None:
+    this process's default backend), which decides ``model.attention=auto`` and the dense
+    layers' backward pass (`fwi_jax.model.target`)."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs, platform: str | None = None):
         g, m = cfg.geometry, cfg.model
         if m.dtype not in DTYPES:
             raise ConfigError(f"model.dtype={m.dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -57,19 +62,26 @@ class FWIModel(nnx.Module):
             raise ConfigError(f"model.remat={m.remat!r}: choose none, full or dots")
         self.cfg = cfg
         size = model_size(cfg)
+        platform = target_platform(platform)
+        try:
+            impl = resolve_impl(m.attention, platform, size.dim // size.heads)
+        except ValueError as err:
+            raise ConfigError(f"model.attention={m.attention!r}: {err}") from None
         dtype = DTYPES[m.dtype]
         self.dtype = dtype
         p = g.patch
         gh, gw = g.grid
-        self.patch_embed = nnx.Dict(proj=linear(p * p, size.dim, dtype=dtype, rngs=rngs))
+        self.patch_embed = nnx.Dict(proj=linear(p * p, size.dim, dtype=dtype, rngs=rngs,
+                                                platform=platform))
         self.cls_token = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1, size.dim)))
         self.pos_embed = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1 + gh * gw, size.dim)))
         self.blocks = nnx.List([
-            Block(size, impl=m.attention, block_size=m.attention_block, dtype=dtype, rngs=rngs)
+            Block(size, impl=impl, block_size=m.attention_block, dtype=dtype, platform=platform,
+                  rngs=rngs)
             for _ in range(size.depth)
         ])
         hp, wp = g.head_patch
-        self.head = linear(size.dim, hp * wp, dtype=dtype, rngs=rngs,
+        self.head = linear(size.dim, hp * wp, dtype=dtype, rngs=rngs, platform=platform,
                            kernel_init=nnx.initializers.truncated_normal(0.02))
         self.head_dim = size.dim // size.heads
 

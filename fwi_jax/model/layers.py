@@ -7,10 +7,11 @@ are formed differently. Why by hand:
 - Dense, y = x @ W with x (..., K), W (K, N): autodiff emits dW = x^T dy as a dot contracting
   both operands' leading (token) axis. XLA:CPU runs that on Eigen after transposing dy into an
   (N, tokens) copy (48 MB for tiny_s8's fc1), concurrently with the next layer's YNNPACK dot on
-  the same two cores. ``dot_general`` on a CPU process instead transposes the narrower of x and
+  the same two cores. ``dot_general`` in a CPU program instead transposes the narrower of x and
   dy itself (behind an optimization barrier, so XLA does not fold the transpose back into the
-  dot) and contracts (narrow^T, wide), the form YNNPACK handles best. On GPUs and TPUs the plain
-  ``lax.dot_general`` is used (their matmul libraries read transposed operands directly).
+  dot) and contracts (narrow^T, wide), the form YNNPACK handles best. A model built for any
+  other platform (``linear``'s ``platform``) uses the plain ``lax.dot_general``: GPU and TPU
+  matmul libraries read transposed operands directly.
 - LayerNorm: autodiff of flax's LayerNorm goes through its two statistics and their broadcasts,
   and XLA:CPU materialises the broadcast scale at full size for the YNNPACK fusions around it.
   ``layer_norm``'s VJP is the textbook one, dx = rstd (g - mean(g) - xhat mean(g xhat)) with
@@ -31,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+
+from fwi_jax.model.target import target_platform
 
 # The CPU path's outputs are tagged with this name: the remat `dots` policy (fwi.REMAT_POLICIES)
 # saves it, as it saves a plain dot's output (it cannot see the dot inside the custom VJP).
@@ -71,9 +74,11 @@ def _dense_bwd(precision, preferred_element_type, residuals, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
-    """``lax.dot_general`` for nnx.Linear; on a CPU process its contraction goes through ``dense``."""
-    if jax.default_backend() == "cpu" and out_sharding is None and _dense_dims(lhs, rhs, dimension_numbers):
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                out_sharding=None):
+    """``lax.dot_general`` for nnx.Linear in a CPU program: its contraction goes through
+    ``dense``."""
+    if out_sharding is None and _dense_dims(lhs, rhs, dimension_numbers):
         return checkpoint_name(dense(lhs, rhs, precision, preferred_element_type), OUTPUT_NAME)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, out_sharding=out_sharding)
@@ -141,7 +146,11 @@ class LayerNorm(nnx.LayerNorm):
         return layer_norm(x, self.scale[...], self.bias[...], self.epsilon).astype(self.dtype or x.dtype)
 
 
-def linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype, use_bias: bool = True, **kwargs) -> nnx.Linear:
-    """nnx.Linear(din, dout) with float32 parameters, compute ``dtype`` and ``dot_general`` above."""
+def linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype, use_bias: bool = True,
+           platform: str | None = None, **kwargs) -> nnx.Linear:
+    """nnx.Linear(din, dout) with float32 parameters and compute ``dtype``, for a program
+    compiled for ``platform`` (None: this process's default backend): ``dot_general`` above on
+    cpu, ``lax.dot_general`` elsewhere."""
+    dot = dot_general if target_platform(platform) == "cpu" else jax.lax.dot_general
     return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                      dot_general=dot_general, rngs=rngs, **kwargs)
+                      dot_general=dot, rngs=rngs, **kwargs)
