@@ -137,7 +137,7 @@ def _real_block_vjp(cfg, batch: int):
     m, geo = cfg.model, cfg.geometry
     size = model_size(cfg)
     dtype = DTYPES[m.dtype]
-    impl = resolve_impl(m.attention, PLATFORM, size.dim // size.heads)
+    impl = resolve_impl(m.attention, PLATFORM, size.dim // size.heads, dtype)
     block = nnx.eval_shape(lambda: Block(size, impl=impl, block_size=m.attention_block, dtype=dtype,
                                          platform=PLATFORM, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(block)

@@ -96,9 +96,10 @@ def _attention_impls(cfg, platform):
 def test_auto_attention_is_decided_for_the_target_platform(monkeypatch, capsys):
     """On this CPU host: auto is fused_cpu for a CPU program and blockwise for a CUDA one (no GPU
     to trace cuDNN with), said once on stderr; with GPUs visible it follows their compute
-    capability; rocm and tpu programs get xla."""
+    capability and the compute dtype (cuDNN takes float16 and bfloat16 only); rocm and tpu
+    programs get xla."""
     attention_module._say_once.cache_clear()
-    cfg = load_config("tiny_s8", ["model.depth=2", "model.split=1"])
+    cfg = load_config("tiny_s8", ["model.depth=2", "model.split=1", "model.dtype=bfloat16"])
     assert _attention_impls(cfg, "cuda") == {"blockwise"}
     assert _attention_impls(cfg, "cpu") == {"fused_cpu"}
     assert _attention_impls(cfg, None) == {"fused_cpu"}  # None: this process's backend, a CPU
@@ -106,14 +107,21 @@ def test_auto_attention_is_decided_for_the_target_platform(monkeypatch, capsys):
     assert err.count("model.attention=auto -> blockwise for cuda: this process sees no CUDA GPU") == 1
     assert err.count("model.attention=auto -> fused_cpu for cpu") == 1
     assert resolve_impl("auto", "tpu") == resolve_impl("auto", "rocm") == "xla"
-    with pytest.raises(ValueError, match="needs an NVIDIA GPU of compute capability >= 8.0"):
+    with pytest.raises(ValueError, match="'cudnn' cannot run: this process sees no CUDA GPU"):
         resolve_impl("cudnn", "cuda")  # cuDNN cannot be traced without one
     for capabilities, expected in ((["9.0"], "cudnn"), (["8.0", "8.6"], "cudnn"), (["7.0"], "blockwise"),
                                    (["8.0", "7.5"], "blockwise")):
         fake = [_FakeGpu(c) for c in capabilities]
         monkeypatch.setattr(attention_module, "local_devices", lambda platform, fake=fake: fake)
-        assert resolve_impl("auto", "cuda") == expected, capabilities
+        assert resolve_impl("auto", "cuda", 64, jnp.bfloat16) == expected, capabilities
         assert _attention_impls(cfg, "cuda") == {expected}
+    # an sm90 GPU: float32 compute or a head_dim cuDNN does not take -> blockwise
+    monkeypatch.setattr(attention_module, "local_devices", lambda platform: [_FakeGpu("9.0")])
+    assert _attention_impls(cfg.replace(**{"model.dtype": "float32"}), "cuda") == {"blockwise"}
+    assert resolve_impl("auto", "cuda", 60, jnp.float16) == "blockwise"
+    with pytest.raises(ValueError, match="takes float16 or bfloat16, not float32"):
+        resolve_impl("cudnn", "cuda", 64, jnp.float32)
+    assert "float16 or bfloat16, not float32 (model.dtype)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ Implementations (``cfg.model.attention``), each kept for a platform that needs i
   materialises the (N, N) scores of every head. It lowers for every platform, it is what the
   others are tested against, and ``auto`` picks it on TPU and ROCm.
 - ``"cudnn"``: the same library call with ``implementation="cudnn"``: cuDNN's fused flash
-  attention, for NVIDIA GPUs of compute capability >= 8.0 (A100, H100). cuDNN needs such a GPU
-  visible to the process even to trace the program; anywhere else it raises, never falls back.
+  attention, for NVIDIA GPUs of compute capability >= 8.0 (A100, H100), float16 or bfloat16
+  compute. cuDNN needs such a GPU visible to the process even to trace the program; anywhere
+  else it raises, never falls back.
 - ``"blockwise"``: flash-style attention in pure JAX with a custom VJP, all heads at once: an
   online softmax over key blocks of ``block_size`` tokens; the backward pass recomputes the
   scores block by block from the saved log-sum-exp. Memory O(N * block_size) per head, never
@@ -32,8 +33,9 @@ Implementations (``cfg.model.attention``), each kept for a platform that needs i
 - ``"auto"``: decided for the platform the program is compiled for (`resolve_impl`; the model
   passes its build platform, `fwi_jax.model.target`), not for the process's default backend:
   cpu -> fused_cpu (else query_blocks); cuda -> cudnn where every visible GPU has compute
-  capability >= 8.0, else blockwise (older GPUs, or no GPU visible); rocm, tpu -> xla. The
-  choice and its reason are said once per process on stderr.
+  capability >= 8.0 and the compute dtype is float16 or bfloat16, else blockwise (older GPUs,
+  float32, or no GPU visible); rocm, tpu -> xla. The choice and its reason are said once per
+  process on stderr.
 
 Not offered: an einsum-softmax-einsum (the maths of "xla", which the tests keep as their own
 reference), and blockwise over sequential groups of heads on CPU (query_blocks is the CPU
@@ -53,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from fwi_jax.model import fused_attention as fused
+import fwi_jax.model.fused_attention as fused
 from fwi_jax.model.target import local_devices, target_platform
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "query_blocks", "fused_cpu")
@@ -63,7 +65,9 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "query_blocks", "fused_c
 # runs best on blocks of 256 queries: its default block, unless block_size sets both passes'.
 DEFAULT_BLOCKS = {"blockwise": 256, "query_blocks": 256, "fused_cpu": 64}
 FUSED_CPU_BACKWARD_BLOCK = 256
-CUDNN_MIN_CAPABILITY = 8.0  # cuDNN's fused flash attention: Ampere (sm80) and newer
+CUDNN_MIN_CAPABILITY = 8.0  # cuDNN's fused flash attention: Ampere (sm80) and newer,
+CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)  # in 16-bit floats,
+CUDNN_MAX_HEAD_DIM = 128  # with heads of <= 128 (a multiple of 8; every EVA02 size has 64)
 # checkpoint_name tags of the recomputing implementations' saved residuals (output, log-sum-exp)
 ATTENTION_RESIDUALS = ("attention_out", "attention_lse")
 
@@ -76,39 +80,55 @@ def _cuda_capabilities() -> list[float]:
             if getattr(d, "compute_capability", None) is not None]
 
 
-def resolve_impl(impl: str, platform: str | None = None, head_dim: int | None = None) -> str:
+def resolve_impl(impl: str, platform: str | None = None, head_dim: int | None = None,
+                 dtype=None) -> str:
     """The implementation that attention ``impl`` runs in a program compiled for ``platform``
-    (None: this process's default backend), for heads of ``head_dim`` (None: not known yet).
+    (None: this process's default backend), for heads of ``head_dim`` in ``dtype`` (None: not
+    known yet).
 
     "auto" follows the rule in the module docstring and says its choice once on stderr. A
     named implementation is returned as it is, or refused with a ValueError saying why where
-    it cannot run: fused_cpu for anything but cpu, cudnn without a GPU of compute capability
-    >= 8.0 in this process.
+    it cannot run: fused_cpu for anything but cpu; cudnn without a GPU of compute capability
+    >= 8.0 in this process, or for float32 or a head_dim cuDNN does not take.
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {impl!r}; "
                          f"choose one of {', '.join(IMPLEMENTATIONS)}")
     platform = target_platform(platform)
     if impl == "auto":
-        choice, reason = _auto(platform, head_dim)
+        choice, reason = _auto(platform, head_dim, dtype)
         _say_once(f"fwi_jax: model.attention=auto -> {choice} for {platform}: {reason}")
         return choice
     if impl == "fused_cpu" and platform != "cpu":
         raise ValueError(f"attention 'fused_cpu' is a CPU kernel; the program is compiled for "
                          f"{platform} (model.attention=auto picks cudnn or blockwise there)")
-    if impl == "cudnn":
-        capabilities = _cuda_capabilities()
-        if platform != "cuda" or not capabilities or min(capabilities) < CUDNN_MIN_CAPABILITY:
-            seen = ", ".join(f"compute capability {c}" for c in capabilities) or "no CUDA GPU"
-            raise ValueError(
-                f"attention 'cudnn' needs an NVIDIA GPU of compute capability >= "
-                f"{CUDNN_MIN_CAPABILITY} in this process, even to trace the program; it is "
-                f"compiled for {platform} in a process with {seen}. "
-                "Use model.attention=auto, blockwise or xla.")
+    if impl == "cudnn" and (reason := _cudnn_unsupported(platform, head_dim, dtype)):
+        raise ValueError(f"attention 'cudnn' cannot run: {reason}. "
+                         "Use model.attention=auto, blockwise or xla.")
     return impl
 
 
-def _auto(platform: str, head_dim: int | None) -> tuple[str, str]:
+def _cudnn_unsupported(platform: str, head_dim: int | None, dtype) -> str | None:
+    """Why cuDNN's flash attention cannot run in a program for ``platform`` here, or None."""
+    if platform != "cuda":
+        return f"cuDNN is a CUDA library and the program is compiled for {platform}"
+    capabilities = _cuda_capabilities()
+    if not capabilities:
+        return ("this process sees no CUDA GPU, and cuDNN attention can be neither checked nor "
+                "traced without one")
+    if min(capabilities) < CUDNN_MIN_CAPABILITY:
+        return (f"compute capability {min(capabilities)} has no cuDNN flash attention (needs >= "
+                f"{CUDNN_MIN_CAPABILITY})")
+    if dtype is not None and jnp.dtype(dtype) not in CUDNN_DTYPES:
+        return (f"cuDNN flash attention takes float16 or bfloat16, not {jnp.dtype(dtype).name} "
+                "(model.dtype)")
+    if head_dim is not None and (head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM):
+        return (f"cuDNN flash attention takes head_dim <= {CUDNN_MAX_HEAD_DIM} and a multiple "
+                f"of 8, not {head_dim}")
+    return None
+
+
+def _auto(platform: str, head_dim: int | None, dtype) -> tuple[str, str]:
     """(implementation, reason) of "auto" for ``platform``."""
     if platform == "cpu":
         if head_dim is not None and head_dim % fused.HEAD_DIM_MULTIPLE:
@@ -120,14 +140,10 @@ def _auto(platform: str, head_dim: int | None) -> tuple[str, str]:
             return "query_blocks", f"slower, because the fused_cpu kernel is unavailable: {err}"
         return "fused_cpu", "the fused C++ kernel is built"
     if platform == "cuda":
-        capabilities = _cuda_capabilities()
-        if not capabilities:
-            return "blockwise", ("this process sees no CUDA GPU, and cuDNN attention can be "
-                                 "neither checked nor traced without one")
-        if min(capabilities) < CUDNN_MIN_CAPABILITY:
-            return "blockwise", (f"compute capability {min(capabilities)} has no cuDNN flash "
-                                 f"attention (needs >= {CUDNN_MIN_CAPABILITY})")
-        return "cudnn", f"compute capability {min(capabilities)} has cuDNN flash attention"
+        if (reason := _cudnn_unsupported(platform, head_dim, dtype)):
+            return "blockwise", reason
+        return "cudnn", (f"compute capability {min(_cuda_capabilities())} has cuDNN flash "
+                         "attention")
     return "xla", "no fused or blockwise implementation is tuned for this platform"
 
 
@@ -150,7 +166,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla",
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError("attention expects q, k, v of one shape (batch, tokens, heads, "
                          f"head_dim); got {q.shape}, {k.shape}, {v.shape}")
-    impl = resolve_impl(impl, platform, q.shape[-1])
+    impl = resolve_impl(impl, platform, q.shape[-1], q.dtype)
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, implementation=impl)
     if block_size is None:

@@ -62,13 +62,13 @@ class FWIModel(nnx.Module):
             raise ConfigError(f"model.remat={m.remat!r}: choose none, full or dots")
         self.cfg = cfg
         size = model_size(cfg)
-        platform = target_platform(platform)
-        try:
-            impl = resolve_impl(m.attention, platform, size.dim // size.heads)
-        except ValueError as err:
-            raise ConfigError(f"model.attention={m.attention!r}: {err}") from None
         dtype = DTYPES[m.dtype]
         self.dtype = dtype
+        platform = target_platform(platform)
+        try:
+            impl = resolve_impl(m.attention, platform, size.dim // size.heads, dtype)
+        except ValueError as err:
+            raise ConfigError(f"model.attention={m.attention!r}: {err}") from None
         p = g.patch
         gh, gw = g.grid
         self.patch_embed = nnx.Dict(proj=linear(p * p, size.dim, dtype=dtype, rngs=rngs,
