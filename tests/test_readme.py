@@ -20,13 +20,14 @@ import ast
 import contextlib
 import importlib
 import io
+import json
 import pathlib
 import re
 import shlex
 
 import pytest
 
-from fwi_jax.config import ConfigError, load_config
+from fwi_jax.config import Config, ConfigError, apply_overrides, load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -189,3 +190,27 @@ def test_docs_name_files_and_tests_that_exist(doc):
     assert paths, f"{doc} names no repository path"
     assert not missing, f"{doc} names paths that do not exist: {missing}"
     assert cited <= defined, f"{doc} cites tests that do not exist: {sorted(cited - defined)}"
+
+
+# `train.lr`, `model.dtype=bfloat16`; not a module path (`fwi_jax.data.io`) or a file name
+CONFIG_KEY = re.compile(r"(?<![\w./])((?:geometry|model|data|synth|train)"
+                        r"\.(?!(?:safetensors|npy|npz|json|jsonl|txt|py|pth)\b)\w+)"
+                        r"(?:=([^\s|`,;)]+))?")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/reference.md", "docs/performance.md"])
+def test_docs_name_config_keys_that_exist(doc):
+    """Every config key a document names in inline code (`train.lr`, `model.dtype=bfloat16`) is a
+    field of the config, and a value given with it parses as that field's type."""
+    text = re.sub(r"```.*?```", "", (ROOT / doc).read_text(), flags=re.DOTALL)  # prose only
+    errors, n = [], 0
+    for span in re.findall(r"`([^`]+)`", text):
+        for key, value in CONFIG_KEY.findall(span):
+            n += 1
+            try:  # a key without a value is checked with its current value
+                cfg = Config()
+                shown = value or json.dumps(cfg.to_dict()[key.split(".")[0]][key.split(".")[1]])
+                apply_overrides(cfg, [f"{key}={shown.strip(chr(34))}"])
+            except (ConfigError, KeyError) as e:
+                errors.append(f"`{span}`: {e!r}")
+    assert not errors, f"{doc} names config keys that do not exist:\n" + "\n".join(errors)
