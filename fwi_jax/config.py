@@ -119,9 +119,16 @@ class SynthConfig:
     n_val: int = 0  # validation during training (best checkpoint)
     n_test: int = 0  # held out for the final ensemble evaluation (fwi_jax.demo)
     families: tuple[str, ...] = ("layered", "faulted", "salt")
-    mode: str = "fast"  # solver mode, see fwi_jax.synth
+    mode: str = "fast"  # solver mode of the cpml8 profile: fast | full
+    profile: str = "cpml8"  # generator profile: cpml8 | devito (fwi_jax.synth.profiles)
     seed: int = 0
     cache_dir: str = "~/.cache/fwi_jax/synth"
+
+    def validate(self) -> None:
+        if self.profile not in ("cpml8", "devito"):
+            raise ConfigError(f"synth.profile={self.profile!r}: choose cpml8 or devito")
+        if self.mode not in ("fast", "full"):
+            raise ConfigError(f"synth.mode={self.mode!r}: choose fast or full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +176,7 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def replace(self, **overrides: Any) -> "Config":
+    def replace(self, **overrides: Any) -> Config:
         """``cfg.replace(**{"train.lr": 1e-4})`` with dotted keys and already-typed values."""
         cfg = self
         for key, value in overrides.items():
@@ -301,4 +308,5 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     cfg = apply_overrides(cfg, overrides)
     cfg.geometry.validate()
     cfg.data.validate()
+    cfg.synth.validate()
     return cfg

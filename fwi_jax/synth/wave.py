@@ -84,6 +84,15 @@ class Mode:
     dt: float
     order: int = 8
     pml: int = 30  # CPML cells per side (the outermost order/2 of them are held at zero)
+    # devito-style damping layer ("bcs='damp'": a term damp(x)·u_t) of ``sponge`` cells between
+    # the model and the CPML, with devito's profile for a layer ``sponge_width`` metres wide
+    sponge: int = 0
+    sponge_width: int = 350
+
+    @property
+    def pad(self) -> int:
+        """Cells added on every side of the model (sponge + CPML)."""
+        return self.sponge + self.pml
 
 
 MODES = {
@@ -228,6 +237,27 @@ def _pml_profile(npml: int, dx: float, dt: float, v_max, f0: float, reflection: 
     return a.astype(jnp.float32), b.astype(jnp.float32)
 
 
+def sponge_profile(n_model: int, mode: Mode) -> np.ndarray:
+    """Devito's damping coefficient (1/m) along one padded axis of n_model + 2·pad cells.
+
+    Devito (examples/seismic/model.py, ``initialize_damp``) sets, in a layer of W cells of 1 m,
+    at d metres outside the model: pos = (d + 1)/W, damp = 1.5·ln(1000)/W · (pos −
+    sin(2π·pos)/(2π)) per metre. Here cell j (j = 0 adjacent to the model) is d = (j + 1)·dx
+    metres out; the CPML beyond the ``sponge`` cells has no damping term.
+    """
+    w = mode.sponge_width
+    out = np.zeros(n_model + 2 * mode.pad)
+    if mode.sponge == 0:
+        return out
+    d = (np.arange(mode.pad) + 1) * mode.dx
+    pos = np.minimum(d + 1, w + 1) / w
+    val = 1.5 * math.log(1000.0) / w * (pos - np.sin(2 * np.pi * pos) / (2 * np.pi))
+    val[mode.sponge :] = 0.0
+    out[: mode.pad] = val[::-1]
+    out[mode.pad + n_model :] = val
+    return out
+
+
 # ----------------------------------------------------------------------------- propagator
 
 
@@ -264,7 +294,14 @@ def propagate(
     a_l, b_l = a_l[r:], b_l[r:]  # the strips' cells that are updated
     a_r, b_r = a_l[::-1], b_l[::-1]
     courant2 = ((v * (1e3 * dt / dx)) ** 2).astype(jnp.float32)
-    c2in = courant2[r:-r, r:-r]
+    if mode.sponge:
+        # m·u_tt − ∇²u + damp·u_t = 0 with a centred u_t: w ← a·w + b·c²∇²u, η = damp·v²·dt/2
+        dx_ = sponge_profile(nx - 2 * mode.pad, mode)
+        dz_ = sponge_profile(nz - 2 * mode.pad, mode)
+        damp = jnp.asarray((dx_[:, None] + dz_[None, :]).astype(np.float32))
+        eta = damp * v**2 * (dt * 1e3 / 2.0)  # v in m/ms, dt in ms
+        damp_a = ((1.0 - eta) / (1.0 + eta))[r : nx - r]
+        damp_b = (1.0 / (1.0 + eta))[r : nx - r]
 
     sx_i, sx_w, sz_i, sz_w = (jnp.asarray(a) for a in src)
     rx_i, rx_w, rz_i, rz_w = (jnp.asarray(a) for a in rec)
@@ -343,7 +380,10 @@ def propagate(
         # one pass over the grid: Laplacian + the depth strips' terms (narrow in the contiguous axis,
         # where a separate in-place add costs ~10x its size); the x strips are added in place after
         lap_z = jnp.pad(corr["zt"], ((0, 0), (0, mz - p))) + jnp.pad(corr["zb"], ((0, 0), (mz - p, 0)))
-        w = w + c2rows * jnp.pad(laplacian(u) + lap_z, ((0, 0), (r, r)))
+        if mode.sponge:
+            w = damp_a * w + damp_b * c2rows * jnp.pad(laplacian(u) + lap_z, ((0, 0), (r, r)))
+        else:
+            w = w + c2rows * jnp.pad(laplacian(u) + lap_z, ((0, 0), (r, r)))
         for name in ("xl", "xr"):
             (x0, x1), (z0, z1) = regions[name]
             w = w.at[x0 - r : x1 - r, z0:z1].add(c2strip[name] * corr[name])
@@ -397,7 +437,7 @@ def resample_time(traces: jax.Array, dt_in: float, dt_out: float, nt_out: int) -
 
 @partial(
     jax.jit,
-    static_argnames=("mode", "survey", "f0", "out_dt", "out_nt", "amplitude", "block", "unroll", "remat", "model_dx", "shot_batch"),
+    static_argnames=("mode", "survey", "f0", "t0", "out_dt", "out_nt", "amplitude", "block", "unroll", "remat", "model_dx", "shot_batch"),
 )
 def simulate_shots(
     v: jax.Array,
@@ -405,6 +445,7 @@ def simulate_shots(
     mode: Mode | str = "fast",
     survey: Survey = Survey(),
     f0: float = F0,
+    t0: float | None = None,
     out_dt: float = OUT_DT,
     out_nt: int = OUT_NT,
     amplitude: float = 1.0,
@@ -416,19 +457,20 @@ def simulate_shots(
 ) -> jax.Array:
     """All shots of one velocity model. v: (nx, nz) km/s on the ``model_dx`` grid.
 
-    Returns (n_sources, out_nt, n_receivers) float32 sampled every ``out_dt``. Jittable (mode,
+    The source is ``amplitude`` x a Ricker wavelet of peak frequency ``f0`` (Hz) peaking at ``t0``
+    (s; default 1.5/f0). Returns (n_sources, out_nt, n_receivers) float32 sampled every ``out_dt``. Jittable (mode,
     survey and sizes are static); the CFL check needs a concrete ``v`` and runs in ``simulate``.
     """
     mode = MODES[mode] if isinstance(mode, str) else mode
     vg = resample_model(jnp.asarray(v, jnp.float32), mode.dx, model_dx)
-    vp = pad_model(vg, mode.pml)
+    vp = pad_model(vg, mode.pad)
     nx_pad, nz_pad = vp.shape
-    src = _point_stencils(survey.source_x, survey.source_z, mode.dx, mode.pml, nx_pad, nz_pad)
-    rec = _point_stencils(survey.receiver_x, survey.receiver_z, mode.dx, mode.pml, nx_pad, nz_pad)
+    src = _point_stencils(survey.source_x, survey.source_z, mode.dx, mode.pad, nx_pad, nz_pad)
+    rec = _point_stencils(survey.receiver_x, survey.receiver_z, mode.dx, mode.pad, nx_pad, nz_pad)
     step_ratio = out_dt / mode.dt
     t_end = (out_nt - 1) * out_dt
     nt = int(math.ceil(t_end / mode.dt - 1e-9)) + 1
-    wavelet = amplitude * ricker(jnp.arange(nt, dtype=jnp.float32) * mode.dt, f0)
+    wavelet = amplitude * ricker(jnp.arange(nt, dtype=jnp.float32) * mode.dt, f0, t0)
 
     # vmap over shots: index arrays per shot are gathered inside the traced function
     src_j = tuple(jnp.asarray(a) for a in src)
