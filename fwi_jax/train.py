@@ -37,7 +37,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +47,23 @@ import optax
 
 from fwi_jax import sharding
 from fwi_jax.checkpoint import CheckpointError, TrainCheckpoints, save_params
-from fwi_jax.config import Config, ConfigError, add_override_argument, from_dict, load_config
+from fwi_jax.config import (
+    Config,
+    ConfigError,
+    add_override_argument,
+    from_dict,
+    load_config,
+)
 from fwi_jax.host import tune_cpu_host
 from fwi_jax.loss import get_loss, mape_per_sample
 from fwi_jax.model import create_model
-from fwi_jax.optim import LossScale, all_finite, ema_update, make_optimizer, uses_loss_scaling
+from fwi_jax.optim import (
+    LossScale,
+    all_finite,
+    ema_update,
+    make_optimizer,
+    uses_loss_scaling,
+)
 from fwi_jax.storage import StorageError, require_writable
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted function was traced
@@ -200,14 +213,16 @@ def synthetic_dataset(cfg: Config, progress: bool = True) -> RunData:
     from fwi_jax.synth import is_complete, sample_id
 
     s = cfg.synth
-    root = pathlib.Path(s.cache_dir).expanduser() / f"s{s.seed}_{s.mode}_{'-'.join(s.families)}"
+    recipe = s.mode if s.profile == "cpml8" else s.profile
+    root = pathlib.Path(s.cache_dir).expanduser() / f"s{s.seed}_{recipe}_{'-'.join(s.families)}"
     n = s.n_train + s.n_val + s.n_test
     ids = [sample_id(s.seed, i) for i in range(n)]
     if not all(is_complete(root / i) for i in ids):
         if jax.process_index() == 0:
             print(f"synthesising {n} samples into {root} (cached for later runs)", flush=True)
             cmd = [sys.executable, "-m", "fwi_jax.synth", "--n", str(n), "--out", str(root), "--seed", str(s.seed),
-                   "--mode", s.mode, *[a for f in s.families for a in ("--family", f)]]
+                   "--mode", s.mode, "--profile", s.profile,
+                   *[a for f in s.families for a in ("--family", f)]]
             if not progress:
                 cmd.append("--no-progress")
             subprocess.run(cmd, check=True)
@@ -220,7 +235,7 @@ def resolve_data(cfg: Config, progress: bool = True) -> RunData:
     dataset when ``data.root`` is empty."""
     from fwi_jax.data.io import DataError
     from fwi_jax.data.pack import list_ids as list_samples  # folders or a packed store
-    from fwi_jax.data.split import reference_split
+    from fwi_jax.data.split import check_no_training_only, reference_split
 
     d = cfg.data
     if not d.root:
@@ -237,7 +252,8 @@ def resolve_data(cfg: Config, progress: bool = True) -> RunData:
             train_ids, val_ids = reference_split(list_samples(root))
             if d.val_list:
                 val_ids = list_samples(root, d.val_list)
-    except DataError as e:
+        check_no_training_only(val_ids, d.val_list or "validation split")
+    except (DataError, ValueError) as e:
         raise TrainError(str(e)) from None
     if not train_ids:
         raise TrainError(f"no training samples under {root}")

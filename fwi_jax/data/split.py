@@ -3,6 +3,11 @@
 Reference procedure: ``KFold(n_splits=5, shuffle=True, random_state=123)`` over the ids of the
 first release, fold 0 is validation, and every id of the other (extended) release is added to
 training. Ids are sorted first so the split does not depend on directory order.
+
+Samples made by mixing a dataset's velocity models (``fwi_jax.synth.mix``, ids starting with
+``TRAINING_ONLY_PREFIX``) are training only: they are never drawn into a validation fold, even
+when they sit in the first release's folder, and ``check_no_training_only`` refuses a
+validation list that names one.
 """
 
 from __future__ import annotations
@@ -16,6 +21,19 @@ import numpy as np
 
 N_FOLDS = 5
 SEED = 123
+TRAINING_ONLY_PREFIX = "mix_"
+
+
+def is_training_only(sample_id: str) -> bool:
+    return sample_id.startswith(TRAINING_ONLY_PREFIX)
+
+
+def check_no_training_only(val_ids: Iterable[str], where: str = "validation list") -> None:
+    """Raise ValueError if a validation list names a training-only (mixed) sample."""
+    bad = [i for i in val_ids if is_training_only(i)]
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} mixed sample(s) (training only) in validation, "
+                         f"e.g. {', '.join(bad[:5])}")
 
 
 def kfold_indices(n: int, n_splits: int = N_FOLDS, seed: int = SEED) -> list[np.ndarray]:
@@ -40,9 +58,12 @@ def kfold_indices(n: int, n_splits: int = N_FOLDS, seed: int = SEED) -> list[np.
 def reference_split(first: Iterable[str], extra: Iterable[str] = (), fold: int = 0,
                     n_splits: int = N_FOLDS, seed: int = SEED) -> tuple[list[str], list[str]]:
     """(train ids, val ids): fold ``fold`` of the sorted first-release ids is validation; the other
-    folds plus every extra id are training. Ids appearing in both releases are an error."""
-    first = sorted(set(first))
-    extra = sorted(set(extra))
+    folds plus every extra id are training, and so are training-only (mixed) ids wherever they
+    are listed. Ids appearing in both releases are an error."""
+    first, extra = set(first), set(extra)
+    mixed = {i for i in first if is_training_only(i)}
+    first = sorted(first - mixed)
+    extra = sorted(extra | mixed)
     both = set(first) & set(extra)
     if both:
         raise ValueError(f"{len(both)} id(s) are in both releases, e.g. {', '.join(sorted(both)[:5])}")
