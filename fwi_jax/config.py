@@ -145,6 +145,7 @@ class TrainConfig:
     b2: float = 0.95
     weight_decay: float = 0.01
     muon_momentum: float = 0.95
+    muon_ns_dtype: str = "bfloat16"  # Muon's Newton-Schulz steps: bfloat16 (the reference) | float32
     warmup_steps: int = 0  # linear lr warmup from 0 over this many steps (0 = the reference recipe)
     constant_fraction: float = 0.5  # lr multiplier 1.0 for this share of steps, then cosine
     final_lr_factor: float = 1e-3

@@ -4,8 +4,8 @@
   down to ``final_lr_factor`` (optax ``join_schedules`` of a constant and a cosine decay); an
   optional linear warmup from 0 over the first ``warmup_steps`` (0 in the reference recipe).
 - ``make_optimizer``: optax AdamW (default; weight decay only on matrices, not on biases, norms,
-  the cls token or position embeddings) or optax's Muon (2-D matrices; Adam on the rest, as the
-  reference's MuonWithAuxAdam), optionally after global-norm clipping.
+  the cls token or position embeddings) or ``reference_muon``, the reference's MuonWithAuxAdam
+  (Muon on the weight matrices, plain Adam on the rest), optionally after global-norm clipping.
 - ``LossScale``: dynamic loss scaling for float16 compute, as PyTorch's GradScaler does it.
 - ``ema_update``: the reference's EMA (a copy of the weights taken at a given step, then
   ``ema = d * ema + (1 - d) * params`` after every optimiser step).
@@ -55,6 +55,104 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+# The reference's Muon (MuonWithAuxAdam: 2-D weights to Muon, everything else to Adam)
+MUON_NS_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz step X <- a X + (b A + c A^2) X
+NS_STEPS = 5
+NS_EPS = 1e-7  # the Newton-Schulz input is divided by (its Frobenius norm + this)
+MUON_RMS = 0.2  # orthogonalised update x 0.2 sqrt(max(rows, cols)): Adam's update RMS (Moonlight)
+ADAM_EPS = 1e-8
+# 2-D leaves that go to Adam all the same: the patch embedding is a 4-D convolution weight in the
+# reference, and its rule gives 4-D weights to Adam; ours is the same weight as a 2-D kernel
+ADAM_MATRICES = ("patch_embed",)
+
+
+def muon_labels(params: Any) -> Any:
+    """"muon" for every 2-D weight matrix (attention, MLP, head) outside ``ADAM_MATRICES``;
+    "adam" for the rest (biases, norms, cls token, position embedding, patch embedding)."""
+
+    def label(path, leaf) -> str:
+        names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
+        return "muon" if jnp.ndim(leaf) == 2 and not set(names) & set(ADAM_MATRICES) else "adam"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def newton_schulz(g: jax.Array, dtype: Any = jnp.bfloat16) -> jax.Array:
+    """(rows, cols) -> (rows, cols) in ``dtype``: approximately U V^T of g = U S V^T. g is divided
+    by (its Frobenius norm + ``NS_EPS``), then takes ``NS_STEPS`` steps X <- a X + (b A + c A^2) X,
+    A = X X^T, in its wide orientation (transposed while rows > cols).
+
+    Written here rather than taken from optax's Muon, which rounds the coefficients to the
+    working dtype: in bfloat16 a = 3.4445 becomes 3.4375, another polynomial with other singular
+    values. Here, as in PyTorch, each scalar product is formed in float32 and rounded to
+    ``dtype``, and matrix products accumulate in float32 and are rounded to ``dtype``."""
+    f32 = jnp.float32
+    a, b, c = NS_COEFFS
+
+    def rounded(v):
+        return v.astype(dtype)
+
+    def dot(u, v):
+        return rounded(jnp.dot(u, v, preferred_element_type=f32))
+
+    def axpy(s, u, v):  # s u + v
+        return rounded(s * u.astype(f32) + v.astype(f32))
+
+    x = rounded(g)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    norm = rounded(jnp.linalg.norm(x.astype(f32)))
+    x = rounded(x.astype(f32) / (norm.astype(f32) + NS_EPS))
+    for _ in range(NS_STEPS):
+        gram = dot(x, x.T)
+        poly = axpy(b, gram, rounded(c * dot(gram, gram).astype(f32)))
+        x = axpy(a, x, dot(poly, x))
+    return x.T if tall else x
+
+
+def orthogonalize(dtype: Any) -> optax.GradientTransformation:
+    """Each (rows, cols) update u -> newton_schulz(u) x 0.2 sqrt(max(rows, cols)) (rounded to
+    ``dtype``, as the reference scales its bfloat16 update), returned in u's dtype. The scale is
+    optax Muon's ``consistent_rms=0.2``, which comes only with optax's Newton-Schulz steps."""
+
+    def one(u):
+        scale = MUON_RMS * max(u.shape) ** 0.5
+        return (scale * newton_schulz(u, dtype).astype(jnp.float32)).astype(dtype).astype(u.dtype)
+
+    return optax.stateless(lambda updates, _: jax.tree.map(one, updates))
+
+
+def reference_muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float, b1: float, b2: float,
+                   weight_decay: float, ns_dtype: str = "bfloat16") -> optax.GradientTransformation:
+    """The reference's MuonWithAuxAdam, with one learning rate and decoupled weight decay on every
+    parameter (``p <- p (1 - lr wd) - lr u``).
+
+    Muon (``muon_labels``): ``buf <- momentum buf + (1 - momentum) g``; Nesterov input
+    ``(1 - momentum) g + momentum buf``, no bias correction; ``newton_schulz`` in ``ns_dtype``
+    (bfloat16 as the reference; float32 optional); times 0.2 sqrt(max(rows, cols)).
+    Adam (the rest): plain Adam with bias correction, eps 1e-8.
+
+    Built from optax's ``partition``, ``trace``, ``adamw``, ``add_decayed_weights`` and
+    ``scale_by_learning_rate``, not from ``optax.contrib.muon``: besides its Newton-Schulz
+    coefficients (see ``newton_schulz``), it bias-corrects the momentum and the gradient by
+    different factors (so the direction of the early updates differs), and its Adam half takes
+    Muon's Nesterov flag and eps, while the reference's Adam is plain with an eps of its own."""
+    if ns_dtype not in MUON_NS_DTYPES:
+        raise ValueError(f"unknown train.muon_ns_dtype {ns_dtype!r}; choose one of {tuple(MUON_NS_DTYPES)}")
+    muon = optax.chain(
+        # trace: t <- g + m t, out g + m t: the Nesterov input above divided by (1 - m)
+        optax.trace(decay=momentum, nesterov=True),
+        optax.scale(1.0 - momentum),
+        orthogonalize(MUON_NS_DTYPES[ns_dtype]),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+    adam = optax.adamw(learning_rate, b1=b1, b2=b2, eps=ADAM_EPS, weight_decay=weight_decay, nesterov=False)
+    return optax.partition({"muon": muon, "adam": adam}, muon_labels)
+
+
 def make_optimizer(cfg: Config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transformation, learning-rate schedule) for ``cfg.train``."""
     tc = cfg.train
@@ -62,10 +160,8 @@ def make_optimizer(cfg: Config, total_steps: int) -> tuple[optax.GradientTransfo
     if tc.optimizer == "adamw":
         tx = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask)
     elif tc.optimizer == "muon":
-        tx = optax.contrib.muon(
-            schedule, beta=tc.muon_momentum, weight_decay=tc.weight_decay, weight_decay_mask=decay_mask,
-            adam_b1=tc.b1, adam_b2=tc.b2, adam_weight_decay=tc.weight_decay,
-        )
+        tx = reference_muon(schedule, momentum=tc.muon_momentum, b1=tc.b1, b2=tc.b2,
+                            weight_decay=tc.weight_decay, ns_dtype=tc.muon_ns_dtype)
     else:
         raise ValueError(f"unknown train.optimizer {tc.optimizer!r}; choose one of {OPTIMIZERS}")
     if tc.clip_norm > 0:

@@ -10,7 +10,8 @@ import pytest
 
 from fwi_jax.config import Config, ConfigError
 from fwi_jax.loss import base_loss, get_loss, hard_mining_loss, mape_per_sample
-from fwi_jax.optim import LossScale, decay_mask, ema_update, learning_rate_schedule, make_optimizer
+from fwi_jax.optim import (LossScale, decay_mask, ema_update, learning_rate_schedule, make_optimizer,
+                           muon_labels)
 
 
 def _pair(seed=0, shape=(2, 7, 5)):
@@ -93,6 +94,21 @@ def test_muon_runs_on_model_shaped_params():
     assert all(bool(jnp.all(jnp.isfinite(u))) and float(jnp.abs(u).sum()) > 0 for u in jax.tree.leaves(updates))
     with pytest.raises(ValueError, match="unknown train.optimizer"):
         make_optimizer(Config().replace(**{"train.optimizer": "sgd"}), 10)
+
+
+def test_muon_split_follows_the_reference():
+    """Muon for the 2-D weight matrices (head included), Adam for the rest; the patch embedding,
+    a 4-D convolution weight in the reference, goes to Adam although ours is 2-D."""
+    params = {"blocks": {"0": {"attn": {"qkv": {"kernel": jnp.ones((4, 12))}, "q_bias": jnp.ones(4)},
+                               "norm1": {"scale": jnp.ones(4)}}},
+              "head": {"kernel": jnp.ones((4, 9)), "bias": jnp.ones(9)},
+              "pos_embed": jnp.ones((1, 5, 4)), "cls_token": jnp.ones((1, 1, 4)),
+              "patch_embed": {"proj": {"kernel": jnp.ones((9, 4)), "bias": jnp.ones(4)}}}
+    labels = muon_labels(params)
+    muon = {jax.tree_util.keystr(p) for p, label in jax.tree_util.tree_leaves_with_path(labels) if label == "muon"}
+    assert muon == {"['blocks']['0']['attn']['qkv']['kernel']", "['head']['kernel']"}
+    with pytest.raises(ValueError, match="unknown train.muon_ns_dtype 'float16'"):
+        make_optimizer(Config().replace(**{"train.optimizer": "muon", "train.muon_ns_dtype": "float16"}), 10)
 
 
 def test_dynamic_loss_scale_halves_on_overflow_and_grows_after_interval():
