@@ -5,8 +5,9 @@ Rules for README commands (what ``readme_commands`` extracts and ``check_command
 - every line of a fenced code block, and every inline code span with arguments, that runs
   ``python -m fwi_jax.X`` (also ``.venv/bin/python``, after ``VAR=value`` prefixes, between
   ``&&``/``;``/``|``), with backslash continuations joined and ``# comments`` dropped;
-- the arguments are parsed by X's ``build_parser()`` (nothing runs): an unknown flag, a missing
-  required flag or a bad choice fails;
+- the arguments are parsed by X's ``build_parser()``, or by its ``build_W_parser()`` when the
+  first argument is W (nothing runs): an unknown flag, a missing required flag or a bad choice
+  fails;
 - a command is written out in full: ``...`` or ``…`` is an error (placeholders are upper-case
   words such as ``DIR``, which parse as values);
 - ``--config NAME`` must name a file in ``configs/`` (or be a path that exists), and every
@@ -72,17 +73,21 @@ def readme_commands(text: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-def parser_of(module: str) -> argparse.ArgumentParser:
-    """The argparse parser of ``python -m module`` (a package's ``__main__``), not run."""
+def parser_of(module: str, args: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The argparse parser of ``python -m module ARGS`` (a package's ``__main__``), not run, and
+    the arguments it parses: a command whose first word W has its own ``build_W_parser()``
+    (``python -m fwi_jax.synth calibrate ...``) is parsed by that, without W."""
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise AssertionError(f"python -m {module}: {e}") from None
     if hasattr(mod, "__path__"):  # a package: python -m runs its __main__
         mod = importlib.import_module(f"{module}.__main__")
+    if args and hasattr(mod, f"build_{args[0]}_parser"):
+        return getattr(mod, f"build_{args[0]}_parser")(), args[1:]
     if not hasattr(mod, "build_parser"):
         raise AssertionError(f"{module} has no build_parser(): its README flags cannot be checked")
-    return mod.build_parser()
+    return mod.build_parser(), args
 
 
 def check_command(module: str, args: list[str]) -> None:
@@ -93,7 +98,8 @@ def check_command(module: str, args: list[str]) -> None:
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            ns = parser_of(module).parse_args(args)
+            parser, rest = parser_of(module, args)
+            ns = parser.parse_args(rest)
     except SystemExit:
         raise AssertionError(f"{shown}: {stderr.getvalue().strip()}") from None
     config = getattr(ns, "config", None)
@@ -155,6 +161,7 @@ def test_extraction_joins_lines_and_splits_shell():
      "train.nope"),
     ("fwi_jax.train", ["--config", "base_s6", "..."], "must be complete"),
     ("fwi_jax.trian", ["--config", "base_s6"], "No module named"),
+    ("fwi_jax.synth", ["calibrate", "--data", "d", "--seed", "3"], "unrecognized arguments: --seed"),
 ])
 def test_check_command_rejects(module, args, message):
     with pytest.raises(AssertionError, match=re.escape(message)):
