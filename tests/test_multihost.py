@@ -1,7 +1,7 @@
 """Two real processes through ``jax.distributed`` on this machine (coordinator on localhost, CPU
 collectives: gloo, one device each) against one process with two devices: training gives the same
-parameters, each process reads only its half of every batch, and inference writes one submission
-equal to the one-process one.
+parameters, each process reads only its half of every batch, inference writes one submission
+equal to the one-process one, and a SIGTERM to one process stops both at one step.
 
 Every process is started with a deadline and killed with its partner when anything fails, so a
 hung collective fails the test instead of hanging it."""
@@ -9,6 +9,7 @@ hung collective fails the test instead of hanging it."""
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from test_train import SMALL, dataset  # noqa: F401  (dataset: a pytest fixture)
 
+from fwi_jax import train as T
 from fwi_jax.checkpoint import load_params
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -32,10 +34,11 @@ def _free_port() -> int:
 
 
 def run_processes(argv: list[str], n: int, logs: pathlib.Path, devices_per_process: int = 1,
-                  timeout: float = 300) -> None:
+                  timeout: float = 300, expect: int = 0, while_running=None) -> None:
     """Start ``argv`` as ``n`` processes of one ``jax.distributed`` run (n = 1: a plain process)
-    with ``devices_per_process`` CPU devices each; wait for all, killing every one that is left at
-    the first failure or at the deadline. Output goes to logs/<i>.{out,err}."""
+    with ``devices_per_process`` CPU devices each, call ``while_running(processes)`` if given, and
+    wait for all to exit with ``expect``, killing every one that is left at the first other exit
+    status or at the deadline. Output goes to logs/<i>.{out,err}."""
     logs.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs, files = [], []
@@ -50,8 +53,10 @@ def run_processes(argv: list[str], n: int, logs: pathlib.Path, devices_per_proce
             procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=files[-2],
                                           stderr=files[-1]))
         deadline = time.time() + timeout
-        while any(p.poll() is None for p in procs) or any(p.returncode for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if while_running is not None:
+            while_running(procs)
+        while any(p.poll() is None for p in procs) or any(p.returncode != expect for p in procs):
+            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, expect)]
             if failed:
                 err = (logs / f"{failed[0]}.err").read_text()[-3000:]
                 raise AssertionError(f"process {failed[0]} of {n} failed:\n{err}")
@@ -80,12 +85,17 @@ def one_process(dataset, tmp_path_factory):  # noqa: F811
     return _train(dataset, tmp_path_factory.mktemp("one_process"), n=1, devices_per_process=2)
 
 
-def test_two_processes_train_like_one_with_two_devices(dataset, one_process, tmp_path):  # noqa
+@pytest.fixture(scope="module")
+def two_processes(dataset, tmp_path_factory):  # noqa: F811
+    return _train(dataset, tmp_path_factory.mktemp("two_processes"), n=2, devices_per_process=1)
+
+
+def test_two_processes_train_like_one_with_two_devices(one_process, two_processes):
     """Same global batches, same steps: the parameters agree within the float32 reduction-order
     noise that test_train's four-devices test allows (its docstring says why), and each process
     read only its own half of every global batch."""
     ref_dir, (ref,) = one_process
-    workdir, reports = _train(dataset, tmp_path, n=2, devices_per_process=1)
+    workdir, reports = two_processes
     assert [(r["process"], r["processes"], r["local_devices"], r["devices"]) for r in reports] == [
         (0, 2, 1, 2), (1, 2, 1, 2)]
     assert (ref["processes"], ref["devices"]) == (1, 2)
@@ -127,3 +137,37 @@ def test_two_processes_infer_one_submission(dataset, one_process, tmp_path):  # 
     for k in one:
         # the same per-device programs on the same samples: equal up to float32 rounding
         np.testing.assert_allclose(two[k], one[k], rtol=1e-6, atol=1e-6)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_exact(
+        dataset, two_processes, tmp_path):  # noqa: F811
+    """``python -m fwi_jax.train`` in two processes; a scheduler's SIGTERM reaches process 1 only.
+    JAX's preemption service makes both stop after the same step, both save that checkpoint and
+    exit with 143; --resume in two processes then ends where the uninterrupted run ended, bit for
+    bit."""
+    ref_dir, _ = two_processes
+    workdir = tmp_path / "run"
+    argv = [sys.executable, "-m", "fwi_jax.train", "--no-progress", "--config", "demo", "--data",
+            str(dataset), "--workdir", str(workdir),
+            *[a for s in TRAIN_SET + ["train.checkpoint_every=1"] for a in ("--set", s)]]
+
+    def preempt_process_1(procs):
+        deadline = time.time() + 300
+        while not (workdir / "checkpoints" / "1").is_dir():
+            assert all(p.poll() is None for p in procs) and time.time() < deadline
+            time.sleep(0.02)
+        procs[1].send_signal(signal.SIGTERM)
+
+    run_processes(argv, 2, tmp_path / "logs", expect=T.PREEMPTED_EXIT,
+                  while_running=preempt_process_1)
+    err = (tmp_path / "logs" / "0.err").read_text()
+    stopped = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM after step ")]
+    assert len(stopped) == 1 and stopped[0].endswith(" --resume"), err[-3000:]
+    step = int(stopped[0].split()[5])
+    assert 1 < step < 4 and (workdir / "checkpoints" / str(step)).is_dir()
+    run_processes(argv + ["--resume"], 2, tmp_path / "logs_resumed")
+    out = (tmp_path / "logs_resumed" / "0.out").read_text()
+    assert f"resuming {workdir} at step {step} of 4" in out
+    for a, b in zip(jax.tree.leaves(load_params(workdir / "final")[1]),
+                    jax.tree.leaves(load_params(ref_dir / "final")[1])):
+        np.testing.assert_array_equal(a, b)
