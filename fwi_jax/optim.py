@@ -140,7 +140,7 @@ def reference_muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float, b1
     different factors (so the direction of the early updates differs), and its Adam half takes
     Muon's Nesterov flag and eps, while the reference's Adam is plain with an eps of its own."""
     if ns_dtype not in MUON_NS_DTYPES:
-        raise ValueError(f"unknown train.muon_ns_dtype {ns_dtype!r}; choose one of {tuple(MUON_NS_DTYPES)}")
+        raise ConfigError(f"unknown train.muon_ns_dtype {ns_dtype!r}; choose one of {tuple(MUON_NS_DTYPES)}")
     muon = optax.chain(
         # trace: t <- g + m t, out g + m t: the Nesterov input above divided by (1 - m)
         optax.trace(decay=momentum, nesterov=True),
