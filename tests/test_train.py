@@ -228,6 +228,43 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before(dataset, uninterr
     assert "resuming" not in out
 
 
+def test_refused_checkpoint_write_stops_the_run_naming_it(dataset, tmp_path):
+    """The disk refuses the step-4 checkpoint (real EFBIG writes: the process's file-size limit is
+    lowered once checkpoint 2 is on disk): the run stops at the next save with an error naming
+    checkpoint 4 and the intact checkpoint 2, which still restores."""
+    import resource
+
+    from fwi_jax.checkpoint import CheckpointSaveError, TrainCheckpoints
+
+    cfg = small_cfg(dataset, "train.epochs=2", "train.checkpoint_every=2")
+    full = T.resolve_data(cfg)
+    data = T.RunData(full.root, full.train_ids, [])  # no validation: no best/ written on the way
+    workdir = tmp_path / "run"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def fill_the_disk(step, batch):
+        if step == 3:  # checkpoint 2 was started after step 2: wait until it is complete
+            while not (workdir / "checkpoints" / "2").is_dir():
+                time.sleep(0.01)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # < the head's 600 kB
+
+    try:
+        with pytest.raises(CheckpointSaveError) as e:
+            T.train(cfg, workdir, data, progress=False, on_batch=fill_the_disk)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    msg = str(e.value)
+    assert f"saving checkpoint {workdir / 'checkpoints' / '4'} failed: " in msg
+    assert "File too large" in msg and "\n" not in msg
+    assert f"the newest complete checkpoint, {workdir / 'checkpoints' / '2'}, is untouched" in msg
+    ckpts = TrainCheckpoints(workdir / "checkpoints")
+    assert ckpts.all_steps() == [2]
+    state = jax.eval_shape(lambda: T.create_train_state(cfg, create_model(cfg)[1],
+                                                        make_optimizer(cfg, 8)[0]))
+    step, restored, _, meta = ckpts.restore_newest_intact(state)
+    assert step == 2 and int(restored["step"]) == 2 and meta["step"] == 2
+
+
 def test_unwritable_workdir_fails_fast_naming_it(dataset, tmp_path, mount_tmpfs):
     """Before any data loading or compiling: a --workdir under a regular file (NotADirectory), and
     a read-only mount (tmpfs; skipped where this process may not mount)."""
