@@ -80,6 +80,15 @@ class ModelConfig:
     ref_feat_shape: tuple[int, int] = (16, 16)  # RoPE reference grid (timm)
     v_min: float = 1.5  # km/s; output = sigmoid(.) * v_span + v_min
     v_span: float = 3.0
+    # the all-zero channel 151 through blocks[:split] once per parameter set instead of once per
+    # sample (its tokens depend on the parameters alone; `preprocess.shot_channels`); false: the
+    # reference's computation, channel 151 run like the shots
+    constant_channel_once: bool = True
+
+    def validate(self) -> None:
+        if not isinstance(self.constant_channel_once, bool):
+            raise ConfigError(f"model.constant_channel_once={self.constant_channel_once!r}: "
+                              "expected true or false")
 
 
 HOST_DTYPES = ("store", "float32")  # DataConfig.host_dtype
@@ -308,6 +317,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         cfg = module.get_config()
     cfg = apply_overrides(cfg, overrides)
     cfg.geometry.validate()
+    cfg.model.validate()
     cfg.data.validate()
     cfg.synth.validate()
     return cfg

@@ -4,7 +4,10 @@ weighted mean of their predictions with flip test-time augmentation, sharded ove
 Members whose configs build the same network (geometry + model, `members.network_key`) are
 stacked (``jax.tree.map(np.stack)``) and evaluated with ``vmap`` (or ``lax.map`` in chunks); the
 groups, flip TTA (``½(f(x) + unflip f(flip x))``) and the weighted mean live in ONE jitted
-function, so a batch crosses the host-device boundary once each way. `Predictor` runs it on a
+function, so a batch crosses the host-device boundary once each way. With
+``model.constant_channel_once`` each member's zero-channel tokens (`model.constant_tokens`) are
+computed once and reused for every sample and both TTA passes; `Predictor` computes them once
+for all batches. `Predictor` runs it on a
 1-D ``data`` mesh: batches sharded over every device, params replicated. Training's validation
 runs a single member through `member_predictions`.
 """
@@ -23,7 +26,7 @@ from jax.sharding import Mesh
 from fwi_jax import sharding
 from fwi_jax.config import Config
 from fwi_jax.members import Member, MemberError, network_key
-from fwi_jax.model import apply_model, create_model
+from fwi_jax.model import apply_model, constant_tokens, create_model
 from fwi_jax.preprocess import flip
 
 
@@ -86,28 +89,42 @@ def graphdef_of(cfg: Config) -> Any:
     return _GRAPHDEFS[key]
 
 
+def member_constants(graphdef: Any, stacked: Any) -> Any:
+    """Stacked params (M, ...) -> each member's zero-channel tokens (M, 1, 1 + N, dim), or None
+    when the network's ``model.constant_channel_once`` is off."""
+    return jax.vmap(lambda p: constant_tokens(graphdef, p))(stacked)
+
+
 def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
-                       member_chunk: int | None = None, tta_in_batch: bool = True) -> jax.Array:
+                       member_chunk: int | None = None, tta_in_batch: bool = True,
+                       constants: Any = None) -> jax.Array:
     """Every member's prediction: stacked params (M, ...) and x (B, 6, T, R) -> (M, B, depth, x).
     x float32, or float16 (the model casts it to float32, exactly). With ``tta``: ½(f(x) + unflip f(flip x)),
     the flipped copy riding in the same batch (``tta_in_batch``: one forward pass of 2B), or else
     in a second pass of B after the first (``lax.map``: on CPU a batch of B is faster per sample).
-    Members are vmapped; ``member_chunk`` bounds how many run at once (``lax.map`` in chunks)."""
+    Members are vmapped; ``member_chunk`` bounds how many run at once (``lax.map`` in chunks).
+    ``constants``: `member_constants` of ``stacked`` when the caller keeps them across calls;
+    None: each member computes its own once here, for every sample and both TTA passes."""
     b = x.shape[0]
+
+    def member_constant(p, k):
+        return constant_tokens(graphdef, p) if k is None else k
+
     if tta and not tta_in_batch:
         pair = jnp.stack([x, flip(x)])  # (2, B, ...): x, then its flipped copy
 
-        def run(p):
-            pred = jax.lax.map(lambda xi: apply_model(graphdef, p, xi), pair)  # (2, B, depth, x)
+        def run(p, k):
+            k = member_constant(p, k)
+            pred = jax.lax.map(lambda xi: apply_model(graphdef, p, xi, k), pair)  # (2, B, depth, x)
             return pred.reshape(2 * b, *pred.shape[2:])  # as the in-batch layout: x rows, then flipped
     else:
         x_in = jnp.concatenate([x, flip(x)], axis=0) if tta else x
-        run = lambda p: apply_model(graphdef, p, x_in)
+        run = lambda p, k: apply_model(graphdef, p, x_in, member_constant(p, k))
     m = jax.tree.leaves(stacked)[0].shape[0]
     if member_chunk is None or member_chunk >= m:
-        pred = jax.vmap(run)(stacked)
+        pred = jax.vmap(run)(stacked, constants)
     else:
-        pred = jax.lax.map(run, stacked, batch_size=member_chunk)
+        pred = jax.lax.map(lambda pk: run(*pk), (stacked, constants), batch_size=member_chunk)
     if tta:
         pred = 0.5 * (pred[:, :b] + pred[:, b:][..., ::-1])  # [..., ::-1] = preprocess.flip's velocity mirror
     return pred
@@ -115,14 +132,16 @@ def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
 
 def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
                 tta_in_batch: bool = True) -> Callable:
-    """A pure function (params tuple, weights tuple, x) -> weighted ensemble mean (B, depth, x).
-    Jit it once: all groups, TTA and the mean are one program."""
+    """A pure function (params tuple, weights tuple, x[, constants tuple]) -> weighted ensemble
+    mean (B, depth, x). Jit it once: all groups, TTA and the mean are one program. ``constants``:
+    each group's `member_constants`, kept across calls (None: computed in the call)."""
     graphdefs = [g.graphdef for g in groups]
 
-    def f(params: tuple, weights: tuple, x: jax.Array) -> jax.Array:
+    def f(params: tuple, weights: tuple, x: jax.Array, constants: tuple | None = None) -> jax.Array:
         total, norm = 0.0, 0.0
-        for graphdef, p, w in zip(graphdefs, params, weights):
-            pred = member_predictions(graphdef, p, x, tta, member_chunk, tta_in_batch)
+        constants = constants or (None,) * len(graphdefs)
+        for graphdef, p, w, k in zip(graphdefs, params, weights, constants):
+            pred = member_predictions(graphdef, p, x, tta, member_chunk, tta_in_batch, k)
             total = total + jnp.einsum("m,mbhw->bhw", w, pred, precision=jax.lax.Precision.HIGHEST)
             norm = norm + w.sum()
         return total / norm
@@ -170,6 +189,11 @@ class Predictor:
         replicated = sharding.replicated(self.mesh)
         self.params = jax.device_put(tuple(g.params for g in self.groups), replicated)
         self.weights = jax.device_put(tuple(g.weights for g in self.groups), replicated)
+        # the zero channel's tokens per member, once for every batch (None for a group without
+        # model.constant_channel_once)
+        self.constants = jax.jit(
+            lambda params: tuple(member_constants(g.graphdef, p) for g, p in zip(self.groups, params)),
+            out_shardings=replicated)(self.params)
         self._fn = jax.jit(ensemble_fn(self.groups, tta, member_chunk, tta_in_batch),
                            out_shardings=self.batch_sharding)
 
@@ -185,12 +209,13 @@ class Predictor:
 
     def dispatch(self, x_local: np.ndarray) -> jax.Array:
         """Start the forward pass on a host batch; returns the (global, sharded) device result."""
-        return self._fn(self.params, self.weights, self._global_batch(x_local))
+        return self._fn(self.params, self.weights, self._global_batch(x_local), self.constants)
 
     def lower(self, x_local: np.ndarray) -> jax.stages.Lowered:
         """The program for batches like ``x_local``, lowered (``.compile()`` gives XLA's cost and
         memory analyses; scripts/bench_infer.py reports them)."""
-        return self._fn.lower(self.params, self.weights, self._global_batch(x_local))
+        return self._fn.lower(self.params, self.weights, self._global_batch(x_local),
+                              self.constants)
 
     @staticmethod
     def fetch(y: jax.Array) -> np.ndarray:

@@ -24,6 +24,32 @@ def flip(x, v=None):
     return fx, v[..., ::-1]
 
 
+def shot_channels(x):
+    """Model input (..., 6, T, R), in `CHANNEL_POSITIONS` order or flipped, -> the five shots
+    (..., 5, T, R), by construction and whichever the orientation: the zero channel sits at
+    `ZERO_CHANNEL` (3) before a flip and at 2 after one, so of channels 2 and 3 one is a shot and
+    the other zeros, and their sum is the shot, exactly. Channels 0, 1, 4, 5 are shots either way.
+    The order of the five differs between the orientations (the model's channel mean does not
+    care). Values are never inspected: this relies on channel 151 being zeros, as
+    `shots_to_input` makes it."""
+    n = len(CHANNEL_POSITIONS)
+    if x.shape[-3] != n:
+        raise ValueError(f"model input {tuple(x.shape)}: expected {n} channels (..., {n}, T, R)")
+    lo, hi = sorted((ZERO_CHANNEL, n - 1 - ZERO_CHANNEL))
+    if lo == hi:  # the zero channel in the middle stays there under a flip
+        return _cat(x, [x[..., :lo, :, :], x[..., lo + 1:, :, :]])
+    merged = x[..., lo:lo + 1, :, :] + x[..., hi:hi + 1, :, :]
+    return _cat(x, [x[..., :lo, :, :], merged, x[..., lo + 1:hi, :, :], x[..., hi + 1:, :, :]])
+
+
+def _cat(like, parts):
+    if isinstance(like, np.ndarray):
+        return np.concatenate(parts, axis=-3)
+    import jax.numpy as jnp
+
+    return jnp.concatenate(parts, axis=-3)
+
+
 def shots_to_input(shots):
     """Five raw shots (..., 5, 10001, 31) in `SOURCE_POSITIONS` order -> model input
     (..., 6, 10000, 31): drop the last time sample, scale by 1e4, insert the zero channel 151

@@ -1,6 +1,7 @@
 """Config loading and the shared --set option of every command."""
 
 import argparse
+import json
 
 import pytest
 
@@ -31,3 +32,16 @@ def test_demo_rejects_unknown_keys(capsys):
     assert "unknown config key 'train.no_such_key'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="no_such"):
         load_config("demo", ["model.no_such=1"])
+
+
+def test_constant_channel_once_parses_and_is_checked_at_load(tmp_path):
+    assert load_config("demo").model.constant_channel_once is True
+    assert load_config("demo", ["model.constant_channel_once=false"]).model.constant_channel_once is False
+    with pytest.raises(ConfigError, match="constant_channel_once='maybe': expected true or false"):
+        load_config("demo", ["model.constant_channel_once=maybe"])
+    bad = load_config("demo").to_dict()
+    bad["model"]["constant_channel_once"] = "no"  # a hand-edited JSON config
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="model.constant_channel_once='no': expected true or false"):
+        load_config(str(path))

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from torch_reference import ReferenceModel, randomize_
 
 from fwi_jax.config import ConfigError, Geometry, load_config
 from fwi_jax.convert import CheckpointMismatch, convert_state_dict
 from fwi_jax.model import apply_model, create_model
-from torch_reference import ReferenceModel, randomize_
+from fwi_jax.preprocess import ZERO_CHANNEL, flip
 
 # A reduced geometry with the full code path: 200 time samples fold to (20, 310), resize to
 # (56, 42) -> 4 x 3 tokens of 14 px, head paints 14 x 14 px -> (56, 42), crop (50, 30) at (0, 4).
@@ -29,7 +30,17 @@ def torch_state(ref):
 
 
 def seismic(shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    """Model input (B, 6, T, R) as preprocessing makes it: random shots, channel 151 all zeros,
+    and every second sample flipped (its zero channel at 2), as training's augmentation mixes
+    them in a batch."""
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    x[:, ZERO_CHANNEL] = 0.0
+    x[1::2] = flip(x[1::2])
+    return np.ascontiguousarray(x)
+
+
+def constant_once(cfg, on):
+    return cfg.replace(**{"model.constant_channel_once": on})
 
 
 def jit_apply(graphdef):
@@ -39,19 +50,22 @@ def jit_apply(graphdef):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny_s8", "base_s6"])
 def test_forward_parity_full_size(name):
-    """Full-size float32 forward, batch 1: max |Δ| ≤ 1e-4 km/s against the PyTorch reference in
-    float32. Both compute in float32 with different summation orders (oneDNN/SDPA vs XLA); any
-    wrong op (RoPE layout, bias, norm, pixel-shuffle order) moves outputs by > 1e-2 km/s."""
+    """Full-size float32 forward, batch 2 (one sample flipped): max |Δ| ≤ 1e-4 km/s against the
+    PyTorch reference in float32, with model.constant_channel_once on and off. Both compute in
+    float32 with different summation orders (oneDNN/SDPA vs XLA); any wrong op (RoPE layout,
+    bias, norm, pixel-shuffle order, a shot dropped instead of the zero channel) moves outputs by
+    > 1e-2 km/s."""
     cfg = load_config(name)  # default attention (auto: fused_cpu on CPU); xla measured the same
     ref = randomize_(ReferenceModel(cfg), seed=1).eval()
     params, skipped = convert_state_dict(torch_state(ref), cfg)
     assert set(skipped) <= {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
-    x = seismic((1, 6, 10000, 31))
+    x = seismic((2, 6, 10000, 31))
     with torch.no_grad():
         expected = ref(torch.from_numpy(x)).numpy()
-    got = np.asarray(jit_apply(create_model(cfg)[0])(params, x))
-    assert got.shape == (1, 1259, 300)
-    assert np.abs(got - expected).max() <= 1e-4
+    for on in (True, False):
+        got = np.asarray(jit_apply(create_model(constant_once(cfg, on))[0])(params, x))
+        assert got.shape == (2, 1259, 300)
+        assert np.abs(got - expected).max() <= 1e-4, on
 
 
 @pytest.mark.parametrize("size,loss", [("tiny", "base"), ("tiny", "hard"), ("base", "base")])
@@ -85,18 +99,54 @@ def test_gradient_parity_small_grid(size, loss):
     torch_grads = {k: p.grad.numpy() for k, p in ref.named_parameters() if p.grad is not None}
     expected, _ = convert_state_dict(torch_grads, cfg)  # gradients map like the weights they belong to
     params, _ = convert_state_dict(torch_state(ref), cfg)
-    graphdef = create_model(cfg)[0]
-    grads = jax.jit(jax.grad(lambda p: jax_loss(apply_model(graphdef, p, x), vel)))(params)
-    flat_g = dict(jax.tree_util.tree_leaves_with_path(grads))
     flat_e = dict(jax.tree_util.tree_leaves_with_path(expected))
-    assert flat_g.keys() == flat_e.keys()
-    for path, g in flat_g.items():
-        e = flat_e[path]
-        if np.linalg.norm(e) < 1e-12:  # e.g. pos-embed rows with no gradient path: must be ~0 too
-            assert np.linalg.norm(g) < 1e-9, path
-            continue
-        rel = np.linalg.norm(np.asarray(g) - e) / np.linalg.norm(e)
-        assert rel <= 1e-3, (jax.tree_util.keystr(path), rel)
+    for on in (True, False):  # the zero channel's row once per call, its gradient flowing; or not
+        graphdef = create_model(constant_once(cfg, on))[0]
+        loss = lambda p, gd=graphdef: jax_loss(apply_model(gd, p, x), vel)
+        grads = jax.jit(jax.grad(loss))(params)
+        flat_g = dict(jax.tree_util.tree_leaves_with_path(grads))
+        assert flat_g.keys() == flat_e.keys()
+        for path, g in flat_g.items():
+            e = flat_e[path]
+            if np.linalg.norm(e) < 1e-12:  # e.g. pos-embed rows with no gradient path: ~0 too
+                assert np.linalg.norm(g) < 1e-9, path
+                continue
+            rel = np.linalg.norm(np.asarray(g) - e) / np.linalg.norm(e)
+            assert rel <= 1e-3, (on, jax.tree_util.keystr(path), rel)
+
+
+def forward_flops(cfg, batch):
+    """XLA's flop count of the compiled forward pass at ``batch``."""
+    graphdef, params = create_model(cfg)
+    x = jax.ShapeDtypeStruct((batch, 6, cfg.geometry.n_time, 31), jnp.float32)
+    cost = jax.jit(lambda p, x: apply_model(graphdef, p, x)).lower(params, x).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_constant_channel_once_runs_five_channels_per_sample():
+    """XLA's cost analysis of the compiled forward: off, flops(B) = B (6u + h); on, B (5u + h) + u
+    (u: one channel through fold, resize, embedding and blocks[:split]; h: the rest per sample).
+    Fails if the zero channel still runs per sample, or is not run at all."""
+    cfg = small_cfg(split=2, depth=3)
+    on = [forward_flops(constant_once(cfg, True), b) for b in (1, 2, 3)]
+    off = [forward_flops(constant_once(cfg, False), b) for b in (1, 2, 3)]
+    unit = (off[2] - off[1]) - (on[2] - on[1])  # one channel fewer per sample
+    assert unit > 0.1 * (off[2] - off[1])
+    assert on[0] == pytest.approx(off[0], rel=0.02)  # B = 1: the zero channel runs once either way
+    assert off[2] - on[2] == pytest.approx(2 * unit, rel=0.05)  # B = 3 saves two channels
+
+
+def test_constant_tokens_are_the_zero_channels_tokens():
+    """`constant_tokens` is what the zero channel becomes after blocks[:split] in the per-sample
+    computation: a model with split = depth fuses the channels last, so the output is a fixed
+    function of the channel mean; feeding all-zero samples (six zero channels) with the switch
+    off must give the same output as the switch on (five zero 'shots' + the constant)."""
+    cfg = small_cfg(split=2, depth=2)
+    graphdef, params = create_model(constant_once(cfg, False), seed=3)
+    x = np.zeros((1, 6, SMALL.n_time, 31), np.float32)
+    off = np.asarray(jit_apply(graphdef)(params, x))
+    on = np.asarray(jit_apply(create_model(constant_once(cfg, True))[0])(params, x))
+    np.testing.assert_allclose(on, off, atol=2e-6)
 
 
 def test_reference_state_dict_with_orig_mod_prefix():

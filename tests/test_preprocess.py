@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fwi_jax.preprocess import CHANNEL_POSITIONS, ZERO_CHANNEL, flip, fold, fold_and_resize, shots_to_input
+from fwi_jax.preprocess import (
+    CHANNEL_POSITIONS,
+    ZERO_CHANNEL,
+    flip,
+    fold,
+    fold_and_resize,
+    shot_channels,
+    shots_to_input,
+)
 
 
 def shots(seed=0, t=10001):
@@ -36,6 +44,23 @@ def test_flip_twice_is_identity_and_moves_zero_channel():
     xx, vv = flip(fx, fv)
     np.testing.assert_array_equal(xx, x)
     np.testing.assert_array_equal(vv, v)
+
+
+def test_shot_channels_are_the_five_shots_either_way():
+    """The five shots, exactly, before and after a flip (the zero channel moves from 3 to 2),
+    NumPy and jitted JAX alike; a batch may mix the two orientations."""
+    raw = shots(3)
+    x = shots_to_input(raw)
+    shots_in_order = x[:, [i for i in range(6) if i != ZERO_CHANNEL]]
+    np.testing.assert_array_equal(shot_channels(x), shots_in_order)
+    fx = flip(x)
+    expected = flip(shots_in_order)  # the five mirrored shots in mirrored order
+    np.testing.assert_array_equal(shot_channels(fx), expected)
+    mixed = np.stack([x[0], fx[1]])
+    got = np.asarray(jax.jit(shot_channels)(mixed))
+    np.testing.assert_array_equal(got, np.stack([shots_in_order[0], expected[1]]))
+    with pytest.raises(ValueError, match="expected 6 channels"):
+        shot_channels(raw)
 
 
 def torch_fold_resize(x, factor, size):

@@ -54,11 +54,22 @@ def abstract_params(cfg: Config) -> Params:
     return abstract_model(cfg)[1]
 
 
-def apply_model(graphdef: nnx.GraphDef, params: Params, x: jax.Array) -> jax.Array:
+def apply_model(graphdef: nnx.GraphDef, params: Params, x: jax.Array,
+                constant: jax.Array | None = None) -> jax.Array:
     """x (B, 6, n_time, n_receivers) float32 (or float16, e.g. from a float16 packed store: cast to
-    float32 first, exactly) -> velocity (B, depth, x) float32 km/s. Pure; jit it."""
+    float32 first, exactly) -> velocity (B, depth, x) float32 km/s. Pure; jit it. ``constant``:
+    `constant_tokens` of these params, to reuse them across calls (None: computed in the call)."""
     model = nnx.merge(graphdef, nnx.State(_as_state_dict(params)))
-    return model(x)
+    return model(x, constant)
+
+
+def constant_tokens(graphdef: nnx.GraphDef, params: Params) -> jax.Array | None:
+    """The zero channel 151's tokens after blocks[:split] (1, 1 + N, dim), a function of the params
+    alone (`FWIModel.constant_tokens`); None when ``model.constant_channel_once`` is off. Pure."""
+    model = nnx.merge(graphdef, nnx.State(_as_state_dict(params)))
+    if not model.cfg.model.constant_channel_once:
+        return None
+    return model.constant_tokens()
 
 
 def _as_state_dict(params: Params) -> Any:
@@ -72,5 +83,5 @@ def count_params(params: Params) -> int:
     return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)))
 
 
-__all__ = ["FWIModel", "Params", "abstract_model", "abstract_params", "apply_model", "count_params",
-           "create_model", "model_size"]
+__all__ = ["FWIModel", "Params", "abstract_model", "abstract_params", "apply_model",
+           "constant_tokens", "count_params", "create_model", "model_size"]

@@ -5,6 +5,12 @@ x (B, 6, n_time, n_receivers) float32 (SPEC §2 steps 1-3 done) -> fold + biline
 channels folded into the batch) -> mean over channels -> blocks[split:] -> drop cls ->
 Linear(dim -> head_h*head_w) -> pixel shuffle -> crop -> sigmoid * v_span + v_min (float32)
 -> velocity (B, depth, x) km/s.
+
+With ``model.constant_channel_once`` (the default) only the five shots run per sample; the
+all-zero channel 151, whose tokens after blocks[:split] are a function of the parameters alone,
+is `FWIModel.constant_tokens` (1, 1 + N, dim), computed once per call or passed in (an ensemble
+computes it once per member) and added into the channel mean. Same result, within float32
+rounding (a different summation order of the mean).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from fwi_jax.model.eva02 import SIZES, Block, EvaSize, rope_table
 from fwi_jax.model.layers import OUTPUT_NAME as DENSE_OUTPUT
 from fwi_jax.model.layers import linear
 from fwi_jax.model.target import target_platform
-from fwi_jax.preprocess import fold_and_resize
+from fwi_jax.preprocess import CHANNEL_POSITIONS, fold_and_resize, shot_channels
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -96,23 +102,54 @@ class FWIModel(nnx.Module):
                 x = nnx.remat(lambda blk, h: blk(h, sin, cos), policy=policy)(block, x)
         return x
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _tokens(self, img: jax.Array) -> jax.Array:
+        """Images (n, H, W) float32 -> patch tokens + cls + pos-embed (n, 1 + N, dim)."""
+        p, (gh, gw) = self.cfg.geometry.patch, self.cfg.geometry.grid
+        n = img.shape[0]
+        patches = img.reshape(n, gh, p, gw, p).transpose(0, 1, 3, 2, 4).reshape(n, gh * gw, p * p)
+        tokens = self.patch_embed["proj"](patches.astype(self.dtype))
+        cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (n, 1, tokens.shape[-1]))
+        return jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...].astype(self.dtype)
+
+    def constant_tokens(self) -> jax.Array:
+        """The all-zero channel's tokens after blocks[:split], (1, 1 + N, dim) in the compute
+        dtype: zeros stay zeros through fold and resize, so this is the patch embedding's bias
+        plus cls and pos-embed through the blocks, a function of the parameters alone."""
+        g = self.cfg.geometry
+        zeros = jnp.zeros((1, *g.resize), jnp.float32)
+        return self._run_blocks(self.blocks[: self.cfg.model.split], self._tokens(zeros))
+
+    def __call__(self, x: jax.Array, constant: jax.Array | None = None) -> jax.Array:
+        """x (B, 6, n_time, n_receivers) -> velocity (B, depth, x) km/s float32. ``constant``:
+        `constant_tokens` of these parameters, when the caller has them (else computed here);
+        unused with ``model.constant_channel_once`` off."""
         g, m = self.cfg.geometry, self.cfg.model
         b, c = x.shape[:2]
         if x.shape[2:] != (g.n_time, g.n_receivers):
             raise ValueError(f"model input {x.shape}: expected (B, C, {g.n_time}, {g.n_receivers})")
+        once = m.constant_channel_once
+        if once:
+            if c != len(CHANNEL_POSITIONS):
+                raise ValueError(f"model input {x.shape}: model.constant_channel_once needs the "
+                                 f"{len(CHANNEL_POSITIONS)} channels of {CHANNEL_POSITIONS}")
+            x = shot_channels(x)  # (B, 5, T, R)
+        n = x.shape[1]
         # float16 input (a float16 packed store's batches) becomes float32 here, exactly
-        img = fold_and_resize(x.astype(jnp.float32), g.fold, g.resize)  # (B, C, H, W)
-        p, (gh, gw) = g.patch, g.grid
-        patches = img.reshape(b * c, gh, p, gw, p).transpose(0, 1, 3, 2, 4).reshape(b * c, gh * gw, p * p)
-        tokens = self.patch_embed["proj"](patches.astype(self.dtype))
-        cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (b * c, 1, tokens.shape[-1]))
-        tokens = jnp.concatenate([cls, tokens], axis=1) + self.pos_embed[...].astype(self.dtype)
+        img = fold_and_resize(x.astype(jnp.float32), g.fold, g.resize)  # (B, n, H, W)
+        tokens = self._tokens(img.reshape(b * n, *g.resize))
         tokens = self._run_blocks(self.blocks[: m.split], tokens)  # channels share weights
-        tokens = tokens.reshape(b, c, *tokens.shape[1:]).mean(axis=1)  # fuse channels (cls included)
+        tokens = tokens.reshape(b, n, *tokens.shape[1:])
+        if once:  # fuse channels (cls included): the five shots and the zero channel, mean of c
+            if constant is None:
+                constant = self.constant_tokens()
+            total = tokens.sum(axis=1, dtype=jnp.float32) + constant.astype(jnp.float32)
+            tokens = (total / c).astype(tokens.dtype)
+        else:
+            tokens = tokens.mean(axis=1)  # fuse channels (cls included)
         tokens = self._run_blocks(self.blocks[m.split:], tokens)
         pix = self.head(tokens[:, 1:])  # (B, N, hp*wp), channel i*wp + j -> offset (i, j)
         hp, wp = g.head_patch
+        gh, gw = g.grid
         pix = pix.reshape(b, gh, gw, hp, wp).transpose(0, 1, 3, 2, 4).reshape(b, gh * hp, gw * wp)
         (r0, c0), (oh, ow) = g.crop_offset, g.out_shape
         pix = pix[:, r0:r0 + oh, c0:c0 + ow].astype(jnp.float32)
