@@ -32,6 +32,7 @@ from fwi_jax.config import Geometry, load_config
 from fwi_jax.convert import convert_state_dict
 from fwi_jax.model import create_model
 from fwi_jax.optim import make_optimizer, newton_schulz, reference_muon
+from fwi_jax.preprocess import ZERO_CHANNEL
 
 SMALL = Geometry(n_time=200, fold=10, resize=(56, 42), head_patch=(14, 14), out_shape=(50, 30), crop_offset=(0, 4))
 STEPS, CYCLE, EMA_START, EMA_DECAY, BATCH = 20, 4, 8, 0.9, 2
@@ -54,13 +55,14 @@ def trajectory_cfg(optimizer: str):
 
 
 def batches():
-    """STEPS batches, CYCLE distinct ones in turn: random gathers, velocities rising with depth
-    from a random surface value."""
+    """STEPS batches, CYCLE distinct ones in turn: random gathers with the zero channel 151 in
+    place (as preprocessing makes it), velocities rising with depth from a random surface value."""
     rng = np.random.default_rng(0)
     depth = np.linspace(0.0, 1.5, SMALL.out_shape[0], dtype=np.float32)[None, :, None]
     distinct = []
     for _ in range(CYCLE):
         x = rng.standard_normal((BATCH, 6, SMALL.n_time, SMALL.n_receivers)).astype(np.float32)
+        x[:, ZERO_CHANNEL] = 0.0
         v = 1.8 + rng.uniform(0, 1, (BATCH, 1, 1)).astype(np.float32) + depth + np.zeros(SMALL.out_shape, np.float32)
         distinct.append((x, v))
     return [distinct[i % CYCLE] for i in range(STEPS)]
