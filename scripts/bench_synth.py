@@ -15,6 +15,19 @@ Then a Markdown table of all of them.
   .venv/bin/python scripts/bench_synth.py [--cpu-devices 1,2] [--config unroll=1 --config unroll=2]
       [--steps 1000] [--samples 4] [--full-samples 0]
 
+``--vs-devito N`` instead compares, in one run on ``--threads`` cores (default 1: plain C for
+devito, one XLA host device for JAX; more: devito's OpenMP and as many host devices), seconds per
+competition-format sample of devito itself (the recipe in tests/devito_reference.py, one sample of
+5 shots after a warm-up shot that compiles its C), this package's "devito" profile (N samples,
+compile excluded) and the cpml8 fast mode, on geology models scaled to a top speed of
+4.1 km/s (devito's step 0.149 ms, inside the challenge's 0.14-0.155 ms), plus the profile's
+correlation and amplitude against devito per shot on the shared sample:
+
+  .venv/bin/python scripts/bench_synth.py --vs-devito 2 [--threads 1]
+
+OpenMP threads wait for each other at every time step: on a machine that other jobs load, keep
+``--threads 1`` (devito's figure would otherwise measure the waiting).
+
 On a CPU, XLA runs each model's stencil on one thread: with one device every figure is one
 core's; ``--cpu-devices 2`` runs one model per core and gives the 2-core figures.
 
@@ -99,6 +112,63 @@ def run_one(a, n_dev: int) -> list[dict]:
     return rows
 
 
+def run_vs_devito(a) -> None:
+    """Devito vs the devito profile vs the fast mode, same run, every core (see module doc)."""
+    n_cores = a.threads
+    flag = f"--xla_force_host_platform_device_count={n_cores}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(repo, "tests"))
+    import devito_reference
+
+    devito_reference.configure(threads=n_cores)
+    import numpy as np
+
+    from fwi_jax import synth
+    from fwi_jax.synth import profiles as P
+    from fwi_jax.synth import wave as W
+
+    def load() -> str:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+    n = max(a.vs_devito, 1)
+    models = np.stack([synth.sample_model(2, i)[1] for i in range(n)])
+    models = models * (4.1 / models.max(axis=(1, 2), keepdims=True))
+    print(f"load average at start: {load()} ({os.cpu_count()} cores; {n_cores} used)", flush=True)
+    P.simulate(models[:1], profile="devito")  # compile
+    t0 = time.perf_counter()
+    ours = P.simulate(models, profile="devito")
+    ours_s = (time.perf_counter() - t0) / n
+    print(f"devito profile: {ours_s:.1f} s per sample ({n} samples)", flush=True)
+    P.simulate(models[:1], profile="cpml8", mode="fast")
+    t0 = time.perf_counter()
+    P.simulate(models, profile="cpml8", mode="fast")
+    fast_s = (time.perf_counter() - t0) / n
+    print(f"cpml8 fast: {fast_s:.2f} s per sample", flush=True)
+    v = models[0]
+    devito_reference.shot(v, W.SOURCE_X[0])  # warm-up: compiles devito's operator
+    t0 = time.perf_counter()
+    ref = np.stack([devito_reference.shot(v, sx)[0] for sx in W.SOURCE_X])
+    devito_s = time.perf_counter() - t0
+    print(f"devito: {devito_s:.1f} s per sample (5 shots, {n_cores} thread(s))", flush=True)
+    ref = P.span_resample(ref)
+    stats = []
+    for k in range(len(W.SOURCE_X)):
+        x, y = ours[0, k].astype(np.float64).ravel(), ref[k].astype(np.float64).ravel()
+        stats.append((x @ y / np.sqrt((x @ x) * (y @ y)), np.linalg.norm(x) / np.linalg.norm(y)))
+    print(f"load average at end: {load()}")
+    print()
+    print("| generator | s per sample | vs devito |")
+    print("|---|---|---|")
+    print(f"| devito (recipe, {n_cores} thread(s)) | {devito_s:.1f} | 1x |")
+    print(f"| devito profile ({n_cores} host devices) | {ours_s:.1f} | {devito_s / ours_s:.1f}x |")
+    print(f"| cpml8 fast | {fast_s:.2f} | {devito_s / fast_s:.0f}x |")
+    print()
+    print("devito profile vs devito per shot: correlation "
+          + " ".join(f"{c:.5f}" for c, _ in stats)
+          + "; amplitude " + " ".join(f"{r:.4f}" for _, r in stats))
+
+
 def table(rows: list[dict]) -> str:
     head = ("| config | devices | G cell-updates/s, order 8 | order 8, per CPU-s x devices | order 4 "
             "| fast s/sample | full s/sample | fast vs full L2 mean / max |")
@@ -118,8 +188,14 @@ def main() -> None:
     p.add_argument("--cpu-devices", default="1,2", help="comma-separated host-device counts, one subprocess each")
     p.add_argument("--config", action="append", help="repeatable; wave.simulate keywords, e.g. 'unroll=2,shot_batch=5'")
     p.add_argument("--full-samples", type=int, default=0, help="full-mode samples (about half a minute each on 2 cores)")
+    p.add_argument("--vs-devito", type=int, default=0, metavar="N",
+                   help="compare with devito itself instead (N samples of the devito profile)")
+    p.add_argument("--threads", type=int, default=1, help="--vs-devito: cores for each side")
     p.add_argument("--json-out", help=argparse.SUPPRESS)  # used by the per-device-count subprocesses
     a = p.parse_args()
+    if a.vs_devito:
+        run_vs_devito(a)
+        return
     a.config = a.config or [""]
     counts = [int(c) for c in str(a.cpu_devices).split(",")]
     if a.json_out:  # child: one device count

@@ -53,7 +53,7 @@ def test_calibration_recovers_polarity_scale_and_shift(calibrated):
     assert abs(cal.shift - SHIFT) <= 1, cal.shift
     assert all(c >= 0.999 for cs in cal.correlation.values() for c in cs), cal.correlation
     saved = json.loads((root / CALIBRATION_FILE).read_text())
-    assert saved["shift"] == cal.shift and saved["polarity"] == POLARITY and saved["profile"] == "cpml8"
+    assert (saved["shift"], saved["polarity"], saved["profile"]) == (cal.shift, POLARITY, "cpml8")
 
 
 def test_calibration_refuses_another_geometry(simulated, tmp_path, capsys):
@@ -71,7 +71,7 @@ def test_calibration_refuses_another_geometry(simulated, tmp_path, capsys):
 
 def test_mixed_samples_are_competition_format_within_range_and_never_validated(calibrated, tmp_path,
                                                                                 capsys):
-    root, cal = calibrated
+    root, _ = calibrated
     out = tmp_path / "mixed"
     rc = cli.main(["--mix-from", str(root), "--n", "2", "--out", str(out), "--cpu-devices", "1",
                    "--no-progress"])
@@ -87,7 +87,8 @@ def test_mixed_samples_are_competition_format_within_range_and_never_validated(c
         v_again, how = mixed_model(0, k, root, source_ids(root))
         np.testing.assert_array_equal(v, v_again)  # reproducible from (seed, index)
         pair = [sources[how["first"]], sources[how["second"]]]
-        assert min(p.min() for p in pair) - 1e-6 <= v.min() and v.max() <= max(p.max() for p in pair) + 1e-6
+        assert min(p.min() for p in pair) - 1e-6 <= v.min()
+        assert v.max() <= max(p.max() for p in pair) + 1e-6
         # gathers: the calibrated simulation of the mixed model
         g = np.load(out / sid / io.SHOT_FILES[2])
         assert g.shape == (10001, 31) and g.dtype == np.float32 and np.abs(g).max() > 0
@@ -106,7 +107,8 @@ def test_mixed_samples_are_competition_format_within_range_and_never_validated(c
 
     real = tmp_path / "real.txt"
     S.write_id_list(real, [f"r{i:02d}" for i in range(10)])
-    assert data_main(["split", "--first", str(real), "--extra", str(out), "--out", str(tmp_path / "a")]) == 0
+    argv = ["split", "--first", str(real), "--extra", str(out), "--out", str(tmp_path / "a")]
+    assert data_main(argv) == 0
     first = tmp_path / "first.txt"
     S.write_id_list(first, [f"r{i:02d}" for i in range(10)] + ids)
     assert data_main(["split", "--first", str(first), "--out", str(tmp_path / "b")]) == 0

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m fwi_jax.synth", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, required=True, help="number of samples (ids 0..n-1 of the seed)")
-    p.add_argument("--out", required=True, help="output folder; one sub-folder per sample")
+    p.add_argument("--n", type=int, help="number of samples (ids 0..n-1 of the seed); required")
+    p.add_argument("--out", help="output folder; one sub-folder per sample; required")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--family", action="append", choices=FAMILIES, help=f"repeatable; default all of {FAMILIES}")
     p.add_argument("--profile", default="cpml8", choices=PROFILES,
@@ -50,13 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with --family)")
     p.add_argument("--batch", type=int, default=None, help="models per solver call (default 2 per device)")
     _common(p)
+    sub = p.add_subparsers(dest="cmd", required=False, metavar="calibrate")
+    add_calibrate_parser(sub)
     return p
 
 
-def build_calibrate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fwi_jax.synth calibrate",
-                                description="Fit a generator profile's polarity, amplitude and "
-                                            "time shift to a dataset.")
+def add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit a profile's polarity, amplitude, time shift to data",
+                       description="Fit a generator profile's polarity, amplitude and time shift "
+                                   "to a dataset and write DIR/synth_calibration.json.")
     p.add_argument("--data", required=True, help="dataset folder (sample folders with vp_model.npy)")
     p.add_argument("--samples", type=int, default=3, help="samples re-simulated (default 3)")
     p.add_argument("--profile", default="devito", choices=PROFILES)
@@ -64,7 +66,6 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="calibration file (default DIR/synth_calibration.json)")
     p.add_argument("--min-correlation", type=float, default=0.95)
     _common(p)
-    return p
 
 
 def parse(argv=None):
@@ -78,9 +79,11 @@ def _set_devices(n: int) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    calibrate = bool(argv) and argv[0] == "calibrate"
-    a = build_calibrate_parser().parse_args(argv[1:]) if calibrate else parse(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    calibrate = a.cmd == "calibrate"
+    if not calibrate and (a.n is None or a.out is None):
+        parser.error("--n and --out are required (or the calibrate command)")
     _set_devices(a.cpu_devices)  # jax reads XLA_FLAGS when its backend starts
     from fwi_jax.synth import FAMILIES, make_dataset
     from fwi_jax.synth.calibrate import CalibrationError

@@ -32,7 +32,7 @@ class CalibrationError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """Map from a profile's gathers onto a dataset's: polarity · scale · shift by ``shift`` samples."""
+    """Map from a profile's gathers onto a dataset's: polarity · scale · delay of ``shift``."""
 
     profile: str
     mode: str = "fast"  # solver mode (cpml8 profile only)
@@ -62,7 +62,8 @@ class Calibration:
 
     def apply(self, gathers: np.ndarray) -> np.ndarray:
         """(..., nt, R) simulated -> calibrated, shifted along the time axis with zero fill."""
-        return (self.polarity * self.scale) * shift_time(np.asarray(gathers, np.float32), self.shift)
+        gathers = np.asarray(gathers, np.float32)
+        return (self.polarity * self.scale) * shift_time(gathers, self.shift)
 
 
 def shift_time(x: np.ndarray, k: int) -> np.ndarray:
@@ -121,13 +122,16 @@ def calibrate(data_dir: os.PathLike, *, samples: int = 3, ids=None, profile: str
     profiles.check_profile(profile)
     root = pathlib.Path(data_dir).expanduser()
     try:
-        ids = list(ids) if ids else [i for i in io.list_samples(root) if not is_training_only(i)][:samples]
+        if not ids:
+            ids = [i for i in io.list_samples(root) if not is_training_only(i)][:samples]
+        ids = list(ids)
     except io.DataError as e:
         raise CalibrationError(str(e)) from None
     if not ids:
         raise CalibrationError(f"{root}: no sample folders to calibrate against")
     sims, datas = [], []
-    for sid in tqdm(ids, desc=f"calibrate {profile} on {root}", unit="sample", disable=not progress):
+    bar = tqdm(ids, desc=f"calibrate {profile} on {root}", unit="sample", disable=not progress)
+    for sid in bar:
         folder = root / sid
         try:
             v = io._load_array(folder / io.VELOCITY_FILE, io.VELOCITY_FILE_SHAPE)
@@ -152,7 +156,8 @@ def calibrate(data_dir: os.PathLike, *, samples: int = 3, ids=None, profile: str
         raise CalibrationError(
             f"{root}: the {profile} profile does not fit these data ({len(bad)} shot(s) with "
             f"correlation below {min_correlation} after the best polarity, scale and shift: "
-            f"{shots}); they come from another geometry or generator, so no calibration was written")
+            f"{shots}); they come from another geometry or generator, so no calibration was "
+            "written")
     cal = Calibration(profile=profile, mode=mode, polarity=polarity, scale=scale, shift=shift,
                       correlation=corr)
     path = pathlib.Path(out).expanduser() if out else root / CALIBRATION_FILE

@@ -27,6 +27,10 @@ function 0.06-0.12 % relative L2 (8th order, 5 m cells); CPML reflections 0.2 % 
 (fast) of the direct wave with the source 12 m from the edge; reciprocity 2e-6; jax.grad vs a
 central difference 0.2 %.
 
+Devito's damping layer (``Mode.sponge``, used by the "devito" generator profile): the equation
+gains a term damp(x)·u_t (centred in time, as devito's ``bcs="damp"``) in ``sponge`` cells
+between the model and the CPML, with devito's profile (``sponge_profile``).
+
 Points off the grid (sources and receivers in fast mode) use separable 4-point Lagrange weights;
 the same weights inject and record, which keeps the scheme source–receiver reciprocal.
 
