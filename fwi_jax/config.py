@@ -25,6 +25,34 @@ class ConfigError(ValueError):
     """A config name, path, key or value that cannot be used; the message says what to do."""
 
 
+# Every string setting with a fixed set of values, and those values: checked whenever a config is
+# loaded or changed (`Config.validate`), so a misspelt value fails before any work, naming the
+# choices. The modules that act on a setting take its values from here (tests/test_config.py
+# holds the model's and the simulator's tables to these lists).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.size": ("tiny", "small", "base", "large"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attention": ("auto", "xla", "cudnn", "einsum", "blockwise", "query_blocks", "fused_cpu"),
+    "model.remat": ("none", "full", "dots"),
+    "data.host_dtype": ("store", "float32"),
+    "synth.families": ("layered", "faulted", "salt"),  # each of the tuple's entries
+    "synth.mode": ("fast", "full"),
+    "synth.profile": ("cpml8", "devito"),
+    "train.loss": ("base", "hard"),
+    "train.optimizer": ("adamw", "muon"),
+    "train.loss_scale": ("auto", "dynamic", "none"),
+    "train.muon_ns_dtype": ("bfloat16", "float32"),
+}
+# Keys renamed since configs were saved with them: a saved config.json (runs, params
+# checkpoints) is read under the new name; on the command line the old name is an error naming
+# the new one.
+RENAMED = {
+    "train.log_every": "train.log_every_steps",
+    "train.val_every": "train.val_every_epochs",
+    "train.checkpoint_every": "train.checkpoint_every_steps",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Input and output grids (SPEC §2-§3). Reduced grids keep the code path of the full one.
@@ -91,9 +119,6 @@ class ModelConfig:
                               "expected true or false")
 
 
-HOST_DTYPES = ("store", "float32")  # DataConfig.host_dtype
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where samples come from and how they are loaded (SPEC §1).
@@ -115,10 +140,6 @@ class DataConfig:
     v_range: tuple[float, float] = (0.5, 10.0)  # km/s; velocities outside fail validation
     host_dtype: str = "store"  # x in host batches: store (float16 stays float16) | float32 (see above)
 
-    def validate(self) -> None:
-        if self.host_dtype not in HOST_DTYPES:
-            raise ConfigError(f"data.host_dtype={self.host_dtype!r}: choose one of {', '.join(HOST_DTYPES)}")
-
 
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
@@ -132,12 +153,6 @@ class SynthConfig:
     profile: str = "cpml8"  # generator profile: cpml8 | devito (fwi_jax.synth.profiles)
     seed: int = 0
     cache_dir: str = "~/.cache/fwi_jax/synth"
-
-    def validate(self) -> None:
-        if self.profile not in ("cpml8", "devito"):
-            raise ConfigError(f"synth.profile={self.profile!r}: choose cpml8 or devito")
-        if self.mode not in ("fast", "full"):
-            raise ConfigError(f"synth.mode={self.mode!r}: choose fast or full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,10 +179,10 @@ class TrainConfig:
     ema_start_epoch: int = 20
     ema_decay: float = 0.99
     val_tta: bool = False
-    val_every: int = 1  # epochs
+    val_every_epochs: int = 1
     keep_checkpoints: int = 2
-    checkpoint_every: int = 0  # steps between train-state checkpoints besides each epoch's end (0 = none)
-    log_every: int = 10  # steps
+    checkpoint_every_steps: int = 0  # train-state checkpoints besides each epoch's end (0 = none)
+    log_every_steps: int = 10
     seed: int = 0
 
 
@@ -187,11 +202,26 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
     def replace(self, **overrides: Any) -> Config:
-        """``cfg.replace(**{"train.lr": 1e-4})`` with dotted keys and already-typed values."""
+        """``cfg.replace(**{"train.lr": 1e-4})`` with dotted keys and already-typed values; the
+        result is validated (`validate`)."""
         cfg = self
         for key, value in overrides.items():
             cfg = _set(cfg, key.split("."), value, key)
-        return cfg
+        return cfg.validate()
+
+    def validate(self) -> "Config":
+        """Raise `ConfigError` for a value outside its `CHOICES` or a geometry that does not fit;
+        returns the config."""
+        for key, allowed in CHOICES.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if v not in allowed:
+                    raise ConfigError(f"{key}={v!r} is not a valid choice: choose one of "
+                                      f"{', '.join(allowed)}")
+        self.geometry.validate()
+        self.model.validate()
+        return self
 
 
 def from_dict(d: dict[str, Any], cls: type = Config) -> Any:
@@ -199,6 +229,10 @@ def from_dict(d: dict[str, Any], cls: type = Config) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in d.items():
+        for old, new in RENAMED.items():  # a config saved under an old key
+            section, old_name = old.split(".")
+            if cls is _SECTIONS.get(section) and key == old_name:
+                key = new.split(".")[1]
         if key not in hints:
             raise ConfigError(f"unknown config key {key!r} for {cls.__name__}")
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
@@ -207,6 +241,9 @@ def from_dict(d: dict[str, Any], cls: type = Config) -> Any:
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+_SECTIONS = typing.get_type_hints(Config)  # "train" -> TrainConfig ...
 
 
 def _field_names(obj: Any) -> list[str]:
@@ -260,6 +297,8 @@ def _parse_value(text: str, annotation: Any, key: str) -> Any:
 
 
 def _annotation(cfg: Config, key: str) -> Any:
+    if key in RENAMED:
+        raise ConfigError(f"config key {key!r} is now {RENAMED[key]!r}")
     obj: Any = cfg
     parts = key.split(".")
     for part in parts[:-1]:
@@ -280,15 +319,17 @@ def add_override_argument(parser) -> None:
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``["train.lr=1e-4", ...]`` from the command line, parsing each value by field type."""
+    """Apply ``["train.lr=1e-4", ...]`` from the command line, parsing each value by field type;
+    the result is validated (`Config.validate`)."""
+    values = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
         key, text = item.split("=", 1)
         key = key.strip()
-        value = _parse_value(text.strip(), _annotation(cfg, key), key)
-        cfg = cfg.replace(**{key: value})
-    return cfg
+        values.pop(key, None)  # the last value of a key counts, in its order
+        values[key] = _parse_value(text.strip(), _annotation(cfg, key), key)
+    return cfg.replace(**values)
 
 
 def available_configs() -> list[str]:
@@ -315,9 +356,4 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if not hasattr(module, "get_config"):
             raise ConfigError(f"config file {path} defines no get_config()")
         cfg = module.get_config()
-    cfg = apply_overrides(cfg, overrides)
-    cfg.geometry.validate()
-    cfg.model.validate()
-    cfg.data.validate()
-    cfg.synth.validate()
-    return cfg
+    return apply_overrides(cfg, overrides)  # validated

@@ -41,7 +41,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from fwi_jax.config import Config, add_override_argument
+from fwi_jax.config import Config, ConfigError, add_override_argument, apply_overrides
+from fwi_jax.data import io as data_io
 from fwi_jax.ensemble import Predictor, group_members
 from fwi_jax.host import tune_cpu_host
 from fwi_jax.loss import competition_mape
@@ -63,22 +64,7 @@ def default_batch(device: jax.Device) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Samples: ids, checks, host batches
-
-
-def list_samples(data: str | pathlib.Path, id_list: str | pathlib.Path | None = None) -> list[str]:
-    """Sorted sample ids: those of ``id_list`` (one per line) or every sample of ``data`` (its
-    sub-folders, or the ids of a packed store). Listed ids that are missing are an error naming them."""
-    from fwi_jax.data import io as data_io
-    from fwi_jax.data import pack
-
-    try:
-        ids = pack.list_ids(pathlib.Path(data).expanduser(), id_list)
-    except (data_io.DataError, OSError) as e:
-        raise InferenceError(str(e)) from None
-    if not ids:
-        raise InferenceError(f"no samples under {data}")
-    return ids
+# Samples: ids and checks
 
 
 def check_samples(root: pathlib.Path, ids: Sequence[str], need_velocity: bool, v_range=(0.5, 10.0),
@@ -88,10 +74,9 @@ def check_samples(root: pathlib.Path, ids: Sequence[str], need_velocity: bool, v
     packed: here its index, arrays and ids are checked, velocities are required with
     ``need_velocity``, and each sample's velocities are checked again only when ``v_range`` is
     narrower than the range the store was packed with."""
-    from fwi_jax.data import io as data_io
     from fwi_jax.data import pack
 
-    if pack.is_packed(root):
+    if data_io.is_packed(root):
         try:
             bad = pack.PackedSource(root, ids, v_range=v_range, require_velocity=need_velocity or None).check()
         except (data_io.DataError, OSError) as e:  # the store itself: index, arrays, no velocities
@@ -103,50 +88,6 @@ def check_samples(root: pathlib.Path, ids: Sequence[str], need_velocity: bool, v
         lines = [f"  {sample_id}: {message}" for sample_id, message in bad[:20]]
         raise InferenceError(f"{len(bad)} bad sample(s) of {len(ids)}; nothing was computed:\n" + "\n".join(lines)
                              + ("\n  ..." if len(bad) > 20 else ""))
-
-
-def global_batch_ids(ids: Sequence[str], k: int, local: int, process_count: int) -> list[str | None]:
-    """Ids of global batch ``k`` in device order (host 0's slice, host 1's slice, ...), None for
-    padding. The loader gives host p the samples ``ids[p::process_count]`` in batches of ``local``."""
-    out = []
-    for p in range(process_count):
-        for j in range(local):
-            i = p + process_count * (k * local + j)
-            out.append(ids[i] if i < len(ids) else None)
-    return out
-
-
-def host_batches(cfg: Config, root: pathlib.Path, ids: Sequence[str], batch: int, workers: int = 0,
-                 prefetch: int = 2):
-    """This host's batches of every global batch, padded to ``batch / hosts`` samples (one compiled
-    shape): yields (k, {"x", "v" if present, "id"}, n_real). Reading is the data pipeline's
-    (``fwi_jax.data.pipeline.make_loader``: threads ``prefetch`` batches ahead, or ``workers``
-    processes), so it overlaps the devices' compute; hosts with fewer batches send padding."""
-    from fwi_jax.data.pipeline import batch_x_dtype, make_loader
-
-    n_hosts = jax.process_count()
-    if batch % n_hosts:
-        raise InferenceError(f"--batch {batch} is not a multiple of the host count {n_hosts}")
-    local = batch // n_hosts
-    n_global = -(-(-(-len(ids) // n_hosts)) // local)  # host 0 holds the most samples
-    x_dtype = batch_x_dtype(cfg, root)  # float16 from a float16 store (data.host_dtype "store")
-    loader = make_loader(cfg.replace(**{"data.prefetch": max(1, prefetch)}), root, ids, train=False,
-                         batch_size=batch, workers=workers)
-    it = iter(loader)
-    g = cfg.geometry
-    last = None
-    for k in range(n_global):
-        host = next(it, None)
-        if host is None:  # this host ran out before host 0: a batch of padding only
-            host = ({key: a[-1:] for key, a in last.items()} if last is not None else
-                    {"x": np.zeros((1, 6, g.n_time, g.n_receivers), x_dtype), "id": np.array([""])})
-            n_real = 0
-        else:
-            n_real = len(host["id"])
-        if len(host["x"]) < local:  # pad by repeating the last sample; its outputs are dropped
-            host = {key: np.concatenate([a, np.repeat(a[-1:], local - len(a), axis=0)]) for key, a in host.items()}
-        last = host
-        yield k, host, n_real
 
 
 def _progress(enabled: bool, desc: str, total: int):
@@ -172,6 +113,8 @@ def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str]
     """Run the ensemble over the (already checked) samples ``ids`` under ``root`` in global
     batches of ``batch``. One batch stays in flight: batch k+1 is dispatched before batch k's
     result is fetched, so host work (reading, MAPE, float64 copies) overlaps device compute."""
+    from fwi_jax.data.pipeline import global_batch_ids, host_batches
+
     n_hosts = jax.process_count()
     if n_hosts > 1 and (val or keep):
         raise InferenceError("--val and --plot run on one host only (they need every sample's data)")
@@ -186,8 +129,7 @@ def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str]
         out = Predictor.fetch(y)
         gids = global_batch_ids(ids, k, batch // n_hosts, n_hosts)
         if n_hosts == 1:  # the loader's own ids must be the ones we expect
-            assert [str(i) for i in host["id"][:len([g for g in gids if g is not None])]] == [
-                g for g in gids if g is not None], (host["id"], gids)
+            assert [str(i) for i in host["id"]] == [g or "" for g in gids], (host["id"], gids)
         for j, sid in enumerate(gids):
             if sid is None:
                 continue
@@ -201,9 +143,9 @@ def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str]
             bar.set_postfix(mape=f"{np.mean(list(scores.values())):.5f}")
 
     pending = None
-    for k, host, _ in host_batches(cfg, root, ids, batch, workers, prefetch):
-        if val and "v" not in host:
-            raise InferenceError(f"--val: batch {k} has no vp_model.npy")
+    batches = host_batches(cfg, root, ids, batch_size=batch, velocity=val, workers=workers,
+                           prefetch=prefetch)
+    for k, host in enumerate(batches):
         y = predictor.dispatch(host["x"])
         if pending is not None:
             finish(*pending)
@@ -256,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out).expanduser()
     progress = not args.no_progress and jax.process_index() == 0
     try:
+        overrides = list(args.set) + ([f"model.dtype={args.dtype}"] if args.dtype else [])
+        apply_overrides(Config(), overrides)  # a misspelt key or value fails before any loading
         if out.suffix != ".npz":
             raise InferenceError(f"--out {out}: the submission must be a .npz file")
         if not out.parent.is_dir():
@@ -265,16 +209,18 @@ def main(argv: list[str] | None = None) -> int:
             args.batch = default_batch(jax.devices()[0])
         if args.batch < 1:
             raise InferenceError(f"--batch {args.batch}: must be at least 1")
-        overrides = list(args.set) + ([f"model.dtype={args.dtype}"] if args.dtype else [])
         specs = (read_ensemble_file(args.ensemble) if args.ensemble
                  else [MemberSpec(c) for c in args.checkpoints])
         root = pathlib.Path(args.data).expanduser()
-        ids = list_samples(root, args.list)
+        try:
+            ids = data_io.list_samples(root, args.list)
+        except (data_io.DataError, OSError) as e:
+            raise InferenceError(str(e)) from None
         members = [load_member(s, args.config, overrides) for s in specs]
         groups = group_members(members)
         check_samples(root, ids, need_velocity=args.val, v_range=groups[0].cfg.data.v_range,
                       progress=progress)  # before any compute
-    except (InferenceError, MemberError, StorageError) as e:
+    except (InferenceError, MemberError, StorageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     predictor = Predictor(groups, tta=not args.no_tta, member_chunk=args.member_chunk)
@@ -293,8 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(result.predictions)} samples in {result.seconds:.1f} s "
           f"({len(result.predictions) / max(result.seconds, 1e-9):.2f} samples/s, first compile included)")
     if jax.process_index() == 0:
-        from fwi_jax.data import io as data_io
-
         data_io.write_submission(out, result.predictions)
         print(f"wrote {out} ({len(result.predictions)} predictions, float64 (x, depth))")
         if args.val:

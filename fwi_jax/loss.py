@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOSSES = ("base", "hard")
 
 
 def relative_error(pred: jax.Array, v: jax.Array) -> jax.Array:
@@ -44,13 +43,12 @@ def hard_mining_loss(pred: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.mean(e * depth_weight(v.shape[-2]) * h)
 
 
+LOSSES = {"base": base_loss, "hard": hard_mining_loss}  # train.loss (config.CHOICES)
+
+
 def get_loss(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``train.loss`` -> loss function."""
-    if name == "base":
-        return base_loss
-    if name == "hard":
-        return hard_mining_loss
-    raise ValueError(f"unknown train.loss {name!r}; choose one of {LOSSES}")
+    """``train.loss`` (validated when the config is loaded) -> loss function."""
+    return LOSSES[name]
 
 
 def mape_per_sample(pred: jax.Array, v: jax.Array) -> jax.Array:

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fwi_jax.config import ConfigError
+
 DATA_AXIS = "data"
 # environment variables that mean "this process is one of several" (jax.distributed reads them)
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
@@ -68,7 +70,8 @@ def host_to_global(mesh: Mesh, local: dict[str, np.ndarray] | np.ndarray) -> Any
 
 
 def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
+    """Raise `ConfigError` unless the global batch splits evenly over the mesh's devices."""
     n = mesh.devices.size
     if global_batch % n:
-        raise ValueError(f"the global batch {global_batch} is not a multiple of the {n} devices; "
+        raise ConfigError(f"the global batch {global_batch} is not a multiple of the {n} devices; "
                          f"set train.batch_size to a multiple of {n}")

@@ -234,7 +234,7 @@ def resolve_data(cfg: Config, progress: bool = True) -> RunData:
     ``cfg.data`` (no lists: the reference's fold-0 split of every sample), or the synthetic
     dataset when ``data.root`` is empty."""
     from fwi_jax.data.io import DataError
-    from fwi_jax.data.pack import list_ids as list_samples  # folders or a packed store
+    from fwi_jax.data.io import list_samples  # folders or a packed store
     from fwi_jax.data.split import check_no_training_only, reference_split
 
     d = cfg.data
@@ -261,24 +261,13 @@ def resolve_data(cfg: Config, progress: bool = True) -> RunData:
 
 
 def evaluate(eval_fn: Callable, params: Any, cfg: Config, data: RunData, mesh, batch_size: int) -> float:
-    """Mean per-sample MAPE over ``data.val_ids``. Each host pads its share to whole batches (and
-    hosts with fewer batches feed empty ones), so every batch has one compiled shape."""
-    from fwi_jax.data.pipeline import batch_x_dtype, make_loader
+    """Mean per-sample MAPE over ``data.val_ids``, in whole global batches (one compiled shape;
+    padded rows are masked out, ``fwi_jax.data.pipeline.host_batches``)."""
+    from fwi_jax.data.pipeline import host_batches
 
-    pc, local = jax.process_count(), batch_size // jax.process_count()
-    n_batches = math.ceil(math.ceil(len(data.val_ids) / pc) / local)
-    it = iter(make_loader(cfg, data.root, data.val_ids, train=False, batch_size=batch_size, workers=0))
-    x_dtype = batch_x_dtype(cfg, data.root)  # float16 from a float16 store: cast on device
     total, count = 0.0, 0.0
-    for _ in range(n_batches):
-        hb = next(it, None)
-        k = 0 if hb is None else len(hb["x"])
-        x = np.zeros((local, 6, cfg.geometry.n_time, cfg.geometry.n_receivers), x_dtype)
-        v = np.ones((local, *cfg.geometry.out_shape), np.float32)
-        if k:
-            x[:k], v[:k] = hb["x"], hb["v"]
-        mask = (np.arange(local) < k).astype(np.float32)
-        g = sharding.host_to_global(mesh, {"x": x, "v": v, "mask": mask})
+    for hb in host_batches(cfg, data.root, data.val_ids, batch_size=batch_size, velocity=True):
+        g = sharding.host_to_global(mesh, hb)
         s, c = eval_fn(params, g["x"], g["v"], g["mask"])
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
@@ -441,7 +430,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
             pending.append(metrics)
             seen += tc.batch_size
             done = step + 1
-            if done % tc.log_every == 0 or done % steps_per_epoch == 0:
+            if done % tc.log_every_steps == 0 or done % steps_per_epoch == 0:
                 m = jax.device_get(pending)
                 rate = seen / (time.perf_counter() - t0)
                 rec = {"step": done, "epoch": done / steps_per_epoch,
@@ -460,7 +449,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
                 pending, t0, seen = [], time.perf_counter(), 0
             bar.update(1)
             epoch_end = done % steps_per_epoch == 0
-            if epoch_end and data.val_ids and ((done // steps_per_epoch) % tc.val_every == 0 or done == total):
+            if epoch_end and data.val_ids and ((done // steps_per_epoch) % tc.val_every_epochs == 0 or done == total):
                 val_mape = evaluate(eval_fn, eval_params(done), cfg, data, mesh, tc.batch_size)
                 log.write({"step": done, "epoch": done / steps_per_epoch, "val/mape": val_mape,
                            "val/ema": done > ema_start})
@@ -468,7 +457,7 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
                     best = val_mape
                     save_params(workdir / "best", eval_params(done), cfg)  # every host: collective
                 t0 = time.perf_counter()
-            if epoch_end or (tc.checkpoint_every and done % tc.checkpoint_every == 0):
+            if epoch_end or (tc.checkpoint_every_steps and done % tc.checkpoint_every_steps == 0):
                 save(done, loader_state)
             if done < total and (sigterm.raised or ckpts.reached_preemption(done)):
                 raise Preempted(done, total, ckpts.path(done))

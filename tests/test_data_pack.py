@@ -220,15 +220,15 @@ def test_packed_store_index_checked(stores, tmp_path):
         pack.PackedSource(store)[0]
 
 
-def test_list_ids_folders_and_store(folders, stores, tmp_path):
+def test_list_samples_folders_and_store(folders, stores, tmp_path):
     root, ids = folders
     store = stores["float32"][0]
-    assert pack.list_ids(store) == pack.list_ids(root / "train") == sorted(ids)
+    assert io.list_samples(store) == io.list_samples(root / "train") == sorted(ids)
     (tmp_path / "l.txt").write_text(f"{ids[3]}\n{ids[1]}\n")
-    assert pack.list_ids(store, tmp_path / "l.txt") == [ids[1], ids[3]]
+    assert io.list_samples(store, tmp_path / "l.txt") == [ids[1], ids[3]]
     (tmp_path / "m.txt").write_text(f"{ids[0]}\nzz\n")
     with pytest.raises(io.DataError, match="1 listed id.*zz"):
-        pack.list_ids(store, tmp_path / "m.txt")
+        io.list_samples(store, tmp_path / "m.txt")
 
 
 def test_packed_source_rechecks_narrower_v_range(stores):

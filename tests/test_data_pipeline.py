@@ -6,7 +6,7 @@ import pytest
 from fwi_jax import preprocess
 from fwi_jax.config import Config
 from fwi_jax.data.io import SHOT_FILES, VELOCITY_FILE, read_sample
-from fwi_jax.data.pipeline import RandomFlip, make_loader
+from fwi_jax.data.pipeline import RandomFlip, global_batch_ids, host_batches, make_loader
 
 N = 7
 
@@ -167,3 +167,28 @@ def test_epoch_shuffle_permutes_each_epoch_deterministically():
     assert [pickle.loads(pickle.dumps(ds))[i] for i in range(4 * n)] == seen
     assert [EpochShuffle(src, seed=8).repeat(4)[i] for i in range(4 * n)] != seen
     assert list(EpochShuffle(src, seed=7)) == epochs[0] and len(EpochShuffle(src, seed=7)) == n
+
+
+def test_host_batches_pad_every_host_to_whole_global_batches(dataset):
+    """5 samples, global batch 2 over 2 hosts: host 0 reads s00, s02, s04 and host 1 s01, s03,
+    then a batch of padding only; padded rows are x 0, v 1, id "" and mask 0."""
+    root, ids = dataset
+    ids = ids[:5]
+    per_host = [list(host_batches(cfg(), root, ids, batch_size=2, velocity=True,
+                                  process_index=p, process_count=2)) for p in (0, 1)]
+    assert [len(h) for h in per_host] == [3, 3]
+    for k in range(3):
+        got = [str(i) for p in (0, 1) for i in per_host[p][k]["id"]]
+        assert got == [i or "" for i in global_batch_ids(ids, k, 1, 2)]
+    pad = per_host[1][2]
+    assert pad["mask"].tolist() == [0.0] and pad["id"].tolist() == [""]
+    assert not pad["x"].any() and (pad["v"] == 1).all() and pad["x"].shape == (1, 6, 10000, 31)
+    real = per_host[0][2]
+    assert real["mask"].tolist() == [1.0]
+    np.testing.assert_array_equal(real["x"][0], read_sample(root / "s04")[0])
+    # one host, batch 2: the last batch is half padding; without velocity there is no "v"
+    one = list(host_batches(cfg(), root, ids, batch_size=2, velocity=False,
+                            process_index=0, process_count=1))
+    assert [b["mask"].tolist() for b in one] == [[1, 1], [1, 1], [1, 0]]
+    assert [b["id"].tolist() for b in one][-1] == ["s04", ""] and "v" not in one[0]
+    assert not one[-1]["x"][1].any()

@@ -18,10 +18,9 @@ from fwi_jax.checkpoint import load_params, save_params
 from fwi_jax.config import load_config
 from fwi_jax.data import io, pack
 from fwi_jax.model import create_model
-from fwi_jax.preprocess import SOURCE_POSITIONS
 
 SMALL = ["model.dim=64", "model.heads=2", "model.depth=2", "model.split=1", "train.batch_size=4",
-         "train.log_every=1", "train.ema_start_epoch=1", "train.ema_decay=0.9", "data.prefetch=1",
+         "train.log_every_steps=1", "train.ema_start_epoch=1", "train.ema_decay=0.9", "data.prefetch=1",
          "train.epochs=3"]
 IDS = [f"s{i:02d}" for i in range(8)]
 TRAIN, VAL = IDS[:4], IDS[4:7]  # s07 is in the stores but in neither list
@@ -35,7 +34,7 @@ def data(tmp_path_factory):
     for i in IDS:
         d = root / "folders" / i
         d.mkdir(parents=True)
-        for p, name in zip(SOURCE_POSITIONS, io.SHOT_FILES):
+        for name in io.SHOT_FILES:
             np.save(d / name, (1e-4 * rng.standard_normal((10001, 31))).astype(np.float32))
         depth = np.linspace(0.0, 1.5, 1259, dtype=np.float32)[None, :]
         np.save(d / io.VELOCITY_FILE, 1.8 + rng.uniform(0, 1) + depth + np.zeros((300, 1), np.float32))

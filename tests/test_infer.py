@@ -16,9 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from fwi_jax import ensemble, infer, members as members_lib
+from fwi_jax import ensemble, members as members_lib
 from fwi_jax.checkpoint import save_params
 from fwi_jax.config import load_config
+from fwi_jax.data.pipeline import global_batch_ids
 from fwi_jax.model import apply_model, create_model
 from fwi_jax.preprocess import SOURCE_POSITIONS, flip
 
@@ -132,10 +133,10 @@ def test_tta_is_half_sum_of_prediction_and_unflipped_prediction_of_flip(members)
 def test_global_batch_ids_follow_the_loaders_host_shards():
     ids = [f"s{i}" for i in range(5)]
     # one host: plain order, the last batch padded
-    assert [infer.global_batch_ids(ids, k, 2, 1) for k in range(3)] == [["s0", "s1"], ["s2", "s3"], ["s4", None]]
+    assert [global_batch_ids(ids, k, 2, 1) for k in range(3)] == [["s0", "s1"], ["s2", "s3"], ["s4", None]]
     # two hosts, 2 samples each per global batch of 4: host p reads ids[p::2] (the data pipeline's
     # host shard), and its slice comes second in device order for p = 1
-    assert [infer.global_batch_ids(ids, k, 2, 2) for k in range(2)] == [["s0", "s2", "s1", "s3"],
+    assert [global_batch_ids(ids, k, 2, 2) for k in range(2)] == [["s0", "s2", "s1", "s3"],
                                                                          ["s4", None, None, None]]
 
 

@@ -27,7 +27,7 @@ from fwi_jax.preprocess import ZERO_CHANNEL, flip
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ["model.dim=64", "model.heads=2", "model.depth=2", "model.split=1", "train.batch_size=4",
-         "train.log_every=2", "train.ema_start_epoch=1", "train.ema_decay=0.9", "data.prefetch=1"]
+         "train.log_every_steps=2", "train.ema_start_epoch=1", "train.ema_decay=0.9", "data.prefetch=1"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def params_of(workdir, name="final"):
     return load_params(pathlib.Path(workdir) / name)[1]
 
 
-RESUME_SET = ["train.epochs=4", "train.checkpoint_every=2"]
+RESUME_SET = ["train.epochs=4", "train.checkpoint_every_steps=2"]
 
 
 @pytest.fixture(scope="module")

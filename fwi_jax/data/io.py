@@ -6,6 +6,8 @@ A sample folder holds five shot gathers ``receiver_data_src_{p}.npy`` float32 (1
 
 `read_sample` applies SPEC §2 steps 1-3 on the host (drop the last time sample, x1e4, insert the
 all-zero channel 151), so the device receives ready model input (6, 10000, 31) float32.
+`list_samples` lists the samples of a folder dataset or of a packed store (``fwi_jax.data.pack``,
+whose ids this module reads from its ``ids.txt``), the one listing every command uses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fwi_jax.data.split import read_id_list
 from fwi_jax.preprocess import AMPLITUDE_SCALE, SOURCE_POSITIONS, ZERO_CHANNEL, shots_to_input
 
 N_TIME_RAW = 10001  # time samples per shot in the files
@@ -26,6 +29,8 @@ N_RECEIVERS = 31
 VELOCITY_FILE_SHAPE = (300, 1259)  # (x, depth) as stored
 SHOT_FILES = tuple(f"receiver_data_src_{p}.npy" for p in SOURCE_POSITIONS)
 VELOCITY_FILE = "vp_model.npy"
+STORE_INDEX_FILE = "index.json"  # a packed store's index (fwi_jax.data.pack)
+STORE_IDS_FILE = "ids.txt"  # a packed store's ids, one per line, in row order
 
 
 # np.lib.format parses .npy headers with ast.literal_eval, which CPython 3.11 does not make
@@ -185,22 +190,47 @@ def _read_sample_checked(folder: pathlib.Path, *, v_range: tuple[float, float],
     return seismic, np.ascontiguousarray(vp.T)
 
 
+def is_packed(root) -> bool:
+    """True when ``root`` is a packed store (holds index.json)."""
+    return (pathlib.Path(root) / STORE_INDEX_FILE).is_file()
+
+
+def read_store_ids(root) -> list[str]:
+    """A packed store's ids, in row order (ids.txt)."""
+    path = pathlib.Path(root) / STORE_IDS_FILE
+    try:
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the packed store's id list ({e})") from e
+
+
 def list_samples(root, list_file=None) -> list[str]:
-    """Sorted sample ids: the lines of ``list_file`` (blank lines ignored), else every
-    non-hidden sub-folder of ``root``. Ids listed without a folder are an error."""
-    root = pathlib.Path(root)
+    """Sorted sample ids of a folder dataset (its non-hidden sub-folders) or a packed store (its
+    ids): the lines of ``list_file`` (blank lines ignored), else every sample. Listed ids that
+    ``root`` lacks, and a ``root`` without samples, are errors naming them."""
+    root = pathlib.Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
-    if list_file:
-        from fwi_jax.data.split import read_id_list
-
+    packed = is_packed(root)
+    if packed:
+        stored = read_store_ids(root)
+    else:
+        stored = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not list_file:
+        if not stored:
+            raise DataError(f"{root}: no samples (no sample folders, or an empty packed store)")
+        return sorted(stored)
+    try:
         ids = read_id_list(list_file)
-        missing = [i for i in ids if not (root / i).is_dir()]
-        if missing:
-            raise DataError(f"{list_file}: {len(missing)} listed id(s) have no folder under {root}, "
-                            f"e.g. {', '.join(missing[:5])}")
-        return sorted(ids)
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except (OSError, ValueError) as e:  # no such file, duplicate ids
+        raise DataError(str(e)) from None
+    known = set(stored)
+    missing = [i for i in ids if i not in known]
+    if missing:
+        where = f"are not in the packed store {root}" if packed else f"have no folder under {root}"
+        raise DataError(f"{list_file}: {len(missing)} listed id(s) {where}, "
+                        f"e.g. {', '.join(missing[:5])}")
+    return sorted(ids)
 
 
 def check_dataset(root, ids: Iterable[str], *, v_range: tuple[float, float] = (0.5, 10.0),

@@ -28,8 +28,6 @@ from fwi_jax.data import io
 
 FORMAT = "fwi_jax.packed"
 VERSION = 1
-INDEX_FILE = "index.json"
-IDS_FILE = "ids.txt"
 X_FILE = "x.npy"
 V_FILE = "v.npy"
 X_SHAPE = (6, io.N_TIME_RAW - 1, io.N_RECEIVERS)  # per sample, as `io.read_sample` returns it
@@ -46,7 +44,7 @@ _REBIAS = np.float32(2.0 ** 112)  # 2^(127 - 15)
 def half_to_float32(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float16 array (any shape; a memmap slice is fine) -> float32 ``out``, bit-identical to
     ``src.astype(np.float32)`` for every finite value (zeros, subnormals included; packed stores
-    hold finite values only), ~4x faster than NumPy's scalar cast: the int16 bits, sign-extended
+    hold finite values only), and several times faster than NumPy's scalar cast: the int16 bits, sign-extended
     and shifted left by 13, masked, are a float32 that one multiply by 2^112 rebiases, in chunks
     that stay in cache. Inf/NaN would come out as large finite numbers."""
     if out is None:
@@ -84,12 +82,12 @@ def _put_x(src: np.ndarray, dst: np.ndarray, flip: bool, scratch: np.ndarray | N
         ch = src[n - 1 - c]
         if convert:
             ch = half_to_float32(ch, scratch)
-        np.copyto(dst[c].T, ch[:, ::-1].T)  # iterating over time inside: ~1.5x faster than row-wise
+        np.copyto(dst[c].T, ch[:, ::-1].T)  # iterating over time inside: faster than row-wise
 
 
 def _put_mirrored(src: np.ndarray, dst: np.ndarray, scratch: np.ndarray) -> None:
     """``dst[...] = src[..., ::-1]`` for 2-D C-contiguous ``dst`` and ``scratch`` of src's shape and
-    dtype, ~3x faster than NumPy's strided copy for float32 rows of 300: the flat array reversed
+    dtype, faster than NumPy's strided copy for float32 rows of 300: the flat array reversed
     (both axes) into ``scratch``, then its rows back in order, each row one memmove."""
     if src.ndim != 2 or not (dst.flags.c_contiguous and scratch.flags.c_contiguous):
         np.copyto(dst, src[..., ::-1])
@@ -102,8 +100,7 @@ def _put_mirrored(src: np.ndarray, dst: np.ndarray, scratch: np.ndarray) -> None
 class _BufferPool:
     """Batch arrays, handed out again once nothing but the pool references them (CPython reference
     counts). A fresh ``np.empty`` of tens of MB is new memory: page faults and kernel zeroing on
-    every batch, ~0.7 ms of system time per float16 sample on a 2-core VM; a reused array costs
-    none. Whoever holds a batch, a view of it, or a JAX array made from it (JAX keeps the NumPy
+    every batch, system time that a reused array does not cost. Whoever holds a batch, a view of it, or a JAX array made from it (JAX keeps the NumPy
     array it reads alive) keeps it from reuse. At most ``size`` arrays are kept; thread-safe."""
 
     def __init__(self, size: int):
@@ -192,39 +189,6 @@ class StackBatch:
         return batch
 
 
-def is_packed(root) -> bool:
-    """True when ``root`` is a packed store (holds index.json)."""
-    return (pathlib.Path(root) / INDEX_FILE).is_file()
-
-
-def read_ids(root) -> list[str]:
-    """The store's ids, in row order (ids.txt)."""
-    path = pathlib.Path(root) / IDS_FILE
-    try:
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise io.DataError(f"{path}: cannot read the packed store's id list ({e})") from e
-
-
-def list_ids(root, list_file=None) -> list[str]:
-    """`io.list_samples` for a folder dataset or a packed store: sorted ids of ``list_file``
-    (each must be in ``root``; missing ones are an error naming them), else every sample."""
-    if not is_packed(root):
-        return io.list_samples(root, list_file)
-    stored = read_ids(root)
-    if not list_file:
-        return sorted(stored)
-    from fwi_jax.data.split import read_id_list
-
-    ids = read_id_list(list_file)
-    known = set(stored)
-    missing = [i for i in ids if i not in known]
-    if missing:
-        raise io.DataError(f"{list_file}: {len(missing)} listed id(s) are not in the packed store {root}, "
-                           f"e.g. {', '.join(missing[:5])}")
-    return sorted(ids)
-
-
 def pack(src, out, ids: Sequence[str] | None = None, *, dtype: str = "float32",
          v_range: tuple[float, float] = (0.5, 10.0), progress: bool = True) -> dict:
     """Pack sample folders ``src/<id>`` (default: every sub-folder) into the store ``out``.
@@ -285,8 +249,8 @@ def pack(src, out, ids: Sequence[str] | None = None, *, dtype: str = "float32",
             if a is not None:
                 a.flush()
         del xs, vs
-        (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in ids))
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+        (tmp / io.STORE_IDS_FILE).write_text("".join(f"{i}\n" for i in ids))
+        (tmp / io.STORE_INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
         os.rename(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -299,7 +263,7 @@ def pack(src, out, ids: Sequence[str] | None = None, *, dtype: str = "float32",
 def read_index(root) -> dict:
     """index.json of a store, checked against its format, version and files."""
     root = pathlib.Path(root)
-    path = root / INDEX_FILE
+    path = root / io.STORE_INDEX_FILE
     try:
         index = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -340,9 +304,9 @@ class PackedSource(grain.sources.RandomAccessDataSource):
         self.root = str(root)
         self.raw = bool(raw)
         self.index = read_index(self.root)
-        stored = read_ids(self.root)
+        stored = io.read_store_ids(self.root)
         if len(stored) != self.index["n"]:
-            raise io.DataError(f"{pathlib.Path(self.root) / IDS_FILE}: {len(stored)} ids, index says {self.index['n']}")
+            raise io.DataError(f"{pathlib.Path(self.root) / io.STORE_IDS_FILE}: {len(stored)} ids, index says {self.index['n']}")
         row_of = {i: r for r, i in enumerate(stored)}
         self.ids = list(stored if ids is None else ids)
         missing = [i for i in self.ids if i not in row_of]

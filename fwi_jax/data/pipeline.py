@@ -20,6 +20,7 @@ from it is alive.
 
 from __future__ import annotations
 
+import math
 import pathlib
 from collections.abc import Sequence
 
@@ -84,8 +85,8 @@ class EpochShuffle(grain.MapDataset):
     """``ds.shuffle(seed)`` of grain, at O(1) per element: element i of epoch e (a following
     ``repeat`` counts epochs past ``len``) is ``parent[e * n + perm_e[i]]``, ``perm_e`` a permutation
     of the n elements drawn once per epoch from NumPy's Philox keyed by (seed, e) and cached. grain's
-    ``index_shuffle`` costs about 30 ms / n per element (0.6 ms at n = 64, 19 us at 4,599); this
-    costs one permutation (~0.1 ms) per epoch. Deterministic in (seed, index), so exact resume and
+    ``index_shuffle`` costs per element a time inversely proportional to n, large for the small
+    datasets of tests and demos; this costs one permutation per epoch. Deterministic in (seed, index), so exact resume and
     worker-count independence hold as with grain's. Pickles with its small cache (worker processes)."""
 
     _KEEP = 3  # epochs of permutations cached (reader threads may straddle an epoch boundary)
@@ -123,10 +124,8 @@ class EpochShuffle(grain.MapDataset):
 
 def batch_x_dtype(cfg, root) -> np.dtype:
     """dtype of x in the batches `make_loader` gives for ``root`` under ``cfg.data.host_dtype``:
-    float16 for a float16 packed store with host_dtype "store", else float32. An unknown
-    host_dtype is a `config.ConfigError` (a ValueError)."""
-    cfg.data.validate()
-    if cfg.data.host_dtype == "store" and pack.is_packed(root):
+    float16 for a float16 packed store with host_dtype "store", else float32."""
+    if cfg.data.host_dtype == "store" and io.is_packed(root):
         return np.dtype(pack.read_index(root)["dtype"])
     return np.dtype(np.float32)
 
@@ -149,8 +148,8 @@ def make_dataset(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_siz
     if batch_size % process_count:
         raise ValueError(f"batch size {batch_size} is not a multiple of the host count {process_count}")
     require_velocity = True if train else None
-    x_float32 = batch_x_dtype(cfg, root) == np.float32  # also checks cfg.data.host_dtype
-    if pack.is_packed(root):
+    x_float32 = batch_x_dtype(cfg, root) == np.float32
+    if io.is_packed(root):
         # raw views of the store: StackBatch below copies each sample once (converting float16
         # only with data.host_dtype "float32")
         source = pack.PackedSource(root, ids, v_range=cfg.data.v_range, require_velocity=require_velocity, raw=True)
@@ -189,7 +188,7 @@ def make_loader(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size
     if workers > 0:
         # StackBatch writes each batch straight into shared memory in the workers. grain enables
         # that only when the batch is the dataset it sends; ours sits under to_iter_dataset, so
-        # grain would copy every batch into shared memory once more (~4x slower with 1 worker)
+        # grain would copy every batch into shared memory once more (several times slower)
         ds.enable_shared_memory_output()
     # threads read whole batches in parallel; the buffer counts batches (~60 MB each at B=8)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch))
@@ -202,3 +201,61 @@ def make_loader(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
     return it
+
+
+def global_batch_ids(ids: Sequence[str], k: int, local: int, process_count: int) -> list[str | None]:
+    """Ids of global batch ``k`` of `host_batches` in device order (host 0's slice, host 1's
+    slice, ...), None for padding: host p reads ``ids[p::process_count]`` in batches of ``local``."""
+    out = []
+    for p in range(process_count):
+        for j in range(local):
+            i = p + process_count * (k * local + j)
+            out.append(ids[i] if i < len(ids) else None)
+    return out
+
+
+def host_batches(cfg, root, ids: Sequence[str], *, batch_size: int, velocity: bool,
+                 workers: int = 0, prefetch: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None):
+    """One evaluation pass over ``ids`` (in order, no flip): this host's share of every global
+    batch of ``batch_size``, padded so that every host yields the same number of batches of
+    ``local = batch_size / hosts`` samples (one compiled shape, for validation and inference).
+
+    Yields {"x": (local, 6, T, R), "v": (local, depth, x) km/s (with ``velocity`` only; a sample
+    without vp_model.npy is then a `io.DataError`), "id": (local,) str, "mask": (local,) float32}.
+    The padding rule, here only: a padded row has x zeros, v ones (finite, so a masked-out MAPE
+    stays finite), id "" and mask 0; a host whose samples ran out yields whole batches of padding.
+    `global_batch_ids` gives every host's ids. Reading runs ``prefetch`` batches ahead (default
+    ``cfg.data.prefetch``) in threads, or in ``workers`` processes, overlapping the devices' work.
+    ``process_index``/``process_count``: this host and the host count (default: JAX's)."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    n_hosts = process_count
+    if batch_size % n_hosts:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the host count {n_hosts}")
+    local = batch_size // n_hosts
+    n_batches = math.ceil(math.ceil(len(ids) / n_hosts) / local)  # host 0 holds the most samples
+    if prefetch is not None:
+        cfg = cfg.replace(**{"data.prefetch": max(1, prefetch)})
+    it = iter(make_loader(cfg, root, ids, train=False, batch_size=batch_size, workers=workers,
+                          process_index=process_index, process_count=process_count))
+    g = cfg.geometry
+    padding = {"x": np.zeros((local, 6, g.n_time, g.n_receivers), batch_x_dtype(cfg, root)),
+               "id": np.full(local, "")}
+    if velocity:
+        padding["v"] = np.ones((local, *g.out_shape), np.float32)
+    for _ in range(n_batches):
+        batch = next(it, None) or {}
+        n = len(batch.get("id", ()))
+        if n and velocity and "v" not in batch:
+            raise io.DataError(f"{root}: samples {', '.join(map(str, batch['id']))} have no "
+                               f"{io.VELOCITY_FILE}")
+        if n == local:
+            out = {key: batch[key] for key in padding}
+        else:  # the last batch, or none left on this host
+            out = {key: np.concatenate([batch[key], pad[n:]]) if n else pad
+                   for key, pad in padding.items()}
+        out["mask"] = (np.arange(local) < n).astype(np.float32)
+        yield out

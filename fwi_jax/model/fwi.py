@@ -44,9 +44,7 @@ REMAT_POLICIES = {
 def model_size(cfg: Config) -> EvaSize:
     """timm's widths for ``cfg.model.size`` with the config's dim/depth/heads overrides."""
     m = cfg.model
-    if m.size not in SIZES:
-        raise ConfigError(f"model.size={m.size!r}: choose one of {', '.join(SIZES)}")
-    size = SIZES[m.size]
+    size = SIZES[m.size]  # config.CHOICES, validated when the config is loaded
     size = dataclasses.replace(size, **{k: v for k, v in (("dim", m.dim), ("depth", m.depth), ("heads", m.heads)) if v is not None})
     if not 0 <= m.split <= size.depth:
         raise ConfigError(f"model.split={m.split} must lie in [0, depth={size.depth}]")
@@ -62,10 +60,6 @@ class FWIModel(nnx.Module):
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs, platform: str | None = None):
         g, m = cfg.geometry, cfg.model
-        if m.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype={m.dtype!r}: choose one of {', '.join(DTYPES)}")
-        if m.remat not in ("none", *REMAT_POLICIES):
-            raise ConfigError(f"model.remat={m.remat!r}: choose none, full or dots")
         self.cfg = cfg
         size = model_size(cfg)
         dtype = DTYPES[m.dtype]
