@@ -1,10 +1,10 @@
 """Process-level tuning of a CPU host for XLA:CPU (the only place that changes process settings).
 
-XLA:CPU allocates one temporary buffer per execution of a compiled program (2.2 GiB for a
-tiny_s8 train step at batch 1) and frees it afterwards. glibc serves allocations that large with a
-fresh ``mmap`` and gives the pages back on free, so every step page-faults and zero-fills the whole
-buffer again: 1.5 s of kernel time per 6-7 s tiny_s8 step on 2 cores (perf: ``clear_page_erms``,
-``exc_page_fault``). :func:`tune_cpu_host` stops that:
+XLA:CPU allocates one temporary buffer per execution of a compiled program (gigabytes for a
+tiny_s8 train step) and frees it afterwards. glibc serves allocations that large with a fresh
+``mmap`` and gives the pages back on free, so every step page-faults and zero-fills the whole
+buffer again, a large share of each step spent in the kernel (perf: ``clear_page_erms``,
+``exc_page_fault``; figures in docs/performance.md). :func:`tune_cpu_host` stops that:
 
 - ``mallopt(M_MMAP_MAX, 0)`` and ``mallopt(M_TRIM_THRESHOLD, SIZE_MAX)``: large blocks come from
   the main heap and freed memory stays in the process, so the next step reuses pages that are
@@ -14,8 +14,7 @@ buffer again: 1.5 s of kernel time per 6-7 s tiny_s8 step on 2 cores (perf: ``cl
   whose per-thread heaps fall back to ``mmap`` for large blocks whatever ``M_MMAP_MAX`` says.
   Host work then no longer overlaps a running step; the data loader's threads still prefetch.
 
-Measured on 2 cores (tiny_s8, batch 1, float32, docs/performance.md): system time 1.5 -> 0.1 s per
-step. Nothing is done on GPUs/TPUs, where device memory has its own allocator. Set
+Nothing is done on GPUs/TPUs, where device memory has its own allocator. Set
 ``FWI_JAX_CPU_TUNING=0`` to leave the process as it is.
 """
 

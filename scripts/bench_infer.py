@@ -24,25 +24,19 @@ measured in the same run (the practical roofline), and XLA's memory estimate of 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 
 import jax
 import numpy as np
+from bench_common import compiled_flops, compiled_memory_gib, fmt, matmul_roofline
 
+from fwi_jax import ensemble, infer
+from fwi_jax import members as members_lib
+from fwi_jax.config import add_override_argument, load_config
+from fwi_jax.convert import convert_state_dict
 from fwi_jax.host import tune_cpu_host
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # torch_reference.py
-sys.path.insert(0, str(REPO / "scripts"))  # bench_train's helpers
-
-from bench_train import _cost, _memory, fmt, matmul_roofline  # noqa: E402
-from fwi_jax import ensemble, infer  # noqa: E402
-from fwi_jax import members as members_lib  # noqa: E402
-from fwi_jax.config import add_override_argument, load_config  # noqa: E402
-from fwi_jax.convert import convert_state_dict  # noqa: E402
-from fwi_jax.model.attention import resolve_impl  # noqa: E402
+from fwi_jax.model.attention import resolve_impl
 
 
 def bench_ours(cfg, state_dicts, xs, tta: bool, member_chunk: int | None) -> dict:
@@ -66,7 +60,7 @@ def bench_ours(cfg, state_dicts, xs, tta: bool, member_chunk: int | None) -> dic
     # XLA's analyses need a Compiled object, and jit's cached executable is not one: this compiles
     # the program a second time, after the timing
     compiled = predictor.lower(xs[0]).compile()
-    rec.update(flops=_cost(compiled), mem_gib=_memory(compiled))
+    rec.update(flops=compiled_flops(compiled), mem_gib=compiled_memory_gib(compiled))
     return rec
 
 

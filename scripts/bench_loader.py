@@ -14,8 +14,7 @@ process, one thread). Ends with a Markdown table.
                                    [--repeats 3] [--cycle M] [--dir D]
 
 Worker processes hand batches over in /dev/shm (grain's shared memory): every batch is written
-into new shared memory, a page fault per 4 KiB (measured on the 2-core VM: ~40 ms to fill 42 MB of
-new shared memory, 5-6 ms for reused memory), and unlinked after use; on a small VM they are far
+into new shared memory, a page fault per 4 KiB, and unlinked after use; on a small VM they are far
 slower than reading in threads (0 workers), where batch arrays are recycled.
 """
 
@@ -35,7 +34,6 @@ import numpy as np
 from fwi_jax.config import Config
 from fwi_jax.data import io, pack
 from fwi_jax.data.pipeline import make_loader
-from fwi_jax.preprocess import SOURCE_POSITIONS
 
 
 def write_dataset(root: pathlib.Path, n: int, seed: int = 0) -> list[str]:
@@ -45,7 +43,7 @@ def write_dataset(root: pathlib.Path, n: int, seed: int = 0) -> list[str]:
     for sample_id in ids:
         d = root / sample_id
         d.mkdir(parents=True, exist_ok=True)
-        for p, name in zip(SOURCE_POSITIONS, io.SHOT_FILES):
+        for name in io.SHOT_FILES:
             np.save(d / name, rng.standard_normal((io.N_TIME_RAW, io.N_RECEIVERS), dtype=np.float32) * 1e-4)
         np.save(d / io.VELOCITY_FILE, rng.uniform(1.5, 4.5, io.VELOCITY_FILE_SHAPE).astype(np.float32))
     return ids
@@ -89,8 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the table shows the median")
     parser.add_argument("--cycle", type=int, default=0, metavar="M",
                         help="loader id list = the n ids cycled to M entries (an epoch of M samples, e.g. the "
-                             "real 4599; grain's own shuffle cost ~30 ms / M per sample, which made small M "
-                             "an artefact before pipeline.EpochShuffle replaced it); default: off")
+                             "real 4599); default: off")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="cfg.data.prefetch: reader threads and batches buffered (default: the config's)")
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
@@ -165,8 +162,8 @@ def main(argv=None) -> int:
         print("\nsamples/s; one sample = x (6, 10000, 31) float32 + v (1259, 300) float32 = 8.9 MB "
               "(float16 batches: x 3.7 MB, 5.2 MB in all); 0 workers = reading in cfg.data.prefetch threads "
               "of the main process; CPU ms/sample = this process's CPU time (user + system) per sample with 0 "
-              "workers, all of the loader's work: 2 cores / that is the CPU-bound ceiling (other jobs inflate it "
-              "too, by sharing caches and memory bandwidth: 0.87 vs 1.71 ms for float16 batches at load 2 vs 4)")
+              "workers, all of the loader's work: cores / that is the CPU-bound ceiling (other jobs inflate it "
+              "too, by sharing caches and memory bandwidth)")
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -44,11 +44,8 @@ import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # torch_reference.py
-sys.path.insert(0, str(REPO))
+from bench_common import GIB, compiled_flops, compiled_memory_gib, fmt, make_batch, matmul_roofline
 
-GIB = 2.0 ** 30
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -59,42 +56,6 @@ def overrides(a, attention: str | None = None, remat: str | None = None) -> list
     if remat:
         out.append(f"model.remat={remat}")
     return out
-
-
-def make_batch(cfg, batch: int, seed: int = 0):
-    import numpy as np
-
-    g = cfg.geometry
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, 6, g.n_time, g.n_receivers)).astype(np.float32)
-    v = rng.uniform(1.5, 4.5, (batch, *g.out_shape)).astype(np.float32)
-    return x, v
-
-
-def _cost(compiled) -> float | None:
-    """XLA's FLOPs per call, plus those of fused_cpu's attention kernel (a custom call, which
-    XLA counts as 0; `fwi_jax.model.fused_attention.kernel_flops`)."""
-    from fwi_jax.model.fused_attention import kernel_flops
-
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    return float(cost.get("flops", 0.0)) + kernel_flops(compiled.as_text()) if cost else None
-
-
-def _memory(compiled) -> float | None:
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    if m is None:
-        return None
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
-    return total / GIB
 
 
 def time_steps(step, warmup: int, steps: int, batch: int) -> dict:
@@ -142,8 +103,8 @@ def run_one(a) -> dict:
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
     rec["compile_s"] = time.perf_counter() - t0
-    rec["flops"] = _cost(compiled)
-    rec["mem_gib"] = _memory(compiled)
+    rec["flops"] = compiled_flops(compiled)
+    rec["mem_gib"] = compiled_memory_gib(compiled)
     if a.compile_only:
         return rec
     if rec["mem_gib"] is not None and a.max_mem_gib and rec["mem_gib"] > a.max_mem_gib:
@@ -160,23 +121,6 @@ def run_one(a) -> dict:
     if rec["flops"]:
         rec["flop_per_s"] = rec["flops"] / rec["step_s"]
     return rec
-
-
-def matmul_roofline(n: int = 2048, reps: int = 5) -> float:
-    """Dense float32 matmul FLOP/s of this machine under XLA (median of ``reps``)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times)
 
 
 def torch_train(a) -> dict:
@@ -248,10 +192,6 @@ def label(rec) -> str:
     return impl + (", CPU tuning off" if rec.get("cpu_tuning") == "off" else "")
 
 
-def fmt(x, spec, missing="-"):
-    return missing if x is None else format(x, spec)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny_s8")
@@ -262,8 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--remat", nargs="+", default=["none", "full", "dots"])
     ap.add_argument("--cpu-tuning", nargs="+", default=["on"], choices=["on", "off"],
                     help="fwi_jax.host.tune_cpu_host in our rows (on: as train/infer run; off: XLA defaults)")
-    # PyTorch's steps get faster over its first few (4.5, 4.2, 4.2, 4.1 s for tiny_s8 on 2 cores)
-    # while ours are flat after compiling: 2 warm-up and 5 timed steps compare steady states
+    # PyTorch's steps get faster over its first few while ours are flat after compiling: 2 warm-up
+    # and 5 timed steps compare steady states
     ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     ap.add_argument("--torch-steps", type=int, default=None, help="timed PyTorch steps (default --steps)")

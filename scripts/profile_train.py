@@ -46,8 +46,7 @@ import sys
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench_common import make_batch
 
 CATEGORIES = ("attention core", "rope", "attn qkv/proj", "mlp", "layernorm", "residual/block", "fold+resize",
               "embed/head", "loss", "optimizer+EMA", "other")
@@ -226,9 +225,6 @@ def main(argv=None) -> int:
     tune_cpu_host()  # as train and infer run (FWI_JAX_CPU_TUNING=0 profiles XLA's defaults)
     import jax
     import jax.numpy as jnp
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    from bench_train import make_batch
 
     from fwi_jax.config import load_config
     from fwi_jax.model import create_model

@@ -18,10 +18,7 @@ are formed differently. Why by hand:
   g = dy * scale, from the saved per-row mean and 1/std.
 - ``silu_mul`` (SwiGLU's silu(gate) * x): one sigmoid for both gradients.
 
-A tiny_s8 block without attention, forward + backward on 2 cores: 223 -> 201 ms with the dense
-layers (PyTorch/oneDNN: 199 ms), 193-200 ms with the LayerNorm too; the whole block with
-attention 505 -> 482 -> 481 ms, and 499 -> 495 ms (median of 24 interleaved) for ``silu_mul``
-(docs/performance.md §2b).
+What each of them buys on CPU is measured in docs/performance.md.
 """
 
 from __future__ import annotations

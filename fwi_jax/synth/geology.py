@@ -9,7 +9,7 @@ then thin sedimentary layers whose velocity rises with depth towards 4.5 km/s. F
 
 Construction: a "paleo-depth" coordinate ζ(x, z) is built (depth below the sea floor, minus fold
 and dip displacement, plus fault throws on hanging walls); each layer is a range of ζ with its
-own velocity. NumPy only: generation is ~10 ms per model, far below the wave simulation.
+own velocity. NumPy only: generating a model costs far less than simulating its waves.
 """
 
 from __future__ import annotations

@@ -17,10 +17,9 @@ Conventions (competition geometry, model grid 1 m, x = column index in metres):
 Modes (``MODES``): "full" runs at the output sampling (dx = 1 m, dt = 0.1 ms, 30 CPML cells);
 "fast" runs on a 4 m grid at dt = 0.4 ms with 16 CPML cells (the velocity model is reduced by a
 box average of 1/v², the constant-density Backus average) and interpolates the traces back to
-0.1 ms (4-point Lagrange), about 50x fewer cell updates. Measured with scripts/bench_synth.py on
-geology models: fast vs full relative L2 error per gather 1.3 % mean, 5 % max; after 0.25 s
-(reflections only, direct wave muted) 4 % mean, 7 % max. Most of it is the thin-layer detail the
-4 m grid averages away, not dispersion (the fast grid has >= 9 cells per 40 Hz wavelength).
+0.1 ms (4-point Lagrange), about 50x fewer cell updates. Its error against "full"
+(scripts/bench_synth.py; docs/performance.md) is mostly the thin-layer detail the 4 m grid
+averages away, not dispersion (the fast grid has >= 9 cells per 40 Hz wavelength).
 
 Measured accuracy (tests/test_synth_wave.py): homogeneous medium vs the analytic 2-D Green's
 function 0.06-0.12 % relative L2 (8th order, 5 m cells); CPML reflections 0.2 % (full) and 0.4 %
@@ -38,11 +37,7 @@ Speed (XLA CPU): the leapfrog runs in increment form, w = u(t) − u(t − dt), 
 terms), u += w, with w on whole rows, so each step is one fused pass over the grid plus a cheap
 row-block add and small strip kernels, with no full-grid copies (the two-buffer rotation, the
 2-D in-place window updates and scan unroll > 1 made XLA copy or re-walk the grid 3-4 times per
-step). Measured with scripts/bench_synth.py on the 2-core dev machine with nothing else running (load
-average 1.7-1.9 from the benchmark itself, 2026-11-25), 8th order, 1 m grid: 1.47, 1.67 and 1.65 G cell-updates/s with 2 host
-devices and --steps 3000 (1.66 and 1.27 with --steps 1000); 1.19 with 1 device. 4th order: 2.1-2.2
-G/s on 2 devices. Fast mode: 0.29-0.39 s per competition-format sample on 2 devices, 0.71 s on 1.
-Earlier figures, taken while other jobs loaded the machine, were 0.37-0.75 G/s and 1.1-1.7 s.
+step). Throughput: ``python scripts/bench_synth.py``; figures in docs/performance.md.
 
 Everything is plain ``jnp`` under ``jit``/``vmap``/``grad``: ``jax.grad`` of a data misfit with
 respect to the velocity model works (use ``remat=True`` for long runs: each block of
@@ -510,7 +505,7 @@ def simulate(
     n_receivers) float32 as a NumPy array. The batch is padded to a multiple of the device count
     (by repeating the last model) and split with a ``jax.sharding.NamedSharding`` over a 1-D mesh
     ("models"); each device runs its models in chunks of ``model_batch`` vmapped together
-    (``lax.map``'s batch_size; default: 1 on CPU, where one model at a time is ~2x faster because
+    (``lax.map``'s batch_size; default: 1 on CPU, where one model at a time is faster because
     it stays in cache, all of them on GPU). Shots likewise (``shot_batch``, default 1 on CPU). Raises CFLError before compiling if
     the model is too fast for the mode's time step. ``kwargs`` go to ``simulate_shots``.
     """
