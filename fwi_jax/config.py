@@ -209,7 +209,7 @@ class Config:
             cfg = _set(cfg, key.split("."), value, key)
         return cfg.validate()
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Raise `ConfigError` for a value outside its `CHOICES` or a geometry that does not fit;
         returns the config."""
         for key, allowed in CHOICES.items():

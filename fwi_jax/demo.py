@@ -22,7 +22,7 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -10,12 +10,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 
 
 def relative_error(pred: jax.Array, v: jax.Array) -> jax.Array:

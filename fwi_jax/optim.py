@@ -183,11 +183,11 @@ class LossScale:
     INIT = 2.0**16
 
     @classmethod
-    def create(cls, dynamic: bool) -> "LossScale":
+    def create(cls, dynamic: bool) -> LossScale:
         init = cls.INIT if dynamic else 1.0
         return cls(jnp.float32(init), jnp.int32(0), jnp.int32(0), dynamic)
 
-    def adjust(self, finite: jax.Array) -> "LossScale":
+    def adjust(self, finite: jax.Array) -> LossScale:
         if not self.dynamic:
             return self.replace(skipped=self.skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
         grow = finite & (self.good_steps + 1 >= self.GROWTH_INTERVAL)

@@ -233,8 +233,7 @@ def resolve_data(cfg: Config, progress: bool = True) -> RunData:
     """Sample folders or a packed store (``python -m fwi_jax.data pack``) and id lists from
     ``cfg.data`` (no lists: the reference's fold-0 split of every sample), or the synthetic
     dataset when ``data.root`` is empty."""
-    from fwi_jax.data.io import DataError
-    from fwi_jax.data.io import list_samples  # folders or a packed store
+    from fwi_jax.data.io import DataError, list_samples  # folders or a packed store
     from fwi_jax.data.split import check_no_training_only, reference_split
 
     d = cfg.data

@@ -21,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fwi_jax.host import tune_cpu_host
 from fwi_jax.model.attention import attention, resolve_impl

@@ -91,7 +91,8 @@ def run_one(a, n_dev: int) -> list[dict]:
             row[f"gcu{order}"], row[f"gcu{order}_cpu"] = (x / 1e9 for x in cell_updates(order, kw))
             print(f"[{n_dev} dev, {row['config']}] order {order}: {row[f'gcu{order}']:.3f} G cell-updates/s", flush=True)
         n_fast = max(a.samples, n_dev)
-        wall, _, fast = timed(lambda: W.simulate(models[:n_fast], mode="fast", amplitude=synth.DATA_AMPLITUDE, **kw))
+        wall, _, fast = timed(lambda n=n_fast, kw=kw: W.simulate(models[:n], mode="fast",
+                                                                amplitude=synth.DATA_AMPLITUDE, **kw))
         row["fast_s"] = wall / n_fast
         print(f"[{n_dev} dev, {row['config']}] fast mode: {row['fast_s']:.2f} s per sample ({n_fast} samples)", flush=True)
         if a.full_samples:

@@ -128,6 +128,7 @@ def torch_train(a) -> dict:
     import torch
 
     from fwi_jax.config import load_config
+
     from torch_reference import ReferenceModel, randomize_
 
     cfg = load_config(a.config, overrides(a))
@@ -214,7 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-only", action="store_true", help="compile, report FLOPs and memory; run nothing")
     ap.add_argument("--max-mem-gib", type=float, default=None,
                     help="do not run a configuration whose XLA estimate exceeds this (default: 80%% of MemAvailable)")
-    from fwi_jax.config import add_override_argument  # no JAX import: XLA_FLAGS can still be set after
+    from fwi_jax.config import (
+        add_override_argument,  # no JAX import: XLA_FLAGS can still be set after
+    )
 
     add_override_argument(ap)
     ap.add_argument("--json", help="also write the records to this file")

@@ -52,7 +52,8 @@ def _real_block_vjp(cfg, batch: int):
 
     from fwi_jax.model.attention import resolve_impl
     from fwi_jax.model.eva02 import Block, rope_table
-    from fwi_jax.model.fwi import DTYPES, REMAT_POLICIES as MODEL_POLICIES, model_size
+    from fwi_jax.model.fwi import DTYPES, model_size
+    from fwi_jax.model.fwi import REMAT_POLICIES as MODEL_POLICIES
 
     m, geo = cfg.model, cfg.geometry
     size = model_size(cfg)

@@ -212,7 +212,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1, help="traced steps (the table is per step)")
     ap.add_argument("--top", type=int, default=20)
-    from fwi_jax.config import add_override_argument  # no JAX import: XLA_FLAGS can still be set after
+    from fwi_jax.config import (
+        add_override_argument,  # no JAX import: XLA_FLAGS can still be set after
+    )
 
     add_override_argument(ap)
     ap.add_argument("--logdir", default=None, help="keep the trace here (default: a temporary folder)")

@@ -16,8 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fwi_jax.checkpoint import (CheckpointError, CheckpointSaveError, TrainCheckpoints, load_params,
-                                save_params)
+from fwi_jax.checkpoint import (
+    CheckpointError,
+    CheckpointSaveError,
+    TrainCheckpoints,
+    load_params,
+    save_params,
+)
 from fwi_jax.config import load_config
 from fwi_jax.storage import StorageError, require_writable
 

@@ -9,7 +9,15 @@ import sys
 import pytest
 
 from fwi_jax import demo, infer, train
-from fwi_jax.config import CHOICES, RENAMED, Config, ConfigError, add_override_argument, from_dict, load_config
+from fwi_jax.config import (
+    CHOICES,
+    RENAMED,
+    Config,
+    ConfigError,
+    add_override_argument,
+    from_dict,
+    load_config,
+)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

@@ -6,10 +6,11 @@ import sys
 import jax
 import numpy as np
 import torch
+from test_model import SMALL, seismic, small_cfg
 
 from fwi_jax.checkpoint import load_params
 from fwi_jax.model import apply_model, create_model
-from test_model import SMALL, seismic, small_cfg
+
 from torch_reference import ReferenceModel, randomize_
 
 

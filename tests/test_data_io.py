@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from fwi_jax.data.io import (DataError, SHOT_FILES, VELOCITY_FILE, check_dataset, list_samples, read_sample,
-                             write_submission)
+from fwi_jax.data.io import (
+    SHOT_FILES,
+    VELOCITY_FILE,
+    DataError,
+    check_dataset,
+    list_samples,
+    read_sample,
+    write_submission,
+)
 from fwi_jax.preprocess import SOURCE_POSITIONS
 
 

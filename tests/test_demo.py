@@ -4,13 +4,11 @@ It checks the plumbing and the outputs, not the accuracy (README and the demo co
 give the full-size demo's figures)."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from fwi_jax import ensemble, members as members_lib
+from fwi_jax import ensemble
+from fwi_jax import members as members_lib
 from fwi_jax.checkpoint import save_params
 from fwi_jax.config import load_config
 from fwi_jax.data.pipeline import global_batch_ids
@@ -268,6 +269,7 @@ def test_reference_state_dict_through_cli_matches_pytorch(tmp_path):
     import torch
 
     from fwi_jax.data.io import read_sample
+
     from torch_reference import ReferenceModel, randomize_
 
     cfg = load_config("tiny_s8")
@@ -295,6 +297,7 @@ def test_reference_safetensors_small_grid_through_cli(tmp_path):
     from safetensors.torch import save_file
 
     from fwi_jax.data.io import read_sample
+
     from torch_reference import ReferenceModel, randomize_
 
     cfg = small_cfg("geometry.head_patch=(56, 56)")

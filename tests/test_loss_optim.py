@@ -10,8 +10,14 @@ import pytest
 
 from fwi_jax.config import Config, ConfigError
 from fwi_jax.loss import base_loss, get_loss, hard_mining_loss, mape_per_sample
-from fwi_jax.optim import (LossScale, decay_mask, ema_update, learning_rate_schedule, make_optimizer,
-                           muon_labels)
+from fwi_jax.optim import (
+    LossScale,
+    decay_mask,
+    ema_update,
+    learning_rate_schedule,
+    make_optimizer,
+    muon_labels,
+)
 
 
 def _pair(seed=0, shape=(2, 7, 5)):

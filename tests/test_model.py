@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch_reference import ReferenceModel, randomize_
 
 from fwi_jax.config import ConfigError, Geometry, load_config
 from fwi_jax.convert import CheckpointMismatch, convert_state_dict
 from fwi_jax.model import apply_model, create_model
 from fwi_jax.preprocess import ZERO_CHANNEL, flip
+
+from torch_reference import ReferenceModel, randomize_
 
 # A reduced geometry with the full code path: 200 time samples fold to (20, 310), resize to
 # (56, 42) -> 4 x 3 tokens of 14 px, head paints 14 x 14 px -> (56, 42), crop (50, 30) at (0, 4).
@@ -237,7 +238,7 @@ def test_remat_policies_give_same_gradients():
     grads = []
     for policy in ("none", "full", "dots"):
         graphdef, params = create_model(cfg.replace(**{"model.remat": policy}), seed=0)
-        grads.append(jax.grad(lambda p: apply_model(graphdef, p, x).mean())(params))
+        grads.append(jax.grad(lambda p, g=graphdef: apply_model(g, p, x).mean())(params))
     for other in grads[1:]:
         for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(other)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)

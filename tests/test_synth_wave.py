@@ -145,8 +145,9 @@ def test_gradient_matches_finite_difference():
 
 @pytest.mark.slow
 def test_models_sharded_over_two_devices_match_one_device(tmp_path):
+    out = str(tmp_path / "out.npy")
     code = textwrap.dedent(
-        """
+        f"""
         import numpy as np, jax
         from fwi_jax.synth import wave as W
         assert jax.device_count() == 2
@@ -157,9 +158,8 @@ def test_models_sharded_over_two_devices_match_one_device(tmp_path):
         kw = dict(mode=mode, survey=survey, out_dt=8e-4, out_nt=200, model_dx=10.0)
         sharded = W.simulate(v, **kw)
         single = np.stack([np.asarray(W.simulate_shots(m, **kw)) for m in v])
-        np.save(%r, np.stack([sharded, single]))
+        np.save({out!r}, np.stack([sharded, single]))
         """
-        % str(tmp_path / "out.npy")
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
