@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.size": ("tiny", "small", "base", "large"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attention": ("auto", "xla", "cudnn", "einsum", "blockwise", "query_blocks", "fused_cpu"),
+    "model.attention": ("auto", "xla", "cudnn", "blockwise", "query_blocks", "fused_cpu"),
     "model.remat": ("none", "full", "dots"),
     "data.host_dtype": ("store", "float32"),
     "synth.families": ("layered", "faulted", "salt"),  # each of the tuple's entries

@@ -92,9 +92,8 @@ def resolve_params_dir(path: pathlib.Path) -> pathlib.Path:
         return path
     # a training run (fwi_jax.train) keeps its best model as a params checkpoint under best/
     # (EMA weights once the EMA is active, as the reference validated and saved them)
-    for name in ("best", "best_params"):
-        if is_params_checkpoint(path / name):
-            return path / name
+    if is_params_checkpoint(path / "best"):
+        return path / "best"
     raise MemberError(
         f"{path}: not a params checkpoint (no params/ + config.json), not a training run with a "
         f"best/ params checkpoint, and not a PyTorch file ({', '.join(TORCH_SUFFIXES)})"
