@@ -89,9 +89,9 @@ def test_misspelt_optimizer_exits_2_without_traceback(command, tmp_path):
 
 
 def test_choices_match_the_code_that_acts_on_them():
-    from fwi_jax import loss
+    from fwi_jax import loss, optim
     from fwi_jax.model import attention, eva02, fwi
-    from fwi_jax.synth import geology, wave
+    from fwi_jax.synth import geology, profiles, wave
 
     assert set(CHOICES["model.size"]) == set(eva02.SIZES)
     assert set(CHOICES["model.dtype"]) == set(fwi.DTYPES)
@@ -99,7 +99,9 @@ def test_choices_match_the_code_that_acts_on_them():
     assert set(CHOICES["model.attention"]) == set(attention.IMPLEMENTATIONS)
     assert set(CHOICES["synth.families"]) == set(geology.FAMILIES)
     assert set(CHOICES["synth.mode"]) == set(wave.MODES)
+    assert set(CHOICES["synth.profile"]) == set(profiles.PROFILES)
     assert set(CHOICES["train.loss"]) == set(loss.LOSSES)
+    assert set(CHOICES["train.muon_ns_dtype"]) == set(optim.MUON_NS_DTYPES)
     for key, allowed in CHOICES.items():  # every default is a valid choice
         section, name = key.split(".")
         default = getattr(getattr(Config(), section), name)

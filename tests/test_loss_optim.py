@@ -114,8 +114,8 @@ def test_muon_split_follows_the_reference():
     labels = muon_labels(params)
     muon = {jax.tree_util.keystr(p) for p, label in jax.tree_util.tree_leaves_with_path(labels) if label == "muon"}
     assert muon == {"['blocks']['0']['attn']['qkv']['kernel']", "['head']['kernel']"}
-    with pytest.raises(ValueError, match="unknown train.muon_ns_dtype 'float16'"):
-        make_optimizer(Config().replace(**{"train.optimizer": "muon", "train.muon_ns_dtype": "float16"}), 10)
+    with pytest.raises(ConfigError, match="train.muon_ns_dtype='float16' is not a valid choice"):
+        Config().replace(**{"train.optimizer": "muon", "train.muon_ns_dtype": "float16"})
 
 
 def test_dynamic_loss_scale_halves_on_overflow_and_grows_after_interval():

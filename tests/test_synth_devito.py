@@ -18,8 +18,8 @@ import devito_reference
 
 devito_reference.configure()
 
-from fwi_jax.synth import profiles as P
-from fwi_jax.synth import wave as W
+from fwi_jax.synth import profiles as P  # noqa: E402 (after devito_reference.configure())
+from fwi_jax.synth import wave as W  # noqa: E402
 
 
 def shot_metrics(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
