@@ -105,6 +105,7 @@ class Result:
     mape: dict[str, float]  # id -> competition MAPE (--val only), in input order
     kept: dict[str, dict[str, Any]]  # first --plot samples: {"x", "v" or None, "pred" (depth, x)}
     seconds: float
+    steady: tuple[int, float] = (0, 0.0)  # samples after the first batch, their seconds (no compile)
 
 
 def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str], batch: int, *,
@@ -124,6 +125,7 @@ def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str]
     kept: dict[str, dict[str, Any]] = {}
     bar = _progress(progress, "infer", len(ids))
     t0 = time.perf_counter()
+    first: list = []  # (samples, time) when the first batch's result was in
 
     def finish(k, host, y):
         out = Predictor.fetch(y)
@@ -141,6 +143,8 @@ def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str]
             bar.update(1)
         if val:
             bar.set_postfix(mape=f"{np.mean(list(scores.values())):.5f}")
+        if not first:
+            first.append((len(preds), time.perf_counter()))
 
     pending = None
     batches = host_batches(cfg, root, ids, batch_size=batch, velocity=val, workers=workers,
@@ -155,7 +159,9 @@ def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str]
     bar.close()
     if len(preds) != len(ids):
         raise InferenceError(f"internal: {len(preds)} predictions for {len(ids)} samples")
-    return Result(preds, {i: scores[i] for i in ids} if val else {}, kept, time.perf_counter() - t0)
+    end = time.perf_counter()
+    steady = (len(preds) - first[0][0], end - first[0][1]) if first else (0, 0.0)
+    return Result(preds, {i: scores[i] for i in ids} if val else {}, kept, end - t0, steady)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{len(result.predictions)} samples in {result.seconds:.1f} s "
           f"({len(result.predictions) / max(result.seconds, 1e-9):.2f} samples/s, first compile included)")
+    n_steady, t_steady = result.steady
+    if n_steady:
+        print(f"after the first batch: {n_steady} samples in {t_steady:.1f} s "
+              f"({n_steady / max(t_steady, 1e-9):.3f} samples/s, compile excluded)")
     if jax.process_index() == 0:
         data_io.write_submission(out, result.predictions)
         print(f"wrote {out} ({len(result.predictions)} predictions, float64 (x, depth))")

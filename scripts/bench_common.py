@@ -23,13 +23,19 @@ GIB = 2.0**30
 
 
 def make_batch(cfg, batch: int, seed: int = 0):
-    """(x (batch, 6, T, R) standard normal, v (batch, depth, x) uniform in [1.5, 4.5] km/s),
-    float32 NumPy, for ``cfg``'s geometry."""
+    """(x (batch, 6, T, R), v (batch, depth, x) uniform in [1.5, 4.5] km/s), float32 NumPy, for
+    ``cfg``'s geometry. x as preprocessing makes it from random shots (channel 151 zeros), every
+    second sample flipped as training's augmentation does."""
     import numpy as np
+
+    from fwi_jax.preprocess import flip, shots_to_input
 
     g = cfg.geometry
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, 6, g.n_time, g.n_receivers)).astype(np.float32)
+    shots = 1e-4 * rng.standard_normal((batch, 5, g.n_time + 1, g.n_receivers))
+    x = shots_to_input(shots.astype(np.float32))
+    x[1::2] = flip(x[1::2])
+    x = np.ascontiguousarray(x)
     v = rng.uniform(1.5, 4.5, (batch, *g.out_shape)).astype(np.float32)
     return x, v
 

@@ -19,17 +19,28 @@ measured in the same run (the practical roofline), and XLA's memory estimate of 
 
     python scripts/bench_infer.py [--config tiny_s8] [--members 3] [--batch 1] [--samples 2]
         [--torch-samples 1] [--dtype float32] [--attention auto xla] [--no-tta] [--set ...]
+
+``--through-infer``: end to end instead. The script writes ``--samples`` + 1 samples as shot
+files (as the competition ships them) and the members as reference state_dicts (.pth), runs
+``python -m fwi_jax.infer`` on them in a subprocess and takes its rate after the first batch (the
+start-up, the member loading and the compile excluded; reading the files included); then
+PyTorch runs the same samples, read the same way, member by member with the same TTA (the first
+sample untimed), in this process. The ratio of the two is the figure.
+
+Inputs are as preprocessing makes them (`fwi_jax.preprocess.shots_to_input`: channel 151 zeros).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 import sys
 import time
 
 import jax
 import numpy as np
-from bench_common import compiled_flops, compiled_memory_gib, fmt, matmul_roofline
+from bench_common import REPO, compiled_flops, compiled_memory_gib, fmt, matmul_roofline
 
 from fwi_jax import ensemble, infer
 from fwi_jax import members as members_lib
@@ -37,6 +48,7 @@ from fwi_jax.config import add_override_argument, load_config
 from fwi_jax.convert import convert_state_dict
 from fwi_jax.host import tune_cpu_host
 from fwi_jax.model.attention import resolve_impl
+from fwi_jax.preprocess import SOURCE_POSITIONS, shots_to_input
 
 
 def bench_ours(cfg, state_dicts, xs, tta: bool, member_chunk: int | None) -> dict:
@@ -64,6 +76,74 @@ def bench_ours(cfg, state_dicts, xs, tta: bool, member_chunk: int | None) -> dic
     return rec
 
 
+def through_infer(args, cfg, refs, tta: bool) -> int:
+    """``python -m fwi_jax.infer`` on shot files against PyTorch member by member (see above)."""
+    import subprocess
+    import tempfile
+
+    import torch
+
+    from fwi_jax.data.io import read_sample
+
+    autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        rng = np.random.default_rng(0)
+        ids = [f"s{i:03d}" for i in range(args.samples + 1)]
+        for sid in ids:
+            (tmp / "data" / sid).mkdir(parents=True)
+            for pos in SOURCE_POSITIONS:
+                shot = (1e-4 * rng.standard_normal((10001, 31))).astype(np.float32)
+                np.save(tmp / "data" / sid / f"receiver_data_src_{pos}.npy", shot)
+        paths = []
+        for i, ref in enumerate(refs):
+            paths.append(tmp / f"member{i}.pth")
+            torch.save(ref.state_dict(), paths[-1])
+        # the config with --set applied, as a JSON file: infer converts state_dicts for --config
+        (tmp / "config.json").write_text(cfg.to_json())
+        cmd = [sys.executable, "-m", "fwi_jax.infer", "--data", str(tmp / "data"),
+               "--config", str(tmp / "config.json"), "--checkpoints", *map(str, paths),
+               "--out", str(tmp / "sub.npz"), "--dtype", args.dtype,
+               *(["--batch", str(args.batch)] if args.batch else []), *(["--no-tta"] if not tta else [])]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+            return 1
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("after the first batch"))
+        ours = float(line.split("(")[1].split(" samples/s")[0])
+        print(f"python -m fwi_jax.infer ({wall:.1f} s in all): {line}", flush=True)
+        with np.load(tmp / "sub.npz") as sub:
+            got = {sid: sub[sid].T for sid in ids}
+
+        def reference(x_np):
+            x = torch.from_numpy(x_np[None])
+            outs = []
+            with torch.inference_mode(), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                for ref in refs:  # one model after another, batch 1
+                    y = ref(x).float()
+                    if tta:
+                        y = 0.5 * (y + ref(x.flip(1, 3)).float().flip(2))
+                    outs.append(y[0].numpy())
+            return np.mean(outs, axis=0)
+
+        diff = float(np.abs(reference(read_sample(tmp / "data" / ids[0])[0]) - got[ids[0]]).max())
+        t0 = time.perf_counter()
+        for sid in ids[1:]:
+            reference(read_sample(tmp / "data" / sid)[0])
+        theirs = args.samples / (time.perf_counter() - t0)
+    print(f"PyTorch, member by member, batch 1, the same {args.samples} samples from the same files: "
+          f"{theirs:.3f} samples/s; max |ours - reference| on the first sample = {diff:.2e} km/s")
+    print(f"\n| path | samples/s | vs reference |\n|---|---:|---:|\n"
+          f"| python -m fwi_jax.infer, {args.members} members, TTA {'on' if tta else 'off'}, "
+          f"{args.dtype} | {ours:.3f} | {ours / theirs:.2f}x |\n"
+          f"| PyTorch, member by member, batch 1 | {theirs:.3f} | 1.00x |")
+    print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny_s8")
@@ -75,6 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", nargs="+", default=["auto"], help="our rows: model.attention of each")
     ap.add_argument("--no-tta", action="store_true")
     ap.add_argument("--member-chunk", type=int)
+    ap.add_argument("--through-infer", action="store_true",
+                    help="end to end: python -m fwi_jax.infer on shot files vs PyTorch on the same files")
     add_override_argument(ap)
     args = ap.parse_args(argv)
     tune_cpu_host()  # ours runs as `python -m fwi_jax.infer` does (FWI_JAX_CPU_TUNING=0: XLA's defaults)
@@ -85,6 +167,9 @@ def main(argv=None) -> int:
     tta = not args.no_tta
     cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}"])
     refs = [randomize_(ReferenceModel(cfg), seed=s).eval() for s in range(args.members)]
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    if args.through_infer:
+        return through_infer(args, cfg, refs, tta)
     state_dicts = [{k: v.detach().numpy() for k, v in ref.state_dict().items()} for ref in refs]
     n_devices = jax.device_count()
     batch = args.batch or infer.default_batch(jax.devices()[0])
@@ -92,7 +177,8 @@ def main(argv=None) -> int:
     g = cfg.geometry
     rng = np.random.default_rng(0)
     n_batches = max(1, -(-args.samples // batch))
-    xs = [rng.standard_normal((batch, 6, g.n_time, g.n_receivers)).astype(np.float32) for _ in range(n_batches + 1)]
+    xs = [shots_to_input(1e-4 * rng.standard_normal((batch, 5, g.n_time + 1, g.n_receivers)).astype(np.float32))
+          for _ in range(n_batches + 1)]
 
     platform = jax.devices()[0].platform
     print(f"config {cfg.name} ({args.dtype}), {args.members} members, TTA {'on' if tta else 'off'}; "

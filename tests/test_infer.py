@@ -182,6 +182,8 @@ def test_submission_ids_dtype_shape_and_independent_mape(dataset, members, cli_r
         assert abs(float(m) - scores[sid]) < 1e-7
     printed = float(proc.stdout.split("validation MAPE ")[1].split()[0])
     assert abs(printed - np.mean(list(scores.values()))) < 1e-6
+    # the rate without the compile counts the samples after the first batch of 2: one
+    assert "after the first batch: 1 samples in " in proc.stdout
     # and the values are the weighted ensemble with TTA on each sample's input
     from fwi_jax.data.io import read_sample
 
