@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from fwi_jax import sharding
 from fwi_jax.config import Config
 from fwi_jax.members import Member, MemberError, network_key
-from fwi_jax.model import apply_model, constant_tokens, create_model
+from fwi_jax.model import abstract_model, apply_model, constant_tokens
 from fwi_jax.preprocess import flip
 
 
@@ -78,14 +78,7 @@ def graphdef_of(cfg: Config) -> Any:
     """The NNX graphdef of ``cfg``'s network, traced abstractly (no params allocated), cached."""
     key = network_key(cfg)
     if key not in _GRAPHDEFS:
-        holder = {}
-
-        def build():
-            holder["graphdef"], params = create_model(cfg)
-            return params
-
-        jax.eval_shape(build)
-        _GRAPHDEFS[key] = holder["graphdef"]
+        _GRAPHDEFS[key] = abstract_model(cfg)[0]
     return _GRAPHDEFS[key]
 
 
