@@ -275,5 +275,34 @@ def write_submission(path, predictions: Mapping[str, np.ndarray]) -> None:
         raise
 
 
-__all__: Sequence[str] = ("DataError", "read_sample", "list_samples", "check_dataset", "write_submission",
-                          "SHOT_FILES", "VELOCITY_FILE")
+def read_submission(path) -> dict[str, np.ndarray]:
+    """Read a submission .npz (never unpickling): {sample id: float32 (300, 1259) (x, depth) km/s}.
+    Raises `DataError` naming the file and the first bad entry."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: submission file does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npz submission ({e})") from None
+    except AttributeError:  # np.load returned a plain array: a .npy, not a .npz
+        raise DataError(f"{path}: not a .npz submission (a single array)") from None
+    for sample_id, a in out.items():
+        if a.shape != VELOCITY_FILE_SHAPE or not np.all(np.isfinite(a)):
+            raise DataError(f"{path}: prediction {sample_id!r} has shape {a.shape} (expected "
+                            f"{VELOCITY_FILE_SHAPE} (x, depth), finite)")
+        out[sample_id] = a.astype(np.float32)
+    return out
+
+
+__all__: Sequence[str] = (
+    "SHOT_FILES",
+    "VELOCITY_FILE",
+    "DataError",
+    "check_dataset",
+    "list_samples",
+    "read_sample",
+    "read_submission",
+    "write_submission",
+)

@@ -1,0 +1,172 @@
+"""Data misfit and waveform refinement (fwi_jax.physics, python -m fwi_jax.refine / physics).
+
+The library tests run a reduced geometry (a 300 m x 400 m model on a 10 m grid, 0.5 s, three
+shots) so that a gradient step takes well under a second; the CLI tests run the competition
+geometry in fast mode on the first 50 ms only (--t-max)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fwi_jax import physics, refine
+from fwi_jax.data import io
+from fwi_jax.loss import competition_mape
+from fwi_jax.synth import wave
+
+TINY = physics.Forward(
+    t_max=0.5,
+    survey=wave.Survey(source_x=(50.0, 150.0, 250.0), source_z=20.0,
+                       receiver_x=tuple(float(x) for x in range(0, 300, 20)), receiver_z=10.0),
+    model_dx=10.0,
+    mode_override=wave.Mode(dx=10.0, dt=1e-3, order=8, pml=12),
+    block=50,
+)
+
+
+def tiny_truth() -> np.ndarray:
+    """(30, 40) km/s on a 10 m grid: a depth gradient, a fast layer and a slow lens."""
+    z = np.arange(40) / 39.0
+    v = np.broadcast_to(1.8 + 1.4 * z, (30, 40)).copy()
+    v[:, 18:24] += 0.6
+    v[10:20, 8:13] -= 0.4
+    return v.astype(np.float32)
+
+
+def smooth(v: np.ndarray, k: int = 7) -> np.ndarray:
+    """Box blur along depth (a start that lacks the sharp layers)."""
+    pad = np.pad(v, ((0, 0), (k // 2, k // 2)), mode="edge")
+    return np.stack([np.convolve(row, np.ones(k) / k, mode="valid") for row in pad]).astype(np.float32)
+
+
+def test_misfit_ranks_a_perturbed_model_worse_than_the_truth():
+    v = tiny_truth()
+    obs = TINY.simulate(v)
+    assert physics.misfit(TINY, v, obs) < 1e-6
+    small = physics.misfit(TINY, v * 1.02, obs)
+    large = physics.misfit(TINY, v * 1.06, obs)
+    blurred = physics.misfit(TINY, smooth(v), obs)
+    assert 0.05 < small < large
+    assert blurred > 0.05
+
+
+def test_refinement_lowers_the_misfit_and_the_error_on_a_tiny_case():
+    truth = tiny_truth()
+    obs = TINY.simulate(truth)[None]
+    start = smooth(truth)[None]
+    cfg = physics.RefineConfig(stages=((8.0, 4), (None, 6)), lr=0.05, tv=0.0)
+    res = physics.refine(TINY, start, obs, cfg)
+    assert res.kept == ["refined"]
+    assert res.misfit_after[0] < 0.7 * res.misfit_before[0], (res.misfit_before, res.misfit_after)
+    assert competition_mape(truth, res.velocity[0]) < competition_mape(truth, start[0])
+    assert res.velocity.min() >= cfg.v_range[0] and res.velocity.max() <= cfg.v_range[1]
+    assert [h.shape for h in res.history] == [(4, 1), (6, 1)]
+
+
+def test_refinement_keeps_the_start_when_it_cannot_improve():
+    truth = tiny_truth()
+    obs = TINY.simulate(truth)[None]
+    res = physics.refine(TINY, truth[None], obs, physics.RefineConfig(stages=((None, 2),), lr=0.3))
+    assert res.kept == ["start"]
+    np.testing.assert_array_equal(res.velocity[0], truth)
+
+
+def test_lowpass_removes_high_frequencies_and_keeps_low_ones():
+    t = np.arange(10000) * wave.OUT_DT
+    x = np.stack([np.sin(2 * np.pi * 4 * t), np.sin(2 * np.pi * 40 * t)], axis=-1)[None].astype(np.float32)
+    y = np.asarray(physics.lowpass(x, 10.0))[0, 2500:7500]  # away from the window's edges
+    assert np.abs(y[:, 0] - x[0, 2500:7500, 0]).max() < 0.02  # gain 0.9996 at 4 Hz
+    assert np.abs(y[:, 1]).max() < 0.02  # gain 0.004 at 40 Hz
+
+
+# ----------------------------------------------------------------------------- CLIs
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Two competition-format samples whose first 50 ms are cpml8 fast gathers of vp_model."""
+    root = tmp_path_factory.mktemp("phys")
+    fwd = physics.Forward(t_max=0.05)
+    z = np.linspace(0.0, 1.0, 1259)
+    preds = {}
+    for k, sid in enumerate(("a", "b")):
+        v = np.broadcast_to(1.6 + (2.0 + 0.3 * k) * z, (300, 1259)).astype(np.float32).copy()
+        v[:, 30:60] += 0.5
+        obs = np.zeros((5, io.N_TIME_RAW, io.N_RECEIVERS), np.float32)
+        obs[:, : fwd.n_t] = fwd.simulate(v)
+        (root / sid).mkdir()
+        for name, g in zip(io.SHOT_FILES, obs):
+            np.save(root / sid / name, g)
+        np.save(root / sid / io.VELOCITY_FILE, v)
+        preds[sid] = np.clip(v * (1.04 if k == 0 else 0.97), 1.5, 4.5)
+    sub = root.parent / f"{root.name}_pred.npz"
+    io.write_submission(sub, preds)
+    return root, sub, preds
+
+
+def test_refine_cli_writes_a_submission_and_csv(dataset, tmp_path, capsys):
+    root, sub, preds = dataset
+    out = tmp_path / "refined.npz"
+    rc = refine.main(["--data", str(root), "--pred", str(sub), "--out", str(out), "--t-max", "0.05",
+                      "--stages", "full:2", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    refined = io.read_submission(out)
+    assert sorted(refined) == ["a", "b"]
+    lines = (tmp_path / "refined.csv").read_text().splitlines()
+    assert lines[0] == "id,misfit_before,misfit_after,kept,mape_before,mape_after"
+    for line in lines[1:]:
+        sid, mb, ma, kept, pb, pa = line.split(",")
+        assert float(ma) < float(mb) and kept == "refined"
+        truth = np.load(root / sid / io.VELOCITY_FILE)
+        assert float(pb) == pytest.approx(competition_mape(truth, preds[sid]), rel=1e-6)
+        assert float(pa) == pytest.approx(competition_mape(truth, refined[sid]), rel=1e-6)
+        assert not np.array_equal(refined[sid], preds[sid].astype(np.float32))
+
+
+def test_score_cli_writes_misfit_and_mape(dataset, tmp_path, capsys):
+    root, sub, preds = dataset
+    csv = tmp_path / "m.csv"
+    truth_sub = tmp_path / "truth.npz"
+    io.write_submission(truth_sub, {s: np.load(root / s / io.VELOCITY_FILE) for s in preds})
+    assert physics.main(["--data", str(root), "--pred", str(sub), "--csv", str(csv), "--t-max", "0.05",
+                         "--no-progress"]) == 0
+    rows = [line.split(",") for line in csv.read_text().splitlines()]
+    assert rows[0] == ["id", "misfit", "mape"]
+    assert physics.main(["--data", str(root), "--pred", str(truth_sub), "--csv", str(tmp_path / "t.csv"),
+                         "--t-max", "0.05", "--no-progress"]) == 0
+    exact = [line.split(",") for line in (tmp_path / "t.csv").read_text().splitlines()]
+    for (_, m, _), (_, m_true, mape_true) in zip(rows[1:], exact[1:]):
+        assert float(m_true) < 1e-5 < float(m)
+        assert float(mape_true) == 0.0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("case", ["no_pred", "bad_stages", "devito_cal", "bad_range", "unknown_id"])
+def test_user_errors_are_one_line(dataset, tmp_path, capsys, case):
+    root, sub, _ = dataset
+    args = ["--data", str(root), "--pred", str(sub), "--out", str(tmp_path / "r.npz"), "--no-progress"]
+    expect = {"no_pred": "does not exist", "bad_stages": "--stages", "devito_cal": "cpml8 solver",
+              "bad_range": "--v-range", "unknown_id": "no sample folder"}[case]
+    main = refine.main
+    if case == "no_pred":
+        args[3] = str(tmp_path / "missing.npz")
+    elif case == "bad_stages":
+        args += ["--stages", "6-6"]
+    elif case == "devito_cal":
+        cal = tmp_path / "cal.json"
+        cal.write_text(json.dumps({"profile": "devito", "mode": "fast", "polarity": 1, "scale": 2.0,
+                                   "shift": 0}))
+        args += ["--calibration", str(cal)]
+    elif case == "bad_range":
+        args += ["--v-range", "4.5", "1.5"]
+    else:
+        odd = tmp_path / "odd.npz"
+        io.write_submission(odd, {"zz": np.full((300, 1259), 2.0)})
+        args = ["--data", str(root), "--pred", str(odd), "--no-progress"]
+        main = physics.main
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+    assert not (tmp_path / "r.npz").exists()
