@@ -41,6 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from fwi_jax import physics
 from fwi_jax.config import Config, ConfigError, add_override_argument, apply_overrides
 from fwi_jax.data import io as data_io
 from fwi_jax.ensemble import Predictor, group_members
@@ -187,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_override_argument(ap)
     ap.add_argument("--val", action="store_true", help="score against vp_model.npy: print MAPE, write per-sample CSV")
     ap.add_argument("--val-csv", help="per-sample MAPE CSV (default: OUT with .csv)")
+    ap.add_argument("--misfit", action="store_true",
+                    help="simulate each prediction's shots and write its data misfit to the per-sample CSV "
+                         "(fwi_jax.physics; needs a folder of sample folders)")
+    ap.add_argument("--calibration", help="--misfit: calibration file (default DATA/synth_calibration.json "
+                                          "if it exists, else the uncalibrated cpml8 profile)")
     ap.add_argument("--plot", type=int, default=0, metavar="K", help="save PNG figures of the first K samples")
     ap.add_argument("--plot-dir", help="folder for --plot figures (default: OUT without suffix + '_plots')")
     ap.add_argument("--workers", type=int, default=0, help="reader processes (0: reader threads in this process)")
@@ -226,7 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         groups = group_members(members)
         check_samples(root, ids, need_velocity=args.val, v_range=groups[0].cfg.data.v_range,
                       progress=progress)  # before any compute
-    except (InferenceError, MemberError, StorageError, ConfigError) as e:
+        forward = None
+        if args.misfit:
+            if not all((root / i / data_io.SHOT_FILES[0]).is_file() for i in ids):
+                raise InferenceError(f"--misfit: {root} must be a folder of sample folders (the raw shot "
+                                     "files are simulated against), not a packed store")
+            forward, what = physics.load_forward(root, args.calibration)
+            print(f"--misfit: {what}")
+    except (InferenceError, MemberError, StorageError, ConfigError, physics.PhysicsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     predictor = Predictor(groups, tta=not args.no_tta, member_chunk=args.member_chunk)
@@ -251,12 +264,25 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() == 0:
         data_io.write_submission(out, result.predictions)
         print(f"wrote {out} ({len(result.predictions)} predictions, float64 (x, depth))")
+        csv = pathlib.Path(args.val_csv).expanduser() if args.val_csv else out.with_suffix(".csv")
+        rows = {i: {} for i in result.predictions}
         if args.val:
-            csv = pathlib.Path(args.val_csv).expanduser() if args.val_csv else out.with_suffix(".csv")
-            lines = ["id,mape"] + [f"{i},{m:.8f}" for i, m in result.mape.items()]
-            csv.write_text("\n".join(lines) + "\n")
+            for i, m in result.mape.items():
+                rows[i]["mape"] = float(m)
             print(f"validation MAPE {np.mean(list(result.mape.values())):.6f} over {len(result.mape)} samples "
                   f"(per sample: {csv})")
+        if forward is not None:
+            try:
+                scores = physics.score_submission(root, result.predictions, forward, progress=progress)
+            except (physics.PhysicsError, data_io.DataError) as e:
+                print(f"error: --misfit: {e}", file=sys.stderr)
+                return 2
+            for i, r in scores.items():
+                rows[i]["misfit"] = r["misfit"]
+            print(f"data misfit {np.mean([r['misfit'] for r in scores.values()]):.5f} (mean relative L2, "
+                  f"per sample: {csv})")
+        if args.val or forward is not None:
+            physics.write_csv(csv, rows)
         if args.plot:
             from fwi_jax import plots
 

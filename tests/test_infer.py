@@ -157,7 +157,8 @@ def cli_run(dataset, members, tmp_path_factory):
                                {"checkpoint": str(members[1])},
                                {"checkpoint": str(members[3]), "config": None, "weight": 2.0}]))
     out = out_dir / "submission.npz"
-    proc = run_cli("--data", root, "--ensemble", ens, "--out", out, "--batch", 2, "--val", "--plot", 1)
+    proc = run_cli("--data", root, "--ensemble", ens, "--out", out, "--batch", 2, "--val", "--plot", 1,
+                   "--misfit")
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -176,10 +177,17 @@ def test_submission_ids_dtype_shape_and_independent_mape(dataset, members, cli_r
         truth = np.load(root / sid / "vp_model.npy")  # (x, depth) like the submission
         scores[sid] = mean_absolute_percentage_error(truth.ravel(), p.ravel())  # sklearn's own MAPE
     # per-sample CSV and printed mean agree with sklearn (eps differs: 1e-8 vs float64 eps, |Δ| < 1e-8)
-    rows = [line.split(",") for line in out.with_suffix(".csv").read_text().splitlines()[1:]]
+    lines = out.with_suffix(".csv").read_text().splitlines()
+    assert lines[0] == "id,mape,misfit"
+    rows = [line.split(",") for line in lines[1:]]
     assert [r[0] for r in rows] == ids
-    for sid, m in rows:
+    for sid, m, _ in rows:
         assert abs(float(m) - scores[sid]) < 1e-7
+    # --misfit: the data misfit of the first prediction, recomputed by the physics module
+    from fwi_jax import physics
+
+    want_misfit = physics.misfit(physics.Forward(), preds[ids[0]], physics.read_observed(root / ids[0]))
+    assert float(rows[0][2]) == pytest.approx(want_misfit, rel=1e-5)
     printed = float(proc.stdout.split("validation MAPE ")[1].split()[0])
     assert abs(printed - np.mean(list(scores.values()))) < 1e-6
     # the rate without the compile counts the samples after the first batch of 2: one
