@@ -20,6 +20,9 @@ measured in the same run (the practical roofline), and XLA's memory estimate of 
     python scripts/bench_infer.py [--config tiny_s8] [--members 3] [--batch 1] [--samples 2]
         [--torch-samples 1] [--dtype float32] [--attention auto xla] [--no-tta] [--set ...]
 
+``--forward-flops``: compile only; XLA's forward FLOPs per sample at batch 1 and 8 with
+``model.constant_channel_once`` off and on (``xla`` attention: nothing hidden in a custom call).
+
 ``--through-infer``: end to end instead. The script writes ``--samples`` + 1 samples as shot
 files (as the competition ships them) and the members as reference state_dicts (.pth), runs
 ``python -m fwi_jax.infer`` on them in a subprocess and takes its rate after the first batch (the
@@ -74,6 +77,26 @@ def bench_ours(cfg, state_dicts, xs, tta: bool, member_chunk: int | None) -> dic
     compiled = predictor.lower(xs[0]).compile()
     rec.update(flops=compiled_flops(compiled), mem_gib=compiled_memory_gib(compiled))
     return rec
+
+
+def forward_flops(args) -> int:
+    """Print XLA's forward GFLOP per sample, switch off and on, batch 1 and 8 (compile only)."""
+    import jax.numpy as jnp
+
+    from fwi_jax.model import abstract_model, apply_model
+
+    print(f"{args.config}: forward GFLOP per sample (XLA cost analysis, xla attention)")
+    for batch in (1, 8):
+        for on in (False, True):
+            cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}",
+                                            "model.attention=xla", f"model.constant_channel_once={on}"])
+            graphdef, params = abstract_model(cfg)
+            g = cfg.geometry
+            x = jax.ShapeDtypeStruct((batch, 6, g.n_time, g.n_receivers), jnp.float32)
+            fn = jax.jit(lambda p, x, gd=graphdef: apply_model(gd, p, x))
+            flops = compiled_flops(fn.lower(params, x).compile())
+            print(f"batch {batch}, constant_channel_once {on}: {flops / batch / 1e9:.2f}", flush=True)
+    return 0
 
 
 def through_infer(args, cfg, refs, tta: bool) -> int:
@@ -155,10 +178,14 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", nargs="+", default=["auto"], help="our rows: model.attention of each")
     ap.add_argument("--no-tta", action="store_true")
     ap.add_argument("--member-chunk", type=int)
+    ap.add_argument("--forward-flops", action="store_true",
+                    help="compile only: forward FLOPs per sample, constant_channel_once off and on")
     ap.add_argument("--through-infer", action="store_true",
                     help="end to end: python -m fwi_jax.infer on shot files vs PyTorch on the same files")
     add_override_argument(ap)
     args = ap.parse_args(argv)
+    if args.forward_flops:
+        return forward_flops(args)
     tune_cpu_host()  # ours runs as `python -m fwi_jax.infer` does (FWI_JAX_CPU_TUNING=0: XLA's defaults)
     import torch
 

@@ -14,7 +14,8 @@ optimiser, EMA and loss scale):
   the `jax.vjp` closure of the loss, which is where remat policies act)
   + the transient of the largest block's backward (XLA memory_analysis of one
   `fwi_jax.model.eva02.Block`'s recompute + vjp with the model's remat policy at the
-  per-channel batch, 6 x batch sequences, compiled on its own).
+  per-channel batch, 6 x batch sequences, or 5 x batch + 1 with
+  model.constant_channel_once, compiled on its own).
 
     .venv/bin/python scripts/memory_estimate.py --config base_s6 --batch 8 --dtype float16 \
         --attention xla blockwise --remat none dots full
@@ -70,7 +71,10 @@ def _real_block_vjp(cfg, batch: int):
     if m.remat in MODEL_POLICIES:
         fwd = jax.checkpoint(fwd, policy=MODEL_POLICIES[m.remat])
     n_tokens = 1 + geo.grid[0] * geo.grid[1]
-    tokens = jax.ShapeDtypeStruct((6 * batch, n_tokens, size.dim), dtype)
+    # sequences per block before the fusion: 6 per sample, or 5 per sample and the zero channel's
+    # one per step (model.constant_channel_once)
+    rows = 5 * batch + 1 if m.constant_channel_once else 6 * batch
+    tokens = jax.ShapeDtypeStruct((rows, n_tokens, size.dim), dtype)
     vjp = jax.jit(lambda s, x, g: jax.vjp(fwd, s, x)[1](g))
     return vjp, state, tokens
 
