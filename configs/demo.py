@@ -27,6 +27,13 @@ def get_config() -> Config:
         model=ModelConfig(size="tiny", depth=4, split=2),
         data=DataConfig(workers=0),
         synth=SynthConfig(n_train=256, n_val=32, n_test=32, seed=0),
-        train=TrainConfig(batch_size=8, epochs=8, loss="base", lr=5e-4, ema_start_epoch=5,
-                          ema_decay=0.95, log_every_steps=5),
+        train=TrainConfig(
+            batch_size=8,
+            epochs=8,
+            loss="base",
+            lr=5e-4,
+            ema_start_epoch=5,
+            ema_decay=0.95,
+            log_every_steps=5,
+        ),
     )

@@ -57,8 +57,9 @@ def save_params(path: str | pathlib.Path, params: Any, cfg: Config) -> pathlib.P
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = f"{path} is untouched" if path.exists() else "nothing was written"
-        raise CheckpointSaveError(f"saving params checkpoint {path} failed: {describe_error(e)}; "
-                                  f"{kept}") from e
+        raise CheckpointSaveError(
+            f"saving params checkpoint {path} failed: {describe_error(e)}; {kept}"
+        ) from e
     if primary:
         if path.exists():
             path.rename(old)
@@ -78,7 +79,8 @@ def load_params(path: str | pathlib.Path) -> tuple[Config, Any]:
     path = pathlib.Path(path).expanduser().resolve()
     if not is_params_checkpoint(path):
         raise FileNotFoundError(
-            f"{path} is not a params checkpoint: expected {path / PARAMS_DIR}/ and {path / CONFIG_FILE}"
+            f"{path} is not a params checkpoint: expected {path / PARAMS_DIR}/ and "
+            f"{path / CONFIG_FILE}"
         )
     cfg = from_dict(json.loads((path / CONFIG_FILE).read_text()))
     with ocp.StandardCheckpointer() as ckptr:
@@ -106,12 +108,13 @@ def describe_error(e: BaseException, limit: int = 400) -> str:
     for cut in (" See full TensorStore details", " [tensorstore_spec", "\n"):
         text = text.split(cut)[0]
     text = text.strip()  # long ones end with the OS's reason ("File too large"): keep both ends
-    return text if len(text) <= limit else text[: limit // 3] + " ... " + text[-(2 * limit) // 3:]
+    return text if len(text) <= limit else text[: limit // 3] + " ... " + text[-(2 * limit) // 3 :]
 
 
 def _nbytes(tree: Any) -> int:
-    return sum(int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize
-               for a in jax.tree.leaves(tree))
+    return sum(
+        int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)
+    )
 
 
 class TrainCheckpoints:
@@ -122,10 +125,12 @@ class TrainCheckpoints:
 
     def __init__(self, directory: str | pathlib.Path, keep: int = 2, asynchronous: bool = True):
         self.directory = pathlib.Path(directory).expanduser().resolve()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
-                                               enable_async_checkpointing=asynchronous)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "loader", "meta"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max(1, keep), create=True, enable_async_checkpointing=asynchronous
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "loader", "meta")
+        )
         self._pending: int | None = None  # step of the save in flight
 
     def latest_step(self) -> int | None:
@@ -144,14 +149,19 @@ class TrainCheckpoints:
         self.wait()
         need, free = _nbytes(state), free_bytes(self.directory)
         if free < need:
-            raise self._save_failed(step, f"{free / 1e6:.1f} MB free on its disk, the train state "
-                                          f"needs {need / 1e6:.1f} MB")
+            raise self._save_failed(
+                step,
+                f"{free / 1e6:.1f} MB free on its disk, the train state needs {need / 1e6:.1f} MB",
+            )
         try:
-            self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                loader=ocp.args.JsonSave(loader_state),
-                meta=ocp.args.JsonSave(meta),
-            ))
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    loader=ocp.args.JsonSave(loader_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
         except Exception as e:
             raise self._save_failed(step, describe_error(e)) from e
         self._pending = step
@@ -159,10 +169,14 @@ class TrainCheckpoints:
     def _save_failed(self, step: int, reason: str) -> CheckpointSaveError:
         self._manager.reload()  # after a failed save, its list of steps may be off: read the disk
         kept = [s for s in self.all_steps() if s != step]
-        intact = (f"the newest complete checkpoint, {self.path(max(kept))}, is untouched" if kept
-                  else "no checkpoint of this run was complete before it")
-        return CheckpointSaveError(f"saving checkpoint {self.path(step)} failed: {reason}; "
-                                   f"{intact}")
+        intact = (
+            f"the newest complete checkpoint, {self.path(max(kept))}, is untouched"
+            if kept
+            else "no checkpoint of this run was complete before it"
+        )
+        return CheckpointSaveError(
+            f"saving checkpoint {self.path(step)} failed: {reason}; {intact}"
+        )
 
     def restore_newest_intact(self, target: Any, log=print) -> tuple[int, Any, dict, dict]:
         """(step, state, loader_state, meta) of the newest checkpoint that restores. Each newer one
@@ -176,16 +190,20 @@ class TrainCheckpoints:
             except Exception as e:  # orbax/TensorStore raise many types for one cause: bad files
                 reason = describe_error(e)
                 damaged.append((step, reason))
-                log(f"warning: checkpoint {self.path(step)} is damaged ({reason}); "
-                    "trying the one before")
+                log(
+                    f"warning: checkpoint {self.path(step)} is damaged ({reason}); "
+                    "trying the one before"
+                )
                 continue
             self._set_aside([s for s, _ in damaged])
             return step, state, loader_state, meta
         if not damaged:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         listing = "; ".join(f"{self.path(s)}: {r}" for s, r in damaged)
-        raise CheckpointError(f"no intact checkpoint in {self.directory} ({listing}); "
-                              f"start a new run in another --workdir")
+        raise CheckpointError(
+            f"no intact checkpoint in {self.directory} ({listing}); "
+            f"start a new run in another --workdir"
+        )
 
     def _set_aside(self, steps: list[int]) -> None:
         """Rename damaged step folders to ``<step>.damaged[.k]`` (kept for inspection)."""
@@ -213,11 +231,14 @@ class TrainCheckpoints:
         """(state, loader_state, meta) of ``step``; ``target`` gives the structure, shapes and
         shardings (the freshly initialised state, or ``jax.eval_shape`` of it)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            loader=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        ))
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                loader=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         return out.state, out.loader, out.meta
 
     def wait(self) -> None:

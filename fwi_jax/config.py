@@ -80,15 +80,24 @@ class Geometry:
     def validate(self) -> None:
         h, w = self.resize
         if self.n_time % self.fold:
-            raise ConfigError(f"geometry.n_time={self.n_time} is not a multiple of geometry.fold={self.fold}")
+            raise ConfigError(
+                f"geometry.n_time={self.n_time} is not a multiple of geometry.fold={self.fold}"
+            )
         if h % self.patch or w % self.patch:
-            raise ConfigError(f"geometry.resize={self.resize} is not a multiple of geometry.patch={self.patch}")
+            raise ConfigError(
+                f"geometry.resize={self.resize} is not a multiple of geometry.patch={self.patch}"
+            )
         gh, gw = self.grid
         oh, ow = gh * self.head_patch[0], gw * self.head_patch[1]
-        if self.crop_offset[0] + self.out_shape[0] > oh or self.crop_offset[1] + self.out_shape[1] > ow:
+        if (
+            self.crop_offset[0] + self.out_shape[0] > oh
+            or self.crop_offset[1] + self.out_shape[1] > ow
+        ):
             raise ConfigError(
-                f"geometry: the head makes a {oh}x{ow} image (grid {gh}x{gw} x head_patch {self.head_patch}); "
-                f"cropping {self.out_shape} at {self.crop_offset} does not fit. Enlarge head_patch or resize."
+                f"geometry: the head makes a {oh}x{ow} image (grid {gh}x{gw} x head_patch "
+                f"{self.head_patch}); "
+                f"cropping {self.out_shape} at {self.crop_offset} does not fit. Enlarge "
+                "head_patch or resize."
             )
 
 
@@ -102,8 +111,10 @@ class ModelConfig:
     depth: int | None = None
     heads: int | None = None
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
-    attention: str = "auto"  # auto | xla | cudnn | blockwise | query_blocks | fused_cpu (fwi_jax.model.attention)
-    attention_block: int | None = None  # key block of blockwise, query block of query_blocks / fused_cpu (None: per impl and pass)
+    # auto | xla | cudnn | blockwise | query_blocks | fused_cpu (fwi_jax.model.attention)
+    attention: str = "auto"
+    # key block of blockwise, query block of query_blocks / fused_cpu (None: per impl and pass)
+    attention_block: int | None = None
     remat: str = "none"  # none | full | dots (rematerialisation policy per block)
     ref_feat_shape: tuple[int, int] = (16, 16)  # RoPE reference grid (timm)
     v_min: float = 1.5  # km/s; output = sigmoid(.) * v_span + v_min
@@ -115,8 +126,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         if not isinstance(self.constant_channel_once, bool):
-            raise ConfigError(f"model.constant_channel_once={self.constant_channel_once!r}: "
-                              "expected true or false")
+            raise ConfigError(
+                f"model.constant_channel_once={self.constant_channel_once!r}: "
+                "expected true or false"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +140,10 @@ class DataConfig:
     "store" (default): as stored, so float16 for a float16 packed store (``python -m fwi_jax.data
     pack --float16``) and float32 for folders and float32 stores; the loader only copies (half the
     bytes of float32), and the jitted train/eval/infer programs cast x to float32 on the device
-    (the model's first operation, `FWIModel.__call__`). float16 -> float32 is exact, so results are bit-identical to
-    "float32". "float32": the loader converts float16 to float32 on the host (slower: twice the bytes
-    written and sent to the device); for code of your own that needs float32 NumPy batches."""
+    (the model's first operation, `FWIModel.__call__`). float16 -> float32 is exact, so results are
+    bit-identical to "float32". "float32": the loader converts float16 to float32 on the host
+    (slower: twice the bytes written and sent to the device); for code of your own that needs
+    float32 NumPy batches."""
 
     root: str = ""  # folder of sample folders, or a packed store made by `fwi_jax.data pack`
     train_list: str = ""  # text file, one sample id per line ("" = every sample under root)
@@ -138,7 +152,8 @@ class DataConfig:
     prefetch: int = 2  # batches buffered per worker
     flip_p: float = 0.5  # horizontal-flip augmentation probability in training (SPEC §2.4)
     v_range: tuple[float, float] = (0.5, 10.0)  # km/s; velocities outside fail validation
-    host_dtype: str = "store"  # x in host batches: store (float16 stays float16) | float32 (see above)
+    # x in host batches: store (float16 stays float16) | float32 (see above)
+    host_dtype: str = "store"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +184,8 @@ class TrainConfig:
     b2: float = 0.95
     weight_decay: float = 0.01
     muon_momentum: float = 0.95
-    muon_ns_dtype: str = "bfloat16"  # Muon's Newton-Schulz steps: bfloat16 (the reference) | float32
+    # Muon's Newton-Schulz steps: bfloat16 (the reference) | float32
+    muon_ns_dtype: str = "bfloat16"
     warmup_steps: int = 0  # linear lr warmup from 0 over this many steps (0 = the reference recipe)
     constant_fraction: float = 0.5  # lr multiplier 1.0 for this share of steps, then cosine
     final_lr_factor: float = 1e-3
@@ -217,8 +233,9 @@ class Config:
             value = getattr(getattr(self, section), name)
             for v in value if isinstance(value, tuple) else (value,):
                 if v not in allowed:
-                    raise ConfigError(f"{key}={v!r} is not a valid choice: choose one of "
-                                      f"{', '.join(allowed)}")
+                    raise ConfigError(
+                        f"{key}={v!r} is not a valid choice: choose one of {', '.join(allowed)}"
+                    )
         self.geometry.validate()
         self.model.validate()
         return self
@@ -255,14 +272,17 @@ def _set(obj: Any, path: list[str], value: Any, full: str) -> Any:
     if not dataclasses.is_dataclass(obj) or head not in _field_names(obj):
         where = type(obj).__name__
         options = ", ".join(_field_names(obj)) if dataclasses.is_dataclass(obj) else "none"
-        raise ConfigError(f"unknown config key {full!r}: {where} has no field {head!r} (fields: {options})")
+        raise ConfigError(
+            f"unknown config key {full!r}: {where} has no field {head!r} (fields: {options})"
+        )
     current = getattr(obj, head)
     new = _set(current, rest, value, full) if rest else value
     return dataclasses.replace(obj, **{head: new})
 
 
 def _parse_value(text: str, annotation: Any, key: str) -> Any:
-    """Parse ``text`` into the type of the field (``int``, ``tuple[int, int]``, ``str | None`` ...)."""
+    """Parse ``text`` into the type of the field (``int``, ``tuple[int, int]``, ``str | None``
+    ...)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -314,8 +334,14 @@ def _annotation(cfg: Config, key: str) -> Any:
 def add_override_argument(parser) -> None:
     """The ``--set KEY=VALUE ...`` option every command shares: several values after one ``--set``,
     or ``--set`` repeated; all of them apply, in order."""
-    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. --set train.lr=1e-4 model.dtype=bfloat16 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. --set train.lr=1e-4 model.dtype=bfloat16 (repeatable)",
+    )
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
@@ -324,7 +350,9 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     values = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)"
+            )
         key, text = item.split("=", 1)
         key = key.strip()
         values.pop(key, None)  # the last value of a key counts, in its order

@@ -51,7 +51,9 @@ def load_torch_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError as e:  # torch is only in the test extra
-            raise ImportError(f"reading {path} needs PyTorch (pip install torch), or convert it to .safetensors") from e
+            raise ImportError(
+                f"reading {path} needs PyTorch (pip install torch), or convert it to .safetensors"
+            ) from e
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
@@ -64,7 +66,9 @@ def load_torch_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
 
 
-def resample_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int], n_prefix: int = 1) -> np.ndarray:
+def resample_pos_embed(
+    pos_embed: np.ndarray, new_grid: tuple[int, int], n_prefix: int = 1
+) -> np.ndarray:
     """(1, n_prefix + h*w, D) -> (1, n_prefix + H*W, D): bicubic with antialias on the grid part
     (PyTorch's antialiased bicubic is Keys' cubic with a = -0.5 and half-pixel centres, which
     ``jax.image.resize(method="cubic", antialias=True)`` implements); prefix tokens kept."""
@@ -131,7 +135,9 @@ def _torch_to_ours(key: str, value: np.ndarray, cfg: Config) -> tuple[str, np.nd
     return f"{path}/{leaf}", value
 
 
-def convert_state_dict(state: Mapping[str, np.ndarray], cfg: Config, seed: int = 0) -> tuple[dict, list[str]]:
+def convert_state_dict(
+    state: Mapping[str, np.ndarray], cfg: Config, seed: int = 0
+) -> tuple[dict, list[str]]:
     """Torch state dict -> (params, skipped keys). Reference dicts convert completely; timm
     backbones keep the random head of ``create_model(cfg, seed)``. Raises CheckpointMismatch
     naming every missing, unexpected or mis-shaped key."""
@@ -158,7 +164,10 @@ def convert_state_dict(state: Mapping[str, np.ndarray], cfg: Config, seed: int =
         if path not in expected:
             unexpected.append(key)
         elif tuple(arr.shape) != expected[path]:
-            misshaped.append(f"{key}: checkpoint {tuple(value.shape)} -> {tuple(arr.shape)}, config expects {expected[path]}")
+            misshaped.append(
+                f"{key}: checkpoint {tuple(value.shape)} -> {tuple(arr.shape)}, config expects "
+                f"{expected[path]}"
+            )
         else:
             converted[path] = arr
     if not is_reference:  # timm backbone: the head is new
@@ -167,9 +176,11 @@ def convert_state_dict(state: Mapping[str, np.ndarray], cfg: Config, seed: int =
             converted[path] = np.asarray(init[path])
     missing = sorted(set(expected) - set(converted))
     if missing or unexpected or misshaped:
-        lines = [f"checkpoint does not fit config {cfg.name!r} (model.size={cfg.model.size}, "
-                 f"geometry.grid={cfg.geometry.grid}); pick the config the weights were trained with "
-                 f"(--config) or check the file."]
+        lines = [
+            f"checkpoint does not fit config {cfg.name!r} (model.size={cfg.model.size}, "
+            f"geometry.grid={cfg.geometry.grid}); pick the config the weights were trained with "
+            f"(--config) or check the file."
+        ]
         lines += [f"  missing: {k}" for k in missing]
         lines += [f"  unexpected: {k}" for k in unexpected]
         lines += [f"  wrong shape: {k}" for k in misshaped]
@@ -187,11 +198,17 @@ def convert_file(path: str | pathlib.Path, cfg: Config, seed: int = 0) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m fwi_jax.convert", description=__doc__.split("\n")[0])
-    ap.add_argument("input", help="timm EVA02 checkpoint or reference state_dict (.pth/.pt/.safetensors)")
+    ap = argparse.ArgumentParser(
+        prog="python -m fwi_jax.convert", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument(
+        "input", help="timm EVA02 checkpoint or reference state_dict (.pth/.pt/.safetensors)"
+    )
     ap.add_argument("--config", required=True, help="config name (tiny_s8, base_s6, ...) or path")
     ap.add_argument("--out", required=True, help="output params checkpoint directory")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the head's init for timm backbones")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the head's init for timm backbones"
+    )
     add_override_argument(ap)
     return ap
 
@@ -210,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"skipped {len(skipped)} unused keys: {', '.join(sorted(skipped))}")
     out = save_params(args.out, params, cfg)
-    print(f"wrote {out} ({sum(np.size(v) for v in jax.tree.leaves(params)):,} parameters, config {cfg.name})")
+    print(
+        f"wrote {out} ({sum(np.size(v) for v in jax.tree.leaves(params)):,} parameters, config "
+        f"{cfg.name})"
+    )
     return 0
 
 

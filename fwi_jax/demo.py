@@ -29,7 +29,9 @@ import numpy as np
 from fwi_jax.config import Config, ConfigError, add_override_argument, load_config
 
 
-def mean_profile_baseline(root: pathlib.Path, train_ids: Sequence[str], test_ids: Sequence[str]) -> float:
+def mean_profile_baseline(
+    root: pathlib.Path, train_ids: Sequence[str], test_ids: Sequence[str]
+) -> float:
     """Competition MAPE on ``test_ids`` of predicting, for every sample, the training set's mean
     velocity at each depth (constant along x)."""
     from fwi_jax.data.io import VELOCITY_FILE
@@ -44,17 +46,26 @@ def mean_profile_baseline(root: pathlib.Path, train_ids: Sequence[str], test_ids
     return float(np.mean(scores))
 
 
-def run(cfg: Config, workdir: pathlib.Path, members: int = 2, plots: int = 4, progress: bool = True) -> dict:
+def run(
+    cfg: Config, workdir: pathlib.Path, members: int = 2, plots: int = 4, progress: bool = True
+) -> dict:
     from fwi_jax import plots as plotting
     from fwi_jax.train import TrainError, resolve_data, train
 
     t_start = time.perf_counter()
     if cfg.data.root or cfg.synth.n_test <= 0:
-        raise TrainError("the demo runs on its own synthetic data: leave data.root empty and set synth.n_test > 0")
+        raise TrainError(
+            "the demo runs on its own synthetic data: leave data.root empty and set synth.n_test "
+            "> 0"
+        )
     data = resolve_data(cfg, progress)
     t_data = time.perf_counter() - t_start
-    print(f"data: {len(data.train_ids)} train / {len(data.val_ids)} validation / {len(data.test_ids)} held-out "
-          f"synthetic samples in {data.root}", flush=True)
+    print(
+        f"data: {len(data.train_ids)} train / {len(data.val_ids)} validation / "
+        f"{len(data.test_ids)} held-out "
+        f"synthetic samples in {data.root}",
+        flush=True,
+    )
 
     runs = []
     for k in range(members):
@@ -63,7 +74,10 @@ def run(cfg: Config, workdir: pathlib.Path, members: int = 2, plots: int = 4, pr
         if (run_dir / "final").is_dir():
             print(f"member {k}: already trained ({run_dir})", flush=True)
         else:
-            print(f"member {k}: training {cfg.name} (seed {member_cfg.train.seed}) in {run_dir}", flush=True)
+            print(
+                f"member {k}: training {cfg.name} (seed {member_cfg.train.seed}) in {run_dir}",
+                flush=True,
+            )
             train(member_cfg, run_dir, data, resume=True, progress=progress)
         plotting.plot_training_curves(run_dir / "metrics.jsonl", run_dir / "training_curves.png")
         runs.append(run_dir)
@@ -73,9 +87,24 @@ def run(cfg: Config, workdir: pathlib.Path, members: int = 2, plots: int = 4, pr
     test_list.write_text("".join(i + "\n" for i in data.test_ids))
     sub = workdir / "submission.npz"
     # the inference command as a user runs it (its own process, as the simulator's)
-    cmd = [sys.executable, "-m", "fwi_jax.infer", "--data", str(data.root), "--list", str(test_list),
-           "--checkpoints", *map(str, runs), "--out", str(sub), "--val", "--plot", str(plots),
-           "--batch", str(cfg.train.batch_size)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fwi_jax.infer",
+        "--data",
+        str(data.root),
+        "--list",
+        str(test_list),
+        "--checkpoints",
+        *map(str, runs),
+        "--out",
+        str(sub),
+        "--val",
+        "--plot",
+        str(plots),
+        "--batch",
+        str(cfg.train.batch_size),
+    ]
     if not progress:
         cmd.append("--no-progress")
     if subprocess.run(cmd).returncode != 0:
@@ -87,22 +116,33 @@ def run(cfg: Config, workdir: pathlib.Path, members: int = 2, plots: int = 4, pr
         "heldout_mape": float(per_sample.mean()),
         "baseline_mape": mean_profile_baseline(data.root, data.train_ids, data.test_ids),
         "member_best_val_mape": [_best_val(r) for r in runs],
-        "seconds": {"data": round(t_data, 1), "train": round(t_train, 1),
-                    "total": round(time.perf_counter() - t_start, 1)},
+        "seconds": {
+            "data": round(t_data, 1),
+            "train": round(t_train, 1),
+            "total": round(time.perf_counter() - t_start, 1),
+        },
         "submission": str(sub),
-        "plots": [str(r / "training_curves.png") for r in runs] + [str(sub.with_name(sub.stem + "_plots"))],
+        "plots": [str(r / "training_curves.png") for r in runs]
+        + [str(sub.with_name(sub.stem + "_plots"))],
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     ratio = summary["baseline_mape"] / max(summary["heldout_mape"], 1e-12)
-    print(f"\nheld-out MAPE, {members}-member ensemble with flip TTA: {summary['heldout_mape']:.4f}\n"
-          f"mean-velocity-profile baseline:                  {summary['baseline_mape']:.4f}  "
-          f"({ratio:.1f}x the ensemble's error)\n"
-          f"plots: {', '.join(summary['plots'])}\nsummary: {workdir / 'summary.json'}", flush=True)
+    print(
+        f"\nheld-out MAPE, {members}-member ensemble with flip TTA: {summary['heldout_mape']:.4f}\n"
+        f"mean-velocity-profile baseline:                  {summary['baseline_mape']:.4f}  "
+        f"({ratio:.1f}x the ensemble's error)\n"
+        f"plots: {', '.join(summary['plots'])}\nsummary: {workdir / 'summary.json'}",
+        flush=True,
+    )
     return summary
 
 
 def _best_val(run_dir: pathlib.Path) -> float | None:
-    vals = [json.loads(ln).get("val/mape") for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    vals = [
+        json.loads(ln).get("val/mape")
+        for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if ln.strip()
+    ]
     vals = [v for v in vals if v is not None]
     return min(vals) if vals else None
 
@@ -111,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fwi_jax.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="demo", help="config name or path (default: demo)")
     ap.add_argument("--workdir", default="runs/demo")
-    ap.add_argument("--members", type=int, default=2, help="ensemble members to train (seeds 0..N-1)")
+    ap.add_argument(
+        "--members", type=int, default=2, help="ensemble members to train (seeds 0..N-1)"
+    )
     ap.add_argument("--plots", type=int, default=4, help="held-out samples to plot")
     add_override_argument(ap)
     ap.add_argument("--no-progress", action="store_true")
@@ -127,7 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_cpu_host()
     try:
         cfg = load_config(args.config, args.set)
-        run(cfg, pathlib.Path(args.workdir).expanduser().resolve(), args.members, args.plots, not args.no_progress)
+        run(
+            cfg,
+            pathlib.Path(args.workdir).expanduser().resolve(),
+            args.members,
+            args.plots,
+            not args.no_progress,
+        )
     except (TrainError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

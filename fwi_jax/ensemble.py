@@ -43,7 +43,9 @@ class Group:
 
 def stack_params(params: Sequence[Any]) -> Any:
     """[tree, tree, ...] -> tree of arrays with a leading member axis."""
-    return jax.tree.map(lambda *leaves: np.stack([np.asarray(a, np.float32) for a in leaves]), *params)
+    return jax.tree.map(
+        lambda *leaves: np.stack([np.asarray(a, np.float32) for a in leaves]), *params
+    )
 
 
 def group_members(members: Sequence[Member]) -> list[Group]:
@@ -53,9 +55,14 @@ def group_members(members: Sequence[Member]) -> list[Group]:
     out_shapes = {m.cfg.geometry.out_shape for m in members}
     in_shapes = {(m.cfg.geometry.n_time, m.cfg.geometry.n_receivers) for m in members}
     if len(out_shapes) > 1 or len(in_shapes) > 1:
-        raise MemberError("ensemble members disagree on input or output grids: "
-                             + ", ".join(f"{m.source}: in {m.cfg.geometry.n_time}x{m.cfg.geometry.n_receivers} "
-                                         f"out {m.cfg.geometry.out_shape}" for m in members))
+        raise MemberError(
+            "ensemble members disagree on input or output grids: "
+            + ", ".join(
+                f"{m.source}: in {m.cfg.geometry.n_time}x{m.cfg.geometry.n_receivers} "
+                f"out {m.cfg.geometry.out_shape}"
+                for m in members
+            )
+        )
     by_key: dict[str, list[Member]] = {}
     for m in members:
         by_key.setdefault(network_key(m.cfg), []).append(m)
@@ -63,11 +70,19 @@ def group_members(members: Sequence[Member]) -> list[Group]:
     for ms in by_key.values():
         structures = {jax.tree.structure(m.params) for m in ms}
         if len(structures) > 1:
-            raise MemberError(f"members {[m.source for m in ms]} share a config but not a parameter tree")
+            raise MemberError(
+                f"members {[m.source for m in ms]} share a config but not a parameter tree"
+            )
         graphdef = graphdef_of(ms[0].cfg)
-        groups.append(Group(cfg=ms[0].cfg, graphdef=graphdef, params=stack_params([m.params for m in ms]),
-                            weights=np.array([m.weight for m in ms], np.float32),
-                            sources=[m.source for m in ms]))
+        groups.append(
+            Group(
+                cfg=ms[0].cfg,
+                graphdef=graphdef,
+                params=stack_params([m.params for m in ms]),
+                weights=np.array([m.weight for m in ms], np.float32),
+                sources=[m.source for m in ms],
+            )
+        )
     return groups
 
 
@@ -88,16 +103,22 @@ def member_constants(graphdef: Any, stacked: Any) -> Any:
     return jax.vmap(lambda p: constant_tokens(graphdef, p))(stacked)
 
 
-def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
-                       member_chunk: int | None = None, tta_in_batch: bool = True,
-                       constants: Any = None) -> jax.Array:
+def member_predictions(
+    graphdef: Any,
+    stacked: Any,
+    x: jax.Array,
+    tta: bool,
+    member_chunk: int | None = None,
+    tta_in_batch: bool = True,
+    constants: Any = None,
+) -> jax.Array:
     """Every member's prediction: stacked params (M, ...) and x (B, 6, T, R) -> (M, B, depth, x).
-    x float32, or float16 (the model casts it to float32, exactly). With ``tta``: ½(f(x) + unflip f(flip x)),
-    the flipped copy riding in the same batch (``tta_in_batch``: one forward pass of 2B), or else
-    in a second pass of B after the first (``lax.map``: on CPU a batch of B is faster per sample).
-    Members are vmapped; ``member_chunk`` bounds how many run at once (``lax.map`` in chunks).
-    ``constants``: `member_constants` of ``stacked`` when the caller keeps them across calls;
-    None: each member computes its own once here, for every sample and both TTA passes."""
+    x float32, or float16 (the model casts it to float32, exactly). With ``tta``: ½(f(x) + unflip
+    f(flip x)), the flipped copy riding in the same batch (``tta_in_batch``: one forward pass of
+    2B), or else in a second pass of B after the first (``lax.map``: on CPU a batch of B is faster
+    per sample). Members are vmapped; ``member_chunk`` bounds how many run at once (``lax.map`` in
+    chunks). ``constants``: `member_constants` of ``stacked`` when the caller keeps them across
+    calls; None: each member computes its own once here, for every sample and both TTA passes."""
     b = x.shape[0]
 
     def member_constant(p, k):
@@ -109,7 +130,8 @@ def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
         def run(p, k):
             k = member_constant(p, k)
             pred = jax.lax.map(lambda xi: apply_model(graphdef, p, xi, k), pair)  # (2, B, depth, x)
-            return pred.reshape(2 * b, *pred.shape[2:])  # as the in-batch layout: x rows, then flipped
+            # as the in-batch layout: x rows, then flipped
+            return pred.reshape(2 * b, *pred.shape[2:])
     else:
         x_in = jnp.concatenate([x, flip(x)], axis=0) if tta else x
         run = lambda p, k: apply_model(graphdef, p, x_in, member_constant(p, k))
@@ -119,12 +141,17 @@ def member_predictions(graphdef: Any, stacked: Any, x: jax.Array, tta: bool,
     else:
         pred = jax.lax.map(lambda pk: run(*pk), (stacked, constants), batch_size=member_chunk)
     if tta:
-        pred = 0.5 * (pred[:, :b] + pred[:, b:][..., ::-1])  # [..., ::-1] = preprocess.flip's velocity mirror
+        # [..., ::-1] = preprocess.flip's velocity mirror
+        pred = 0.5 * (pred[:, :b] + pred[:, b:][..., ::-1])
     return pred
 
 
-def ensemble_fn(groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
-                tta_in_batch: bool = True) -> Callable:
+def ensemble_fn(
+    groups: Sequence[Group],
+    tta: bool = True,
+    member_chunk: int | None = None,
+    tta_in_batch: bool = True,
+) -> Callable:
     """A pure function (params tuple, weights tuple, x[, constants tuple]) -> weighted ensemble
     mean (B, depth, x). Jit it once: all groups, TTA and the mean are one program. ``constants``:
     each group's `member_constants`, kept across calls (None: computed in the call)."""
@@ -167,8 +194,14 @@ class Predictor:
     float16 (sent as float16, half the bytes, and cast to float32 on the device, exactly); any other
     dtype is converted to float32 on the host. One compiled program per input dtype."""
 
-    def __init__(self, groups: Sequence[Group], tta: bool = True, member_chunk: int | None = None,
-                 mesh: Mesh | None = None, tta_in_batch: bool | None = None):
+    def __init__(
+        self,
+        groups: Sequence[Group],
+        tta: bool = True,
+        member_chunk: int | None = None,
+        mesh: Mesh | None = None,
+        tta_in_batch: bool | None = None,
+    ):
         """``member_chunk``: stacked members run at once, None = `default_member_chunk`;
         ``tta_in_batch``: see `member_predictions`, None = `default_tta_in_batch`."""
         self.groups = list(groups)
@@ -185,10 +218,15 @@ class Predictor:
         # the zero channel's tokens per member, once for every batch (None for a group without
         # model.constant_channel_once)
         self.constants = jax.jit(
-            lambda params: tuple(member_constants(g.graphdef, p) for g, p in zip(self.groups, params)),
-            out_shardings=replicated)(self.params)
-        self._fn = jax.jit(ensemble_fn(self.groups, tta, member_chunk, tta_in_batch),
-                           out_shardings=self.batch_sharding)
+            lambda params: tuple(
+                member_constants(g.graphdef, p) for g, p in zip(self.groups, params)
+            ),
+            out_shardings=replicated,
+        )(self.params)
+        self._fn = jax.jit(
+            ensemble_fn(self.groups, tta, member_chunk, tta_in_batch),
+            out_shardings=self.batch_sharding,
+        )
 
     @property
     def n_devices(self) -> int:
@@ -207,8 +245,9 @@ class Predictor:
     def lower(self, x_local: np.ndarray) -> jax.stages.Lowered:
         """The program for batches like ``x_local``, lowered (``.compile()`` gives XLA's cost and
         memory analyses; scripts/bench_infer.py reports them)."""
-        return self._fn.lower(self.params, self.weights, self._global_batch(x_local),
-                              self.constants)
+        return self._fn.lower(
+            self.params, self.weights, self._global_batch(x_local), self.constants
+        )
 
     @staticmethod
     def fetch(y: jax.Array) -> np.ndarray:

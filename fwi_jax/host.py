@@ -42,8 +42,10 @@ def tune_cpu_host(verbose: bool = True) -> str:
     if os.environ.get(ENV_SWITCH, "1") == "0":
         msg = f"host: CPU tuning off ({ENV_SWITCH}=0)"
     elif _backends_started():  # e.g. a second train() in one process, or a test calling main()
-        msg = ("host: CPU tuning NOT applied: JAX's backends had already started (call "
-               "fwi_jax.host.tune_cpu_host() before anything touches a device)")
+        msg = (
+            "host: CPU tuning NOT applied: JAX's backends had already started (call "
+            "fwi_jax.host.tune_cpu_host() before anything touches a device)"
+        )
     else:
         # set before the backend exists: the CPU client reads it once, at creation; it concerns the
         # CPU client only, so it is harmless where the default backend is a GPU
@@ -52,10 +54,15 @@ def tune_cpu_host(verbose: bool = True) -> str:
             msg = f"host: no CPU tuning on {jax.default_backend()}"
         else:
             kept = _keep_freed_memory()
-            msg = ("host: CPU tuning: synchronous dispatch; "
-                   + ("freed memory kept in the process (glibc mallopt)" if kept is None else
-                      f"freed memory NOT kept ({kept}): each step re-faults its temporary buffer")
-                   + f"; {ENV_SWITCH}=0 turns this off")
+            msg = (
+                "host: CPU tuning: synchronous dispatch; "
+                + (
+                    "freed memory kept in the process (glibc mallopt)"
+                    if kept is None
+                    else f"freed memory NOT kept ({kept}): each step re-faults its temporary buffer"
+                )
+                + f"; {ENV_SWITCH}=0 turns this off"
+            )
     _applied = msg
     if verbose and jax.process_index() == 0:
         print(msg, flush=True)

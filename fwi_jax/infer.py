@@ -1,7 +1,8 @@
 """``python -m fwi_jax.infer``: ensemble inference with flip TTA, sharded over devices, written to
 one competition submission file (SPEC §1, §2.4, §5).
 
-    python -m fwi_jax.infer --data DIR [--list ids.txt] --checkpoints C1 C2 ... --out submission.npz \
+    python -m fwi_jax.infer --data DIR [--list ids.txt] --checkpoints C1 C2 ... --out submission.npz
+    \
         [--config NAME] [--no-tta] [--dtype bfloat16] [--batch 8] [--val] [--plot K]
     python -m fwi_jax.infer --data DIR --ensemble ensemble.json --out submission.npz
 
@@ -17,10 +18,10 @@ An ensemble file is a JSON list of
 the ensemble file's folder.
 
 How it runs: the ensemble is one jitted program (``fwi_jax.ensemble``: members of one network
-stacked and vmapped, flip TTA ``½(f(x) + unflip f(flip x))``, the weighted mean). Batches are sharded over every device
-on a 1-D ``data`` mesh (params replicated); each host reads only its slice of every global batch;
-reading runs in background threads (grain) while the devices compute. The last batch is padded to
-the global batch (one compiled shape) and the padding dropped.
+stacked and vmapped, flip TTA ``½(f(x) + unflip f(flip x))``, the weighted mean). Batches are
+sharded over every device on a 1-D ``data`` mesh (params replicated); each host reads only its slice
+of every global batch; reading runs in background threads (grain) while the devices compute. The
+last batch is padded to the global batch (one compiled shape) and the padding dropped.
 
 Every input folder is checked before any compute (a packed store: its index, arrays, ids and, with
 ``--val``, velocities; its samples were checked when it was packed); a bad sample stops the run with
@@ -68,8 +69,13 @@ def default_batch(device: jax.Device) -> int:
 # Samples: ids and checks
 
 
-def check_samples(root: pathlib.Path, ids: Sequence[str], need_velocity: bool, v_range=(0.5, 10.0),
-                  progress: bool = True) -> None:
+def check_samples(
+    root: pathlib.Path,
+    ids: Sequence[str],
+    need_velocity: bool,
+    v_range=(0.5, 10.0),
+    progress: bool = True,
+) -> None:
     """Validate every sample (``fwi_jax.data.io.check_dataset``) before any compute; raise naming
     every bad one (up to 20 listed). A packed store was validated sample by sample when it was
     packed: here its index, arrays and ids are checked, velocities are required with
@@ -79,16 +85,22 @@ def check_samples(root: pathlib.Path, ids: Sequence[str], need_velocity: bool, v
 
     if data_io.is_packed(root):
         try:
-            bad = pack.PackedSource(root, ids, v_range=v_range, require_velocity=need_velocity or None).check()
+            bad = pack.PackedSource(
+                root, ids, v_range=v_range, require_velocity=need_velocity or None
+            ).check()
         except (data_io.DataError, OSError) as e:  # the store itself: index, arrays, no velocities
             raise InferenceError(f"{e}; nothing was computed") from None
     else:
-        bad = data_io.check_dataset(root, ids, v_range=v_range, require_velocity=need_velocity or None,
-                                    progress=progress)
+        bad = data_io.check_dataset(
+            root, ids, v_range=v_range, require_velocity=need_velocity or None, progress=progress
+        )
     if bad:
         lines = [f"  {sample_id}: {message}" for sample_id, message in bad[:20]]
-        raise InferenceError(f"{len(bad)} bad sample(s) of {len(ids)}; nothing was computed:\n" + "\n".join(lines)
-                             + ("\n  ..." if len(bad) > 20 else ""))
+        raise InferenceError(
+            f"{len(bad)} bad sample(s) of {len(ids)}; nothing was computed:\n"
+            + "\n".join(lines)
+            + ("\n  ..." if len(bad) > 20 else "")
+        )
 
 
 def _progress(enabled: bool, desc: str, total: int):
@@ -100,18 +112,29 @@ def _progress(enabled: bool, desc: str, total: int):
 # ---------------------------------------------------------------------------------------------
 # The run
 
+
 @dataclasses.dataclass
 class Result:
     predictions: dict[str, np.ndarray]  # id -> float64 (x, depth), the submission's layout
     mape: dict[str, float]  # id -> competition MAPE (--val only), in input order
     kept: dict[str, dict[str, Any]]  # first --plot samples: {"x", "v" or None, "pred" (depth, x)}
     seconds: float
-    steady: tuple[int, float] = (0, 0.0)  # samples after the first batch, their seconds (no compile)
+    # samples after the first batch, their seconds (no compile)
+    steady: tuple[int, float] = (0, 0.0)
 
 
-def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str], batch: int, *,
-                    val: bool = False, keep: int = 0, workers: int = 0, prefetch: int = 2,
-                    progress: bool = True) -> Result:
+def predict_samples(
+    predictor: Predictor,
+    root: pathlib.Path,
+    ids: Sequence[str],
+    batch: int,
+    *,
+    val: bool = False,
+    keep: int = 0,
+    workers: int = 0,
+    prefetch: int = 2,
+    progress: bool = True,
+) -> Result:
     """Run the ensemble over the (already checked) samples ``ids`` under ``root`` in global
     batches of ``batch``. One batch stays in flight: batch k+1 is dispatched before batch k's
     result is fetched, so host work (reading, MAPE, float64 copies) overlaps device compute."""
@@ -119,7 +142,9 @@ def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str]
 
     n_hosts = jax.process_count()
     if n_hosts > 1 and (val or keep):
-        raise InferenceError("--val and --plot run on one host only (they need every sample's data)")
+        raise InferenceError(
+            "--val and --plot run on one host only (they need every sample's data)"
+        )
     cfg = predictor.groups[0].cfg
     preds: dict[str, np.ndarray] = {}
     scores: dict[str, float] = {}
@@ -148,8 +173,9 @@ def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str]
             first.append((len(preds), time.perf_counter()))
 
     pending = None
-    batches = host_batches(cfg, root, ids, batch_size=batch, velocity=val, workers=workers,
-                           prefetch=prefetch)
+    batches = host_batches(
+        cfg, root, ids, batch_size=batch, velocity=val, workers=workers, prefetch=prefetch
+    )
     for k, host in enumerate(batches):
         y = predictor.dispatch(host["x"])
         if pending is not None:
@@ -166,46 +192,98 @@ def predict_samples(predictor: Predictor, root: pathlib.Path, ids: Sequence[str]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m fwi_jax.infer", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Ensemble file: JSON list of {\"checkpoint\": PATH, \"config\": NAME|null, "
-                                        "\"weight\": 1.0}")
-    ap.add_argument("--data", required=True, help="folder of sample folders (competition format), or a packed "
-                    "store (python -m fwi_jax.data pack)")
+    ap = argparse.ArgumentParser(
+        prog="python -m fwi_jax.infer",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='Ensemble file: JSON list of {"checkpoint": PATH, "config": NAME|null, '
+        '"weight": 1.0}',
+    )
+    ap.add_argument(
+        "--data",
+        required=True,
+        help="folder of sample folders (competition format), or a packed "
+        "store (python -m fwi_jax.data pack)",
+    )
     ap.add_argument("--list", help="text file of sample ids, one per line (default: every sample)")
     members = ap.add_mutually_exclusive_group(required=True)
-    members.add_argument("--checkpoints", nargs="+", metavar="CKPT",
-                         help="params checkpoints, training runs, or reference state_dicts (.pth/.pt/.safetensors)")
-    members.add_argument("--ensemble", help="JSON ensemble file (config, checkpoint, weight per member)")
-    ap.add_argument("--config", help="config (name or path) of members that carry none (PyTorch state_dicts)")
+    members.add_argument(
+        "--checkpoints",
+        nargs="+",
+        metavar="CKPT",
+        help="params checkpoints, training runs, or reference state_dicts (.pth/.pt/.safetensors)",
+    )
+    members.add_argument(
+        "--ensemble", help="JSON ensemble file (config, checkpoint, weight per member)"
+    )
+    ap.add_argument(
+        "--config", help="config (name or path) of members that carry none (PyTorch state_dicts)"
+    )
     ap.add_argument("--out", required=True, help="submission .npz to write (atomically, once)")
     ap.add_argument("--no-tta", action="store_true", help="skip the flip test-time augmentation")
-    ap.add_argument("--dtype", choices=DTYPES, help="compute dtype of every member (params stay float32)")
-    ap.add_argument("--batch", type=int, default=None,
-                    help="global batch, rounded up to a multiple of the devices (default: 1 on CPU, 4 elsewhere)")
-    ap.add_argument("--member-chunk", type=int, help="run at most this many stacked members at once "
-                    "(default: 1 on CPU, all elsewhere; fewer save memory)")
+    ap.add_argument(
+        "--dtype", choices=DTYPES, help="compute dtype of every member (params stay float32)"
+    )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="global batch, rounded up to a multiple of the devices (default: 1 on CPU, 4 "
+        "elsewhere)",
+    )
+    ap.add_argument(
+        "--member-chunk",
+        type=int,
+        help="run at most this many stacked members at once "
+        "(default: 1 on CPU, all elsewhere; fewer save memory)",
+    )
     add_override_argument(ap)
-    ap.add_argument("--val", action="store_true", help="score against vp_model.npy: print MAPE, write per-sample CSV")
+    ap.add_argument(
+        "--val",
+        action="store_true",
+        help="score against vp_model.npy: print MAPE, write per-sample CSV",
+    )
     ap.add_argument("--val-csv", help="per-sample MAPE CSV (default: OUT with .csv)")
-    ap.add_argument("--misfit", action="store_true",
-                    help="simulate each prediction's shots and write its data misfit to the per-sample CSV "
-                         "(fwi_jax.physics; needs a folder of sample folders)")
-    ap.add_argument("--calibration", help="--misfit: calibration file (default DATA/synth_calibration.json "
-                                          "if it exists, else the uncalibrated cpml8 profile)")
-    ap.add_argument("--plot", type=int, default=0, metavar="K", help="save PNG figures of the first K samples")
-    ap.add_argument("--plot-dir", help="folder for --plot figures (default: OUT without suffix + '_plots')")
-    ap.add_argument("--workers", type=int, default=0, help="reader processes (0: reader threads in this process)")
-    ap.add_argument("--prefetch", type=int, default=2, help="batches read ahead (and reader threads)")
-    ap.add_argument("--distributed", action="store_true",
-                    help="force jax.distributed.initialize() (called automatically when the environment describes a cluster)")
+    ap.add_argument(
+        "--misfit",
+        action="store_true",
+        help="simulate each prediction's shots and write its data misfit to the per-sample CSV "
+        "(fwi_jax.physics; needs a folder of sample folders)",
+    )
+    ap.add_argument(
+        "--calibration",
+        help="--misfit: calibration file (default DATA/synth_calibration.json "
+        "if it exists, else the uncalibrated cpml8 profile)",
+    )
+    ap.add_argument(
+        "--plot", type=int, default=0, metavar="K", help="save PNG figures of the first K samples"
+    )
+    ap.add_argument(
+        "--plot-dir", help="folder for --plot figures (default: OUT without suffix + '_plots')"
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="reader processes (0: reader threads in this process)",
+    )
+    ap.add_argument(
+        "--prefetch", type=int, default=2, help="batches read ahead (and reader threads)"
+    )
+    ap.add_argument(
+        "--distributed",
+        action="store_true",
+        help="force jax.distributed.initialize() (called automatically when the environment "
+        "describes a cluster)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    initialize_distributed(force=args.distributed)  # each host reads its share; process 0 writes the file
+    # each host reads its share; process 0 writes the file
+    initialize_distributed(force=args.distributed)
     tune_cpu_host()  # first: jax.process_index() and friends start the backends
     out = pathlib.Path(args.out).expanduser()
     progress = not args.no_progress and jax.process_index() == 0
@@ -221,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             args.batch = default_batch(jax.devices()[0])
         if args.batch < 1:
             raise InferenceError(f"--batch {args.batch}: must be at least 1")
-        specs = (read_ensemble_file(args.ensemble) if args.ensemble
-                 else [MemberSpec(c) for c in args.checkpoints])
+        specs = (
+            read_ensemble_file(args.ensemble)
+            if args.ensemble
+            else [MemberSpec(c) for c in args.checkpoints]
+        )
         root = pathlib.Path(args.data).expanduser()
         try:
             ids = data_io.list_samples(root, args.list)
@@ -230,13 +311,16 @@ def main(argv: list[str] | None = None) -> int:
             raise InferenceError(str(e)) from None
         members = [load_member(s, args.config, overrides) for s in specs]
         groups = group_members(members)
-        check_samples(root, ids, need_velocity=args.val, v_range=groups[0].cfg.data.v_range,
-                      progress=progress)  # before any compute
+        check_samples(
+            root, ids, need_velocity=args.val, v_range=groups[0].cfg.data.v_range, progress=progress
+        )  # before any compute
         forward = None
         if args.misfit:
             if not all((root / i / data_io.SHOT_FILES[0]).is_file() for i in ids):
-                raise InferenceError(f"--misfit: {root} must be a folder of sample folders (the raw shot "
-                                     "files are simulated against), not a packed store")
+                raise InferenceError(
+                    f"--misfit: {root} must be a folder of sample folders (the raw shot "
+                    "files are simulated against), not a packed store"
+                )
             forward, what = physics.load_forward(root, args.calibration)
             print(f"--misfit: {what}")
     except (InferenceError, MemberError, StorageError, ConfigError, physics.PhysicsError) as e:
@@ -245,22 +329,41 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor(groups, tta=not args.no_tta, member_chunk=args.member_chunk)
     batch = -(-args.batch // predictor.n_devices) * predictor.n_devices
     if batch != args.batch:
-        print(f"--batch {args.batch} rounded up to {batch}, a multiple of the {predictor.n_devices} devices")
+        print(
+            f"--batch {args.batch} rounded up to {batch}, a multiple of the {predictor.n_devices} "
+            "devices"
+        )
     desc = ", ".join(f"{len(g.sources)} x {g.cfg.name}" for g in groups)
-    print(f"{len(ids)} samples, ensemble {desc}, TTA {'off' if args.no_tta else 'on'}, "
-          f"{predictor.n_devices} {jax.devices()[0].platform} device(s), global batch {batch}")
+    print(
+        f"{len(ids)} samples, ensemble {desc}, TTA {'off' if args.no_tta else 'on'}, "
+        f"{predictor.n_devices} {jax.devices()[0].platform} device(s), global batch {batch}"
+    )
     try:
-        result = predict_samples(predictor, root, ids, batch, val=args.val, keep=args.plot, workers=args.workers,
-                                 prefetch=args.prefetch, progress=progress)
+        result = predict_samples(
+            predictor,
+            root,
+            ids,
+            batch,
+            val=args.val,
+            keep=args.plot,
+            workers=args.workers,
+            prefetch=args.prefetch,
+            progress=progress,
+        )
     except (InferenceError, ValueError, OSError) as e:  # a sample that broke while reading
         print(f"error: {e}\nno submission written", file=sys.stderr)
         return 2
-    print(f"{len(result.predictions)} samples in {result.seconds:.1f} s "
-          f"({len(result.predictions) / max(result.seconds, 1e-9):.2f} samples/s, first compile included)")
+    print(
+        f"{len(result.predictions)} samples in {result.seconds:.1f} s "
+        f"({len(result.predictions) / max(result.seconds, 1e-9):.2f} samples/s, first compile "
+        "included)"
+    )
     n_steady, t_steady = result.steady
     if n_steady:
-        print(f"after the first batch: {n_steady} samples in {t_steady:.1f} s "
-              f"({n_steady / max(t_steady, 1e-9):.3f} samples/s, compile excluded)")
+        print(
+            f"after the first batch: {n_steady} samples in {t_steady:.1f} s "
+            f"({n_steady / max(t_steady, 1e-9):.3f} samples/s, compile excluded)"
+        )
     if jax.process_index() == 0:
         data_io.write_submission(out, result.predictions)
         print(f"wrote {out} ({len(result.predictions)} predictions, float64 (x, depth))")
@@ -269,24 +372,36 @@ def main(argv: list[str] | None = None) -> int:
         if args.val:
             for i, m in result.mape.items():
                 rows[i]["mape"] = float(m)
-            print(f"validation MAPE {np.mean(list(result.mape.values())):.6f} over {len(result.mape)} samples "
-                  f"(per sample: {csv})")
+            print(
+                f"validation MAPE {np.mean(list(result.mape.values())):.6f} over "
+                f"{len(result.mape)} samples "
+                f"(per sample: {csv})"
+            )
         if forward is not None:
             try:
-                scores = physics.score_submission(root, result.predictions, forward, progress=progress)
+                scores = physics.score_submission(
+                    root, result.predictions, forward, progress=progress
+                )
             except (physics.PhysicsError, data_io.DataError) as e:
                 print(f"error: --misfit: {e}", file=sys.stderr)
                 return 2
             for i, r in scores.items():
                 rows[i]["misfit"] = r["misfit"]
-            print(f"data misfit {np.mean([r['misfit'] for r in scores.values()]):.5f} (mean relative L2, "
-                  f"per sample: {csv})")
+            print(
+                f"data misfit {np.mean([r['misfit'] for r in scores.values()]):.5f} (mean "
+                "relative L2, "
+                f"per sample: {csv})"
+            )
         if args.val or forward is not None:
             physics.write_csv(csv, rows)
         if args.plot:
             from fwi_jax import plots
 
-            plot_dir = pathlib.Path(args.plot_dir).expanduser() if args.plot_dir else out.with_name(out.stem + "_plots")
+            plot_dir = (
+                pathlib.Path(args.plot_dir).expanduser()
+                if args.plot_dir
+                else out.with_name(out.stem + "_plots")
+            )
             plot_dir.mkdir(parents=True, exist_ok=True)
             for sid, item in result.kept.items():
                 plots.plot_sample(plot_dir / f"{sid}.png", sid, item["x"], item["pred"], item["v"])

@@ -1,11 +1,11 @@
 """Losses and the competition metric (SPEC §4). Velocities are (B, depth, x) in km/s.
 
-    e = |pred - v| / v                       relative error per pixel
-    w(z) = linspace(1.0, 0.25, depth)        depth weight (shallow pixels count 4x the deepest)
-    base:  L = mean(e * w)
-    hard:  h = exp(stop_gradient(e)), renormalised per sample to mean 1;  L = mean(e * w * h)
-    MAPE:  mean(e) per sample (the competition score is its mean over samples);
-           `competition_mape` is the score of one sample as the competition computes it
+e = |pred - v| / v                       relative error per pixel
+w(z) = linspace(1.0, 0.25, depth)        depth weight (shallow pixels count 4x the deepest)
+base:  L = mean(e * w)
+hard:  h = exp(stop_gradient(e)), renormalised per sample to mean 1;  L = mean(e * w * h)
+MAPE:  mean(e) per sample (the competition score is its mean over samples);
+       `competition_mape` is the score of one sample as the competition computes it
 """
 
 from __future__ import annotations

@@ -47,8 +47,10 @@ class Member:
 def network_key(cfg: Config) -> str:
     """Configs with equal keys build the same network (geometry + model); training settings
     differ freely."""
-    return json.dumps({"geometry": dataclasses.asdict(cfg.geometry),
-                       "model": dataclasses.asdict(cfg.model)}, sort_keys=True)
+    return json.dumps(
+        {"geometry": dataclasses.asdict(cfg.geometry), "model": dataclasses.asdict(cfg.model)},
+        sort_keys=True,
+    )
 
 
 def read_ensemble_file(path: str | pathlib.Path) -> list[MemberSpec]:
@@ -70,8 +72,9 @@ def read_ensemble_file(path: str | pathlib.Path) -> list[MemberSpec]:
             raise MemberError(f"{where}: expected an object with a 'checkpoint' key, got {entry!r}")
         unknown = set(entry) - set(ENSEMBLE_KEYS)
         if unknown:
-            raise MemberError(f"{where}: unknown keys {sorted(unknown)} "
-                              f"(allowed: {', '.join(ENSEMBLE_KEYS)})")
+            raise MemberError(
+                f"{where}: unknown keys {sorted(unknown)} (allowed: {', '.join(ENSEMBLE_KEYS)})"
+            )
         ckpt = pathlib.Path(entry["checkpoint"]).expanduser()
         if not ckpt.is_absolute():
             ckpt = path.parent / ckpt
@@ -100,8 +103,9 @@ def resolve_params_dir(path: pathlib.Path) -> pathlib.Path:
     )
 
 
-def read_weights(path: str | pathlib.Path, cfg: Config | None,
-                 seed: int = 0) -> tuple[Config | None, Any]:
+def read_weights(
+    path: str | pathlib.Path, cfg: Config | None, seed: int = 0
+) -> tuple[Config | None, Any]:
     """(saved config, params) of a params checkpoint or training run; (None, params converted for
     ``cfg``) of a PyTorch file, whose keys the reference lacks are initialised from ``seed``."""
     path = pathlib.Path(path).expanduser()
@@ -110,8 +114,10 @@ def read_weights(path: str | pathlib.Path, cfg: Config | None,
     try:
         if is_torch_file(path):
             if cfg is None:
-                raise MemberError(f"{path} is a PyTorch state_dict and carries no config: name it "
-                                  f"with --config (or 'config' in the ensemble file)")
+                raise MemberError(
+                    f"{path} is a PyTorch state_dict and carries no config: name it "
+                    f"with --config (or 'config' in the ensemble file)"
+                )
             from fwi_jax.convert import convert_file  # needs torch only for .pth/.pt
 
             return None, convert_file(path, cfg, seed=seed)
@@ -124,8 +130,9 @@ def read_weights(path: str | pathlib.Path, cfg: Config | None,
         raise MemberError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
 
-def load_member(spec: MemberSpec, default_config: str | None = None,
-                overrides: Sequence[str] = ()) -> Member:
+def load_member(
+    spec: MemberSpec, default_config: str | None = None, overrides: Sequence[str] = ()
+) -> Member:
     """Load one member; PyTorch state_dicts are converted for ``spec.config or default_config``,
     a config named in ``spec`` for a params checkpoint must build the network it saved.
     ``overrides`` (``model.dtype=bfloat16`` ...) apply to every member's config."""
@@ -141,8 +148,10 @@ def load_member(spec: MemberSpec, default_config: str | None = None,
         raise MemberError(f"member {e}") from None
     cfg = saved if saved is not None else named
     if saved is not None and named is not None and network_key(named) != network_key(saved):
-        raise MemberError(f"member {path}: its saved config {saved.name!r} builds a different "
-                          f"network than the config {spec.config!r} named for it")
+        raise MemberError(
+            f"member {path}: its saved config {saved.name!r} builds a different "
+            f"network than the config {spec.config!r} named for it"
+        )
     try:
         cfg = apply_overrides(cfg, list(overrides))
     except ConfigError as e:

@@ -33,10 +33,14 @@ def learning_rate_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
     decay_steps = max(1, total_steps - constant_steps)
     if not 0 <= tc.warmup_steps <= constant_steps:
         raise ConfigError(
-            f"train.warmup_steps={tc.warmup_steps} must lie in [0, {constant_steps}], the constant part of "
-            f"{total_steps} steps (train.constant_fraction={tc.constant_fraction})")
-    schedules = [optax.constant_schedule(tc.lr),
-                 optax.cosine_decay_schedule(tc.lr, decay_steps, alpha=tc.final_lr_factor)]
+            f"train.warmup_steps={tc.warmup_steps} must lie in [0, {constant_steps}], the "
+            "constant part of "
+            f"{total_steps} steps (train.constant_fraction={tc.constant_fraction})"
+        )
+    schedules = [
+        optax.constant_schedule(tc.lr),
+        optax.cosine_decay_schedule(tc.lr, decay_steps, alpha=tc.final_lr_factor),
+    ]
     boundaries = [constant_steps]
     if tc.warmup_steps:
         schedules.insert(0, optax.linear_schedule(0.0, tc.lr, tc.warmup_steps))
@@ -67,7 +71,7 @@ ADAM_MATRICES = ("patch_embed",)
 
 
 def muon_labels(params: Any) -> Any:
-    """"muon" for every 2-D weight matrix (attention, MLP, head) outside ``ADAM_MATRICES``;
+    """ "muon" for every 2-D weight matrix (attention, MLP, head) outside ``ADAM_MATRICES``;
     "adam" for the rest (biases, norms, cls token, position embedding, patch embedding)."""
 
     def label(path, leaf) -> str:
@@ -123,8 +127,15 @@ def orthogonalize(dtype: Any) -> optax.GradientTransformation:
     return optax.stateless(lambda updates, _: jax.tree.map(one, updates))
 
 
-def reference_muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float, b1: float, b2: float,
-                   weight_decay: float, ns_dtype: str = "bfloat16") -> optax.GradientTransformation:
+def reference_muon(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float,
+    b1: float,
+    b2: float,
+    weight_decay: float,
+    ns_dtype: str = "bfloat16",
+) -> optax.GradientTransformation:
     """The reference's MuonWithAuxAdam, with one learning rate and decoupled weight decay on every
     parameter (``p <- p (1 - lr wd) - lr u``).
 
@@ -139,7 +150,9 @@ def reference_muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float, b1
     different factors (so the direction of the early updates differs), and its Adam half takes
     Muon's Nesterov flag and eps, while the reference's Adam is plain with an eps of its own."""
     if ns_dtype not in MUON_NS_DTYPES:
-        raise ConfigError(f"unknown train.muon_ns_dtype {ns_dtype!r}; choose one of {tuple(MUON_NS_DTYPES)}")
+        raise ConfigError(
+            f"unknown train.muon_ns_dtype {ns_dtype!r}; choose one of {tuple(MUON_NS_DTYPES)}"
+        )
     muon = optax.chain(
         # trace: t <- g + m t, out g + m t: the Nesterov input above divided by (1 - m)
         optax.trace(decay=momentum, nesterov=True),
@@ -148,19 +161,31 @@ def reference_muon(learning_rate: optax.ScalarOrSchedule, *, momentum: float, b1
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )
-    adam = optax.adamw(learning_rate, b1=b1, b2=b2, eps=ADAM_EPS, weight_decay=weight_decay, nesterov=False)
+    adam = optax.adamw(
+        learning_rate, b1=b1, b2=b2, eps=ADAM_EPS, weight_decay=weight_decay, nesterov=False
+    )
     return optax.partition({"muon": muon, "adam": adam}, muon_labels)
 
 
-def make_optimizer(cfg: Config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    cfg: Config, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transformation, learning-rate schedule) for ``cfg.train``."""
     tc = cfg.train
     schedule = learning_rate_schedule(tc, total_steps)
     if tc.optimizer == "adamw":
-        tx = optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask)
+        tx = optax.adamw(
+            schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask
+        )
     else:  # muon (train.optimizer is validated when the config is loaded)
-        tx = reference_muon(schedule, momentum=tc.muon_momentum, b1=tc.b1, b2=tc.b2,
-                            weight_decay=tc.weight_decay, ns_dtype=tc.muon_ns_dtype)
+        tx = reference_muon(
+            schedule,
+            momentum=tc.muon_momentum,
+            b1=tc.b1,
+            b2=tc.b2,
+            weight_decay=tc.weight_decay,
+            ns_dtype=tc.muon_ns_dtype,
+        )
     if tc.clip_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(tc.clip_norm), tx)
     return tx, schedule
@@ -191,7 +216,9 @@ class LossScale:
         if not self.dynamic:
             return self.replace(skipped=self.skipped + jnp.where(finite, 0, 1).astype(jnp.int32))
         grow = finite & (self.good_steps + 1 >= self.GROWTH_INTERVAL)
-        scale = jnp.where(finite, jnp.where(grow, self.scale * 2, self.scale), jnp.maximum(self.scale / 2, 1.0))
+        scale = jnp.where(
+            finite, jnp.where(grow, self.scale * 2, self.scale), jnp.maximum(self.scale / 2, 1.0)
+        )
         good = jnp.where(finite & ~grow, self.good_steps + 1, 0).astype(jnp.int32)
         skipped = self.skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
         return self.replace(scale=scale.astype(jnp.float32), good_steps=good, skipped=skipped)
@@ -209,8 +236,9 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def ema_update(ema: Any, params_before: Any, params_after: Any, step: jax.Array, start_step: int,
-               decay: float) -> Any:
+def ema_update(
+    ema: Any, params_before: Any, params_after: Any, step: jax.Array, start_step: int, decay: float
+) -> Any:
     """EMA after optimiser step ``step`` (0-based). At ``step == start_step`` the EMA is created as
     a copy of ``params_before`` (the weights at the start of that epoch); from then on
     ``ema = decay * ema + (1 - decay) * params_after``. Before ``start_step`` it is left as is."""

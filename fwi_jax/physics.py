@@ -41,7 +41,8 @@ from fwi_jax.synth import profiles, wave
 from fwi_jax.synth.calibrate import CALIBRATION_FILE, Calibration, CalibrationError
 
 V_RANGE = (1.5, 4.5)  # km/s, the competition's velocity range
-DEFAULT_STAGES = ((6.0, 6), (10.0, 6), (None, 8))  # (low-pass cutoff Hz or None = full band, iterations)
+# (low-pass cutoff Hz or None = full band, iterations)
+DEFAULT_STAGES = ((6.0, 6), (10.0, 6), (None, 8))
 
 
 class PhysicsError(ValueError):
@@ -69,13 +70,24 @@ class Forward:
 
     @classmethod
     def from_calibration(cls, cal: Calibration, **kwargs) -> Forward:
-        return cls(profile=cal.profile, mode_name=cal.mode, polarity=cal.polarity, scale=cal.scale,
-                   shift=cal.shift, **kwargs)
+        return cls(
+            profile=cal.profile,
+            mode_name=cal.mode,
+            polarity=cal.polarity,
+            scale=cal.scale,
+            shift=cal.shift,
+            **kwargs,
+        )
 
     @property
     def calibration(self) -> Calibration:
-        return Calibration(profile=self.profile, mode=self.mode_name, polarity=self.polarity,
-                           scale=self.scale, shift=self.shift)
+        return Calibration(
+            profile=self.profile,
+            mode=self.mode_name,
+            polarity=self.polarity,
+            scale=self.scale,
+            shift=self.shift,
+        )
 
     @property
     def n_t(self) -> int:
@@ -106,16 +118,26 @@ class Forward:
         if self.calibration.profile != "cpml8":
             raise PhysicsError(
                 "refinement differentiates the cpml8 solver; the calibration is for the "
-                f"{self.calibration.profile} profile (fit one with: python -m fwi_jax.synth calibrate "
-                "--data DIR --profile cpml8 --out FILE, and pass --calibration FILE)")
+                f"{self.calibration.profile} profile (fit one with: python -m fwi_jax.synth "
+                "calibrate "
+                "--data DIR --profile cpml8 --out FILE, and pass --calibration FILE)"
+            )
 
     def traces(self, v: jax.Array, remat: bool = False) -> jax.Array:
         """Differentiable calibrated cpml8 gathers (n_src, n_t, R) of one model (nx, nz) km/s."""
         self.require_differentiable()
         c = self.calibration
-        sim = wave.simulate_shots(v, mode=self.mode, survey=self.survey, amplitude=profiles.DATA_AMPLITUDE,
-                                  out_nt=self.n_t, model_dx=self.model_dx, block=self.block, remat=remat,
-                                  shot_batch=1 if jax.default_backend() == "cpu" else None)
+        sim = wave.simulate_shots(
+            v,
+            mode=self.mode,
+            survey=self.survey,
+            amplitude=profiles.DATA_AMPLITUDE,
+            out_nt=self.n_t,
+            model_dx=self.model_dx,
+            block=self.block,
+            remat=remat,
+            shot_batch=1 if jax.default_backend() == "cpu" else None,
+        )
         return (c.polarity * c.scale) * _shift(sim, c.shift)
 
 
@@ -135,8 +157,9 @@ def _shift(x: jax.Array, k: int) -> jax.Array:
     return jnp.concatenate([x[..., -k:, :], zeros], axis=-2)
 
 
-def load_forward(data_dir: pathlib.Path, calibration: str | pathlib.Path | None = None,
-                 **kwargs) -> tuple[Forward, str]:
+def load_forward(
+    data_dir: pathlib.Path, calibration: str | pathlib.Path | None = None, **kwargs
+) -> tuple[Forward, str]:
     """The Forward of a dataset: ``calibration`` (a file), else DIR/synth_calibration.json when it
     exists, else the uncalibrated cpml8 profile. Returns (forward, a line saying which)."""
     path = pathlib.Path(calibration).expanduser() if calibration else data_dir / CALIBRATION_FILE
@@ -158,7 +181,9 @@ def load_forward(data_dir: pathlib.Path, calibration: str | pathlib.Path | None 
 
 def read_observed(folder: pathlib.Path) -> np.ndarray:
     """The raw shot gathers of a sample folder, (5, 10001, 31) float32 (files' amplitude)."""
-    return np.stack([io._load_array(folder / f, (io.N_TIME_RAW, io.N_RECEIVERS)) for f in io.SHOT_FILES])
+    return np.stack(
+        [io._load_array(folder / f, (io.N_TIME_RAW, io.N_RECEIVERS)) for f in io.SHOT_FILES]
+    )
 
 
 def relative_misfit(sim, obs) -> float:
@@ -172,8 +197,9 @@ def misfit(forward: Forward, v: np.ndarray, observed: np.ndarray) -> float:
     return relative_misfit(forward.simulate(v), np.asarray(observed)[:, : forward.n_t])
 
 
-def score_submission(data_dir, predictions: Mapping[str, np.ndarray], forward: Forward, *,
-                     progress: bool = True) -> dict[str, dict[str, float]]:
+def score_submission(
+    data_dir, predictions: Mapping[str, np.ndarray], forward: Forward, *, progress: bool = True
+) -> dict[str, dict[str, float]]:
     """{id: {"misfit": ..., "mape": ... (when vp_model.npy exists)}} of (x, depth) predictions."""
     from tqdm.auto import tqdm
 
@@ -189,7 +215,9 @@ def score_submission(data_dir, predictions: Mapping[str, np.ndarray], forward: F
         _check_cfl(v, forward, sid)
         row = {"misfit": misfit(forward, v, read_observed(folder))}
         if (folder / io.VELOCITY_FILE).is_file():
-            row["mape"] = competition_mape(io._load_array(folder / io.VELOCITY_FILE, io.VELOCITY_FILE_SHAPE), v)
+            row["mape"] = competition_mape(
+                io._load_array(folder / io.VELOCITY_FILE, io.VELOCITY_FILE_SHAPE), v
+            )
         out[sid] = row
     return out
 
@@ -211,8 +239,9 @@ def write_csv(path: pathlib.Path, rows: Mapping[str, Mapping[str, object]]) -> N
     def fmt(x):
         return "" if x is None else (f"{x:.8g}" if isinstance(x, float) else str(x))
 
-    lines = [",".join(["id", *cols])] + [",".join([sid, *(fmt(r.get(c)) for c in cols)])
-                                         for sid, r in rows.items()]
+    lines = [",".join(["id", *cols])] + [
+        ",".join([sid, *(fmt(r.get(c)) for c in cols)]) for sid, r in rows.items()
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -265,22 +294,26 @@ class RefineConfig:
         if not 0 < lo < hi:
             raise PhysicsError(f"--v-range {lo} {hi}: need 0 < lo < hi (km/s)")
         if not self.stages or any(n < 0 or (c is not None and c <= 0) for c, n in self.stages):
-            raise PhysicsError(f"--stages {self.stages}: need cutoff > 0 Hz (or full) and iterations >= 0")
+            raise PhysicsError(
+                f"--stages {self.stages}: need cutoff > 0 Hz (or full) and iterations >= 0"
+            )
         if self.lr <= 0 or self.tv < 0 or not 0 <= self.momentum < 1:
             raise PhysicsError(f"lr {self.lr} must be > 0, tv {self.tv} >= 0, momentum in [0, 1)")
         return self
 
 
 def parse_stages(text: str) -> tuple:
-    """"6:6,10:6,full:8" -> ((6.0, 6), (10.0, 6), (None, 8))."""
+    """ "6:6,10:6,full:8" -> ((6.0, 6), (10.0, 6), (None, 8))."""
     out = []
     for part in text.split(","):
         try:
             c, n = part.split(":")
             out.append((None if c.strip() == "full" else float(c), int(n)))
         except ValueError:
-            raise PhysicsError(f"--stages {text!r}: expected CUTOFF_HZ:ITERS[,...] with "
-                               "CUTOFF_HZ a number or 'full', e.g. 6:6,10:6,full:8") from None
+            raise PhysicsError(
+                f"--stages {text!r}: expected CUTOFF_HZ:ITERS[,...] with "
+                "CUTOFF_HZ a number or 'full', e.g. 6:6,10:6,full:8"
+            ) from None
     return tuple(out)
 
 
@@ -310,8 +343,14 @@ class RefineResult:
     history: list  # per stage: (iterations, B) band-limited misfit before each step
 
 
-def refine(forward: Forward, v0: np.ndarray, observed: np.ndarray, cfg: RefineConfig = RefineConfig(),
-           *, progress=None) -> RefineResult:
+def refine(
+    forward: Forward,
+    v0: np.ndarray,
+    observed: np.ndarray,
+    cfg: RefineConfig = RefineConfig(),
+    *,
+    progress=None,
+) -> RefineResult:
     """Refine a batch of models v0 (B, nx, nz) km/s against observed gathers (B, 5, ≥ n_t, R).
 
     ``progress``: a callable advanced once per iteration (a tqdm bar's ``update``), or None."""
@@ -325,8 +364,13 @@ def refine(forward: Forward, v0: np.ndarray, observed: np.ndarray, cfg: RefineCo
             wave.check_cfl(hi, forward.mode)  # every iterate stays below hi
         except wave.CFLError as e:
             raise PhysicsError(f"--v-range upper bound {hi} km/s: {e}") from None
-    batch_misfit = jax.jit(jax.vmap(
-        lambda v, o: jnp.linalg.norm(forward.traces(v) - o) / jnp.maximum(jnp.linalg.norm(o), 1e-30)))
+    batch_misfit = jax.jit(
+        jax.vmap(
+            lambda v, o: (
+                jnp.linalg.norm(forward.traces(v) - o) / jnp.maximum(jnp.linalg.norm(o), 1e-30)
+            )
+        )
+    )
     before = np.asarray(batch_misfit(v, obs), np.float64)
     optimizer = optax.chain(normalize_by_max(), optax.sgd(cfg.lr, momentum=cfg.momentum or None))
     history = []
@@ -346,19 +390,28 @@ def refine(forward: Forward, v0: np.ndarray, observed: np.ndarray, cfg: RefineCo
     after = np.asarray(batch_misfit(v, obs), np.float64)
     better = after < before
     v_out = np.where(better[:, None, None], np.asarray(v), np.asarray(v0, np.float32))
-    return RefineResult(velocity=v_out, misfit_before=before, misfit_after=np.where(better, after, before),
-                        kept=["refined" if b else "start" for b in better], history=history)
+    return RefineResult(
+        velocity=v_out,
+        misfit_before=before,
+        misfit_after=np.where(better, after, before),
+        kept=["refined" if b else "start" for b in better],
+        history=history,
+    )
 
 
 # ----------------------------------------------------------------------------- CLI (scoring)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m fwi_jax.physics",
-                                 description="Data misfit of every prediction of a submission against "
-                                             "the shot gathers of its data folder.")
+    ap = argparse.ArgumentParser(
+        prog="python -m fwi_jax.physics",
+        description="Data misfit of every prediction of a submission against "
+        "the shot gathers of its data folder.",
+    )
     ap.add_argument("--data", required=True, help="folder of sample folders (competition format)")
-    ap.add_argument("--pred", required=True, help="submission .npz (id -> (300, 1259) (x, depth) km/s)")
+    ap.add_argument(
+        "--pred", required=True, help="submission .npz (id -> (300, 1259) (x, depth) km/s)"
+    )
     ap.add_argument("--csv", help="per-sample CSV to write (default: PRED with _misfit.csv)")
     add_forward_args(ap)
     ap.add_argument("--no-progress", action="store_true")
@@ -366,10 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_forward_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--calibration", help="calibration file (default DATA/synth_calibration.json if it "
-                                          "exists, else the uncalibrated cpml8 profile)")
-    ap.add_argument("--mode", choices=("fast", "full"), help="cpml8 solver mode (default: the calibration's)")
-    ap.add_argument("--t-max", type=float, default=1.0, help="time window used, seconds (default 1)")
+    ap.add_argument(
+        "--calibration",
+        help="calibration file (default DATA/synth_calibration.json if it "
+        "exists, else the uncalibrated cpml8 profile)",
+    )
+    ap.add_argument(
+        "--mode", choices=("fast", "full"), help="cpml8 solver mode (default: the calibration's)"
+    )
+    ap.add_argument(
+        "--t-max", type=float, default=1.0, help="time window used, seconds (default 1)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -381,15 +441,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         forward, what = load_forward(root, args.calibration, mode=args.mode, t_max=args.t_max)
         pred_path = pathlib.Path(args.pred).expanduser()
         preds = io.read_submission(pred_path)
-        csv = pathlib.Path(args.csv).expanduser() if args.csv else pred_path.with_name(pred_path.stem + "_misfit.csv")
+        csv = (
+            pathlib.Path(args.csv).expanduser()
+            if args.csv
+            else pred_path.with_name(pred_path.stem + "_misfit.csv")
+        )
         print(what)
         rows = score_submission(root, preds, forward, progress=not args.no_progress)
     except (PhysicsError, io.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_csv(csv, rows)
-    print(f"mean misfit {np.mean([r['misfit'] for r in rows.values()]):.5f} over {len(rows)} samples "
-          f"(per sample: {csv})")
+    print(
+        f"mean misfit {np.mean([r['misfit'] for r in rows.values()]):.5f} over {len(rows)} samples "
+        f"(per sample: {csv})"
+    )
     return 0
 
 

@@ -22,7 +22,8 @@ from fwi_jax.preprocess import CHANNEL_POSITIONS, ZERO_CHANNEL
 
 DX_M = 1.0  # m per velocity-model cell in x and depth (SPEC §6)
 DT_S = 1e-4  # s per time sample of a shot gather (10,001 samples over 1 s)
-GATHER_GAIN_POWER = 2.0  # gathers are drawn times (t / t_max)^2, so late reflections show beside the direct wave
+# gathers are drawn times (t / t_max)^2, so late reflections show beside the direct wave
+GATHER_GAIN_POWER = 2.0
 
 
 def _pyplot():
@@ -34,8 +35,13 @@ def _pyplot():
     return plt
 
 
-def plot_sample(out_png: str | pathlib.Path, sample_id: str, x: np.ndarray, pred: np.ndarray,
-                truth: np.ndarray | None = None) -> pathlib.Path:
+def plot_sample(
+    out_png: str | pathlib.Path,
+    sample_id: str,
+    x: np.ndarray,
+    pred: np.ndarray,
+    truth: np.ndarray | None = None,
+) -> pathlib.Path:
     """Figure of one sample.
 
     x: model input (6, n_time, n_receivers) (SPEC §2 steps 1-3; channel 151 is the empty one and is
@@ -44,9 +50,15 @@ def plot_sample(out_png: str | pathlib.Path, sample_id: str, x: np.ndarray, pred
     plt = _pyplot()
     x, pred = np.asarray(x, dtype=np.float32), np.asarray(pred)
     if x.ndim != 3 or x.shape[0] != len(CHANNEL_POSITIONS):
-        raise ValueError(f"plot_sample: x has shape {x.shape}, expected ({len(CHANNEL_POSITIONS)}, n_time, n_receivers)")
+        raise ValueError(
+            f"plot_sample: x has shape {x.shape}, expected ({len(CHANNEL_POSITIONS)}, n_time, "
+            "n_receivers)"
+        )
     if pred.ndim != 2 or (truth is not None and np.shape(truth) != pred.shape):
-        raise ValueError(f"plot_sample: prediction {pred.shape} and truth {np.shape(truth)} must be equal 2-D (depth, x)")
+        raise ValueError(
+            f"plot_sample: prediction {pred.shape} and truth {np.shape(truth)} must be equal 2-D "
+            "(depth, x)"
+        )
     shots = [c for c in range(x.shape[0]) if c != ZERO_CHANNEL]
     fig = plt.figure(figsize=(15, 9), constrained_layout=True)
     sub = fig.subfigures(2, 1, height_ratios=[1.15, 1])
@@ -57,10 +69,16 @@ def plot_sample(out_png: str | pathlib.Path, sample_id: str, x: np.ndarray, pred
         truth = np.asarray(truth)
         lo, hi = float(min(truth.min(), pred.min())), float(max(truth.max(), pred.max()))
         rel = np.abs(pred - truth) / (truth + 1e-8)
-        panels = [(truth, "true velocity (km/s)", "viridis", (lo, hi)),
-                  (pred, "predicted velocity (km/s)", "viridis", (lo, hi)),
-                  (rel, f"relative error |pred - true| / true, MAPE {rel.mean():.4f}", "magma",
-                   (0.0, float(np.percentile(rel, 99.5)) or 1e-6))]
+        panels = [
+            (truth, "true velocity (km/s)", "viridis", (lo, hi)),
+            (pred, "predicted velocity (km/s)", "viridis", (lo, hi)),
+            (
+                rel,
+                f"relative error |pred - true| / true, MAPE {rel.mean():.4f}",
+                "magma",
+                (0.0, float(np.percentile(rel, 99.5)) or 1e-6),
+            ),
+        ]
     else:
         lo, hi = float(pred.min()), float(pred.max())
         panels = [(pred, "predicted velocity (km/s)", "viridis", (lo, hi))]
@@ -78,8 +96,15 @@ def plot_sample(out_png: str | pathlib.Path, sample_id: str, x: np.ndarray, pred
     gathers = x[shots] * gain
     clip = float(np.percentile(np.abs(gathers), 99)) or 1.0
     for ax, c, g in zip(bottom, shots, gathers):
-        ax.imshow(g, cmap="seismic", vmin=-clip, vmax=clip, aspect="auto", interpolation="nearest",
-                  extent=(0.5, x.shape[2] + 0.5, n_time * DT_S, 0))
+        ax.imshow(
+            g,
+            cmap="seismic",
+            vmin=-clip,
+            vmax=clip,
+            aspect="auto",
+            interpolation="nearest",
+            extent=(0.5, x.shape[2] + 0.5, n_time * DT_S, 0),
+        )
         ax.set_title(f"shot src_{CHANNEL_POSITIONS[c]}, t\u00b2 gain", fontsize=10)
         ax.set_xlabel("receiver")
     bottom[0].set_ylabel("time (s)")
@@ -116,15 +141,23 @@ def _series(records: list[dict[str, Any]], key: str, axis: str) -> tuple[np.ndar
     return np.asarray(xs, np.float64), np.asarray(ys, np.float64)
 
 
-def plot_training_curves(metrics_jsonl_path: str | pathlib.Path, out_png: str | pathlib.Path) -> pathlib.Path:
+def plot_training_curves(
+    metrics_jsonl_path: str | pathlib.Path, out_png: str | pathlib.Path
+) -> pathlib.Path:
     """Loss (every numeric key containing "loss") and MAPE (keys containing "mape") against "step"
     (or "epoch" where a record has no step) from a run's JSONL metrics, log-scale y; a third panel
     with the gradient norm (keys containing "grad_norm") when the run logged it, where a stalled
     run (vanished gradients) shows at a glance."""
     plt = _pyplot()
     records = read_metrics(metrics_jsonl_path)
-    keys = sorted({k for r in records for k, v in r.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    keys = sorted(
+        {
+            k
+            for r in records
+            for k, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+    )
     loss_keys = [k for k in keys if "loss" in k.lower() and "scale" not in k.lower()]
     mape_keys = [k for k in keys if "mape" in k.lower()]
     if not loss_keys and not mape_keys:
@@ -134,7 +167,9 @@ def plot_training_curves(metrics_jsonl_path: str | pathlib.Path, out_png: str | 
     panels = [(loss_keys, "training loss"), (mape_keys, "validation MAPE")]
     if grad_keys:
         panels.append((grad_keys, "gradient norm"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), constrained_layout=True)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(6 * len(panels), 4.5), constrained_layout=True
+    )
     for ax, (group, title) in zip(axes, panels):
         drawn = False
         for key in group:
@@ -143,7 +178,11 @@ def plot_training_curves(metrics_jsonl_path: str | pathlib.Path, out_png: str | 
                 ax.plot(xs, ys, marker="o" if len(xs) < 60 else None, ms=3, label=key)
                 drawn = True
         if drawn:
-            if all(_series(records, k, axis)[1].min() > 0 for k in group if len(_series(records, k, axis)[1])):
+            if all(
+                _series(records, k, axis)[1].min() > 0
+                for k in group
+                if len(_series(records, k, axis)[1])
+            ):
                 ax.set_yscale("log")
             ax.legend(fontsize=8)
         else:

@@ -37,9 +37,9 @@ def shot_channels(x):
         raise ValueError(f"model input {tuple(x.shape)}: expected {n} channels (..., {n}, T, R)")
     lo, hi = sorted((ZERO_CHANNEL, n - 1 - ZERO_CHANNEL))
     if lo == hi:  # the zero channel in the middle stays there under a flip
-        return _cat(x, [x[..., :lo, :, :], x[..., lo + 1:, :, :]])
-    merged = x[..., lo:lo + 1, :, :] + x[..., hi:hi + 1, :, :]
-    return _cat(x, [x[..., :lo, :, :], merged, x[..., lo + 1:hi, :, :], x[..., hi + 1:, :, :]])
+        return _cat(x, [x[..., :lo, :, :], x[..., lo + 1 :, :, :]])
+    merged = x[..., lo : lo + 1, :, :] + x[..., hi : hi + 1, :, :]
+    return _cat(x, [x[..., :lo, :, :], merged, x[..., lo + 1 : hi, :, :], x[..., hi + 1 :, :, :]])
 
 
 def _cat(like, parts):

@@ -41,24 +41,42 @@ def _stages_text(stages) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m fwi_jax.refine", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.split("\n")[2:]))
+    ap = argparse.ArgumentParser(
+        prog="python -m fwi_jax.refine",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[2:]),
+    )
     ap.add_argument("--data", required=True, help="folder of sample folders (competition format)")
     ap.add_argument("--pred", required=True, help="submission .npz to start from")
     ap.add_argument("--out", required=True, help="refined submission .npz to write")
     ap.add_argument("--list", help="text file of sample ids to refine (default: every prediction)")
     add_forward_args(ap)
-    ap.add_argument("--stages", default=_stages_text(DEFAULT_STAGES),
-                    help="low-pass cutoff (Hz, or full) and iterations per stage (default %(default)s)")
-    ap.add_argument("--lr", type=float, default=0.02, help="largest velocity step, km/s (default 0.02)")
+    ap.add_argument(
+        "--stages",
+        default=_stages_text(DEFAULT_STAGES),
+        help="low-pass cutoff (Hz, or full) and iterations per stage (default %(default)s)",
+    )
+    ap.add_argument(
+        "--lr", type=float, default=0.02, help="largest velocity step, km/s (default 0.02)"
+    )
     ap.add_argument("--tv", type=float, default=0.05, help="total-variation weight (default 0.05)")
-    ap.add_argument("--v-range", type=float, nargs=2, default=V_RANGE, metavar=("LO", "HI"),
-                    help="velocity bounds, km/s (default 1.5 4.5)")
+    ap.add_argument(
+        "--v-range",
+        type=float,
+        nargs=2,
+        default=V_RANGE,
+        metavar=("LO", "HI"),
+        help="velocity bounds, km/s (default 1.5 4.5)",
+    )
     ap.add_argument("--batch", type=int, default=1, help="samples refined together (vmapped)")
     ap.add_argument("--csv", help="per-sample CSV (default: OUT with .csv)")
-    ap.add_argument("--plot", type=int, default=0, metavar="K", help="save figures of the first K samples")
-    ap.add_argument("--plot-dir", help="folder for --plot figures (default: OUT without suffix + '_plots')")
+    ap.add_argument(
+        "--plot", type=int, default=0, metavar="K", help="save figures of the first K samples"
+    )
+    ap.add_argument(
+        "--plot-dir", help="folder for --plot figures (default: OUT without suffix + '_plots')"
+    )
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -80,8 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise PhysicsError(f"--out {out}: folder {out.parent} does not exist")
         if args.batch < 1:
             raise PhysicsError(f"--batch {args.batch}: must be at least 1")
-        cfg = RefineConfig(stages=parse_stages(args.stages), lr=args.lr, tv=args.tv,
-                           v_range=tuple(args.v_range)).check()
+        cfg = RefineConfig(
+            stages=parse_stages(args.stages), lr=args.lr, tv=args.tv, v_range=tuple(args.v_range)
+        ).check()
         forward, what = load_forward(root, args.calibration, mode=args.mode, t_max=args.t_max)
         forward.require_differentiable()
         preds = io.read_submission(args.pred)
@@ -92,27 +111,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             ids = sorted(read_id_list(args.list))
             missing = [i for i in ids if i not in preds]
             if missing:
-                raise PhysicsError(f"--list {args.list}: {len(missing)} id(s) not in {args.pred}, e.g. {missing[:3]}")
+                raise PhysicsError(
+                    f"--list {args.list}: {len(missing)} id(s) not in {args.pred}, e.g. "
+                    f"{missing[:3]}"
+                )
         if not ids:
             raise PhysicsError(f"--pred {args.pred}: no predictions")
-        observed = {sid: read_observed(root / sid) for sid in ids}  # every file checked before compute
+        # every file checked before compute
+        observed = {sid: read_observed(root / sid) for sid in ids}
     except (PhysicsError, io.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_iter = sum(n for _, n in cfg.stages)
-    print(f"{what}; {len(ids)} samples, stages {args.stages}, t_max {forward.t_max} s, "
-          f"{forward.mode.dx:g} m grid")
+    print(
+        f"{what}; {len(ids)} samples, stages {args.stages}, t_max {forward.t_max} s, "
+        f"{forward.mode.dx:g} m grid"
+    )
     refined, rows = dict(preds), {}
     t0 = time.perf_counter()
     with tqdm(total=len(ids) * n_iter, desc="refine", unit="iter", disable=args.no_progress) as bar:
         for start in range(0, len(ids), args.batch):
             chunk = ids[start : start + args.batch]
             v0 = np.stack([preds[s] for s in chunk])
-            res = refine(forward, v0, np.stack([observed[s] for s in chunk]), cfg, progress=bar.update)
+            res = refine(
+                forward, v0, np.stack([observed[s] for s in chunk]), cfg, progress=bar.update
+            )
             for k, sid in enumerate(chunk):
                 refined[sid] = res.velocity[k]
-                row = {"misfit_before": res.misfit_before[k], "misfit_after": res.misfit_after[k],
-                       "kept": res.kept[k]}
+                row = {
+                    "misfit_before": res.misfit_before[k],
+                    "misfit_after": res.misfit_after[k],
+                    "kept": res.kept[k],
+                }
                 vfile = root / sid / io.VELOCITY_FILE
                 if vfile.is_file():
                     truth = io._load_array(vfile, io.VELOCITY_FILE_SHAPE)
@@ -126,16 +156,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_csv(csv, rows)
     mb = np.mean([r["misfit_before"] for r in rows.values()])
     ma = np.mean([r["misfit_after"] for r in rows.values()])
-    print(f"refined {len(rows)} samples in {seconds:.1f} s ({seconds / len(rows):.1f} s per sample, "
-          f"compile included): mean misfit {mb:.5f} -> {ma:.5f}")
+    print(
+        f"refined {len(rows)} samples in {seconds:.1f} s ({seconds / len(rows):.1f} s per sample, "
+        f"compile included): mean misfit {mb:.5f} -> {ma:.5f}"
+    )
     if all("mape_before" in r for r in rows.values()):
-        print(f"mean MAPE {np.mean([r['mape_before'] for r in rows.values()]):.5f} -> "
-              f"{np.mean([r['mape_after'] for r in rows.values()]):.5f}")
+        print(
+            f"mean MAPE {np.mean([r['mape_before'] for r in rows.values()]):.5f} -> "
+            f"{np.mean([r['mape_after'] for r in rows.values()]):.5f}"
+        )
     print(f"wrote {out} and {csv}")
     if args.plot:
         from fwi_jax import plots
 
-        plot_dir = pathlib.Path(args.plot_dir).expanduser() if args.plot_dir else out.with_name(out.stem + "_plots")
+        plot_dir = (
+            pathlib.Path(args.plot_dir).expanduser()
+            if args.plot_dir
+            else out.with_name(out.stem + "_plots")
+        )
         plot_dir.mkdir(parents=True, exist_ok=True)
         for sid in ids[: args.plot]:
             x, v = io.read_sample(root / sid)

@@ -23,8 +23,13 @@ from fwi_jax.config import ConfigError
 
 DATA_AXIS = "data"
 # environment variables that mean "this process is one of several" (jax.distributed reads them)
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                "TPU_WORKER_HOSTNAMES")
+_CLUSTER_ENV = (
+    "JAX_COORDINATOR_ADDRESS",
+    "COORDINATOR_ADDRESS",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+)
 
 
 def initialize_distributed(force: bool = False) -> bool:
@@ -39,8 +44,9 @@ def initialize_distributed(force: bool = False) -> bool:
         # JAX reads the coordinator address from the environment but not the process count and
         # id, which it takes from a scheduler it recognises; these two name them without one
         count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
-        jax.distributed.initialize(num_processes=int(count) if count else None,
-                                   process_id=int(index) if index else None)
+        jax.distributed.initialize(
+            num_processes=int(count) if count else None, process_id=int(index) if index else None
+        )
         return True
     return False
 
@@ -62,12 +68,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def host_to_global(mesh: Mesh, local: dict[str, np.ndarray] | np.ndarray) -> Any:
     """This host's slice of a batch (NumPy, leading axis = local batch) -> global sharded arrays,
-    each in its host dtype (a float16 x stays float16 until the jitted program casts it). Non-numeric
-    leaves (sample ids) are dropped from dicts."""
+    each in its host dtype (a float16 x stays float16 until the jitted program casts it).
+    Non-numeric leaves (sample ids) are dropped from dicts."""
     sharding = batch_sharding(mesh)
     if isinstance(local, dict):
-        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-                for k, v in local.items() if np.asarray(v).dtype.kind in "fiub"}
+        return {
+            k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local.items()
+            if np.asarray(v).dtype.kind in "fiub"
+        }
     return jax.make_array_from_process_local_data(sharding, np.asarray(local))
 
 
@@ -75,5 +84,7 @@ def check_batch_divides(global_batch: int, mesh: Mesh) -> None:
     """Raise `ConfigError` unless the global batch splits evenly over the mesh's devices."""
     n = mesh.devices.size
     if global_batch % n:
-        raise ConfigError(f"the global batch {global_batch} is not a multiple of the {n} devices; "
-                         f"set train.batch_size to a multiple of {n}")
+        raise ConfigError(
+            f"the global batch {global_batch} is not a multiple of the {n} devices; "
+            f"set train.batch_size to a multiple of {n}"
+        )

@@ -68,7 +68,8 @@ from fwi_jax.storage import StorageError, require_writable
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted function was traced
 # a logged gradient norm below this means training has stalled for good (healthy runs log >= 1e-3):
-# with the bounded head (sigmoid) this is a saturated output, typically from too high a learning rate
+# with the bounded head (sigmoid) this is a saturated output, typically from too high a learning
+# rate
 VANISHED_GRAD_NORM = 1e-7
 
 
@@ -85,7 +86,9 @@ class Preempted(Exception):
     """Training stopped after ``step`` on SIGTERM (a scheduler's preemption), checkpoint saved."""
 
     def __init__(self, step: int, total: int, checkpoint: pathlib.Path):
-        super().__init__(f"stopped by SIGTERM after step {step} of {total}; checkpoint {checkpoint} saved")
+        super().__init__(
+            f"stopped by SIGTERM after step {step} of {total}; checkpoint {checkpoint} saved"
+        )
         self.step, self.total, self.checkpoint = step, total, checkpoint
 
 
@@ -127,10 +130,16 @@ def create_train_state(cfg: Config, params: Any, tx: optax.GradientTransformatio
     }
 
 
-def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, ema_start_step: int) -> Callable:
-    """Pure ``step(state, batch) -> (state, metrics)``; batch = {"x": (B, 6, T, R), "v": (B, depth, x)}.
-    x may be float16 (a float16 packed store's batches): the model casts it to float32, exactly.
+def make_train_step(
+    cfg: Config,
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    ema_start_step: int,
+) -> Callable:
+    """Pure ``step(state, batch) -> (state, metrics)``; batch = {"x": (B, 6, T, R), "v": (B, depth,
+    x)}. x may be float16 (a float16 packed store's batches): the model casts it to float32,
+    exactly.
 
     With ``train.grad_accum = k`` the batch is cut into k micro-batches (sample i goes to
     micro-batch i mod k, so every device keeps its own samples) and their gradients averaged in a
@@ -155,7 +164,9 @@ def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation
         if accum == 1:
             grads, loss = scaled_grads(params, x, v, ls.scale)
         else:
-            micro = lambda a: jnp.moveaxis(a.reshape(a.shape[0] // accum, accum, *a.shape[1:]), 1, 0)
+            micro = lambda a: jnp.moveaxis(
+                a.reshape(a.shape[0] // accum, accum, *a.shape[1:]), 1, 0
+            )
 
             def body(carry, xv):
                 g, l = scaled_grads(params, *xv, ls.scale)
@@ -170,12 +181,24 @@ def make_train_step(cfg: Config, graphdef: Any, tx: optax.GradientTransformation
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
-        ema = ema_update(state["ema"], params, new_params, state["step"], ema_start_step, cfg.train.ema_decay)
+        ema = ema_update(
+            state["ema"], params, new_params, state["step"], ema_start_step, cfg.train.ema_decay
+        )
         new_ls = ls.adjust(finite)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
-                   "loss_scale": ls.scale, "skipped_steps": new_ls.skipped}
-        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "ema": ema,
-                     "loss_scale": new_ls}
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state["step"]),
+            "loss_scale": ls.scale,
+            "skipped_steps": new_ls.skipped,
+        }
+        new_state = {
+            "step": state["step"] + 1,
+            "params": new_params,
+            "opt_state": opt_state,
+            "ema": ema,
+            "loss_scale": new_ls,
+        }
         return new_state, metrics
 
     return step
@@ -207,9 +230,10 @@ class RunData:
 
 
 def synthetic_dataset(cfg: Config, progress: bool = True) -> RunData:
-    """The config's synthetic dataset (``cfg.synth``), made on first use and cached: ids 0..n_train-1
-    of the seed train, the next n_val validate, the next n_test are held out. The simulator runs as a subprocess because it
-    splits the CPU into several JAX devices, which must be set before JAX starts."""
+    """The config's synthetic dataset (``cfg.synth``), made on first use and cached: ids
+    0..n_train-1 of the seed train, the next n_val validate, the next n_test are held out. The
+    simulator runs as a subprocess because it splits the CPU into several JAX devices, which must be
+    set before JAX starts."""
     from fwi_jax.synth import is_complete, sample_id
 
     s = cfg.synth
@@ -220,13 +244,28 @@ def synthetic_dataset(cfg: Config, progress: bool = True) -> RunData:
     if not all(is_complete(root / i) for i in ids):
         if jax.process_index() == 0:
             print(f"synthesising {n} samples into {root} (cached for later runs)", flush=True)
-            cmd = [sys.executable, "-m", "fwi_jax.synth", "--n", str(n), "--out", str(root), "--seed", str(s.seed),
-                   "--mode", s.mode, "--profile", s.profile,
-                   *[a for f in s.families for a in ("--family", f)]]
+            cmd = [
+                sys.executable,
+                "-m",
+                "fwi_jax.synth",
+                "--n",
+                str(n),
+                "--out",
+                str(root),
+                "--seed",
+                str(s.seed),
+                "--mode",
+                s.mode,
+                "--profile",
+                s.profile,
+                *[a for f in s.families for a in ("--family", f)],
+            ]
             if not progress:
                 cmd.append("--no-progress")
             subprocess.run(cmd, check=True)
-    return RunData(root, ids[: s.n_train], ids[s.n_train: s.n_train + s.n_val], ids[s.n_train + s.n_val:])
+    return RunData(
+        root, ids[: s.n_train], ids[s.n_train : s.n_train + s.n_val], ids[s.n_train + s.n_val :]
+    )
 
 
 def resolve_data(cfg: Config, progress: bool = True) -> RunData:
@@ -239,8 +278,10 @@ def resolve_data(cfg: Config, progress: bool = True) -> RunData:
     d = cfg.data
     if not d.root:
         if cfg.synth.n_train <= 0:
-            raise TrainError("no data: pass --data DIR (competition-format sample folders) or set "
-                             "synth.n_train > 0 to train on a synthetic dataset")
+            raise TrainError(
+                "no data: pass --data DIR (competition-format sample folders) or set "
+                "synth.n_train > 0 to train on a synthetic dataset"
+            )
         return synthetic_dataset(cfg, progress)
     try:
         root = pathlib.Path(d.root).expanduser()
@@ -259,7 +300,9 @@ def resolve_data(cfg: Config, progress: bool = True) -> RunData:
     return RunData(root, train_ids, val_ids)
 
 
-def evaluate(eval_fn: Callable, params: Any, cfg: Config, data: RunData, mesh, batch_size: int) -> float:
+def evaluate(
+    eval_fn: Callable, params: Any, cfg: Config, data: RunData, mesh, batch_size: int
+) -> float:
     """Mean per-sample MAPE over ``data.val_ids``, in whole global batches (one compiled shape;
     padded rows are masked out, ``fwi_jax.data.pipeline.host_batches``)."""
     from fwi_jax.data.pipeline import host_batches
@@ -277,7 +320,10 @@ def evaluate(eval_fn: Callable, params: Any, cfg: Config, data: RunData, mesh, b
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
-    return {jax.tree_util.keystr(p): tuple(np.shape(a)) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        jax.tree_util.keystr(p): tuple(np.shape(a))
+        for p, a in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def check_fits(params: Any, fresh: Any, source: str) -> None:
@@ -285,14 +331,18 @@ def check_fits(params: Any, fresh: Any, source: str) -> None:
     have, want = _flat_shapes(params), _flat_shapes(fresh)
     problems = [f"  missing: {k}" for k in sorted(set(want) - set(have))]
     problems += [f"  unexpected: {k}" for k in sorted(set(have) - set(want))]
-    problems += [f"  wrong shape: {k}: {have[k]} vs {want[k]}" for k in sorted(set(have) & set(want))
-                 if have[k] != want[k]]
+    problems += [
+        f"  wrong shape: {k}: {have[k]} vs {want[k]}"
+        for k in sorted(set(have) & set(want))
+        if have[k] != want[k]
+    ]
     if problems:
         raise TrainError(f"{source} does not fit this config's model:\n" + "\n".join(problems))
 
 
-def initial_params(cfg: Config, fresh: Any, init_from: str | None, load_from: str | None,
-                   drop_head: bool) -> Any:
+def initial_params(
+    cfg: Config, fresh: Any, init_from: str | None, load_from: str | None, drop_head: bool
+) -> Any:
     """``fresh`` params, or weights from ``--init-from`` (a timm EVA02 or reference PyTorch
     checkpoint, or one of our params checkpoints) or ``--load-from`` (another run; with
     ``drop_head`` its head is replaced by the fresh one, as the reference fine-tuned)."""
@@ -322,7 +372,11 @@ class MetricsLog:
     def __init__(self, path: pathlib.Path, resume_step: int | None, enabled: bool = True):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             path.write_text("".join(ln + "\n" for ln in kept))
         elif enabled and resume_step is None:
             path.write_text("")
@@ -342,9 +396,18 @@ def _saved_config(path: pathlib.Path) -> dict | None:
         return None
 
 
-def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None, *, resume: bool = False,
-          init_from: str | None = None, load_from: str | None = None, drop_head: bool = False,
-          progress: bool = True, on_batch: Callable[[int, dict], None] | None = None) -> dict:
+def train(
+    cfg: Config,
+    workdir: str | pathlib.Path,
+    data: RunData | None = None,
+    *,
+    resume: bool = False,
+    init_from: str | None = None,
+    load_from: str | None = None,
+    drop_head: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Train ``cfg`` in ``workdir``; returns a summary {steps, best_mape, final_mape, samples_per_s,
     skipped_steps, traces}. ``on_batch(step, host_batch)`` (optional) sees each batch this host
     read (its "id"s included) before it goes to the devices. On SIGTERM the current step finishes,
@@ -358,8 +421,10 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
     mesh = sharding.data_mesh()
     sharding.check_batch_divides(tc.batch_size, mesh)
     if tc.batch_size % tc.grad_accum or (tc.batch_size // tc.grad_accum) % mesh.devices.size:
-        raise TrainError(f"train.batch_size={tc.batch_size} must split into train.grad_accum={tc.grad_accum} "
-                         f"micro-batches that are multiples of the {mesh.devices.size} devices")
+        raise TrainError(
+            f"train.batch_size={tc.batch_size} must split into train.grad_accum={tc.grad_accum} "
+            f"micro-batches that are multiples of the {mesh.devices.size} devices"
+        )
     steps_per_epoch = tc.steps_per_epoch or len(data.train_ids) // tc.batch_size
     if steps_per_epoch <= 0:
         raise TrainError(f"{len(data.train_ids)} training samples make no batch of {tc.batch_size}")
@@ -369,27 +434,39 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
     ckpts = TrainCheckpoints(workdir / "checkpoints", keep=tc.keep_checkpoints)
     latest = ckpts.latest_step()
     if latest is not None and not resume:
-        raise TrainError(f"{workdir} already holds a run (checkpoint at step {latest}): pass --resume to "
-                         f"continue it, or choose another --workdir")
+        raise TrainError(
+            f"{workdir} already holds a run (checkpoint at step {latest}): pass --resume to "
+            f"continue it, or choose another --workdir"
+        )
     if resume and latest is not None:
         saved = workdir / "config.json"
         if saved.exists() and _saved_config(saved) != json.loads(cfg.to_json()):
-            raise TrainError(f"--resume: the config differs from the one the run in {workdir} was started "
-                             f"with ({saved}); resume with the same --config and --set values")
+            raise TrainError(
+                f"--resume: the config differs from the one the run in {workdir} was started "
+                f"with ({saved}); resume with the same --config and --set values"
+            )
     workdir.mkdir(parents=True, exist_ok=True)
     if main_host:
         (workdir / "config.json").write_text(cfg.to_json())
 
     graphdef, fresh = create_model(cfg, tc.seed)
-    params = initial_params(cfg, fresh, init_from, load_from, drop_head) if latest is None else fresh
+    params = (
+        initial_params(cfg, fresh, init_from, load_from, drop_head) if latest is None else fresh
+    )
     tx, schedule = make_optimizer(cfg, total)
     replicated = sharding.replicated(mesh)
     state = jax.device_put(create_train_state(cfg, params, tx), replicated)
-    loader = make_loader(cfg, data.root, data.train_ids, train=True, batch_size=tc.batch_size, seed=tc.seed)
+    loader = make_loader(
+        cfg, data.root, data.train_ids, train=True, batch_size=tc.batch_size, seed=tc.seed
+    )
     it = iter(loader)
     best, start = math.inf, 0
     if resume and latest is not None:
-        warn = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main_host else (lambda msg: None)
+        warn = (
+            (lambda msg: print(msg, file=sys.stderr, flush=True))
+            if main_host
+            else (lambda msg: None)
+        )
         start, state, loader_state, meta = ckpts.restore_newest_intact(state, log=warn)
         it.set_state(loader_state)
         best = meta["best_mape"]
@@ -398,21 +475,39 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
     log = MetricsLog(workdir / "metrics.jsonl", start if resume else None, enabled=main_host)
 
     state_shardings = jax.tree.map(lambda _: replicated, state)
-    step_fn = jax.jit(make_train_step(cfg, graphdef, tx, schedule, ema_start), donate_argnums=0,
-                      out_shardings=(state_shardings, replicated))
+    step_fn = jax.jit(
+        make_train_step(cfg, graphdef, tx, schedule, ema_start),
+        donate_argnums=0,
+        out_shardings=(state_shardings, replicated),
+    )
     eval_fn = jax.jit(make_eval_step(graphdef, tc.val_tta))
 
     def eval_params(step: int):
         return state["ema"] if step > ema_start else state["params"]
 
     def save(step: int, loader_state: dict) -> None:
-        ckpts.save(step, state, loader_state, {"step": step, "epoch": step // steps_per_epoch, "best_mape": best,
-                                               "config": cfg.to_dict()})
+        ckpts.save(
+            step,
+            state,
+            loader_state,
+            {
+                "step": step,
+                "epoch": step // steps_per_epoch,
+                "best_mape": best,
+                "config": cfg.to_dict(),
+            },
+        )
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=start, desc=f"train {cfg.name}", unit="step", disable=not (progress and main_host),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=start,
+        desc=f"train {cfg.name}",
+        unit="step",
+        disable=not (progress and main_host),
+        dynamic_ncols=True,
+    )
     pending, t0, seen, val_mape, warned = [], time.perf_counter(), 0, None, False
     loader_state = it.get_state()
     step = start
@@ -432,26 +527,50 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
             if done % tc.log_every_steps == 0 or done % steps_per_epoch == 0:
                 m = jax.device_get(pending)
                 rate = seen / (time.perf_counter() - t0)
-                rec = {"step": done, "epoch": done / steps_per_epoch,
-                       "train/loss": float(np.mean([p["loss"] for p in m])),
-                       "train/grad_norm": float(np.mean([p["grad_norm"] for p in m])),
-                       "lr": float(m[-1]["lr"]), "loss_scale": float(m[-1]["loss_scale"]),
-                       "skipped_steps": int(m[-1]["skipped_steps"]), "samples_per_s": rate}
+                rec = {
+                    "step": done,
+                    "epoch": done / steps_per_epoch,
+                    "train/loss": float(np.mean([p["loss"] for p in m])),
+                    "train/grad_norm": float(np.mean([p["grad_norm"] for p in m])),
+                    "lr": float(m[-1]["lr"]),
+                    "loss_scale": float(m[-1]["loss_scale"]),
+                    "skipped_steps": int(m[-1]["skipped_steps"]),
+                    "samples_per_s": rate,
+                }
                 log.write(rec)
                 if rec["train/grad_norm"] < VANISHED_GRAD_NORM and not warned and main_host:
                     warned = True
-                    tqdm.write(f"warning: step {done}: gradient norm {rec['train/grad_norm']:.1e}: the gradients have "
-                               f"vanished (the output sigmoid has most likely saturated), so this run will not "
-                               f"improve; start again with a lower train.lr (now {tc.lr:g})", file=sys.stderr)
-                bar.set_postfix(loss=f"{rec['train/loss']:.4f}", lr=f"{rec['lr']:.2e}", samples_s=f"{rate:.2f}",
-                                **({"val_mape": f"{val_mape:.4f}"} if val_mape is not None else {}))
+                    tqdm.write(
+                        f"warning: step {done}: gradient norm {rec['train/grad_norm']:.1e}: the "
+                        "gradients have "
+                        "vanished (the output sigmoid has most likely saturated), so this run "
+                        "will not "
+                        f"improve; start again with a lower train.lr (now {tc.lr:g})",
+                        file=sys.stderr,
+                    )
+                bar.set_postfix(
+                    loss=f"{rec['train/loss']:.4f}",
+                    lr=f"{rec['lr']:.2e}",
+                    samples_s=f"{rate:.2f}",
+                    **({"val_mape": f"{val_mape:.4f}"} if val_mape is not None else {}),
+                )
                 pending, t0, seen = [], time.perf_counter(), 0
             bar.update(1)
             epoch_end = done % steps_per_epoch == 0
-            if epoch_end and data.val_ids and ((done // steps_per_epoch) % tc.val_every_epochs == 0 or done == total):
+            if (
+                epoch_end
+                and data.val_ids
+                and ((done // steps_per_epoch) % tc.val_every_epochs == 0 or done == total)
+            ):
                 val_mape = evaluate(eval_fn, eval_params(done), cfg, data, mesh, tc.batch_size)
-                log.write({"step": done, "epoch": done / steps_per_epoch, "val/mape": val_mape,
-                           "val/ema": done > ema_start})
+                log.write(
+                    {
+                        "step": done,
+                        "epoch": done / steps_per_epoch,
+                        "val/mape": val_mape,
+                        "val/ema": done > ema_start,
+                    }
+                )
                 if val_mape < best:
                     best = val_mape
                     save_params(workdir / "best", eval_params(done), cfg)  # every host: collective
@@ -477,8 +596,14 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
     if not data.val_ids:  # nothing to choose by: the final weights are the best we have
         save_params(workdir / "best", final, cfg)
     ckpts.close()
-    return {"steps": total, "best_mape": best if data.val_ids else None, "final_mape": val_mape,
-            "skipped_steps": int(state["loss_scale"].skipped), "traces": dict(TRACES), "workdir": str(workdir)}
+    return {
+        "steps": total,
+        "best_mape": best if data.val_ids else None,
+        "final_mape": val_mape,
+        "skipped_steps": int(state["loss_scale"].skipped),
+        "traces": dict(TRACES),
+        "workdir": str(workdir),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,20 +612,38 @@ def train(cfg: Config, workdir: str | pathlib.Path, data: RunData | None = None,
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m fwi_jax.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="config name in configs/ (tiny_s8, base_s6, base_s8, demo) or a path")
-    ap.add_argument("--data", help="folder of competition-format sample folders, or a packed store "
-                    "(python -m fwi_jax.data pack) (default: data.root, or synthetic)")
+    ap.add_argument(
+        "--config",
+        required=True,
+        help="config name in configs/ (tiny_s8, base_s6, base_s8, demo) or a path",
+    )
+    ap.add_argument(
+        "--data",
+        help="folder of competition-format sample folders, or a packed store "
+        "(python -m fwi_jax.data pack) (default: data.root, or synthetic)",
+    )
     ap.add_argument("--train-list", help="text file of training ids, one per line")
     ap.add_argument("--val-list", help="text file of validation ids")
     ap.add_argument("--workdir", help="run directory (default runs/<config>)")
     ap.add_argument("--seed", type=int, help="train.seed (initialisation, shuffle, flips)")
     add_override_argument(ap)
-    ap.add_argument("--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint")
-    ap.add_argument("--init-from", help="initial weights: timm EVA02 / reference PyTorch checkpoint, or a params checkpoint")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --workdir from its newest checkpoint",
+    )
+    ap.add_argument(
+        "--init-from",
+        help="initial weights: timm EVA02 / reference PyTorch checkpoint, or a params checkpoint",
+    )
     ap.add_argument("--load-from", help="initial weights from another run (its best/ params)")
     ap.add_argument("--drop-head", action="store_true", help="with --load-from: keep a fresh head")
-    ap.add_argument("--distributed", action="store_true", help="force jax.distributed.initialize() (it is "
-                    "called automatically when the environment describes a cluster)")
+    ap.add_argument(
+        "--distributed",
+        action="store_true",
+        help="force jax.distributed.initialize() (it is "
+        "called automatically when the environment describes a cluster)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -512,8 +655,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sharding.initialize_distributed(force=args.distributed)
     tune_cpu_host()  # first: jax.process_index() and friends start the backends
     overrides = list(args.set)
-    for key, value in (("data.root", args.data), ("data.train_list", args.train_list),
-                       ("data.val_list", args.val_list), ("train.seed", args.seed)):
+    for key, value in (
+        ("data.root", args.data),
+        ("data.train_list", args.train_list),
+        ("data.val_list", args.val_list),
+        ("train.seed", args.seed),
+    ):
         if value is not None:
             overrides.append(f"{key}={value}")
     try:
@@ -523,16 +670,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise TrainError("give --init-from or --load-from, not both")
         cfg = load_config(args.config, overrides)
         workdir = args.workdir or f"runs/{cfg.name}"
-        summary = train(cfg, workdir, resume=args.resume, init_from=args.init_from, load_from=args.load_from,
-                        drop_head=args.drop_head, progress=not args.no_progress)
+        summary = train(
+            cfg,
+            workdir,
+            resume=args.resume,
+            init_from=args.init_from,
+            load_from=args.load_from,
+            drop_head=args.drop_head,
+            progress=not args.no_progress,
+        )
     except (TrainError, ConfigError, DataError, CheckpointError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
         if jax.process_index() == 0:
             again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-            print(f"{e}; to continue: python -m fwi_jax.train {shlex.join(again)} --resume",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{e}; to continue: python -m fwi_jax.train {shlex.join(again)} --resume",
+                file=sys.stderr,
+                flush=True,
+            )
         return PREEMPTED_EXIT
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "traces"}))

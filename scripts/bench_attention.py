@@ -27,7 +27,11 @@ from fwi_jax.model.attention import attention, resolve_impl
 
 SHAPES = {"tiny": (6, 1981, 3, 64), "base": (6, 1981, 12, 64)}
 # --blocks unset: these per implementation (blockwise: key blocks; the others: query blocks)
-DEFAULT_BENCH_BLOCKS = {"blockwise": [256, 512, 1024], "query_blocks": [256, 512], "fused_cpu": [64, 128, 256]}
+DEFAULT_BENCH_BLOCKS = {
+    "blockwise": [256, 512, 1024],
+    "query_blocks": [256, 512],
+    "fused_cpu": [64, 128, 256],
+}
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -56,11 +60,16 @@ def bench_torch(shape, dtype: str, repeats: int) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        dtype
+    ]
     b, n, h, d = shape
     gen = torch.Generator().manual_seed(0)
     # torch's layout is (batch, heads, tokens, head_dim)
-    q, k, v, w = (torch.randn(b, h, n, d, generator=gen, dtype=torch.float32).to(torch_dtype) for _ in range(4))
+    q, k, v, w = (
+        torch.randn(b, h, n, d, generator=gen, dtype=torch.float32).to(torch_dtype)
+        for _ in range(4)
+    )
 
     def fwd():
         with torch.no_grad():
@@ -85,13 +94,24 @@ def attention_flops(shape, backward: bool) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shapes", nargs="+", default=["tiny", "base"], choices=sorted(SHAPES))
-    parser.add_argument("--batch", type=int, default=1, help="samples per step (attention batch = 6 x this)")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="samples per step (attention batch = 6 x this)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--impls", nargs="+", default=["xla", "blockwise", "query_blocks", "fused_cpu"])
-    parser.add_argument("--blocks", nargs="+", type=int, default=None,
-                        help="block sizes for every tiled implementation (default: DEFAULT_BENCH_BLOCKS)")
+    parser.add_argument(
+        "--impls", nargs="+", default=["xla", "blockwise", "query_blocks", "fused_cpu"]
+    )
+    parser.add_argument(
+        "--blocks",
+        nargs="+",
+        type=int,
+        default=None,
+        help="block sizes for every tiled implementation (default: DEFAULT_BENCH_BLOCKS)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
@@ -114,22 +134,40 @@ def main() -> None:
         for label, block in cases:
             impl = label.split("=")[-1]
             t_fwd, t_bwd = bench_jax(impl, block, shape, dtype, args.repeats)
-            tag = f"jax {label}" + (f" (key block {block})" if impl == "blockwise" else
-                                    f" (query block {block})" if impl in ("query_blocks", "fused_cpu") else "")
+            tag = f"jax {label}" + (
+                f" (key block {block})"
+                if impl == "blockwise"
+                else f" (query block {block})"
+                if impl in ("query_blocks", "fused_cpu")
+                else ""
+            )
             rows.append((name, shape, tag, t_fwd, t_bwd))
-            print(f"{name} {tag}: fwd {t_fwd * 1e3:.0f} ms, fwd+bwd {t_bwd * 1e3:.0f} ms", flush=True)
+            print(
+                f"{name} {tag}: fwd {t_fwd * 1e3:.0f} ms, fwd+bwd {t_bwd * 1e3:.0f} ms", flush=True
+            )
         if not args.no_torch:
             t_fwd, t_bwd = bench_torch(shape, args.dtype, args.repeats)
             rows.append((name, shape, "torch F.scaled_dot_product_attention", t_fwd, t_bwd))
-            print(f"{name} torch sdpa: fwd {t_fwd * 1e3:.0f} ms, fwd+bwd {t_bwd * 1e3:.0f} ms", flush=True)
+            print(
+                f"{name} torch sdpa: fwd {t_fwd * 1e3:.0f} ms, fwd+bwd {t_bwd * 1e3:.0f} ms",
+                flush=True,
+            )
 
-    print(f"\nAttention, {args.dtype}, {jax.devices()[0].device_kind}, median of {args.repeats} "
-          f"(shared machine: noisy)\n")
-    print("| shape (B, N, H, D) | implementation | fwd ms | fwd GFLOP/s | fwd+bwd ms | fwd+bwd GFLOP/s |")
+    print(
+        f"\nAttention, {args.dtype}, {jax.devices()[0].device_kind}, median of {args.repeats} "
+        f"(shared machine: noisy)\n"
+    )
+    print(
+        "| shape (B, N, H, D) | implementation | fwd ms | fwd GFLOP/s | fwd+bwd ms | fwd+bwd "
+        "GFLOP/s |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     for name, shape, tag, t_fwd, t_bwd in rows:
-        print(f"| {name} {shape} | {tag} | {t_fwd * 1e3:.0f} | {attention_flops(shape, False) / t_fwd / 1e9:.0f} "
-              f"| {t_bwd * 1e3:.0f} | {attention_flops(shape, True) / t_bwd / 1e9:.0f} |")
+        print(
+            f"| {name} {shape} | {tag} | {t_fwd * 1e3:.0f} | "
+            f"{attention_flops(shape, False) / t_fwd / 1e9:.0f} "
+            f"| {t_bwd * 1e3:.0f} | {attention_flops(shape, True) / t_bwd / 1e9:.0f} |"
+        )
 
 
 if __name__ == "__main__":

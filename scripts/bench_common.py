@@ -62,8 +62,12 @@ def compiled_memory_gib(compiled) -> float | None:
         return None
     if m is None:
         return None
-    total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             - m.alias_size_in_bytes)
+    total = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
     return total / GIB
 
 
@@ -81,7 +85,7 @@ def matmul_roofline(n: int = 2048, reps: int = 5) -> float:
         t0 = time.perf_counter()
         f(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n**3 / statistics.median(times)
 
 
 def fmt(x, spec, missing="-"):

@@ -1,6 +1,7 @@
 """Inference throughput: our stacked ensemble vs the reference's way, in one run.
 
-- ours: ``fwi_jax.ensemble.Predictor`` with its platform defaults, as ``python -m fwi_jax.infer`` runs —
+- ours: ``fwi_jax.ensemble.Predictor`` with its platform defaults, as ``python -m fwi_jax.infer``
+runs —
   N members of one config stacked (vmapped on accelerators, one at a time on CPU), flip TTA in the
   same batch (accelerators) or as a second pass (CPU), the weighted mean on device, one jitted
   program, batches sharded over devices;
@@ -56,9 +57,15 @@ from fwi_jax.preprocess import SOURCE_POSITIONS, shots_to_input
 
 def bench_ours(cfg, state_dicts, xs, tta: bool, member_chunk: int | None) -> dict:
     """Compile the ensemble program, run xs[0] as warm-up, time the rest (one batch in flight)."""
-    members = [members_lib.Member(cfg=cfg, params=convert_state_dict(sd, cfg)[0], weight=1.0, source=f"seed {s}")
-               for s, sd in enumerate(state_dicts)]
-    predictor = ensemble.Predictor(ensemble.group_members(members), tta=tta, member_chunk=member_chunk)
+    members = [
+        members_lib.Member(
+            cfg=cfg, params=convert_state_dict(sd, cfg)[0], weight=1.0, source=f"seed {s}"
+        )
+        for s, sd in enumerate(state_dicts)
+    ]
+    predictor = ensemble.Predictor(
+        ensemble.group_members(members), tta=tta, member_chunk=member_chunk
+    )
     t0 = time.perf_counter()
     rec = {"first": predictor(xs[0])}  # compile + warm-up
     rec["compile_s"] = time.perf_counter() - t0  # compile + first batch
@@ -88,14 +95,23 @@ def forward_flops(args) -> int:
     print(f"{args.config}: forward GFLOP per sample (XLA cost analysis, xla attention)")
     for batch in (1, 8):
         for on in (False, True):
-            cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}",
-                                            "model.attention=xla", f"model.constant_channel_once={on}"])
+            cfg = load_config(
+                args.config,
+                [
+                    *args.set,
+                    f"model.dtype={args.dtype}",
+                    "model.attention=xla",
+                    f"model.constant_channel_once={on}",
+                ],
+            )
             graphdef, params = abstract_model(cfg)
             g = cfg.geometry
             x = jax.ShapeDtypeStruct((batch, 6, g.n_time, g.n_receivers), jnp.float32)
             fn = jax.jit(lambda p, x, gd=graphdef: apply_model(gd, p, x))
             flops = compiled_flops(fn.lower(params, x).compile())
-            print(f"batch {batch}, constant_channel_once {on}: {flops / batch / 1e9:.2f}", flush=True)
+            print(
+                f"batch {batch}, constant_channel_once {on}: {flops / batch / 1e9:.2f}", flush=True
+            )
     return 0
 
 
@@ -124,13 +140,32 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
             torch.save(ref.state_dict(), paths[-1])
         # the config with --set applied, as a JSON file: infer converts state_dicts for --config
         (tmp / "config.json").write_text(cfg.to_json())
-        cmd = [sys.executable, "-m", "fwi_jax.infer", "--data", str(tmp / "data"),
-               "--config", str(tmp / "config.json"), "--checkpoints", *map(str, paths),
-               "--out", str(tmp / "sub.npz"), "--dtype", args.dtype,
-               *(["--batch", str(args.batch)] if args.batch else []), *(["--no-tta"] if not tta else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fwi_jax.infer",
+            "--data",
+            str(tmp / "data"),
+            "--config",
+            str(tmp / "config.json"),
+            "--checkpoints",
+            *map(str, paths),
+            "--out",
+            str(tmp / "sub.npz"),
+            "--dtype",
+            args.dtype,
+            *(["--batch", str(args.batch)] if args.batch else []),
+            *(["--no-tta"] if not tta else []),
+        ]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             print(proc.stdout + proc.stderr, file=sys.stderr)
@@ -144,7 +179,10 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
         def reference(x_np):
             x = torch.from_numpy(x_np[None])
             outs = []
-            with torch.inference_mode(), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            with (
+                torch.inference_mode(),
+                torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
+            ):
                 for ref in refs:  # one model after another, batch 1
                     y = ref(x).float()
                     if tta:
@@ -157,12 +195,16 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
         for sid in ids[1:]:
             reference(read_sample(tmp / "data" / sid)[0])
         theirs = args.samples / (time.perf_counter() - t0)
-    print(f"PyTorch, member by member, batch 1, the same {args.samples} samples from the same files: "
-          f"{theirs:.3f} samples/s; max |ours - reference| on the first sample = {diff:.2e} km/s")
-    print(f"\n| path | samples/s | vs reference |\n|---|---:|---:|\n"
-          f"| python -m fwi_jax.infer, {args.members} members, TTA {'on' if tta else 'off'}, "
-          f"{args.dtype} | {ours:.3f} | {ours / theirs:.2f}x |\n"
-          f"| PyTorch, member by member, batch 1 | {theirs:.3f} | 1.00x |")
+    print(
+        f"PyTorch, member by member, batch 1, the same {args.samples} samples from the same files: "
+        f"{theirs:.3f} samples/s; max |ours - reference| on the first sample = {diff:.2e} km/s"
+    )
+    print(
+        f"\n| path | samples/s | vs reference |\n|---|---:|---:|\n"
+        f"| python -m fwi_jax.infer, {args.members} members, TTA {'on' if tta else 'off'}, "
+        f"{args.dtype} | {ours:.3f} | {ours / theirs:.2f}x |\n"
+        f"| PyTorch, member by member, batch 1 | {theirs:.3f} | 1.00x |"
+    )
     print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
@@ -171,22 +213,40 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="tiny_s8")
     ap.add_argument("--members", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=None, help="global batch of ours (default: infer's, 1 on CPU)")
-    ap.add_argument("--samples", type=int, default=2, help="samples timed for ours (after one warm-up batch)")
-    ap.add_argument("--torch-samples", type=int, default=1, help="samples timed for the PyTorch reference (0: skip)")
+    ap.add_argument(
+        "--batch", type=int, default=None, help="global batch of ours (default: infer's, 1 on CPU)"
+    )
+    ap.add_argument(
+        "--samples", type=int, default=2, help="samples timed for ours (after one warm-up batch)"
+    )
+    ap.add_argument(
+        "--torch-samples",
+        type=int,
+        default=1,
+        help="samples timed for the PyTorch reference (0: skip)",
+    )
     ap.add_argument("--dtype", default="float32", choices=infer.DTYPES)
-    ap.add_argument("--attention", nargs="+", default=["auto"], help="our rows: model.attention of each")
+    ap.add_argument(
+        "--attention", nargs="+", default=["auto"], help="our rows: model.attention of each"
+    )
     ap.add_argument("--no-tta", action="store_true")
     ap.add_argument("--member-chunk", type=int)
-    ap.add_argument("--forward-flops", action="store_true",
-                    help="compile only: forward FLOPs per sample, constant_channel_once off and on")
-    ap.add_argument("--through-infer", action="store_true",
-                    help="end to end: python -m fwi_jax.infer on shot files vs PyTorch on the same files")
+    ap.add_argument(
+        "--forward-flops",
+        action="store_true",
+        help="compile only: forward FLOPs per sample, constant_channel_once off and on",
+    )
+    ap.add_argument(
+        "--through-infer",
+        action="store_true",
+        help="end to end: python -m fwi_jax.infer on shot files vs PyTorch on the same files",
+    )
     add_override_argument(ap)
     args = ap.parse_args(argv)
     if args.forward_flops:
         return forward_flops(args)
-    tune_cpu_host()  # ours runs as `python -m fwi_jax.infer` does (FWI_JAX_CPU_TUNING=0: XLA's defaults)
+    # ours runs as `python -m fwi_jax.infer` does (FWI_JAX_CPU_TUNING=0: XLA's defaults)
+    tune_cpu_host()
     import torch
 
     from torch_reference import ReferenceModel, randomize_
@@ -204,28 +264,53 @@ def main(argv=None) -> int:
     g = cfg.geometry
     rng = np.random.default_rng(0)
     n_batches = max(1, -(-args.samples // batch))
-    xs = [shots_to_input(1e-4 * rng.standard_normal((batch, 5, g.n_time + 1, g.n_receivers)).astype(np.float32))
-          for _ in range(n_batches + 1)]
+    xs = [
+        shots_to_input(
+            1e-4 * rng.standard_normal((batch, 5, g.n_time + 1, g.n_receivers)).astype(np.float32)
+        )
+        for _ in range(n_batches + 1)
+    ]
 
     platform = jax.devices()[0].platform
-    print(f"config {cfg.name} ({args.dtype}), {args.members} members, TTA {'on' if tta else 'off'}; "
-          f"{n_devices} {platform} device(s), {torch.get_num_threads()} torch threads", flush=True)
+    print(
+        f"config {cfg.name} ({args.dtype}), {args.members} members, TTA {'on' if tta else 'off'}; "
+        f"{n_devices} {platform} device(s), {torch.get_num_threads()} torch threads",
+        flush=True,
+    )
     roof = matmul_roofline() if platform == "cpu" else None
     if roof:
-        print(f"dense float32 matmul 2048^3 under XLA: {roof / 1e9:.1f} GFLOP/s (the practical roofline)", flush=True)
+        print(
+            f"dense float32 matmul 2048^3 under XLA: {roof / 1e9:.1f} GFLOP/s (the practical "
+            "roofline)",
+            flush=True,
+        )
 
     chunk = args.member_chunk or ensemble.default_member_chunk(jax.devices()[0])
-    how = "stacked vmap" if not chunk or chunk >= args.members else f"stacked, lax.map in chunks of {chunk}"
-    how += ", TTA in the batch" if ensemble.default_tta_in_batch(jax.devices()[0]) else ", TTA as a second pass"
+    how = (
+        "stacked vmap"
+        if not chunk or chunk >= args.members
+        else f"stacked, lax.map in chunks of {chunk}"
+    )
+    how += (
+        ", TTA in the batch"
+        if ensemble.default_tta_in_batch(jax.devices()[0])
+        else ", TTA as a second pass"
+    )
     rows = []
     for attention in args.attention:
-        row_cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}", f"model.attention={attention}"])
+        row_cfg = load_config(
+            args.config, [*args.set, f"model.dtype={args.dtype}", f"model.attention={attention}"]
+        )
         rec = bench_ours(row_cfg, state_dicts, xs, tta, args.member_chunk)
         rec["name"] = f"ours {attention} ({resolve_impl(attention)}): {how}, one jit"
         rec["batch"] = batch
         rows.append(rec)
-        print(f"{rec['name']}: compile + first batch {rec['compile_s']:.1f} s, {rec['batch_s']:.1f} s per batch of {batch} "
-              f"= {rec['samples_per_s']:.3f} samples/s", flush=True)
+        print(
+            f"{rec['name']}: compile + first batch {rec['compile_s']:.1f} s, {rec['batch_s']:.1f} "
+            f"s per batch of {batch} "
+            f"= {rec['samples_per_s']:.3f} samples/s",
+            flush=True,
+        )
 
     if args.torch_samples > 0:
         autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
@@ -233,7 +318,10 @@ def main(argv=None) -> int:
         def reference_ensemble(x_np):
             x = torch.from_numpy(x_np[None])
             outs = []
-            with torch.inference_mode(), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            with (
+                torch.inference_mode(),
+                torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
+            ):
                 for ref in refs:  # one model after another, batch 1
                     y = ref(x).float()
                     if tta:
@@ -248,25 +336,48 @@ def main(argv=None) -> int:
             reference_ensemble(xs[1 + i // batch % n_batches][i % batch])
         t_ref = time.perf_counter() - t0
         theirs = args.torch_samples / t_ref
-        print(f"reference way (PyTorch, member by member, batch 1): {args.torch_samples} samples in {t_ref:.1f} s "
-              f"= {theirs:.3f} samples/s; max |ours - reference| = {diff:.2e} km/s", flush=True)
-        rows.append({"name": "reference: PyTorch, member by member, batch 1", "batch": 1, "samples_per_s": theirs})
+        print(
+            f"reference way (PyTorch, member by member, batch 1): {args.torch_samples} samples in "
+            f"{t_ref:.1f} s "
+            f"= {theirs:.3f} samples/s; max |ours - reference| = {diff:.2e} km/s",
+            flush=True,
+        )
+        rows.append(
+            {
+                "name": "reference: PyTorch, member by member, batch 1",
+                "batch": 1,
+                "samples_per_s": theirs,
+            }
+        )
 
     ref_sps = rows[-1]["samples_per_s"] if args.torch_samples > 0 else None
     # XLA counts a loop body once: the attention loops of blockwise/query_blocks, and the member
     # loop when members run in chunks. The xla row has no attention loop: its count times the
     # member-loop trips is the ensemble's FLOPs per batch, the base of "model GFLOP/s".
     trips = -(-args.members // chunk) if chunk and chunk < args.members else 1
-    model_flops = next((r["flops"] * trips for r in rows if r.get("flops") and r["name"].startswith("ours xla ")), None)
+    model_flops = next(
+        (r["flops"] * trips for r in rows if r.get("flops") and r["name"].startswith("ours xla ")),
+        None,
+    )
     if model_flops:
-        print(f"\nensemble FLOPs per batch (xla row's count x {trips} member-loop trips): {model_flops / 1e9:.0f} GFLOP")
-    print("\n| path | batch | samples/s | XLA GFLOP/batch (loop bodies once) | model GFLOP/s | % of matmul roofline "
-          "| XLA memory GiB | vs reference |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            f"\nensemble FLOPs per batch (xla row's count x {trips} member-loop trips): "
+            f"{model_flops / 1e9:.0f} GFLOP"
+        )
+    print(
+        "\n| path | batch | samples/s | XLA GFLOP/batch (loop bodies once) | model GFLOP/s | % of "
+        "matmul roofline "
+        "| XLA memory GiB | vs reference |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
     for r in rows:
         fps = model_flops / r["batch_s"] if model_flops and "batch_s" in r else None
-        print(f"| {r['name']} | {r['batch']} | {r['samples_per_s']:.3f} | {fmt(r.get('flops') and r['flops'] / 1e9, '.0f')} "
-              f"| {fmt(fps and fps / 1e9, '.1f')} | {fmt(fps and roof and 100 * fps / roof, '.0f')} "
-              f"| {fmt(r.get('mem_gib'), '.2f')} | {fmt(ref_sps and r['samples_per_s'] / ref_sps, '.2f', 'n/a')}x |")
+        print(
+            f"| {r['name']} | {r['batch']} | {r['samples_per_s']:.3f} | "
+            f"{fmt(r.get('flops') and r['flops'] / 1e9, '.0f')} "
+            f"| {fmt(fps and fps / 1e9, '.1f')} | {fmt(fps and roof and 100 * fps / roof, '.0f')} "
+            f"| {fmt(r.get('mem_gib'), '.2f')} | "
+            f"{fmt(ref_sps and r['samples_per_s'] / ref_sps, '.2f', 'n/a')}x |"
+        )
     if roof:
         print(f"\nmatmul roofline: {roof / 1e9:.1f} GFLOP/s (jitted float32 2048x2048 matmul)")
     return 0

@@ -10,7 +10,8 @@ with `fwi_jax.data.pack.pack`, warms the page cache with one untimed pass, then 
 configuration (``--repeats`` runs, median in the table). Also times `io.read_sample` alone (one
 process, one thread). Ends with a Markdown table.
 
-    python scripts/bench_loader.py [--n 64] [--batch 8] [--epochs 3] [--workers 0 1 2] [--prefetch P]
+    python scripts/bench_loader.py [--n 64] [--batch 8] [--epochs 3] [--workers 0 1 2] [--prefetch
+    P]
                                    [--repeats 3] [--cycle M] [--dir D]
 
 Worker processes hand batches over in /dev/shm (grain's shared memory): every batch is written
@@ -44,8 +45,13 @@ def write_dataset(root: pathlib.Path, n: int, seed: int = 0) -> list[str]:
         d = root / sample_id
         d.mkdir(parents=True, exist_ok=True)
         for name in io.SHOT_FILES:
-            np.save(d / name, rng.standard_normal((io.N_TIME_RAW, io.N_RECEIVERS), dtype=np.float32) * 1e-4)
-        np.save(d / io.VELOCITY_FILE, rng.uniform(1.5, 4.5, io.VELOCITY_FILE_SHAPE).astype(np.float32))
+            np.save(
+                d / name,
+                rng.standard_normal((io.N_TIME_RAW, io.N_RECEIVERS), dtype=np.float32) * 1e-4,
+            )
+        np.save(
+            d / io.VELOCITY_FILE, rng.uniform(1.5, 4.5, io.VELOCITY_FILE_SHAPE).astype(np.float32)
+        )
     return ids
 
 
@@ -55,8 +61,20 @@ CPU_MS: dict = {}  # (root, host dtype, workers) -> CPU ms of this process per s
 def time_loader(cfg, root, ids, *, workers: int, batch: int, epochs: int) -> float:
     """Samples/s over ``epochs`` training epochs (after one untimed warm-up batch); also records
     this process's CPU time per sample in CPU_MS (with 0 workers: all of the loader's work)."""
-    it = iter(make_loader(cfg, root, ids, train=True, batch_size=batch, seed=0, num_epochs=epochs + 1,
-                          workers=workers, process_index=0, process_count=1))
+    it = iter(
+        make_loader(
+            cfg,
+            root,
+            ids,
+            train=True,
+            batch_size=batch,
+            seed=0,
+            num_epochs=epochs + 1,
+            workers=workers,
+            process_index=0,
+            process_count=1,
+        )
+    )
     try:
         next(it)  # start-up (worker processes, first reads) not timed
         n = 0
@@ -79,23 +97,50 @@ def time_read_sample(root, ids, repeats: int = 2) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=64, help="samples to write (default 64)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the table shows the median")
-    parser.add_argument("--cycle", type=int, default=0, metavar="M",
-                        help="loader id list = the n ids cycled to M entries (an epoch of M samples, e.g. the "
-                             "real 4599); default: off")
-    parser.add_argument("--prefetch", type=int, default=None,
-                        help="cfg.data.prefetch: reader threads and batches buffered (default: the config's)")
-    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
-                        help="time only the sources whose name contains one of these (e.g. 'float16 batches')")
-    parser.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed after)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs per configuration; the table shows the median",
+    )
+    parser.add_argument(
+        "--cycle",
+        type=int,
+        default=0,
+        metavar="M",
+        help="loader id list = the n ids cycled to M entries (an epoch of M samples, e.g. the "
+        "real 4599); default: off",
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="cfg.data.prefetch: reader threads and batches buffered (default: the config's)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="time only the sources whose name contains one of these (e.g. 'float16 batches')",
+    )
+    parser.add_argument(
+        "--dir", default=None, help="work folder (default: a temporary one, removed after)"
+    )
     args = parser.parse_args(argv)
 
-    work = pathlib.Path(args.dir) if args.dir else pathlib.Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    work = (
+        pathlib.Path(args.dir)
+        if args.dir
+        else pathlib.Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    )
     try:
         folders = work / "folders"
         if folders.is_dir() and len(io.list_samples(folders)) == args.n:
@@ -104,7 +149,10 @@ def main(argv=None) -> int:
             shutil.rmtree(folders, ignore_errors=True)
             t = time.perf_counter()
             ids = write_dataset(folders, args.n)
-            print(f"wrote {args.n} samples to {folders} in {time.perf_counter() - t:.1f} s", flush=True)
+            print(
+                f"wrote {args.n} samples to {folders} in {time.perf_counter() - t:.1f} s",
+                flush=True,
+            )
         stores = {}
         for dtype in ("float32", "float16"):
             out = work / f"packed_{dtype}_{args.n}"
@@ -132,38 +180,64 @@ def main(argv=None) -> int:
         results, cpu = {}, {}
         load0 = os.getloadavg()[0]
         for name, (root, c) in sources.items():
-            time_loader(c, root, loader_ids, workers=0, batch=args.batch, epochs=1)  # warm page cache
+            # warm page cache
+            time_loader(c, root, loader_ids, workers=0, batch=args.batch, epochs=1)
             for w in args.workers:
-                runs = [time_loader(c, root, loader_ids, workers=w, batch=args.batch, epochs=args.epochs)
-                        for _ in range(args.repeats)]
+                runs = [
+                    time_loader(
+                        c, root, loader_ids, workers=w, batch=args.batch, epochs=args.epochs
+                    )
+                    for _ in range(args.repeats)
+                ]
                 results[name, w] = float(np.median(runs))
                 cpu[name, w] = CPU_MS[str(root), c.data.host_dtype, w]
-                print(f"{name:50s} workers={w}: median {results[name, w]:5.0f} samples/s "
-                      f"(runs: {', '.join(f'{r:.0f}' for r in runs)}; {cpu[name, w]:.2f} CPU ms/sample in "
-                      f"this process)", flush=True)
+                print(
+                    f"{name:50s} workers={w}: median {results[name, w]:5.0f} samples/s "
+                    f"(runs: {', '.join(f'{r:.0f}' for r in runs)}; {cpu[name, w]:.2f} CPU "
+                    "ms/sample in "
+                    f"this process)",
+                    flush=True,
+                )
 
         print()
-        print(f"make_loader, train (shuffle, flip p={cfg.data.flip_p}), batch {args.batch}, {args.n} samples"
-              f"{f' cycled to epochs of {len(loader_ids)}' if args.cycle else ''}, "
-              f"{args.epochs} epochs, prefetch {cfg.data.prefetch}, warm page cache, median of {args.repeats} runs; "
-              f"{os.cpu_count()} CPU cores, "
-              f"{platform.processor() or platform.machine()}, Python {sys.version.split()[0]}, "
-              f"numpy {np.__version__}. `io.read_sample` alone: {rs:.0f} samples/s. 1-minute load average "
-              f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other jobs on the machine lower "
-              f"the figures).")
+        print(
+            f"make_loader, train (shuffle, flip p={cfg.data.flip_p}), batch {args.batch}, "
+            f"{args.n} samples"
+            f"{f' cycled to epochs of {len(loader_ids)}' if args.cycle else ''}, "
+            f"{args.epochs} epochs, prefetch {cfg.data.prefetch}, warm page cache, median of "
+            f"{args.repeats} runs; "
+            f"{os.cpu_count()} CPU cores, "
+            f"{platform.processor() or platform.machine()}, Python {sys.version.split()[0]}, "
+            f"numpy {np.__version__}. `io.read_sample` alone: {rs:.0f} samples/s. 1-minute load "
+            "average "
+            f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other jobs on the "
+            "machine lower "
+            f"the figures)."
+        )
         print()
         cpu_col = 0 in args.workers
-        print("| source | " + " | ".join(f"{w} workers" for w in args.workers)
-              + (" | CPU ms/sample, 0 workers |" if cpu_col else " |"))
+        print(
+            "| source | "
+            + " | ".join(f"{w} workers" for w in args.workers)
+            + (" | CPU ms/sample, 0 workers |" if cpu_col else " |")
+        )
         print("|---|" + "---:|" * (len(args.workers) + cpu_col))
         for name in sources:
-            print(f"| {name} | " + " | ".join(f"{results[name, w]:.0f}" for w in args.workers)
-                  + (f" | {cpu[name, 0]:.2f} |" if cpu_col else " |"))
-        print("\nsamples/s; one sample = x (6, 10000, 31) float32 + v (1259, 300) float32 = 8.9 MB "
-              "(float16 batches: x 3.7 MB, 5.2 MB in all); 0 workers = reading in cfg.data.prefetch threads "
-              "of the main process; CPU ms/sample = this process's CPU time (user + system) per sample with 0 "
-              "workers, all of the loader's work: cores / that is the CPU-bound ceiling (other jobs inflate it "
-              "too, by sharing caches and memory bandwidth)")
+            print(
+                f"| {name} | "
+                + " | ".join(f"{results[name, w]:.0f}" for w in args.workers)
+                + (f" | {cpu[name, 0]:.2f} |" if cpu_col else " |")
+            )
+        print(
+            "\nsamples/s; one sample = x (6, 10000, 31) float32 + v (1259, 300) float32 = 8.9 MB "
+            "(float16 batches: x 3.7 MB, 5.2 MB in all); 0 workers = reading in cfg.data.prefetch "
+            "threads "
+            "of the main process; CPU ms/sample = this process's CPU time (user + system) per "
+            "sample with 0 "
+            "workers, all of the loader's work: cores / that is the CPU-bound ceiling (other jobs "
+            "inflate it "
+            "too, by sharing caches and memory bandwidth)"
+        )
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)

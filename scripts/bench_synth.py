@@ -57,7 +57,9 @@ def parse_config(text: str) -> dict:
 
 def run_one(a, n_dev: int) -> list[dict]:
     """Every configuration on ``n_dev`` host devices, in this process (JAX not started yet)."""
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_dev}"
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n_dev}"
+    )
     import jax
     import numpy as np
 
@@ -89,12 +91,23 @@ def run_one(a, n_dev: int) -> list[dict]:
         row = {"config": text or "defaults", "devices": n_dev}
         for order in (8, 4):
             row[f"gcu{order}"], row[f"gcu{order}_cpu"] = (x / 1e9 for x in cell_updates(order, kw))
-            print(f"[{n_dev} dev, {row['config']}] order {order}: {row[f'gcu{order}']:.3f} G cell-updates/s", flush=True)
+            print(
+                f"[{n_dev} dev, {row['config']}] order {order}: {row[f'gcu{order}']:.3f} G "
+                "cell-updates/s",
+                flush=True,
+            )
         n_fast = max(a.samples, n_dev)
-        wall, _, fast = timed(lambda n=n_fast, kw=kw: W.simulate(models[:n], mode="fast",
-                                                                amplitude=synth.DATA_AMPLITUDE, **kw))
+        wall, _, fast = timed(
+            lambda n=n_fast, kw=kw: W.simulate(
+                models[:n], mode="fast", amplitude=synth.DATA_AMPLITUDE, **kw
+            )
+        )
         row["fast_s"] = wall / n_fast
-        print(f"[{n_dev} dev, {row['config']}] fast mode: {row['fast_s']:.2f} s per sample ({n_fast} samples)", flush=True)
+        print(
+            f"[{n_dev} dev, {row['config']}] fast mode: {row['fast_s']:.2f} s per sample "
+            f"({n_fast} samples)",
+            flush=True,
+        )
         if a.full_samples:
             n_full = a.full_samples
             t0 = time.perf_counter()
@@ -104,11 +117,19 @@ def run_one(a, n_dev: int) -> list[dict]:
             g = full.astype(np.float64)
             err = np.linalg.norm(f - g, axis=(2, 3)) / np.linalg.norm(g, axis=(2, 3))
             m = slice(2500, None)  # t >= 0.25 s: reflections only (direct wave and its tail muted)
-            late = np.linalg.norm(f[:, :, m] - g[:, :, m], axis=(2, 3)) / np.linalg.norm(g[:, :, m], axis=(2, 3))
-            row.update(err_mean=err.mean(), err_max=err.max(), late_mean=late.mean(), late_max=late.max())
-            print(f"[{n_dev} dev, {row['config']}] full mode: {row['full_s']:.1f} s per sample (incl. compile); "
-                  f"fast vs full rel. L2 per gather mean {err.mean():.4f} max {err.max():.4f}, "
-                  f"after 0.25 s mean {late.mean():.4f} max {late.max():.4f}", flush=True)
+            late = np.linalg.norm(f[:, :, m] - g[:, :, m], axis=(2, 3)) / np.linalg.norm(
+                g[:, :, m], axis=(2, 3)
+            )
+            row.update(
+                err_mean=err.mean(), err_max=err.max(), late_mean=late.mean(), late_max=late.max()
+            )
+            print(
+                f"[{n_dev} dev, {row['config']}] full mode: {row['full_s']:.1f} s per sample "
+                "(incl. compile); "
+                f"fast vs full rel. L2 per gather mean {err.mean():.4f} max {err.max():.4f}, "
+                f"after 0.25 s mean {late.mean():.4f} max {late.max():.4f}",
+                flush=True,
+            )
         rows.append(row)
     return rows
 
@@ -165,20 +186,28 @@ def run_vs_devito(a) -> None:
     print(f"| devito profile ({n_cores} host devices) | {ours_s:.1f} | {devito_s / ours_s:.1f}x |")
     print(f"| cpml8 fast | {fast_s:.2f} | {devito_s / fast_s:.0f}x |")
     print()
-    print("devito profile vs devito per shot: correlation "
-          + " ".join(f"{c:.5f}" for c, _ in stats)
-          + "; amplitude " + " ".join(f"{r:.4f}" for _, r in stats))
+    print(
+        "devito profile vs devito per shot: correlation "
+        + " ".join(f"{c:.5f}" for c, _ in stats)
+        + "; amplitude "
+        + " ".join(f"{r:.4f}" for _, r in stats)
+    )
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| config | devices | G cell-updates/s, order 8 | order 8, per CPU-s x devices | order 4 "
-            "| fast s/sample | full s/sample | fast vs full L2 mean / max |")
+    head = (
+        "| config | devices | G cell-updates/s, order 8 | order 8, per CPU-s x devices | order 4 "
+        "| fast s/sample | full s/sample | fast vs full L2 mean / max |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         err = f"{r['err_mean']:.3f} / {r['err_max']:.3f}" if "err_mean" in r else "-"
         full = f"{r['full_s']:.1f}" if "full_s" in r else "-"
-        lines.append(f"| {r['config']} | {r['devices']} | {r['gcu8']:.3f} | {r['gcu8_cpu']:.3f} | {r['gcu4']:.3f} "
-                     f"| {r['fast_s']:.2f} | {full} | {err} |")
+        lines.append(
+            f"| {r['config']} | {r['devices']} | {r['gcu8']:.3f} | {r['gcu8_cpu']:.3f} | "
+            f"{r['gcu4']:.3f} "
+            f"| {r['fast_s']:.2f} | {full} | {err} |"
+        )
     return "\n".join(lines)
 
 
@@ -186,13 +215,32 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--cpu-devices", default="1,2", help="comma-separated host-device counts, one subprocess each")
-    p.add_argument("--config", action="append", help="repeatable; wave.simulate keywords, e.g. 'unroll=2,shot_batch=5'")
-    p.add_argument("--full-samples", type=int, default=0, help="full-mode samples (about half a minute each on 2 cores)")
-    p.add_argument("--vs-devito", type=int, default=0, metavar="N",
-                   help="compare with devito itself instead (N samples of the devito profile)")
+    p.add_argument(
+        "--cpu-devices",
+        default="1,2",
+        help="comma-separated host-device counts, one subprocess each",
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        help="repeatable; wave.simulate keywords, e.g. 'unroll=2,shot_batch=5'",
+    )
+    p.add_argument(
+        "--full-samples",
+        type=int,
+        default=0,
+        help="full-mode samples (about half a minute each on 2 cores)",
+    )
+    p.add_argument(
+        "--vs-devito",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compare with devito itself instead (N samples of the devito profile)",
+    )
     p.add_argument("--threads", type=int, default=1, help="--vs-devito: cores for each side")
-    p.add_argument("--json-out", help=argparse.SUPPRESS)  # used by the per-device-count subprocesses
+    # used by the per-device-count subprocesses
+    p.add_argument("--json-out", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.vs_devito:
         run_vs_devito(a)
@@ -207,8 +255,20 @@ def main() -> None:
     rows = []
     for n in counts:
         out = f"/tmp/bench_synth_{os.getpid()}_{n}.json"
-        argv = [sys.executable, __file__, "--cpu-devices", str(n), "--steps", str(a.steps), "--samples", str(a.samples),
-                "--full-samples", str(a.full_samples), "--json-out", out]
+        argv = [
+            sys.executable,
+            __file__,
+            "--cpu-devices",
+            str(n),
+            "--steps",
+            str(a.steps),
+            "--samples",
+            str(a.samples),
+            "--full-samples",
+            str(a.full_samples),
+            "--json-out",
+            out,
+        ]
         for c in a.config:
             argv += ["--config", c]
         subprocess.run(argv, check=True)

@@ -41,6 +41,7 @@ from fwi_jax.train import create_train_state, make_train_step
 # auto -> blockwise, plain dense layers), then compiled for the local backend for the analysis.
 PLATFORM = "cuda"
 
+
 def _real(cfg):
     graphdef, params = create_model(cfg, seed=0, platform=PLATFORM)
     return params, lambda p, x: apply_model(graphdef, p, x)
@@ -60,8 +61,16 @@ def _real_block_vjp(cfg, batch: int):
     size = model_size(cfg)
     dtype = DTYPES[m.dtype]
     impl = resolve_impl(m.attention, PLATFORM, size.dim // size.heads, dtype)
-    block = nnx.eval_shape(lambda: Block(size, impl=impl, block_size=m.attention_block, dtype=dtype,
-                                         platform=PLATFORM, rngs=nnx.Rngs(0)))
+    block = nnx.eval_shape(
+        lambda: Block(
+            size,
+            impl=impl,
+            block_size=m.attention_block,
+            dtype=dtype,
+            platform=PLATFORM,
+            rngs=nnx.Rngs(0),
+        )
+    )
     graphdef, state = nnx.split(block)
     sin, cos = rope_table(geo.grid, size.dim // size.heads, m.ref_feat_shape)
 
@@ -79,7 +88,9 @@ def _real_block_vjp(cfg, batch: int):
     return vjp, state, tokens
 
 
-def estimate(config: str, batch: int, dtype: str, impl: str, remat: str, block: int | None = None) -> dict:
+def estimate(
+    config: str, batch: int, dtype: str, impl: str, remat: str, block: int | None = None
+) -> dict:
     overrides = [f"model.attention={impl}", f"model.remat={remat}", f"model.dtype={dtype}"]
     cfg = load_config(config, overrides + ([f"model.attention_block={block}"] if block else []))
     params, apply = _real(cfg)
@@ -93,17 +104,27 @@ def estimate(config: str, batch: int, dtype: str, impl: str, remat: str, block: 
     tx, schedule = make_optimizer(cfg, total_steps=1000)
     train_step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)
     state = jax.eval_shape(lambda p: create_train_state(cfg, p, tx), abstract(params))
-    compiled = jax.jit(train_step, donate_argnums=0).lower(state, {"x": x_spec, "v": v_spec}).compile()
+    compiled = (
+        jax.jit(train_step, donate_argnums=0).lower(state, {"x": x_spec, "v": v_spec}).compile()
+    )
     loss_fn = get_loss(cfg.train.loss)
     objective = lambda p, x, v: loss_fn(apply(p, x), v)
     block_vjp, block_state, tokens = _real_block_vjp(cfg, batch)
     n_state_copies = 5  # float32 params, grads, AdamW mu and nu, EMA
     # residuals saved for the backward pass (exact shapes, no execution)
-    vjp_closure = jax.eval_shape(lambda p, x, v: jax.vjp(lambda p: objective(p, x, v), p)[1],
-                                 abstract(params), x_spec, v_spec)
-    residual_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(vjp_closure))
+    vjp_closure = jax.eval_shape(
+        lambda p, x, v: jax.vjp(lambda p: objective(p, x, v), p)[1],
+        abstract(params),
+        x_spec,
+        v_spec,
+    )
+    residual_bytes = sum(
+        int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(vjp_closure)
+    )
     block_mem = block_vjp.lower(block_state, tokens, tokens).compile().memory_analysis()
-    transient_bytes = block_mem.temp_size_in_bytes + 3 * int(np.prod(tokens.shape)) * tokens.dtype.itemsize
+    transient_bytes = (
+        block_mem.temp_size_in_bytes + 3 * int(np.prod(tokens.shape)) * tokens.dtype.itemsize
+    )
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -120,21 +141,37 @@ def estimate(config: str, batch: int, dtype: str, impl: str, remat: str, block: 
         "args_gib": mem.argument_size_in_bytes / GIB,
         "out_gib": mem.output_size_in_bytes / GIB,
         "alias_gib": mem.alias_size_in_bytes / GIB,
-        "total_gib": (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-                      - mem.alias_size_in_bytes) / GIB,
+        "total_gib": (
+            mem.temp_size_in_bytes
+            + mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
+        / GIB,
         "tflop": (cost or {}).get("flops", float("nan")) / 1e12,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="base_s6")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="float16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attention", nargs="+", default=["xla", "blockwise"])
-    parser.add_argument("--remat", nargs="+", default=["none", "dots", "full"], choices=CHOICES["model.remat"])
-    parser.add_argument("--model", default="real", choices=["real"], help=argparse.SUPPRESS)  # the only one
-    parser.add_argument("--blocks", nargs="+", type=int, default=[None], help="blockwise key block sizes (default: config's)")
+    parser.add_argument(
+        "--remat", nargs="+", default=["none", "dots", "full"], choices=CHOICES["model.remat"]
+    )
+    # the only one
+    parser.add_argument("--model", default="real", choices=["real"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--blocks",
+        nargs="+",
+        type=int,
+        default=[None],
+        help="blockwise key block sizes (default: config's)",
+    )
     args = parser.parse_args()
     rows = []
     for impl, remat, block in itertools.product(args.attention, args.remat, args.blocks):
@@ -143,14 +180,22 @@ def main() -> None:
         rows.append((impl, remat, r))
         print(f"{impl} remat={remat}: {r}", flush=True)
     print("\nfloat32 state = params, grads, AdamW mu and nu, EMA (x5)")
-    print(f"\nXLA memory estimate ({jax.devices()[0].platform} compile, not executed), {args.config}, "
-          f"batch {args.batch}, {args.dtype} ({rows[0][2]['params'] / 1e6:.1f} M params)\n")
-    print("| attention | remat | saved residuals GiB | block bwd transient GiB | float32 state GiB "
-          "| **peak estimate GiB** | XLA CPU whole-step GiB (upper bound) | XLA TFLOP/step |")
+    print(
+        f"\nXLA memory estimate ({jax.devices()[0].platform} compile, not executed), "
+        f"{args.config}, "
+        f"batch {args.batch}, {args.dtype} ({rows[0][2]['params'] / 1e6:.1f} M params)\n"
+    )
+    print(
+        "| attention | remat | saved residuals GiB | block bwd transient GiB | float32 state GiB "
+        "| **peak estimate GiB** | XLA CPU whole-step GiB (upper bound) | XLA TFLOP/step |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for impl, remat, r in rows:
-        print(f"| {impl} | {remat} | {r['residual_gib']:.1f} | {r['block_transient_gib']:.1f} | {r['state_gib']:.1f} "
-              f"| **{r['peak_gib']:.1f}** | {r['total_gib']:.1f} | {r['tflop']:.2f} |")
+        print(
+            f"| {impl} | {remat} | {r['residual_gib']:.1f} | {r['block_transient_gib']:.1f} | "
+            f"{r['state_gib']:.1f} "
+            f"| **{r['peak_gib']:.1f}** | {r['total_gib']:.1f} | {r['tflop']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

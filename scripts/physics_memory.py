@@ -37,16 +37,26 @@ def main() -> None:
 
     t0 = time.perf_counter()
     compiled = jax.jit(jax.grad(loss)).lower(v).compile()
-    print(f"mode {args.mode}, block {args.block}, remat {not args.no_remat}, {fwd.n_t} output samples; "
-          f"compiled in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"mode {args.mode}, block {args.block}, remat {not args.no_remat}, {fwd.n_t} output "
+        "samples; "
+        f"compiled in {time.perf_counter() - t0:.1f} s"
+    )
     m = compiled.memory_analysis()
     gib = 2.0**30
-    print(f"arguments {m.argument_size_in_bytes / gib:.3f} GiB, outputs {m.output_size_in_bytes / gib:.3f} GiB, "
-          f"temporaries {m.temp_size_in_bytes / gib:.3f} GiB, generated code {m.generated_code_size_in_bytes / gib:.4f} GiB")
+    print(
+        f"arguments {m.argument_size_in_bytes / gib:.3f} GiB, outputs "
+        f"{m.output_size_in_bytes / gib:.3f} GiB, "
+        f"temporaries {m.temp_size_in_bytes / gib:.3f} GiB, generated code "
+        f"{m.generated_code_size_in_bytes / gib:.4f} GiB"
+    )
     if args.run:
         t0 = time.perf_counter()
         g = np.asarray(compiled(v))
-        print(f"one gradient (5 shots): {time.perf_counter() - t0:.1f} s, |g| max {np.abs(g).max():.3g}")
+        print(
+            f"one gradient (5 shots): {time.perf_counter() - t0:.1f} s, |g| max "
+            f"{np.abs(g).max():.3g}"
+        )
 
 
 if __name__ == "__main__":

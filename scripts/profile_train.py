@@ -26,7 +26,8 @@ Durations are thunk wall times; thunks that XLA runs concurrently overlap, so th
 exceed the step's wall time, and ``thread-busy`` per runtime thread shows how much of the step
 ran on more than one thread.
 
-    .venv/bin/python scripts/profile_train.py --config tiny_s8 --batch 1 --attention auto --remat dots
+    .venv/bin/python scripts/profile_train.py --config tiny_s8 --batch 1 --attention auto --remat
+    dots
 
 Printed: step wall / CPU seconds, a Markdown table per category and the 20 most expensive
 instructions.
@@ -48,8 +49,19 @@ import time
 
 from bench_common import make_batch
 
-CATEGORIES = ("attention core", "rope", "attn qkv/proj", "mlp", "layernorm", "residual/block", "fold+resize",
-              "embed/head", "loss", "optimizer+EMA", "other")
+CATEGORIES = (
+    "attention core",
+    "rope",
+    "attn qkv/proj",
+    "mlp",
+    "layernorm",
+    "residual/block",
+    "fold+resize",
+    "embed/head",
+    "loss",
+    "optimizer+EMA",
+    "other",
+)
 
 
 def _class_ranges(module) -> list[tuple[str, int, int]]:
@@ -71,7 +83,11 @@ def _frame_category(file: str, func: str, line: int, eva_classes) -> str | None:
             return "rope"
         for cls, a, b in eva_classes:
             if a <= line <= b:
-                return {"Attention": "attn qkv/proj", "SwiGLU": "mlp", "Block": "residual/block"}.get(cls)
+                return {
+                    "Attention": "attn qkv/proj",
+                    "SwiGLU": "mlp",
+                    "Block": "residual/block",
+                }.get(cls)
         return None
     if file.endswith("flax/nnx/nn/normalization.py"):
         return "layernorm"
@@ -99,6 +115,7 @@ def _lines_by_computation(hlo_text: str):
             continue
         yield computation, line
 
+
 def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     """instruction name -> (category, 'fwd'|'bwd', kind) from the compiled HLO's metadata."""
     from fwi_jax.model import eva02
@@ -124,10 +141,15 @@ def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str, str]]:
             funcs[i] = rest.strip('"')
         elif section == "FileLocations":
             d = dict(re.findall(r"(\w+)=(\d+)", rest))
-            locs[i] = (files.get(int(d["file_name_id"]), "?"), funcs.get(int(d["function_name_id"]), "?"), int(d.get("line", 0)))
+            locs[i] = (
+                files.get(int(d["file_name_id"]), "?"),
+                funcs.get(int(d["function_name_id"]), "?"),
+                int(d.get("line", 0)),
+            )
         elif section == "StackFrames":
             d = dict(re.findall(r"(\w+)=(\d+)", rest))
-            frames[i] = (int(d["file_location_id"]), int(d["parent_frame_id"]) - 1)  # parent printed 1-based
+            # parent printed 1-based
+            frames[i] = (int(d["file_location_id"]), int(d["parent_frame_id"]) - 1)
 
     def frame_cat(fid: int) -> str:
         seen = 0
@@ -179,7 +201,15 @@ def hlo_categories(hlo_text: str) -> dict[str, tuple[str, str, str]]:
         op_name = op_name.group(1) if op_name else ""
         sf = re.search(r"stack_frame_id=(\d+)", rest)
         cat = frame_cat(int(sf.group(1))) if sf else "other"
-        direction = "bwd" if ("transpose(" in op_name or "rematted_computation" in op_name or "checkpoint" in op_name) else "fwd"
+        direction = (
+            "bwd"
+            if (
+                "transpose(" in op_name
+                or "rematted_computation" in op_name
+                or "checkpoint" in op_name
+            )
+            else "fwd"
+        )
         out[name] = (cat, direction, kind)
     return out
 
@@ -217,9 +247,15 @@ def main(argv=None) -> int:
     )
 
     add_override_argument(ap)
-    ap.add_argument("--logdir", default=None, help="keep the trace here (default: a temporary folder)")
-    ap.add_argument("--dump", default=None, metavar="DIR",
-                    help="write the compiled HLO (step.hlo.txt) and each instruction's s/step (ops.json) here")
+    ap.add_argument(
+        "--logdir", default=None, help="keep the trace here (default: a temporary folder)"
+    )
+    ap.add_argument(
+        "--dump",
+        default=None,
+        metavar="DIR",
+        help="write the compiled HLO (step.hlo.txt) and each instruction's s/step (ops.json) here",
+    )
     a = ap.parse_args(argv)
 
     from fwi_jax.host import tune_cpu_host
@@ -234,8 +270,15 @@ def main(argv=None) -> int:
     from fwi_jax.optim import make_optimizer
     from fwi_jax.train import create_train_state, make_train_step
 
-    cfg = load_config(a.config, [*a.set, f"model.dtype={a.dtype}", f"model.attention={a.attention}",
-                                 f"model.remat={a.remat}"])
+    cfg = load_config(
+        a.config,
+        [
+            *a.set,
+            f"model.dtype={a.dtype}",
+            f"model.attention={a.attention}",
+            f"model.remat={a.remat}",
+        ],
+    )
     graphdef, params = create_model(cfg, seed=0)
     tx, schedule = make_optimizer(cfg, total_steps=1000)
     step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)
@@ -281,24 +324,46 @@ def main(argv=None) -> int:
         out = pathlib.Path(a.dump)
         out.mkdir(parents=True, exist_ok=True)
         (out / "step.hlo.txt").write_text(compiled.as_text())
-        (out / "ops.json").write_text(json.dumps({op: v / 1e9 for op, v in per_op.items()}, indent=0))
+        (out / "ops.json").write_text(
+            json.dumps({op: v / 1e9 for op, v in per_op.items()}, indent=0)
+        )
     wall, cpu = statistics.median(walls), statistics.median(cpus)
 
-    print(f"config {a.config} {' '.join(a.set)} batch {a.batch} {a.dtype}, attention {a.attention} "
-          f"(= {resolve_impl(a.attention)}), remat {a.remat}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"compile {compile_s:.1f} s; step wall {wall:.2f} s, CPU {cpu:.2f} s/step; load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"sum of traced instruction time {total / 1e9:.2f} s/step over {len(leaf) // a.steps} instruction "
-          f"executions/step; per runtime thread (busy s/step): "
-          + ", ".join(f"{k.split('/')[0]}#{i}: {v / 1e9:.2f}" for i, (k, v) in enumerate(sorted(busy.items(), key=lambda kv: -kv[1])[:6])))
-    print("\n| part | forward s | backward (+ recompute) s | total s | share of traced time |\n|---|---:|---:|---:|---:|")
+    print(
+        f"config {a.config} {' '.join(a.set)} batch {a.batch} {a.dtype}, attention {a.attention} "
+        f"(= {resolve_impl(a.attention)}), remat {a.remat}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
+    print(
+        f"compile {compile_s:.1f} s; step wall {wall:.2f} s, CPU {cpu:.2f} s/step; load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    print(
+        f"sum of traced instruction time {total / 1e9:.2f} s/step over {len(leaf) // a.steps} "
+        "instruction "
+        f"executions/step; per runtime thread (busy s/step): "
+        + ", ".join(
+            f"{k.split('/')[0]}#{i}: {v / 1e9:.2f}"
+            for i, (k, v) in enumerate(sorted(busy.items(), key=lambda kv: -kv[1])[:6])
+        )
+    )
+    print(
+        "\n| part | forward s | backward (+ recompute) s | total s | share of traced time "
+        "|\n|---|---:|---:|---:|---:|"
+    )
     for cat in CATEGORIES:
         f, b = per.get((cat, "fwd"), 0.0), per.get((cat, "bwd"), 0.0)
         if f + b == 0:
             continue
-        print(f"| {cat} | {f / 1e9:.2f} | {b / 1e9:.2f} | {(f + b) / 1e9:.2f} | {100 * (f + b) / total:.0f} % |")
-    print(f"| **sum** | {sum(v for (c, d), v in per.items() if d == 'fwd') / 1e9:.2f} | "
-          f"{sum(v for (c, d), v in per.items() if d == 'bwd') / 1e9:.2f} | {total / 1e9:.2f} | 100 % |")
+        print(
+            f"| {cat} | {f / 1e9:.2f} | {b / 1e9:.2f} | {(f + b) / 1e9:.2f} | "
+            f"{100 * (f + b) / total:.0f} % |"
+        )
+    print(
+        f"| **sum** | {sum(v for (c, d), v in per.items() if d == 'fwd') / 1e9:.2f} | "
+        f"{sum(v for (c, d), v in per.items() if d == 'bwd') / 1e9:.2f} | {total / 1e9:.2f} | 100 "
+        "% |"
+    )
     print("\n| instruction kind | s/step | share |\n|---|---:|---:|")
     for kind, v in sorted(per_kind.items(), key=lambda kv: -kv[1])[:8]:
         print(f"| {kind} | {v / 1e9:.2f} | {100 * v / total:.0f} % |")

@@ -31,9 +31,17 @@ def configure(threads: int | None = None) -> None:
         os.environ.setdefault("DEVITO_LANGUAGE", "C")
 
 
-def shot(v: np.ndarray, source_x: float, *, source_z: float = 20.0, receiver_x=None,
-         receiver_z: float = 10.0, t_end_ms: float = 1000.0, f0_khz: float = 0.015, nbl: int = 350
-         ) -> tuple[np.ndarray, float]:
+def shot(
+    v: np.ndarray,
+    source_x: float,
+    *,
+    source_z: float = 20.0,
+    receiver_x=None,
+    receiver_z: float = 10.0,
+    t_end_ms: float = 1000.0,
+    f0_khz: float = 0.015,
+    nbl: int = 350,
+) -> tuple[np.ndarray, float]:
     """One shot of the recipe. v: (nx, nz) km/s on a 1 m grid (axis 0 = x, axis 1 = depth).
 
     Returns (traces (num, R) float32 after the one-sample shift, dt in ms)."""
@@ -42,8 +50,15 @@ def shot(v: np.ndarray, source_x: float, *, source_z: float = 20.0, receiver_x=N
 
     receiver_x = np.arange(0, 301, 10.0) if receiver_x is None else np.asarray(receiver_x, float)
     v = np.ascontiguousarray(v, np.float32)
-    model = Model(vp=v, origin=(0.0, 0.0), shape=v.shape, spacing=(1.0, 1.0), space_order=2,
-                  nbl=nbl, bcs="damp")
+    model = Model(
+        vp=v,
+        origin=(0.0, 0.0),
+        shape=v.shape,
+        spacing=(1.0, 1.0),
+        space_order=2,
+        nbl=nbl,
+        bcs="damp",
+    )
     dt = model.critical_dt
     time_range = TimeAxis(start=0.0, stop=t_end_ms, step=dt)
     src = RickerSource(name="src", grid=model.grid, f0=f0_khz, time_range=time_range)

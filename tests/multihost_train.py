@@ -32,9 +32,17 @@ def main() -> None:
 
     summary = train(cfg, workdir, progress=False, on_batch=record)
     with open(out.format(process=jax.process_index()), "w") as f:
-        json.dump({"process": jax.process_index(), "processes": jax.process_count(),
-                   "local_devices": jax.local_device_count(), "devices": jax.device_count(),
-                   "read": read, "summary": {k: v for k, v in summary.items() if k != "traces"}}, f)
+        json.dump(
+            {
+                "process": jax.process_index(),
+                "processes": jax.process_count(),
+                "local_devices": jax.local_device_count(),
+                "devices": jax.device_count(),
+                "read": read,
+                "summary": {k: v for k, v in summary.items() if k != "traces"},
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":

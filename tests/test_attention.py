@@ -31,11 +31,14 @@ def rope_2d(x: jax.Array, grid: tuple[int, int], n_prefix: int = 1) -> jax.Array
     d = x.shape[-1]
     rows, cols = jnp.meshgrid(jnp.arange(grid[0]), jnp.arange(grid[1]), indexing="ij")
     freqs = 1.0 / (10000.0 ** (jnp.arange(d // 4) / (d // 4)))
-    angles = jnp.concatenate([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], axis=-1)  # (P, D/2)
+    # (P, D/2)
+    angles = jnp.concatenate([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], axis=-1)
     angles = jnp.repeat(angles, 2, axis=-1)[:, None, :]  # (P, 1, D): same angle for each pair
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     prefix, patches = x[:, :n_prefix], x[:, n_prefix:]
-    rotated_half = jnp.stack([-patches[..., 1::2], patches[..., ::2]], axis=-1).reshape(patches.shape)
+    rotated_half = jnp.stack([-patches[..., 1::2], patches[..., ::2]], axis=-1).reshape(
+        patches.shape
+    )
     return jnp.concatenate([prefix, patches * cos + rotated_half * sin], axis=1)
 
 
@@ -73,9 +76,20 @@ def _check_with_rope(ours, seed=0, cotangent_seed=9, head_dim=16, batch=2, heads
         np.testing.assert_allclose(g, r, atol=ATOL, rtol=RTOL, err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("impl,block", [("blockwise", 64), ("blockwise", 50), ("blockwise", 512),
-                                        ("query_blocks", 64), ("query_blocks", 50), ("query_blocks", 512),
-                                        ("fused_cpu", 64), ("fused_cpu", 50), ("fused_cpu", 512)])
+@pytest.mark.parametrize(
+    "impl,block",
+    [
+        ("blockwise", 64),
+        ("blockwise", 50),
+        ("blockwise", 512),
+        ("query_blocks", 64),
+        ("query_blocks", 50),
+        ("query_blocks", 512),
+        ("fused_cpu", 64),
+        ("fused_cpu", 50),
+        ("fused_cpu", 512),
+    ],
+)
 def test_forward_and_gradients_match_with_rope(impl, block):
     _check_with_rope(lambda q, k, v: attention(q, k, v, impl=impl, block_size=block))
 
@@ -84,7 +98,9 @@ def test_forward_and_gradients_match_with_rope(impl, block):
 def test_fused_cpu_head_dims_with_rope(head_dim, block):
     """The C++ kernel's other micro-tile widths (head_dim 64: 4 AVX-512 vectors a row; 48: 3;
     32: 2; 16 above: 1) and ragged query blocks (7 rows: the 6-row micro-tile's remainders)."""
-    _check_with_rope(lambda q, k, v: attention(q, k, v, impl="fused_cpu", block_size=block), head_dim=head_dim)
+    _check_with_rope(
+        lambda q, k, v: attention(q, k, v, impl="fused_cpu", block_size=block), head_dim=head_dim
+    )
 
 
 @pytest.mark.parametrize("heads,block", [(3, 50), (1, 30)])
@@ -92,10 +108,14 @@ def test_fused_cpu_few_heads_split_query_blocks(heads, block):
     """Fewer batch x heads than twice the threads: each head's query blocks are cut into chunks
     (3 heads: 2 chunks of 2 of the 4 blocks; 1 head: 4 chunks of 2, 2, 2, 1 of the 7 blocks on 2
     threads) whose dK, dV partials are summed afterwards."""
-    _check_with_rope(lambda q, k, v: attention(q, k, v, impl="fused_cpu", block_size=block), batch=1, heads=heads)
+    _check_with_rope(
+        lambda q, k, v: attention(q, k, v, impl="fused_cpu", block_size=block), batch=1, heads=heads
+    )
 
 
-@pytest.mark.parametrize("impl,block", [("blockwise", 512), ("query_blocks", 256), ("fused_cpu", 128)])
+@pytest.mark.parametrize(
+    "impl,block", [("blockwise", 512), ("query_blocks", 256), ("fused_cpu", 128)]
+)
 def test_full_token_count(impl, block):
     """The real token count (1,980 patches + cls = 1,981, a multiple of neither block), one head
     to keep it cheap: forward, and the gradients of a random projection of the output."""
@@ -111,7 +131,8 @@ def test_full_token_count(impl, block):
 
 def _attention_float64(q, k, v, w):
     """Exact (float64, numpy) attention of float32 inputs: out and the gradients of sum(out * w)."""
-    q, k, v, w = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v, w))  # (B, H, N, D)
+    # (B, H, N, D)
+    q, k, v, w = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v, w))
     scale = q.shape[-1] ** -0.5
     s = scale * q @ k.swapaxes(-1, -2)
     p = np.exp(s - s.max(-1, keepdims=True))
@@ -135,8 +156,8 @@ def test_fused_cpu_score_profiles(profile):
 
     Tolerance: scores of magnitude 100-500 carry float32 rounding errors of ~|s| x 1e-7 whatever
     the order of summation, so both fused_cpu and XLA's float32 attention are compared with exact
-    (float64) attention: fused_cpu's error may be at most 3x XLA's plus 2e-6 (measured: 1.2-1.7x). The bugs named
-    above move entries by >= 1e-2."""
+    (float64) attention: fused_cpu's error may be at most 3x XLA's plus 2e-6 (measured: 1.2-1.7x).
+    The bugs named above move entries by >= 1e-2."""
     n, d = 600, 64
     q, k, v = _qkv((2, n, 2, d), seed=5)
     q = q.at[..., 0].set(8.0)
@@ -156,14 +177,18 @@ def test_fused_cpu_score_profiles(profile):
     for name, o, x, e in zip(["out", "dq", "dk", "dv"], ours, xla, exact):
         assert np.abs(e).max() > 1e-2, f"{name} trivially small: the test could not fail"
         err, err_xla = np.abs(np.asarray(o) - e).max(), np.abs(np.asarray(x) - e).max()
-        assert err <= 3 * err_xla + 2e-6, f"{name}: fused_cpu off by {err:.2e}, XLA's float32 by {err_xla:.2e}"
+        assert err <= 3 * err_xla + 2e-6, (
+            f"{name}: fused_cpu off by {err:.2e}, XLA's float32 by {err_xla:.2e}"
+        )
 
 
 @pytest.mark.parametrize("impl", ["blockwise", "query_blocks"])
 def test_never_materialises_the_score_matrix(impl):
     n, block = 197, 64
     q, k, v = _qkv((1, n, 2, 16))
-    grad = lambda impl: jax.grad(lambda q, k, v: attention(q, k, v, impl=impl, block_size=block).sum(), argnums=(0, 1, 2))
+    grad = lambda impl: jax.grad(
+        lambda q, k, v: attention(q, k, v, impl=impl, block_size=block).sum(), argnums=(0, 1, 2)
+    )
     square = f"{n},{n}]"
     assert square in str(jax.make_jaxpr(grad("xla"))(q, k, v))  # the check can see an (N, N) array
     assert square not in str(jax.make_jaxpr(grad(impl))(q, k, v))
@@ -182,12 +207,21 @@ def test_bfloat16_inputs_accumulate_in_float32(impl):
     assert out.dtype == jnp.bfloat16
     ref = _reference(*(a.astype(jnp.float32) for a in (q, k, v)))
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=2e-2, rtol=2e-2)
-    grads = jax.grad(lambda q: attention(q, k, v, impl=impl, block_size=64).astype(jnp.float32).sum())(q)
+    grads = jax.grad(
+        lambda q: attention(q, k, v, impl=impl, block_size=64).astype(jnp.float32).sum()
+    )(q)
     assert grads.dtype == jnp.bfloat16 and bool(jnp.isfinite(grads.astype(jnp.float32)).all())
 
 
 def test_auto_rule_and_errors():
-    assert set(IMPLEMENTATIONS) == {"xla", "cudnn", "blockwise", "query_blocks", "fused_cpu", "auto"}
+    assert set(IMPLEMENTATIONS) == {
+        "xla",
+        "cudnn",
+        "blockwise",
+        "query_blocks",
+        "fused_cpu",
+        "auto",
+    }
     device = jax.local_devices()[0]
     if device.platform == "cpu":
         assert resolve_impl("auto") == "fused_cpu"  # this machine has a C++ compiler (CI too)
@@ -201,7 +235,9 @@ def test_auto_rule_and_errors():
     with pytest.raises(ValueError, match="unknown attention implementation"):
         resolve_impl("flash")
     with pytest.raises(ValueError, match="one shape"):
-        attention(jnp.zeros((1, 8, 1, 8)), jnp.zeros((1, 9, 1, 8)), jnp.zeros((1, 8, 1, 8)), impl="xla")
+        attention(
+            jnp.zeros((1, 8, 1, 8)), jnp.zeros((1, 9, 1, 8)), jnp.zeros((1, 8, 1, 8)), impl="xla"
+        )
     with pytest.raises(ValueError, match="unknown attention implementation 'einsum'"):
         resolve_impl("einsum")  # the maths of xla: not offered
 
@@ -224,7 +260,9 @@ def _ffi_forward_calls(jaxpr) -> int:
     """fused_cpu forward kernel calls in a jaxpr, nested jaxprs included."""
     n = 0
     for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "ffi_call" and "forward" in str(eqn.params.get("target_name", ""))
+        n += eqn.primitive.name == "ffi_call" and "forward" in str(
+            eqn.params.get("target_name", "")
+        )
         for param in eqn.params.values():
             sub = getattr(param, "jaxpr", param)
             if hasattr(sub, "eqns"):

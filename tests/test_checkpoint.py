@@ -28,8 +28,10 @@ from fwi_jax.storage import StorageError, require_writable
 
 
 def _state(k: float) -> dict:
-    return {"params": {"w": jnp.arange(50_000, dtype=jnp.float32) + k, "b": jnp.full((3,), k)},
-            "step": jnp.asarray(int(k), jnp.int32)}
+    return {
+        "params": {"w": jnp.arange(50_000, dtype=jnp.float32) + k, "b": jnp.full((3,), k)},
+        "step": jnp.asarray(int(k), jnp.int32),
+    }
 
 
 def _run(directory, steps=(2, 4, 6), keep=3) -> TrainCheckpoints:
@@ -86,7 +88,7 @@ def test_none_intact_refuses_with_every_reason(tmp_path):
         TrainCheckpoints(tmp_path / "ck").restore_newest_intact(_state(0), log=lambda _: None)
     msg = str(e.value)
     assert "\n" not in msg and "no intact checkpoint" in msg
-    assert f"{ckpts.path(4)}: " in msg and "'Item \"state\" was not found" in msg
+    assert f"{ckpts.path(4)}: " in msg and '\'Item "state" was not found' in msg
     assert f"{ckpts.path(2)}: " in msg
     assert not list((tmp_path / "ck").glob("*.damaged"))  # nothing renamed when nothing restores
 

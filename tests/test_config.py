@@ -25,16 +25,25 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 def test_set_takes_several_values_and_repeats():
     ap = argparse.ArgumentParser()
     add_override_argument(ap)
-    args = ap.parse_args(["--set", "train.lr=1e-4", "model.dtype=bfloat16", "--set", "train.epochs=2"])
+    args = ap.parse_args(
+        ["--set", "train.lr=1e-4", "model.dtype=bfloat16", "--set", "train.epochs=2"]
+    )
     assert args.set == ["train.lr=1e-4", "model.dtype=bfloat16", "train.epochs=2"]
     cfg = load_config("demo", args.set)
     assert (cfg.train.lr, cfg.model.dtype, cfg.train.epochs) == (1e-4, "bfloat16", 2)
 
 
-@pytest.mark.parametrize("parse", [
-    lambda a: train.build_parser().parse_args(["--config", "demo", *a]).set,
-    lambda a: infer.build_parser().parse_args(["--data", "d", "--checkpoints", "c", "--out", "o.npz", *a]).set,
-])
+@pytest.mark.parametrize(
+    "parse",
+    [
+        lambda a: train.build_parser().parse_args(["--config", "demo", *a]).set,
+        lambda a: (
+            infer.build_parser()
+            .parse_args(["--data", "d", "--checkpoints", "c", "--out", "o.npz", *a])
+            .set
+        ),
+    ],
+)
 def test_commands_keep_every_override(parse):
     # an earlier nargs="*" option kept only the last --set: every command now shares one definition
     assert parse(["--set", "a=1", "b=2", "--set", "c=3"]) == ["a=1", "b=2", "c=3"]
@@ -49,21 +58,41 @@ def test_demo_rejects_unknown_keys(capsys):
 
 def test_constant_channel_once_parses_and_is_checked_at_load(tmp_path):
     assert load_config("demo").model.constant_channel_once is True
-    assert load_config("demo", ["model.constant_channel_once=false"]).model.constant_channel_once is False
+    assert (
+        load_config("demo", ["model.constant_channel_once=false"]).model.constant_channel_once
+        is False
+    )
     with pytest.raises(ConfigError, match="constant_channel_once='maybe': expected true or false"):
         load_config("demo", ["model.constant_channel_once=maybe"])
     bad = load_config("demo").to_dict()
     bad["model"]["constant_channel_once"] = "no"  # a hand-edited JSON config
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(bad))
-    with pytest.raises(ConfigError, match="model.constant_channel_once='no': expected true or false"):
+    with pytest.raises(
+        ConfigError, match="model.constant_channel_once='no': expected true or false"
+    ):
         load_config(str(path))
+
+
 def _commands(tmp_path):
     """Each command's argv up to --set: every one would run if its config were good."""
     return {
-        "train": (train.main, ["--config", "demo", "--workdir", str(tmp_path / "run"), "--no-progress"]),
-        "infer": (infer.main, ["--data", str(tmp_path), "--checkpoints", str(tmp_path / "run"),
-                               "--out", str(tmp_path / "sub.npz"), "--no-progress"]),
+        "train": (
+            train.main,
+            ["--config", "demo", "--workdir", str(tmp_path / "run"), "--no-progress"],
+        ),
+        "infer": (
+            infer.main,
+            [
+                "--data",
+                str(tmp_path),
+                "--checkpoints",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "sub.npz"),
+                "--no-progress",
+            ],
+        ),
         "demo": (demo.main, ["--workdir", str(tmp_path / "demo"), "--no-progress"]),
     }
 
@@ -81,11 +110,17 @@ def test_misspelt_choice_is_one_error_line_naming_the_choices(key, tmp_path, cap
 @pytest.mark.parametrize("command", ["train", "infer", "demo"])
 def test_misspelt_optimizer_exits_2_without_traceback(command, tmp_path):
     _, argv = _commands(tmp_path)[command]
-    proc = subprocess.run([sys.executable, "-m", f"fwi_jax.{command}", *argv, "--set", "train.optimizer=adamx"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"fwi_jax.{command}", *argv, "--set", "train.optimizer=adamx"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: train.optimizer='adamx' is not a valid choice: choose one of adamw, muon"]
+        "error: train.optimizer='adamx' is not a valid choice: choose one of adamw, muon"
+    ]
 
 
 def test_choices_match_the_code_that_acts_on_them():

@@ -20,8 +20,20 @@ def test_convert_cli_writes_a_loadable_params_checkpoint(tmp_path):
     torch.save({f"_orig_mod.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "ref.pth")
     cfg_file = tmp_path / "small.json"
     cfg_file.write_text(cfg.to_json())
-    out = subprocess.run([sys.executable, "-m", "fwi_jax.convert", str(tmp_path / "ref.pth"), "--config",
-                          str(cfg_file), "--out", str(tmp_path / "ckpt")], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fwi_jax.convert",
+            str(tmp_path / "ref.pth"),
+            "--config",
+            str(cfg_file),
+            "--out",
+            str(tmp_path / "ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     loaded_cfg, params = load_params(tmp_path / "ckpt")
     assert loaded_cfg == cfg
@@ -36,8 +48,23 @@ def test_convert_cli_wrong_config_fails_with_key_list(tmp_path):
     cfg = small_cfg()
     ref = ReferenceModel(cfg, pretrained_grid=False)
     torch.save(ref.state_dict(), tmp_path / "ref.pth")
-    out = subprocess.run([sys.executable, "-m", "fwi_jax.convert", str(tmp_path / "ref.pth"), "--config",
-                          "base_s6", "--out", str(tmp_path / "ckpt")], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fwi_jax.convert",
+            str(tmp_path / "ref.pth"),
+            "--config",
+            "base_s6",
+            "--out",
+            str(tmp_path / "ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
-    assert "does not fit config 'base_s6'" in out.stderr and "missing: blocks/0/attn/q_proj/kernel" in out.stderr
+    assert (
+        "does not fit config 'base_s6'" in out.stderr
+        and "missing: blocks/0/attn/q_proj/kernel" in out.stderr
+    )
     assert not (tmp_path / "ckpt").exists()

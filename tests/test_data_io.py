@@ -53,7 +53,8 @@ def test_read_sample_without_velocity(tmp_path):
 
 
 def _corrupt(folder, kind):
-    """Break one file of a good sample in the way ``kind`` names; returns (file name, message regex)."""
+    """Break one file of a good sample in the way ``kind`` names; returns (file name, message
+    regex)."""
     shot = folder / SHOT_FILES[2]
     vp = folder / VELOCITY_FILE
     if kind == "missing":
@@ -84,7 +85,8 @@ def _corrupt(folder, kind):
         return SHOT_FILES[2], "not a .npy file"
     if kind == "object":
         a = np.empty((10001, 31), dtype=object)
-        np.save(shot, a, allow_pickle=True)  # writing a hostile file for the test; never loaded with pickle
+        # writing a hostile file for the test; never loaded with pickle
+        np.save(shot, a, allow_pickle=True)
         return SHOT_FILES[2], "object array"
     if kind == "range":
         a = np.load(vp)
@@ -166,8 +168,14 @@ def test_check_cli_reports_all_and_exits_nonzero(tmp_path):
     cmd = [sys.executable, "-m", "fwi_jax.data", "check", str(tmp_path), "--no-progress"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
-    assert "BAD bad_dtype:" in r.stdout and "BAD bad_truncated:" in r.stdout and "BAD ok" not in r.stdout
+    assert (
+        "BAD bad_dtype:" in r.stdout
+        and "BAD bad_truncated:" in r.stdout
+        and "BAD ok" not in r.stdout
+    )
     assert "1 of 3 samples good, 2 bad" in r.stdout
     (tmp_path / "l.txt").write_text("ok\n")
-    r = subprocess.run(cmd + ["--list", str(tmp_path / "l.txt")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        cmd + ["--list", str(tmp_path / "l.txt")], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stdout + r.stderr

@@ -33,7 +33,10 @@ def folders(tmp_path_factory):
 def stores(folders, tmp_path_factory):
     root, ids = folders
     out = tmp_path_factory.mktemp("stores")
-    return {d: (out / d, pack.pack(root / "train", out / d, dtype=d, progress=False)) for d in pack.DTYPES}
+    return {
+        d: (out / d, pack.pack(root / "train", out / d, dtype=d, progress=False))
+        for d in pack.DTYPES
+    }
 
 
 def test_pack_float32_bit_exact(folders, stores):
@@ -70,16 +73,20 @@ def test_pack_float16_within_rounding(folders, stores):
         xf, vf = io.read_sample(root / "train" / i)
         e = src[k]
         assert e["x"].dtype == np.float32 and e["x"].shape == xf.shape
-        np.testing.assert_array_equal(e["x"], xf.astype(np.float16).astype(np.float32))  # exactly rounded
-        np.testing.assert_allclose(e["x"], xf, rtol=2.0 ** -11, atol=2.0 ** -24)
+        # exactly rounded
+        np.testing.assert_array_equal(e["x"], xf.astype(np.float16).astype(np.float32))
+        np.testing.assert_allclose(e["x"], xf, rtol=2.0**-11, atol=2.0**-24)
         np.testing.assert_array_equal(e["v"], vf)  # velocities stay float32
 
 
 def test_half_to_float32_every_finite_half():
     h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
     h = h[np.isfinite(h)]
-    np.testing.assert_array_equal(pack.half_to_float32(h).view(np.uint32), h.astype(np.float32).view(np.uint32))
-    x = np.random.default_rng(0).standard_normal((3, 70001)).astype(np.float16)  # several chunks, a ragged one
+    np.testing.assert_array_equal(
+        pack.half_to_float32(h).view(np.uint32), h.astype(np.float32).view(np.uint32)
+    )
+    # several chunks, a ragged one
+    x = np.random.default_rng(0).standard_normal((3, 70001)).astype(np.float16)
     out = np.empty(x.shape, np.float32)
     assert pack.half_to_float32(x, out) is out
     np.testing.assert_array_equal(out, x.astype(np.float32))
@@ -90,18 +97,49 @@ def test_pack_without_velocity_and_eval_loader(folders, tmp_path):
     index = pack.pack(root / "test", tmp_path / "p", progress=False)
     assert not index["has_velocity"] and index["v_shape"] is None
     assert not (tmp_path / "p" / "v.npy").exists()
-    batches = list(make_loader(Config(), tmp_path / "p", None, train=False, batch_size=2, workers=0,
-                               process_index=0, process_count=1))
-    assert [list(map(str, b["id"])) for b in batches] == [["t0", "t1"], ["t2"]] and "v" not in batches[0]
+    batches = list(
+        make_loader(
+            Config(),
+            tmp_path / "p",
+            None,
+            train=False,
+            batch_size=2,
+            workers=0,
+            process_index=0,
+            process_count=1,
+        )
+    )
+    assert [list(map(str, b["id"])) for b in batches] == [
+        ["t0", "t1"],
+        ["t2"],
+    ] and "v" not in batches[0]
     np.testing.assert_array_equal(batches[1]["x"][0], io.read_sample(root / "test" / "t2")[0])
-    from_folders = list(make_loader(Config(), root / "test", None, train=False, batch_size=2, workers=0,
-                                    process_index=0, process_count=1))  # ids None: every sub-folder
+    from_folders = list(
+        make_loader(
+            Config(),
+            root / "test",
+            None,
+            train=False,
+            batch_size=2,
+            workers=0,
+            process_index=0,
+            process_count=1,
+        )
+    )  # ids None: every sub-folder
     for a, b in zip(batches, from_folders, strict=True):
         assert sorted(a) == sorted(b)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
     with pytest.raises(io.DataError, match="v.npy: missing file"):
-        make_loader(Config(), tmp_path / "p", None, train=True, batch_size=2, process_index=0, process_count=1)
+        make_loader(
+            Config(),
+            tmp_path / "p",
+            None,
+            train=True,
+            batch_size=2,
+            process_index=0,
+            process_count=1,
+        )
 
 
 def test_pack_atomic_on_failure(folders, tmp_path, monkeypatch):
@@ -161,7 +199,9 @@ def test_loader_packed_equals_folders(folders, stores):
     root, ids = folders
     cfg = Config().replace(**{"data.flip_p": 0.5, "data.prefetch": 2})
     subset = [ids[3], ids[0], ids[4], ids[1]]
-    kw = dict(train=True, batch_size=2, seed=5, num_epochs=3, workers=0, process_index=0, process_count=1)
+    kw = dict(
+        train=True, batch_size=2, seed=5, num_epochs=3, workers=0, process_index=0, process_count=1
+    )
     ref = list(make_loader(cfg, root / "train", subset, **kw))
     got = list(make_loader(cfg, stores["float32"][0], subset, **kw))
     assert len(ref) == len(got) == 6
@@ -173,7 +213,8 @@ def test_loader_packed_equals_folders(folders, stores):
     for a, b in zip(ref, half):
         assert list(a["id"]) == list(b["id"])
         np.testing.assert_array_equal(a["v"], b["v"])
-        np.testing.assert_array_equal(a["x"].astype(np.float16).astype(np.float32), b["x"])  # flips too
+        # flips too
+        np.testing.assert_array_equal(a["x"].astype(np.float16).astype(np.float32), b["x"])
     with pytest.raises(io.DataError, match="2 requested id.*nope1, nope2"):
         make_loader(cfg, stores["float32"][0], ["nope1", ids[0], "nope2"], **kw)
 
@@ -187,8 +228,13 @@ def test_stack_batch_equals_grain_batching_of_flipped(stores, dtype):
     src = pack.PackedSource(stores[dtype][0], None, raw=True)
     flips = [True, False, True]
     rng = np.random.default_rng(0)
-    eager = [RandomFlip(float(f)).random_map(pack.PackedSource(stores[dtype][0])[i], rng) for i, f in enumerate(flips)]
-    deferred = [RandomFlip(float(f), defer=True).random_map(src[i], rng) for i, f in enumerate(flips)]
+    eager = [
+        RandomFlip(float(f)).random_map(pack.PackedSource(stores[dtype][0])[i], rng)
+        for i, f in enumerate(flips)
+    ]
+    deferred = [
+        RandomFlip(float(f), defer=True).random_map(src[i], rng) for i, f in enumerate(flips)
+    ]
     assert [pack.FLIP in e for e in deferred] == flips
     want, got = make_batch(eager), pack.StackBatch()(deferred)
     assert sorted(got) == sorted(want) == ["id", "v", "x"]
@@ -261,8 +307,18 @@ def test_read_sample_fast_path_equals_checked_path(tmp_path):
 def test_pack_cli(folders, tmp_path):
     root, ids = folders
     (tmp_path / "l.txt").write_text(f"{ids[2]}\n{ids[0]}\n")
-    cmd = [sys.executable, "-m", "fwi_jax.data", "pack", str(root / "train"), str(tmp_path / "p"),
-           "--list", str(tmp_path / "l.txt"), "--float16", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fwi_jax.data",
+        "pack",
+        str(root / "train"),
+        str(tmp_path / "p"),
+        "--list",
+        str(tmp_path / "l.txt"),
+        "--float16",
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "packed 2 samples" in r.stdout
@@ -286,8 +342,15 @@ def test_float16_batches_cast_on_device_equal_host_converted(stores):
     host = cfg.replace(**{"data.host_dtype": "float32"})
     assert Config().data.host_dtype == "store"
     assert batch_x_dtype(cfg, store16) == np.float16
-    assert batch_x_dtype(host, store16) == batch_x_dtype(cfg, store32) == batch_x_dtype(cfg, store16.parent) == np.float32
-    kw = dict(train=True, batch_size=2, seed=3, num_epochs=2, workers=0, process_index=0, process_count=1)
+    assert (
+        batch_x_dtype(host, store16)
+        == batch_x_dtype(cfg, store32)
+        == batch_x_dtype(cfg, store16.parent)
+        == np.float32
+    )
+    kw = dict(
+        train=True, batch_size=2, seed=3, num_epochs=2, workers=0, process_index=0, process_count=1
+    )
     fast = list(make_loader(cfg, store16, None, **kw))
     ref = list(make_loader(host, store16, None, **kw))
     cast = jax.jit(lambda x: x.astype(jnp.float32))  # what the model does with its input first
@@ -302,7 +365,9 @@ def test_float16_batches_cast_on_device_equal_host_converted(stores):
     # every finite float16 (subnormals, -0 included) cast on the device is the exact float32
     h = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
     h = h[np.isfinite(h)]
-    np.testing.assert_array_equal(np.asarray(cast(jnp.asarray(h))).view(np.uint32), h.astype(np.float32).view(np.uint32))
+    np.testing.assert_array_equal(
+        np.asarray(cast(jnp.asarray(h))).view(np.uint32), h.astype(np.float32).view(np.uint32)
+    )
     with pytest.raises(ValueError, match="data.host_dtype='float64'"):
         make_loader(cfg.replace(**{"data.host_dtype": "float64"}), store16, None, **kw)
 
@@ -328,9 +393,13 @@ def test_buffer_pool_reuses_only_unreferenced_batches(stores):
     import jax
 
     cfg = Config().replace(**{"data.flip_p": 0.5, "data.prefetch": 1})
-    kw = dict(train=True, batch_size=2, seed=1, num_epochs=8, workers=0, process_index=0, process_count=1)
-    want = [{k: np.array(v) for k, v in b.items()}
-            for b in _batches_without_reuse(cfg, stores["float16"][0], kw)]  # no reuse
+    kw = dict(
+        train=True, batch_size=2, seed=1, num_epochs=8, workers=0, process_index=0, process_count=1
+    )
+    want = [
+        {k: np.array(v) for k, v in b.items()}
+        for b in _batches_without_reuse(cfg, stores["float16"][0], kw)
+    ]  # no reuse
     held, views, on_device, seen = [], [], [], set()
     for k, b in enumerate(make_loader(cfg, stores["float16"][0], None, **kw)):
         for key in want[k]:

@@ -21,8 +21,12 @@ def dataset(tmp_path_factory):
         (root / i).mkdir()
         for name in SHOT_FILES:
             np.save(root / i / name, rng.standard_normal((10001, 31), dtype=np.float32))
-        vp = (1.5 + 0.1 * k + np.linspace(0, 1, 300, dtype=np.float32)[:, None]
-              + np.zeros((300, 1259), np.float32))
+        vp = (
+            1.5
+            + 0.1 * k
+            + np.linspace(0, 1, 300, dtype=np.float32)[:, None]
+            + np.zeros((300, 1259), np.float32)
+        )
         np.save(root / i / VELOCITY_FILE, vp)
     return root, ids
 
@@ -45,8 +49,20 @@ def assert_same(a, b):
 
 def test_train_batches_shapes_and_epochs(dataset):
     root, ids = dataset
-    batches = list(make_loader(cfg(), root, ids, train=True, batch_size=2, seed=3, num_epochs=2,
-                               workers=0, process_index=0, process_count=1))
+    batches = list(
+        make_loader(
+            cfg(),
+            root,
+            ids,
+            train=True,
+            batch_size=2,
+            seed=3,
+            num_epochs=2,
+            workers=0,
+            process_index=0,
+            process_count=1,
+        )
+    )
     assert len(batches) == (2 * N) // 2  # 14 samples, none left over
     b = batches[0]
     assert b["x"].shape == (2, 6, 10000, 31) and b["x"].dtype == np.float32
@@ -59,8 +75,20 @@ def test_train_batches_shapes_and_epochs(dataset):
 
 def test_flip_consistent_with_read_sample(dataset):
     root, ids = dataset
-    batches = list(make_loader(cfg(0.5), root, ids, train=True, batch_size=1, seed=0, num_epochs=4,
-                               workers=0, process_index=0, process_count=1))
+    batches = list(
+        make_loader(
+            cfg(0.5),
+            root,
+            ids,
+            train=True,
+            batch_size=1,
+            seed=0,
+            num_epochs=4,
+            workers=0,
+            process_index=0,
+            process_count=1,
+        )
+    )
     flipped = 0
     for b in batches:
         x, v = read_sample(root / str(b["id"][0]))
@@ -118,30 +146,67 @@ def test_deterministic_and_resumable_whatever_workers(dataset, workers):
 
 def test_resume_exact(dataset):
     root, ids = dataset
-    loader = make_loader(cfg(), root, ids, train=True, batch_size=2, seed=1, workers=0,
-                         process_index=0, process_count=1)
+    loader = make_loader(
+        cfg(),
+        root,
+        ids,
+        train=True,
+        batch_size=2,
+        seed=1,
+        workers=0,
+        process_index=0,
+        process_count=1,
+    )
     uninterrupted = take(iter(loader), 8)
     it = iter(loader)
     take(it, 5)
     state = it.get_state()
-    fresh = iter(make_loader(cfg(), root, ids, train=True, batch_size=2, seed=1, workers=0,
-                             process_index=0, process_count=1))
+    fresh = iter(
+        make_loader(
+            cfg(),
+            root,
+            ids,
+            train=True,
+            batch_size=2,
+            seed=1,
+            workers=0,
+            process_index=0,
+            process_count=1,
+        )
+    )
     fresh.set_state(state)
     assert_same(take(fresh, 3), uninterrupted[5:])
 
 
 def test_eval_order_remainder_and_sharding(dataset):
     root, ids = dataset
-    batches = list(make_loader(cfg(), root, ids, train=False, batch_size=3, workers=0,
-                               process_index=0, process_count=1))
+    batches = list(
+        make_loader(
+            cfg(), root, ids, train=False, batch_size=3, workers=0, process_index=0, process_count=1
+        )
+    )
     assert [len(b["id"]) for b in batches] == [3, 3, 1]  # remainder kept in evaluation
     assert [str(i) for b in batches for i in b["id"]] == ids  # no shuffle, no flip
     x, v = read_sample(root / ids[4])
     np.testing.assert_array_equal(batches[1]["x"][1], x)
     np.testing.assert_array_equal(batches[1]["v"][1], v)
-    shards = [[str(i) for b in make_loader(cfg(), root, ids, train=False, batch_size=2, workers=0,
-                                          process_index=p, process_count=2) for i in b["id"]]
-              for p in range(2)]
+    shards = [
+        [
+            str(i)
+            for b in make_loader(
+                cfg(),
+                root,
+                ids,
+                train=False,
+                batch_size=2,
+                workers=0,
+                process_index=p,
+                process_count=2,
+            )
+            for i in b["id"]
+        ]
+        for p in range(2)
+    ]
     assert shards == [ids[0::2], ids[1::2]]  # disjoint, complete, each host reads only its share
     with pytest.raises(ValueError, match="multiple of the host count"):
         make_loader(cfg(), root, ids, train=True, batch_size=3, process_index=0, process_count=2)
@@ -160,7 +225,7 @@ def test_epoch_shuffle_permutes_each_epoch_deterministically():
     src = grain.MapDataset.range(n)
     ds = EpochShuffle(src, seed=7).repeat(4)
     seen = [ds[i] for i in range(4 * n)]
-    epochs = [seen[e * n:(e + 1) * n] for e in range(4)]
+    epochs = [seen[e * n : (e + 1) * n] for e in range(4)]
     assert all(sorted(e) == list(range(n)) for e in epochs)
     assert len({tuple(e) for e in epochs}) == 4 and epochs[0] != list(range(n))
     assert [ds[i] for i in reversed(range(4 * n))] == seen[::-1]  # any access order, cache evicted
@@ -174,8 +239,14 @@ def test_host_batches_pad_every_host_to_whole_global_batches(dataset):
     then a batch of padding only; padded rows are x 0, v 1, id "" and mask 0."""
     root, ids = dataset
     ids = ids[:5]
-    per_host = [list(host_batches(cfg(), root, ids, batch_size=2, velocity=True,
-                                  process_index=p, process_count=2)) for p in (0, 1)]
+    per_host = [
+        list(
+            host_batches(
+                cfg(), root, ids, batch_size=2, velocity=True, process_index=p, process_count=2
+            )
+        )
+        for p in (0, 1)
+    ]
     assert [len(h) for h in per_host] == [3, 3]
     for k in range(3):
         got = [str(i) for p in (0, 1) for i in per_host[p][k]["id"]]
@@ -187,8 +258,11 @@ def test_host_batches_pad_every_host_to_whole_global_batches(dataset):
     assert real["mask"].tolist() == [1.0]
     np.testing.assert_array_equal(real["x"][0], read_sample(root / "s04")[0])
     # one host, batch 2: the last batch is half padding; without velocity there is no "v"
-    one = list(host_batches(cfg(), root, ids, batch_size=2, velocity=False,
-                            process_index=0, process_count=1))
+    one = list(
+        host_batches(
+            cfg(), root, ids, batch_size=2, velocity=False, process_index=0, process_count=1
+        )
+    )
     assert [b["mask"].tolist() for b in one] == [[1, 1], [1, 1], [1, 0]]
     assert [b["id"].tolist() for b in one][-1] == ["s04", ""] and "v" not in one[0]
     assert not one[-1]["x"][1].any()

@@ -57,8 +57,18 @@ def test_split_cli(tmp_path):
     for i in first:
         (tmp_path / "first" / i).mkdir(parents=True)
     write_id_list(tmp_path / "extra.txt", ["e2", "e1"])
-    cmd = [sys.executable, "-m", "fwi_jax.data", "split", "--first", str(tmp_path / "first"),
-           "--extra", str(tmp_path / "extra.txt"), "--out", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fwi_jax.data",
+        "split",
+        "--first",
+        str(tmp_path / "first"),
+        "--extra",
+        str(tmp_path / "extra.txt"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     train, val = reference_split(first, ["e1", "e2"])
@@ -67,7 +77,11 @@ def test_split_cli(tmp_path):
     assert len(val) == 4 and len(train) == 18
     # the lists written are accepted back as --first input, giving the same split
     write_id_list(tmp_path / "first.txt", list(reversed(first)))
-    r = subprocess.run(cmd[:5] + [str(tmp_path / "first.txt")] + cmd[6:-1] + [str(tmp_path / "out2")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        cmd[:5] + [str(tmp_path / "first.txt")] + cmd[6:-1] + [str(tmp_path / "out2")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert read_id_list(tmp_path / "out2" / "val_f0.txt") == val

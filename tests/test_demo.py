@@ -15,11 +15,33 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_reduced_end_to_end(tmp_path):
-    sets = ["synth.n_train=16", "synth.n_val=4", "synth.n_test=4", f"synth.cache_dir={tmp_path / 'synth'}",
-            "train.epochs=2", "train.batch_size=4", "train.ema_start_epoch=1", "train.log_every_steps=2",
-            "model.dim=64", "model.heads=2", "model.depth=2", "model.split=1"]
-    cmd = [sys.executable, "-m", "fwi_jax.demo", "--workdir", str(tmp_path / "demo"), "--members", "2",
-           "--plots", "2", "--no-progress", *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        "synth.n_train=16",
+        "synth.n_val=4",
+        "synth.n_test=4",
+        f"synth.cache_dir={tmp_path / 'synth'}",
+        "train.epochs=2",
+        "train.batch_size=4",
+        "train.ema_start_epoch=1",
+        "train.log_every_steps=2",
+        "model.dim=64",
+        "model.heads=2",
+        "model.depth=2",
+        "model.split=1",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fwi_jax.demo",
+        "--workdir",
+        str(tmp_path / "demo"),
+        "--members",
+        "2",
+        "--plots",
+        "2",
+        "--no-progress",
+        *[a for s in sets for a in ("--set", s)],
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "mean-velocity-profile baseline" in proc.stdout

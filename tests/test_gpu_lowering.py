@@ -68,9 +68,16 @@ def test_the_check_rejects_cpu_only_calls():
     assert "fwi_attention_forward" in custom_calls(hlo)
     with pytest.raises(AssertionError, match="fwi_attention_forward"):
         assert_gpu_only(hlo)
-    with pytest.raises(ValueError, match="'fused_cpu' is a CPU kernel; the program is compiled for cuda"):
-        attention(jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 16)), jnp.zeros((1, 8, 1, 16)),
-                  impl="fused_cpu", platform="cuda")
+    with pytest.raises(
+        ValueError, match="'fused_cpu' is a CPU kernel; the program is compiled for cuda"
+    ):
+        attention(
+            jnp.zeros((1, 8, 1, 16)),
+            jnp.zeros((1, 8, 1, 16)),
+            jnp.zeros((1, 8, 1, 16)),
+            impl="fused_cpu",
+            platform="cuda",
+        )
     callback = lambda x: jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
     with pytest.raises(ValueError, match="lowering platform cuda"):
         lower_for_cuda(callback, spec((3,)))
@@ -104,13 +111,19 @@ def test_auto_attention_is_decided_for_the_target_platform(monkeypatch, capsys):
     assert _attention_impls(cfg, "cpu") == {"fused_cpu"}
     assert _attention_impls(cfg, None) == {"fused_cpu"}  # None: this process's backend, a CPU
     err = capsys.readouterr().err
-    assert err.count("model.attention=auto -> blockwise for cuda: this process sees no CUDA GPU") == 1
+    assert (
+        err.count("model.attention=auto -> blockwise for cuda: this process sees no CUDA GPU") == 1
+    )
     assert err.count("model.attention=auto -> fused_cpu for cpu") == 1
     assert resolve_impl("auto", "tpu") == resolve_impl("auto", "rocm") == "xla"
     with pytest.raises(ValueError, match="'cudnn' cannot run: this process sees no CUDA GPU"):
         resolve_impl("cudnn", "cuda")  # cuDNN cannot be traced without one
-    for capabilities, expected in ((["9.0"], "cudnn"), (["8.0", "8.6"], "cudnn"), (["7.0"], "blockwise"),
-                                   (["8.0", "7.5"], "blockwise")):
+    for capabilities, expected in (
+        (["9.0"], "cudnn"),
+        (["8.0", "8.6"], "cudnn"),
+        (["7.0"], "blockwise"),
+        (["8.0", "7.5"], "blockwise"),
+    ):
         fake = [_FakeGpu(c) for c in capabilities]
         monkeypatch.setattr(attention_module, "local_devices", lambda platform, fake=fake: fake)
         assert resolve_impl("auto", "cuda", 64, jnp.bfloat16) == expected, capabilities
@@ -142,7 +155,12 @@ TRAIN_CASES = [
 
 def test_train_cases_cover_every_pair():
     values = [sorted({case[i] for case in TRAIN_CASES}) for i in range(4)]
-    assert values == [["base_s6", "tiny_s8"], ["bfloat16", "float16"], ["blockwise", "xla"], ["full", "none"]]
+    assert values == [
+        ["base_s6", "tiny_s8"],
+        ["bfloat16", "float16"],
+        ["blockwise", "xla"],
+        ["full", "none"],
+    ]
     for i, j in itertools.combinations(range(4), 2):
         pairs = {(case[i], case[j]) for case in TRAIN_CASES}
         assert pairs == set(itertools.product(values[i], values[j])), (i, j)
@@ -156,7 +174,9 @@ def test_train_step_lowers_for_cuda(config, dtype, impl, remat):
     from fwi_jax.optim import make_optimizer
     from fwi_jax.train import create_train_state, make_train_step
 
-    cfg = load_config(config, [f"model.dtype={dtype}", f"model.attention={impl}", f"model.remat={remat}"])
+    cfg = load_config(
+        config, [f"model.dtype={dtype}", f"model.attention={impl}", f"model.remat={remat}"]
+    )
     graphdef, params = abstract_model(cfg, platform="cuda")
     tx, schedule = make_optimizer(cfg, total_steps=1000)
     state = jax.eval_shape(lambda p: create_train_state(cfg, p, tx), params)
@@ -185,12 +205,23 @@ def test_ensemble_inference_lowers_for_cuda():
         cfg = load_config(config, [f"model.dtype={dtype}"])
         graphdef, params = abstract_model(cfg, platform="cuda")
         stacked = jax.tree.map(lambda a, m=members: spec((m, *a.shape), a.dtype), params)
-        groups.append(Group(cfg=cfg, graphdef=graphdef, params=stacked, weights=spec((members,)),
-                            sources=[config] * members))
+        groups.append(
+            Group(
+                cfg=cfg,
+                graphdef=graphdef,
+                params=stacked,
+                weights=spec((members,)),
+                sources=[config] * members,
+            )
+        )
     g = groups[0].cfg.geometry
     fn = ensemble_fn(groups, tta=True, member_chunk=None, tta_in_batch=True)
-    hlo = lower_for_cuda(fn, tuple(gr.params for gr in groups), tuple(gr.weights for gr in groups),
-                         spec((4, 6, g.n_time, g.n_receivers)))
+    hlo = lower_for_cuda(
+        fn,
+        tuple(gr.params for gr in groups),
+        tuple(gr.weights for gr in groups),
+        spec((4, 6, g.n_time, g.n_receivers)),
+    )
     assert_gpu_only(hlo)
     assert "tensor<2x8x" in hlo  # both tiny members at once, on the batch and its flipped copy
 

@@ -47,7 +47,9 @@ def _probe(switch: str | None) -> dict:
     if switch is not None:
         env["FWI_JAX_CPU_TUNING"] = switch
     env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -63,16 +65,23 @@ def test_cpu_tuning_keeps_freed_memory_and_dispatches_synchronously():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
-@pytest.mark.parametrize("module,argv", [
-    ("fwi_jax.train", ["--config", "no_such_config"]),  # stops at load_config, after the tuning
-    ("fwi_jax.infer", ["--data", ".", "--checkpoints", "none", "--out", "x.txt"]),  # stops at the --out check
-])
+@pytest.mark.parametrize(
+    "module,argv",
+    [
+        ("fwi_jax.train", ["--config", "no_such_config"]),  # stops at load_config, after the tuning
+        # stops at the --out check
+        ("fwi_jax.infer", ["--data", ".", "--checkpoints", "none", "--out", "x.txt"]),
+    ],
+)
 def test_commands_apply_the_tuning_before_jax_starts(module, argv, tmp_path):
     """train and infer must tune before anything starts JAX's backends (jax.process_index() does:
     a call placed after it would only print "NOT applied")."""
     env = {k: v for k, v in os.environ.items() if k != "FWI_JAX_CPU_TUNING"}
     env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run([sys.executable, "-m", module, *argv], env=env, capture_output=True, text=True,
-                         cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", module, *argv], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "host: CPU tuning: synchronous dispatch; freed memory kept" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "host: CPU tuning: synchronous dispatch; freed memory kept" in out.stdout, (
+        out.stdout + out.stderr[-2000:]
+    )

@@ -48,7 +48,10 @@ def write_sample(folder: pathlib.Path, rng, velocity=True, bad=None):
     if velocity:
         # a smooth, depth-increasing field as in the competition, in [1.5, 4.5] km/s
         depth = np.linspace(1.5, 4.5, 1259)[None, :]
-        np.save(folder / "vp_model.npy", (depth + 0.05 * rng.standard_normal((300, 1259))).clip(1.5, 4.5).astype(np.float32))
+        np.save(
+            folder / "vp_model.npy",
+            (depth + 0.05 * rng.standard_normal((300, 1259))).clip(1.5, 4.5).astype(np.float32),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +89,10 @@ def inputs(n=2, seed=5):
 
 
 def predictor(paths, weights=None, **kw):
-    specs = [members_lib.MemberSpec(str(p), weight=w)
-             for p, w in zip(paths, weights or [1.0] * len(paths))]
+    specs = [
+        members_lib.MemberSpec(str(p), weight=w)
+        for p, w in zip(paths, weights or [1.0] * len(paths))
+    ]
     loaded = [members_lib.load_member(s) for s in specs]
     return ensemble.Predictor(ensemble.group_members(loaded), **kw)
 
@@ -111,7 +116,9 @@ def test_stacked_members_equal_mean_of_single_runs(members):
     for chunk in (2, None):
         chunked = predictor(members[:3], tta=False, member_chunk=chunk)
         assert np.abs(chunked(x) - np.mean(singles, axis=0)).max() <= TOL
-    assert ensemble.default_member_chunk(jax.devices()[0]) == (1 if jax.devices()[0].platform == "cpu" else None)
+    assert ensemble.default_member_chunk(jax.devices()[0]) == (
+        1 if jax.devices()[0].platform == "cpu" else None
+    )
     assert chunked.lower(x).compile().cost_analysis()["flops"] > 0
 
 
@@ -134,16 +141,27 @@ def test_tta_is_half_sum_of_prediction_and_unflipped_prediction_of_flip(members)
 def test_global_batch_ids_follow_the_loaders_host_shards():
     ids = [f"s{i}" for i in range(5)]
     # one host: plain order, the last batch padded
-    assert [global_batch_ids(ids, k, 2, 1) for k in range(3)] == [["s0", "s1"], ["s2", "s3"], ["s4", None]]
+    assert [global_batch_ids(ids, k, 2, 1) for k in range(3)] == [
+        ["s0", "s1"],
+        ["s2", "s3"],
+        ["s4", None],
+    ]
     # two hosts, 2 samples each per global batch of 4: host p reads ids[p::2] (the data pipeline's
     # host shard), and its slice comes second in device order for p = 1
-    assert [global_batch_ids(ids, k, 2, 2) for k in range(2)] == [["s0", "s2", "s1", "s3"],
-                                                                         ["s4", None, None, None]]
+    assert [global_batch_ids(ids, k, 2, 2) for k in range(2)] == [
+        ["s0", "s2", "s1", "s3"],
+        ["s4", None, None, None],
+    ]
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "fwi_jax.infer", "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fwi_jax.infer", "--no-progress", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,12 +171,30 @@ def cli_run(dataset, members, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("out")
     ens = out_dir / "ensemble.json"
     # relative paths are read from the ensemble file's folder
-    ens.write_text(json.dumps([{"checkpoint": os.path.relpath(members[0], out_dir), "weight": 1.0},
-                               {"checkpoint": str(members[1])},
-                               {"checkpoint": str(members[3]), "config": None, "weight": 2.0}]))
+    ens.write_text(
+        json.dumps(
+            [
+                {"checkpoint": os.path.relpath(members[0], out_dir), "weight": 1.0},
+                {"checkpoint": str(members[1])},
+                {"checkpoint": str(members[3]), "config": None, "weight": 2.0},
+            ]
+        )
+    )
     out = out_dir / "submission.npz"
-    proc = run_cli("--data", root, "--ensemble", ens, "--out", out, "--batch", 2, "--val", "--plot", 1,
-                   "--misfit")
+    proc = run_cli(
+        "--data",
+        root,
+        "--ensemble",
+        ens,
+        "--out",
+        out,
+        "--batch",
+        2,
+        "--val",
+        "--plot",
+        1,
+        "--misfit",
+    )
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -176,7 +212,8 @@ def test_submission_ids_dtype_shape_and_independent_mape(dataset, members, cli_r
         assert p.dtype == np.float64 and p.shape == (300, 1259)
         truth = np.load(root / sid / "vp_model.npy")  # (x, depth) like the submission
         scores[sid] = mean_absolute_percentage_error(truth.ravel(), p.ravel())  # sklearn's own MAPE
-    # per-sample CSV and printed mean agree with sklearn (eps differs: 1e-8 vs float64 eps, |Δ| < 1e-8)
+    # per-sample CSV and printed mean agree with sklearn (eps differs: 1e-8 vs float64 eps, |Δ| <
+    # 1e-8)
     lines = out.with_suffix(".csv").read_text().splitlines()
     assert lines[0] == "id,mape,misfit"
     rows = [line.split(",") for line in lines[1:]]
@@ -186,7 +223,9 @@ def test_submission_ids_dtype_shape_and_independent_mape(dataset, members, cli_r
     # --misfit: the data misfit of the first prediction, recomputed by the physics module
     from fwi_jax import physics
 
-    want_misfit = physics.misfit(physics.Forward(), preds[ids[0]], physics.read_observed(root / ids[0]))
+    want_misfit = physics.misfit(
+        physics.Forward(), preds[ids[0]], physics.read_observed(root / ids[0])
+    )
     assert float(rows[0][2]) == pytest.approx(want_misfit, rel=1e-5)
     printed = float(proc.stdout.split("validation MAPE ")[1].split()[0])
     assert abs(printed - np.mean(list(scores.values()))) < 1e-6
@@ -216,9 +255,22 @@ def test_one_and_four_devices_agree(dataset, members, tmp_path):
     root, ids = dataset
     outs = {}
     for n in (1, 4):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        env = dict(
+            os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
+        )
         out = tmp_path / f"sub{n}.npz"
-        proc = run_cli("--data", root, "--checkpoints", members[0], members[2], "--out", out, "--batch", 4, env=env)
+        proc = run_cli(
+            "--data",
+            root,
+            "--checkpoints",
+            members[0],
+            members[2],
+            "--out",
+            out,
+            "--batch",
+            4,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr
         assert f"{n} cpu device(s), global batch 4" in proc.stdout
         with np.load(out) as sub:
@@ -235,7 +287,9 @@ def test_bad_sample_stops_before_compute_and_leaves_no_file(dataset, members, tm
     data.mkdir()
     for sid in ids:
         (data / sid).symlink_to(root / sid)
-    write_sample(data / "broken_one", np.random.default_rng(1), bad=None if bad == "missing" else bad)
+    write_sample(
+        data / "broken_one", np.random.default_rng(1), bad=None if bad == "missing" else bad
+    )
     if bad == "missing":
         (data / "broken_one" / "receiver_data_src_225.npy").unlink()
     out = tmp_path / "submission.npz"
@@ -251,11 +305,15 @@ def test_user_errors_name_the_culprit(dataset, members, tmp_path):
     proc = run_cli("--data", root, "--checkpoints", tmp_path / "nope", "--out", tmp_path / "s.npz")
     assert proc.returncode == 2 and "nope does not exist" in proc.stderr
     (tmp_path / "ref.pth").write_bytes(b"")
-    proc = run_cli("--data", root, "--checkpoints", tmp_path / "ref.pth", "--out", tmp_path / "s.npz")
+    proc = run_cli(
+        "--data", root, "--checkpoints", tmp_path / "ref.pth", "--out", tmp_path / "s.npz"
+    )
     assert proc.returncode == 2 and "carries no config" in proc.stderr
     ids = tmp_path / "ids.txt"
     ids.write_text("1b\nnot_there\n")
-    proc = run_cli("--data", root, "--list", ids, "--checkpoints", members[0], "--out", tmp_path / "s.npz")
+    proc = run_cli(
+        "--data", root, "--list", ids, "--checkpoints", members[0], "--out", tmp_path / "s.npz"
+    )
     assert proc.returncode == 2 and "not_there" in proc.stderr
     assert list(tmp_path.glob("s*.npz")) == []
 
@@ -287,12 +345,23 @@ def test_reference_state_dict_through_cli_matches_pytorch(tmp_path):
     torch.save({f"_orig_mod.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "ref.pth")
     write_sample(tmp_path / "data" / "only", np.random.default_rng(2), velocity=False)
     out = tmp_path / "sub.npz"
-    proc = run_cli("--data", tmp_path / "data", "--checkpoints", tmp_path / "ref.pth", "--config", "tiny_s8",
-                   "--out", out, "--batch", 1)
+    proc = run_cli(
+        "--data",
+        tmp_path / "data",
+        "--checkpoints",
+        tmp_path / "ref.pth",
+        "--config",
+        "tiny_s8",
+        "--out",
+        out,
+        "--batch",
+        1,
+    )
     assert proc.returncode == 0, proc.stderr
     x = torch.from_numpy(read_sample(tmp_path / "data" / "only")[0][None])
     with torch.no_grad():
-        want = 0.5 * (ref(x) + ref(x.flip(1, 3)).flip(2))[0].numpy()  # flip: channels, receivers / x
+        # flip: channels, receivers / x
+        want = 0.5 * (ref(x) + ref(x.flip(1, 3)).flip(2))[0].numpy()
     with np.load(out) as sub:
         assert sub.files == ["only"]
         got = sub["only"].T
@@ -312,14 +381,26 @@ def test_reference_safetensors_small_grid_through_cli(tmp_path):
 
     cfg = small_cfg("geometry.head_patch=(56, 56)")
     ref = randomize_(ReferenceModel(cfg, pretrained_grid=False), seed=4).eval()
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "ref.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "ref.safetensors"
+    )
     (tmp_path / "small.json").write_text(cfg.to_json())
     rng = np.random.default_rng(3)
     for sid in ("a", "b"):
         write_sample(tmp_path / "data" / sid, rng, velocity=False)
     out = tmp_path / "sub.npz"
-    proc = run_cli("--data", tmp_path / "data", "--checkpoints", tmp_path / "ref.safetensors",
-                   "--config", tmp_path / "small.json", "--out", out, "--batch", 2)
+    proc = run_cli(
+        "--data",
+        tmp_path / "data",
+        "--checkpoints",
+        tmp_path / "ref.safetensors",
+        "--config",
+        tmp_path / "small.json",
+        "--out",
+        out,
+        "--batch",
+        2,
+    )
     assert proc.returncode == 0, proc.stderr
     x = torch.from_numpy(np.stack([read_sample(tmp_path / "data" / s)[0] for s in ("a", "b")]))
     with torch.no_grad():

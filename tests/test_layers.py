@@ -55,8 +55,9 @@ def test_dense_bfloat16_keeps_dtypes():
 def test_linear_has_nnx_linear_parameters_and_results():
     ours = linear(16, 40, dtype=jnp.float32, rngs=nnx.Rngs(0))
     plain = nnx.Linear(16, 40, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    assert jax.tree.map(jnp.shape, nnx.state(ours, nnx.Param).to_pure_dict()) == \
-        jax.tree.map(jnp.shape, nnx.state(plain, nnx.Param).to_pure_dict())
+    assert jax.tree.map(jnp.shape, nnx.state(ours, nnx.Param).to_pure_dict()) == jax.tree.map(
+        jnp.shape, nnx.state(plain, nnx.Param).to_pure_dict()
+    )
     nnx.update(ours, nnx.state(plain, nnx.Param))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 9, 16)), jnp.float32)
 
@@ -86,7 +87,8 @@ def test_backward_dots_contract_the_left_operands_last_axis(din, dout):
     assert ours and all(c == "1" for c in ours), ours
     plain = nnx.Linear(din, dout, rngs=nnx.Rngs(0))
     pgraph, pparams = nnx.split(plain)
-    assert "0" in contractions(lambda p, x: jnp.sum(nnx.merge(pgraph, p)(x) ** 2), pparams)  # the case we avoid
+    # the case we avoid
+    assert "0" in contractions(lambda p, x: jnp.sum(nnx.merge(pgraph, p)(x) ** 2), pparams)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -98,8 +100,10 @@ def test_layer_norm_matches_flax(dtype):
     dy = jnp.asarray(rng.standard_normal((3, 50, 48)), jnp.float32)
     ours = LayerNorm(48, epsilon=1e-6, dtype=dtype, rngs=nnx.Rngs(0))
     plain = nnx.LayerNorm(48, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    params = {"scale": jnp.asarray(1.0 + 0.3 * rng.standard_normal(48), jnp.float32),
-              "bias": jnp.asarray(0.2 * rng.standard_normal(48), jnp.float32)}
+    params = {
+        "scale": jnp.asarray(1.0 + 0.3 * rng.standard_normal(48), jnp.float32),
+        "bias": jnp.asarray(0.2 * rng.standard_normal(48), jnp.float32),
+    }
     for m in (ours, plain):
         m.scale.value, m.bias.value = params["scale"], params["bias"]
 
@@ -114,9 +118,15 @@ def test_layer_norm_matches_flax(dtype):
     if dtype == jnp.float32:
         check = close
     else:  # one bfloat16 rounding of y (and of dy's path through it): 2^-8 relative
+
         def check(got, want):
-            np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                       rtol=1e-2, atol=1e-2 * float(np.abs(np.asarray(want, np.float32)).max()))
+            np.testing.assert_allclose(
+                np.asarray(got, np.float32),
+                np.asarray(want, np.float32),
+                rtol=1e-2,
+                atol=1e-2 * float(np.abs(np.asarray(want, np.float32)).max()),
+            )
+
     check(y, y_ref)
     check(dx, dx_ref)
     for name in ("scale", "bias"):

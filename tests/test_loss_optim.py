@@ -37,7 +37,9 @@ def test_base_and_hard_losses_match_numpy():
     np.testing.assert_allclose(hard_mining_loss(pred, v), np.mean(e * w * h), rtol=1e-6)
     np.testing.assert_allclose(mape_per_sample(pred, v), e.mean(axis=(1, 2)), rtol=1e-6)
     assert get_loss("base") is base_loss and get_loss("hard") is hard_mining_loss
-    with pytest.raises(ConfigError, match="train.loss='l2' is not a valid choice: choose one of base, hard"):
+    with pytest.raises(
+        ConfigError, match="train.loss='l2' is not a valid choice: choose one of base, hard"
+    ):
         Config().replace(**{"train.loss": "l2"})  # checked when the config is made, not when used
 
 
@@ -58,7 +60,9 @@ def test_schedule_constant_half_then_cosine_to_final_factor():
     lr = np.array([f(s) for s in range(101)])
     np.testing.assert_allclose(lr[:50], tc.lr, rtol=1e-6)
     t = (np.arange(50, 101) - 50) / 50
-    expected = tc.lr * (tc.final_lr_factor + (1 - tc.final_lr_factor) * 0.5 * (1 + np.cos(np.pi * t)))
+    expected = tc.lr * (
+        tc.final_lr_factor + (1 - tc.final_lr_factor) * 0.5 * (1 + np.cos(np.pi * t))
+    )
     np.testing.assert_allclose(lr[50:], expected, rtol=1e-5)
     assert lr[-1] == pytest.approx(tc.lr * 1e-3, rel=1e-4)
 
@@ -76,21 +80,38 @@ def test_schedule_linear_warmup_then_the_reference_schedule():
 
 
 def test_weight_decay_only_on_matrices():
-    params = {"blocks": {"0": {"attn": {"qkv": {"kernel": jnp.ones((4, 12))}, "q_bias": jnp.ones(4)},
-                               "norm1": {"scale": jnp.ones(4), "bias": jnp.ones(4)}}},
-              "pos_embed": jnp.ones((1, 5, 4)), "cls_token": jnp.ones((1, 1, 4)),
-              "patch_embed": {"proj": {"kernel": jnp.ones((9, 4))}}}
+    params = {
+        "blocks": {
+            "0": {
+                "attn": {"qkv": {"kernel": jnp.ones((4, 12))}, "q_bias": jnp.ones(4)},
+                "norm1": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+            }
+        },
+        "pos_embed": jnp.ones((1, 5, 4)),
+        "cls_token": jnp.ones((1, 1, 4)),
+        "patch_embed": {"proj": {"kernel": jnp.ones((9, 4))}},
+    }
     m = decay_mask(params)
     assert m["blocks"]["0"]["attn"]["qkv"]["kernel"] and m["patch_embed"]["proj"]["kernel"]
-    assert not any([m["blocks"]["0"]["attn"]["q_bias"], m["blocks"]["0"]["norm1"]["scale"],
-                    m["blocks"]["0"]["norm1"]["bias"], m["pos_embed"], m["cls_token"]])
+    assert not any(
+        [
+            m["blocks"]["0"]["attn"]["q_bias"],
+            m["blocks"]["0"]["norm1"]["scale"],
+            m["blocks"]["0"]["norm1"]["bias"],
+            m["pos_embed"],
+            m["cls_token"],
+        ]
+    )
     # with a zero gradient, AdamW shrinks only the decayed leaves
     tx, _ = make_optimizer(Config(), total_steps=10)
     state = tx.init(params)
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
     new = optax.apply_updates(params, updates)
     assert float(new["blocks"]["0"]["attn"]["qkv"]["kernel"][0, 0]) < 1.0
-    assert float(new["pos_embed"][0, 0, 0]) == 1.0 and float(new["blocks"]["0"]["norm1"]["scale"][0]) == 1.0
+    assert (
+        float(new["pos_embed"][0, 0, 0]) == 1.0
+        and float(new["blocks"]["0"]["norm1"]["scale"][0]) == 1.0
+    )
 
 
 def test_muon_runs_on_model_shaped_params():
@@ -98,7 +119,10 @@ def test_muon_runs_on_model_shaped_params():
     tx, _ = make_optimizer(Config().replace(**{"train.optimizer": "muon"}), total_steps=10)
     grads = {"w": jnp.arange(32.0).reshape(8, 4) / 32, "b": jnp.ones(4)}
     updates, _ = tx.update(grads, tx.init(params), params)
-    assert all(bool(jnp.all(jnp.isfinite(u))) and float(jnp.abs(u).sum()) > 0 for u in jax.tree.leaves(updates))
+    assert all(
+        bool(jnp.all(jnp.isfinite(u))) and float(jnp.abs(u).sum()) > 0
+        for u in jax.tree.leaves(updates)
+    )
     with pytest.raises(ConfigError, match="train.optimizer='sgd' is not a valid choice"):
         Config().replace(**{"train.optimizer": "sgd"})  # before make_optimizer could see it
 
@@ -106,13 +130,24 @@ def test_muon_runs_on_model_shaped_params():
 def test_muon_split_follows_the_reference():
     """Muon for the 2-D weight matrices (head included), Adam for the rest; the patch embedding,
     a 4-D convolution weight in the reference, goes to Adam although ours is 2-D."""
-    params = {"blocks": {"0": {"attn": {"qkv": {"kernel": jnp.ones((4, 12))}, "q_bias": jnp.ones(4)},
-                               "norm1": {"scale": jnp.ones(4)}}},
-              "head": {"kernel": jnp.ones((4, 9)), "bias": jnp.ones(9)},
-              "pos_embed": jnp.ones((1, 5, 4)), "cls_token": jnp.ones((1, 1, 4)),
-              "patch_embed": {"proj": {"kernel": jnp.ones((9, 4)), "bias": jnp.ones(4)}}}
+    params = {
+        "blocks": {
+            "0": {
+                "attn": {"qkv": {"kernel": jnp.ones((4, 12))}, "q_bias": jnp.ones(4)},
+                "norm1": {"scale": jnp.ones(4)},
+            }
+        },
+        "head": {"kernel": jnp.ones((4, 9)), "bias": jnp.ones(9)},
+        "pos_embed": jnp.ones((1, 5, 4)),
+        "cls_token": jnp.ones((1, 1, 4)),
+        "patch_embed": {"proj": {"kernel": jnp.ones((9, 4)), "bias": jnp.ones(4)}},
+    }
     labels = muon_labels(params)
-    muon = {jax.tree_util.keystr(p) for p, label in jax.tree_util.tree_leaves_with_path(labels) if label == "muon"}
+    muon = {
+        jax.tree_util.keystr(p)
+        for p, label in jax.tree_util.tree_leaves_with_path(labels)
+        if label == "muon"
+    }
     assert muon == {"['blocks']['0']['attn']['qkv']['kernel']", "['head']['kernel']"}
     with pytest.raises(ConfigError, match="train.muon_ns_dtype='float16' is not a valid choice"):
         Config().replace(**{"train.optimizer": "muon", "train.muon_ns_dtype": "float16"})
@@ -133,7 +168,8 @@ def test_dynamic_loss_scale_halves_on_overflow_and_grows_after_interval():
 
 
 def test_ema_starts_as_copy_then_decays():
-    p = [jnp.float32(0.0), jnp.float32(1.0), jnp.float32(2.0), jnp.float32(3.0)]  # params before step s
+    # params before step s
+    p = [jnp.float32(0.0), jnp.float32(1.0), jnp.float32(2.0), jnp.float32(3.0)]
     ema = jnp.float32(-7.0)  # placeholder before the start
     ema = ema_update(ema, p[0], p[1], jnp.int32(0), start_step=1, decay=0.9)
     assert float(ema) == -7.0

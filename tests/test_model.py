@@ -17,13 +17,26 @@ from torch_reference import ReferenceModel, randomize_
 
 # A reduced geometry with the full code path: 200 time samples fold to (20, 310), resize to
 # (56, 42) -> 4 x 3 tokens of 14 px, head paints 14 x 14 px -> (56, 42), crop (50, 30) at (0, 4).
-SMALL = Geometry(n_time=200, fold=10, resize=(56, 42), head_patch=(14, 14), out_shape=(50, 30), crop_offset=(0, 4))
+SMALL = Geometry(
+    n_time=200,
+    fold=10,
+    resize=(56, 42),
+    head_patch=(14, 14),
+    out_shape=(50, 30),
+    crop_offset=(0, 4),
+)
 
 
 def small_cfg(size="tiny", split=1, depth=2, **model):
     cfg = load_config(f"{'tiny_s8' if size == 'tiny' else 'base_s6'}")
-    return cfg.replace(geometry=SMALL, **{"model.depth": depth, "model.split": split,
-                                          **{f"model.{k}": v for k, v in model.items()}})
+    return cfg.replace(
+        geometry=SMALL,
+        **{
+            "model.depth": depth,
+            "model.split": split,
+            **{f"model.{k}": v for k, v in model.items()},
+        },
+    )
 
 
 def torch_state(ref):
@@ -98,7 +111,8 @@ def test_gradient_parity_small_grid(size, loss):
 
     torch_loss(ref(torch.from_numpy(x)), torch.from_numpy(vel)).backward()
     torch_grads = {k: p.grad.numpy() for k, p in ref.named_parameters() if p.grad is not None}
-    expected, _ = convert_state_dict(torch_grads, cfg)  # gradients map like the weights they belong to
+    # gradients map like the weights they belong to
+    expected, _ = convert_state_dict(torch_grads, cfg)
     params, _ = convert_state_dict(torch_state(ref), cfg)
     flat_e = dict(jax.tree_util.tree_leaves_with_path(expected))
     for on in (True, False):  # the zero channel's row once per call, its gradient flowing; or not
@@ -120,7 +134,9 @@ def forward_flops(cfg, batch):
     """XLA's flop count of the compiled forward pass at ``batch``."""
     graphdef, params = create_model(cfg)
     x = jax.ShapeDtypeStruct((batch, 6, cfg.geometry.n_time, 31), jnp.float32)
-    cost = jax.jit(lambda p, x: apply_model(graphdef, p, x)).lower(params, x).compile().cost_analysis()
+    cost = (
+        jax.jit(lambda p, x: apply_model(graphdef, p, x)).lower(params, x).compile().cost_analysis()
+    )
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
@@ -181,13 +197,21 @@ def test_timm_checkpoint_three_channels_and_pretrain_grid(size, tmp_path):
     # so base gets 3e-4; a wrong pos-embed resample or patch-embed sum moves outputs by > 1e-2
     state = {k: v.detach().numpy() for k, v in pretrained.state_dict().items()}
     grid = 16 if size == "tiny" else 32
-    assert state["patch_embed.proj.weight"].shape[1] == 3 and state["pos_embed"].shape[1] == 1 + grid * grid
+    assert (
+        state["patch_embed.proj.weight"].shape[1] == 3
+        and state["pos_embed"].shape[1] == 1 + grid * grid
+    )
     save_file(state, str(tmp_path / "eva02.safetensors"))
     params = convert_file(tmp_path / "eva02.safetensors", cfg, seed=0)
 
-    ref = ReferenceModel(cfg).eval()  # in_chans=1, pos-embed at the pretrain grid, resampled per forward
-    sd = {f"backbone.{k}": torch.from_numpy(v) for k, v in state.items() if not k.startswith("head.")}
-    sd["backbone.patch_embed.proj.weight"] = sd["backbone.patch_embed.proj.weight"].sum(1, keepdim=True)
+    # in_chans=1, pos-embed at the pretrain grid, resampled per forward
+    ref = ReferenceModel(cfg).eval()
+    sd = {
+        f"backbone.{k}": torch.from_numpy(v) for k, v in state.items() if not k.startswith("head.")
+    }
+    sd["backbone.patch_embed.proj.weight"] = sd["backbone.patch_embed.proj.weight"].sum(
+        1, keepdim=True
+    )
     sd["head.weight"] = torch.from_numpy(np.asarray(params["head"]["kernel"]).T.copy())
     sd["head.bias"] = torch.from_numpy(np.asarray(params["head"]["bias"]))
     ref.load_state_dict(sd, strict=False)

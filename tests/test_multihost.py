@@ -34,8 +34,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(argv: list[str], n: int, logs: pathlib.Path, devices_per_process: int = 1,
-                  timeout: float = 300, expect: int = 0, while_running=None) -> None:
+def run_processes(
+    argv: list[str],
+    n: int,
+    logs: pathlib.Path,
+    devices_per_process: int = 1,
+    timeout: float = 300,
+    expect: int = 0,
+    while_running=None,
+) -> None:
     """Start ``argv`` as ``n`` processes of one ``jax.distributed`` run (n = 1: a plain process)
     with ``devices_per_process`` CPU devices each, call ``while_running(processes)`` if given, and
     wait for all to exit with ``expect``, killing every one that is left at the first other exit
@@ -45,14 +52,21 @@ def run_processes(argv: list[str], n: int, logs: pathlib.Path, devices_per_proce
     procs, files = [], []
     try:
         for i in range(n):
-            env = {**os.environ, "PYTHONPATH": str(ROOT),
-                   "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+            env = {
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+            }
             if n > 1:
-                env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(n),
-                           JAX_PROCESS_ID=str(i))
+                env.update(
+                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                    JAX_NUM_PROCESSES=str(n),
+                    JAX_PROCESS_ID=str(i),
+                )
             files += [(logs / f"{i}.out").open("w"), (logs / f"{i}.err").open("w")]
-            procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=files[-2],
-                                          stderr=files[-1]))
+            procs.append(
+                subprocess.Popen(argv, cwd=ROOT, env=env, stdout=files[-2], stderr=files[-1])
+            )
         deadline = time.time() + timeout
         if while_running is not None:
             while_running(procs)
@@ -74,8 +88,14 @@ def run_processes(argv: list[str], n: int, logs: pathlib.Path, devices_per_proce
 
 def _train(dataset, tmp, n, devices_per_process):  # noqa: F811
     """Train TRAIN_SET in ``n`` processes: (workdir, each process's multihost_train.py report)."""
-    argv = [sys.executable, "tests/multihost_train.py", str(dataset), str(tmp / "run"),
-            str(tmp / "report_{process}.json"), *TRAIN_SET]
+    argv = [
+        sys.executable,
+        "tests/multihost_train.py",
+        str(dataset),
+        str(tmp / "run"),
+        str(tmp / "report_{process}.json"),
+        *TRAIN_SET,
+    ]
     run_processes(argv, n, tmp / "logs", devices_per_process)
     return tmp / "run", [json.loads((tmp / f"report_{i}.json").read_text()) for i in range(n)]
 
@@ -98,7 +118,9 @@ def test_two_processes_train_like_one_with_two_devices(one_process, two_processe
     ref_dir, (ref,) = one_process
     workdir, reports = two_processes
     assert [(r["process"], r["processes"], r["local_devices"], r["devices"]) for r in reports] == [
-        (0, 2, 1, 2), (1, 2, 1, 2)]
+        (0, 2, 1, 2),
+        (1, 2, 1, 2),
+    ]
     assert (ref["processes"], ref["devices"]) == (1, 2)
     steps = sorted(ref["read"], key=int)
     assert len(steps) == 4 and all(sorted(r["read"], key=int) == steps for r in reports)
@@ -106,8 +128,10 @@ def test_two_processes_train_like_one_with_two_devices(one_process, two_processe
         mine, theirs = reports[0]["read"][step], reports[1]["read"][step]
         assert len(mine) == len(theirs) == 2 and not set(mine) & set(theirs)  # half each
         assert sorted(mine + theirs) == sorted(ref["read"][step])  # together: the global batch
-    for a, b in zip(jax.tree.leaves(load_params(workdir / "final")[1]),
-                    jax.tree.leaves(load_params(ref_dir / "final")[1])):
+    for a, b in zip(
+        jax.tree.leaves(load_params(workdir / "final")[1]),
+        jax.tree.leaves(load_params(ref_dir / "final")[1]),
+    ):
         outside = np.abs(a - b) > 2e-5 + 1e-4 * np.abs(b)
         assert outside.mean() <= 1e-4, f"{outside.sum()} of {a.size}: {np.abs(a - b).max():.2e}"
         np.testing.assert_allclose(a, b, atol=4 * 5e-4)  # 4 steps x lr
@@ -126,9 +150,28 @@ def test_two_processes_infer_one_submission(dataset, one_process, tmp_path):  # 
     def infer(n, devices, name):
         out = tmp_path / name / "sub.npz"
         out.parent.mkdir()
-        run_processes([sys.executable, "-m", "fwi_jax.infer", "--data", str(dataset), "--list",
-                       str(ids), "--checkpoints", str(ref_dir), "--out", str(out), "--batch", "4",
-                       "--no-tta", "--no-progress"], n, tmp_path / f"logs_{name}", devices)
+        run_processes(
+            [
+                sys.executable,
+                "-m",
+                "fwi_jax.infer",
+                "--data",
+                str(dataset),
+                "--list",
+                str(ids),
+                "--checkpoints",
+                str(ref_dir),
+                "--out",
+                str(out),
+                "--batch",
+                "4",
+                "--no-tta",
+                "--no-progress",
+            ],
+            n,
+            tmp_path / f"logs_{name}",
+            devices,
+        )
         assert sorted(p.name for p in out.parent.iterdir()) == ["sub.npz"]  # no leftovers
         with np.load(out) as z:
             return {k: z[k] for k in z.files}
@@ -141,16 +184,29 @@ def test_two_processes_infer_one_submission(dataset, one_process, tmp_path):  # 
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_exact(
-        dataset, two_processes, tmp_path):  # noqa: F811
+    dataset,  # noqa: F811  (the fixture imported from test_train)
+    two_processes,
+    tmp_path,
+):
     """``python -m fwi_jax.train`` in two processes; a scheduler's SIGTERM reaches process 1 only.
     JAX's preemption service makes both stop after the same step, both save that checkpoint and
     exit with 143; --resume in two processes then ends where the uninterrupted run ended, bit for
     bit."""
     ref_dir, _ = two_processes
     workdir = tmp_path / "run"
-    argv = [sys.executable, "-m", "fwi_jax.train", "--no-progress", "--config", "demo", "--data",
-            str(dataset), "--workdir", str(workdir),
-            *[a for s in TRAIN_SET + ["train.checkpoint_every=1"] for a in ("--set", s)]]
+    argv = [
+        sys.executable,
+        "-m",
+        "fwi_jax.train",
+        "--no-progress",
+        "--config",
+        "demo",
+        "--data",
+        str(dataset),
+        "--workdir",
+        str(workdir),
+        *[a for s in TRAIN_SET + ["train.checkpoint_every=1"] for a in ("--set", s)],
+    ]
 
     def preempt_process_1(procs):
         deadline = time.time() + 300
@@ -159,8 +215,9 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_exact(
             time.sleep(0.02)
         procs[1].send_signal(signal.SIGTERM)
 
-    run_processes(argv, 2, tmp_path / "logs", expect=T.PREEMPTED_EXIT,
-                  while_running=preempt_process_1)
+    run_processes(
+        argv, 2, tmp_path / "logs", expect=T.PREEMPTED_EXIT, while_running=preempt_process_1
+    )
     err = (tmp_path / "logs" / "0.err").read_text()
     stopped = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM after step ")]
     assert len(stopped) == 1 and stopped[0].endswith(" --resume"), err[-3000:]
@@ -169,6 +226,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_exact(
     run_processes(argv + ["--resume"], 2, tmp_path / "logs_resumed")
     out = (tmp_path / "logs_resumed" / "0.out").read_text()
     assert f"resuming {workdir} at step {step} of 4" in out
-    for a, b in zip(jax.tree.leaves(load_params(workdir / "final")[1]),
-                    jax.tree.leaves(load_params(ref_dir / "final")[1])):
+    for a, b in zip(
+        jax.tree.leaves(load_params(workdir / "final")[1]),
+        jax.tree.leaves(load_params(ref_dir / "final")[1]),
+    ):
         np.testing.assert_array_equal(a, b)

@@ -35,7 +35,14 @@ from torch_reference import (
 )
 from torch_reference import newton_schulz as torch_newton_schulz
 
-SMALL = Geometry(n_time=200, fold=10, resize=(56, 42), head_patch=(14, 14), out_shape=(50, 30), crop_offset=(0, 4))
+SMALL = Geometry(
+    n_time=200,
+    fold=10,
+    resize=(56, 42),
+    head_patch=(14, 14),
+    out_shape=(50, 30),
+    crop_offset=(0, 4),
+)
 STEPS, CYCLE, EMA_START, EMA_DECAY, BATCH = 20, 4, 8, 0.9, 2
 
 
@@ -50,9 +57,17 @@ def one_torch_thread():
 
 
 def trajectory_cfg(optimizer: str):
-    return load_config("tiny_s8").replace(geometry=SMALL, **{
-        "model.depth": 2, "model.split": 1, "train.loss": "hard", "train.optimizer": optimizer,
-        "train.muon_ns_dtype": "float32", "train.ema_decay": EMA_DECAY})
+    return load_config("tiny_s8").replace(
+        geometry=SMALL,
+        **{
+            "model.depth": 2,
+            "model.split": 1,
+            "train.loss": "hard",
+            "train.optimizer": optimizer,
+            "train.muon_ns_dtype": "float32",
+            "train.ema_decay": EMA_DECAY,
+        },
+    )
 
 
 def batches():
@@ -64,7 +79,12 @@ def batches():
     for _ in range(CYCLE):
         x = rng.standard_normal((BATCH, 6, SMALL.n_time, SMALL.n_receivers)).astype(np.float32)
         x[:, ZERO_CHANNEL] = 0.0
-        v = 1.8 + rng.uniform(0, 1, (BATCH, 1, 1)).astype(np.float32) + depth + np.zeros(SMALL.out_shape, np.float32)
+        v = (
+            1.8
+            + rng.uniform(0, 1, (BATCH, 1, 1)).astype(np.float32)
+            + depth
+            + np.zeros(SMALL.out_shape, np.float32)
+        )
         distinct.append((x, v))
     return [distinct[i % CYCLE] for i in range(STEPS)]
 
@@ -128,7 +148,10 @@ def assert_trajectories_agree(cfg, make_torch_optimizer, param_tol):
     first, last = torch_losses[:CYCLE].mean(), torch_losses[-CYCLE:].mean()
     assert last < 0.99 * first, (first, last)  # it trains: the comparison is not of a standstill
     np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-4)
-    for name, ours, theirs in (("params", jax_params, to_ours(ref, cfg)), ("ema", jax_ema, to_ours(torch_ema, cfg))):
+    for name, ours, theirs in (
+        ("params", jax_params, to_ours(ref, cfg)),
+        ("ema", jax_ema, to_ours(torch_ema, cfg)),
+    ):
         flat_theirs = dict(jax.tree_util.tree_leaves_with_path(theirs))
         flat_init = dict(jax.tree_util.tree_leaves_with_path(init))
         for path, a in jax.tree_util.tree_leaves_with_path(ours):
@@ -140,9 +163,18 @@ def assert_trajectories_agree(cfg, make_torch_optimizer, param_tol):
 def test_muon_trajectory_matches_reference_muon_with_aux_adam():
     cfg = trajectory_cfg("muon")
     tc = cfg.train
-    assert_trajectories_agree(cfg, lambda ref: ReferenceMuonWithAuxAdam(
-        ref.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, momentum=tc.muon_momentum,
-        betas=(tc.b1, tc.b2), ns_dtype=torch.float32), param_tol=2e-3)
+    assert_trajectories_agree(
+        cfg,
+        lambda ref: ReferenceMuonWithAuxAdam(
+            ref.parameters(),
+            lr=tc.lr,
+            weight_decay=tc.weight_decay,
+            momentum=tc.muon_momentum,
+            betas=(tc.b1, tc.b2),
+            ns_dtype=torch.float32,
+        ),
+        param_tol=2e-3,
+    )
 
 
 def test_adamw_trajectory_matches_torch_adamw():
@@ -151,8 +183,16 @@ def test_adamw_trajectory_matches_torch_adamw():
 
     def adamw(ref):
         decayed = lambda n, p: p.ndim >= 2 and not n.endswith(("pos_embed", "cls_token"))
-        groups = [{"params": [p for n, p in ref.named_parameters() if decayed(n, p)], "weight_decay": tc.weight_decay},
-                  {"params": [p for n, p in ref.named_parameters() if not decayed(n, p)], "weight_decay": 0.0}]
+        groups = [
+            {
+                "params": [p for n, p in ref.named_parameters() if decayed(n, p)],
+                "weight_decay": tc.weight_decay,
+            },
+            {
+                "params": [p for n, p in ref.named_parameters() if not decayed(n, p)],
+                "weight_decay": 0.0,
+            },
+        ]
         return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.b1, tc.b2), eps=1e-8)
 
     assert_trajectories_agree(cfg, adamw, param_tol=2e-3)
@@ -163,12 +203,21 @@ def test_muon_steps_match_reference_on_one_matrix():
     and a bias, against the PyTorch rewrite, Newton-Schulz in float32: within 1e-5 of the distance
     moved (float32 rounding)."""
     rng = np.random.default_rng(0)
-    w0, b0 = rng.normal(0, 0.02, (48, 80)).astype(np.float32), rng.normal(0, 0.02, 80).astype(np.float32)
-    grads = [(rng.normal(size=(48, 80)).astype(np.float32), rng.normal(size=80).astype(np.float32)) for _ in range(3)]
+    w0, b0 = (
+        rng.normal(0, 0.02, (48, 80)).astype(np.float32),
+        rng.normal(0, 0.02, 80).astype(np.float32),
+    )
+    grads = [
+        (rng.normal(size=(48, 80)).astype(np.float32), rng.normal(size=80).astype(np.float32))
+        for _ in range(3)
+    ]
     tx = reference_muon(1e-2, momentum=0.95, b1=0.9, b2=0.95, weight_decay=0.1, ns_dtype="float32")
     params = {"w": jnp.asarray(w0.T), "b": jnp.asarray(b0)}
     state = tx.init(params)
-    w, b = torch.nn.Parameter(torch.from_numpy(w0.copy())), torch.nn.Parameter(torch.from_numpy(b0.copy()))
+    w, b = (
+        torch.nn.Parameter(torch.from_numpy(w0.copy())),
+        torch.nn.Parameter(torch.from_numpy(b0.copy())),
+    )
     opt = ReferenceMuonWithAuxAdam([w, b], lr=1e-2, weight_decay=0.1, ns_dtype=torch.float32)
     for gw, gb in grads:
         updates, state = tx.update({"w": jnp.asarray(gw.T), "b": jnp.asarray(gb)}, state, params)
@@ -193,8 +242,13 @@ def test_newton_schulz_matches_reference_in_both_dtypes(transpose):
     ours32 = np.asarray(newton_schulz(jnp.asarray(g), jnp.float32))
     theirs32 = torch_newton_schulz(torch.from_numpy(g), torch.float32).numpy()
     np.testing.assert_allclose(ours32, theirs32, atol=1e-5 * np.abs(theirs32).max())
-    ours = np.asarray(jax.jit(newton_schulz, static_argnums=1)(jnp.asarray(g), jnp.bfloat16).astype(jnp.float32))
+    ours = np.asarray(
+        jax.jit(newton_schulz, static_argnums=1)(jnp.asarray(g), jnp.bfloat16).astype(jnp.float32)
+    )
     theirs = torch_newton_schulz(torch.from_numpy(g), torch.bfloat16).float().numpy()
-    sv_ours, sv_theirs = np.linalg.svd(ours, compute_uv=False), np.linalg.svd(theirs, compute_uv=False)
+    sv_ours, sv_theirs = (
+        np.linalg.svd(ours, compute_uv=False),
+        np.linalg.svd(theirs, compute_uv=False),
+    )
     assert np.linalg.norm(sv_ours - sv_theirs) <= 1.2e-2 * np.linalg.norm(sv_theirs)
     assert abs(np.sqrt(np.mean(ours**2)) / np.sqrt(np.mean(theirs**2)) - 1) <= 1e-2

@@ -18,8 +18,12 @@ from fwi_jax.synth import wave
 
 TINY = physics.Forward(
     t_max=0.5,
-    survey=wave.Survey(source_x=(50.0, 150.0, 250.0), source_z=20.0,
-                       receiver_x=tuple(float(x) for x in range(0, 300, 20)), receiver_z=10.0),
+    survey=wave.Survey(
+        source_x=(50.0, 150.0, 250.0),
+        source_z=20.0,
+        receiver_x=tuple(float(x) for x in range(0, 300, 20)),
+        receiver_z=10.0,
+    ),
     model_dx=10.0,
     mode_override=wave.Mode(dx=10.0, dt=1e-3, order=8, pml=12),
     block=50,
@@ -38,7 +42,9 @@ def tiny_truth() -> np.ndarray:
 def smooth(v: np.ndarray, k: int = 7) -> np.ndarray:
     """Box blur along depth (a start that lacks the sharp layers)."""
     pad = np.pad(v, ((0, 0), (k // 2, k // 2)), mode="edge")
-    return np.stack([np.convolve(row, np.ones(k) / k, mode="valid") for row in pad]).astype(np.float32)
+    return np.stack([np.convolve(row, np.ones(k) / k, mode="valid") for row in pad]).astype(
+        np.float32
+    )
 
 
 def test_misfit_ranks_a_perturbed_model_worse_than_the_truth():
@@ -75,7 +81,9 @@ def test_refinement_keeps_the_start_when_it_cannot_improve():
 
 def test_lowpass_removes_high_frequencies_and_keeps_low_ones():
     t = np.arange(10000) * wave.OUT_DT
-    x = np.stack([np.sin(2 * np.pi * 4 * t), np.sin(2 * np.pi * 40 * t)], axis=-1)[None].astype(np.float32)
+    x = np.stack([np.sin(2 * np.pi * 4 * t), np.sin(2 * np.pi * 40 * t)], axis=-1)[None].astype(
+        np.float32
+    )
     y = np.asarray(physics.lowpass(x, 10.0))[0, 2500:7500]  # away from the window's edges
     assert np.abs(y[:, 0] - x[0, 2500:7500, 0]).max() < 0.02  # gain 0.9996 at 4 Hz
     assert np.abs(y[:, 1]).max() < 0.02  # gain 0.004 at 40 Hz
@@ -109,8 +117,21 @@ def dataset(tmp_path_factory):
 def test_refine_cli_writes_a_submission_and_csv(dataset, tmp_path, capsys):
     root, sub, preds = dataset
     out = tmp_path / "refined.npz"
-    rc = refine.main(["--data", str(root), "--pred", str(sub), "--out", str(out), "--t-max", "0.05",
-                      "--stages", "full:2", "--no-progress"])
+    rc = refine.main(
+        [
+            "--data",
+            str(root),
+            "--pred",
+            str(sub),
+            "--out",
+            str(out),
+            "--t-max",
+            "0.05",
+            "--stages",
+            "full:2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     refined = io.read_submission(out)
     assert sorted(refined) == ["a", "b"]
@@ -130,12 +151,40 @@ def test_score_cli_writes_misfit_and_mape(dataset, tmp_path, capsys):
     csv = tmp_path / "m.csv"
     truth_sub = tmp_path / "truth.npz"
     io.write_submission(truth_sub, {s: np.load(root / s / io.VELOCITY_FILE) for s in preds})
-    assert physics.main(["--data", str(root), "--pred", str(sub), "--csv", str(csv), "--t-max", "0.05",
-                         "--no-progress"]) == 0
+    assert (
+        physics.main(
+            [
+                "--data",
+                str(root),
+                "--pred",
+                str(sub),
+                "--csv",
+                str(csv),
+                "--t-max",
+                "0.05",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = [line.split(",") for line in csv.read_text().splitlines()]
     assert rows[0] == ["id", "misfit", "mape"]
-    assert physics.main(["--data", str(root), "--pred", str(truth_sub), "--csv", str(tmp_path / "t.csv"),
-                         "--t-max", "0.05", "--no-progress"]) == 0
+    assert (
+        physics.main(
+            [
+                "--data",
+                str(root),
+                "--pred",
+                str(truth_sub),
+                "--csv",
+                str(tmp_path / "t.csv"),
+                "--t-max",
+                "0.05",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     exact = [line.split(",") for line in (tmp_path / "t.csv").read_text().splitlines()]
     for (_, m, _), (_, m_true, mape_true) in zip(rows[1:], exact[1:]):
         assert float(m_true) < 1e-5 < float(m)
@@ -146,9 +195,22 @@ def test_score_cli_writes_misfit_and_mape(dataset, tmp_path, capsys):
 @pytest.mark.parametrize("case", ["no_pred", "bad_stages", "devito_cal", "bad_range", "unknown_id"])
 def test_user_errors_are_one_line(dataset, tmp_path, capsys, case):
     root, sub, _ = dataset
-    args = ["--data", str(root), "--pred", str(sub), "--out", str(tmp_path / "r.npz"), "--no-progress"]
-    expect = {"no_pred": "does not exist", "bad_stages": "--stages", "devito_cal": "cpml8 solver",
-              "bad_range": "--v-range", "unknown_id": "no sample folder"}[case]
+    args = [
+        "--data",
+        str(root),
+        "--pred",
+        str(sub),
+        "--out",
+        str(tmp_path / "r.npz"),
+        "--no-progress",
+    ]
+    expect = {
+        "no_pred": "does not exist",
+        "bad_stages": "--stages",
+        "devito_cal": "cpml8 solver",
+        "bad_range": "--v-range",
+        "unknown_id": "no sample folder",
+    }[case]
     main = refine.main
     if case == "no_pred":
         args[3] = str(tmp_path / "missing.npz")
@@ -156,8 +218,11 @@ def test_user_errors_are_one_line(dataset, tmp_path, capsys, case):
         args += ["--stages", "6-6"]
     elif case == "devito_cal":
         cal = tmp_path / "cal.json"
-        cal.write_text(json.dumps({"profile": "devito", "mode": "fast", "polarity": 1, "scale": 2.0,
-                                   "shift": 0}))
+        cal.write_text(
+            json.dumps(
+                {"profile": "devito", "mode": "fast", "polarity": 1, "scale": 2.0, "shift": 0}
+            )
+        )
         args += ["--calibration", str(cal)]
     elif case == "bad_range":
         args += ["--v-range", "4.5", "1.5"]

@@ -44,17 +44,23 @@ def test_sample_figure_rejects_wrong_shapes(tmp_path):
 
 def test_training_curves_from_jsonl(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    lines = [{"step": s, "epoch": s // 10, "train/loss": 1.0 / (s + 1), "lr": 2e-4} for s in range(0, 50, 5)]
+    lines = [
+        {"step": s, "epoch": s // 10, "train/loss": 1.0 / (s + 1), "lr": 2e-4}
+        for s in range(0, 50, 5)
+    ]
     lines += [{"step": s, "epoch": s // 10, "val/mape": 0.1 / (s + 1)} for s in range(10, 60, 10)]
     metrics.write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")
     png = plots.plot_training_curves(metrics, tmp_path / "curves.png")
     img = matplotlib.image.imread(png)
     h, w = img.shape[:2]
     # both panels have a drawn line: non-white pixels in each half
-    for half in (img[:, : w // 2], img[:, w // 2:]):
+    for half in (img[:, : w // 2], img[:, w // 2 :]):
         assert (half[..., :3] < 0.6).mean() > 0.01
-    out = subprocess.run([sys.executable, "-m", "fwi_jax.plots", "curves", str(metrics), str(tmp_path / "cli.png")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "fwi_jax.plots", "curves", str(metrics), str(tmp_path / "cli.png")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "cli.png").stat().st_size > 10_000
 
@@ -71,17 +77,25 @@ def test_training_curves_errors_name_the_file(tmp_path):
 
 def test_training_curves_add_a_gradient_norm_panel(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    lines = [{"step": s, "train/loss": 1.0 / (s + 1), "train/grad_norm": 10.0 ** -s} for s in range(1, 30)]
+    lines = [
+        {"step": s, "train/loss": 1.0 / (s + 1), "train/grad_norm": 10.0**-s} for s in range(1, 30)
+    ]
     metrics.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     img = matplotlib.image.imread(plots.plot_training_curves(metrics, tmp_path / "curves.png"))
     w = img.shape[1]
-    two_panels = matplotlib.image.imread(plots.plot_training_curves(_without_grad(metrics, tmp_path), tmp_path / "c2.png"))
+    two_panels = matplotlib.image.imread(
+        plots.plot_training_curves(_without_grad(metrics, tmp_path), tmp_path / "c2.png")
+    )
     assert w > 1.4 * two_panels.shape[1]
-    assert (img[:, 2 * w // 3:][..., :3] < 0.6).mean() > 0.01  # the third panel has a line
+    assert (img[:, 2 * w // 3 :][..., :3] < 0.6).mean() > 0.01  # the third panel has a line
 
 
 def _without_grad(metrics, tmp_path):
     out = tmp_path / "no_grad.jsonl"
-    out.write_text("".join(json.dumps({k: v for k, v in json.loads(ln).items() if k != "train/grad_norm"}) + "\n"
-                           for ln in metrics.read_text().splitlines()))
+    out.write_text(
+        "".join(
+            json.dumps({k: v for k, v in json.loads(ln).items() if k != "train/grad_norm"}) + "\n"
+            for ln in metrics.read_text().splitlines()
+        )
+    )
     return out

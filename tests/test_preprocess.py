@@ -65,7 +65,11 @@ def test_shot_channels_are_the_five_shots_either_way():
 
 def torch_fold_resize(x, factor, size):
     b, c, t, r = x.shape
-    x = x.reshape(b, c, t // factor, factor, r).permute(0, 1, 2, 4, 3).reshape(b, c, t // factor, r * factor)
+    x = (
+        x.reshape(b, c, t // factor, factor, r)
+        .permute(0, 1, 2, 4, 3)
+        .reshape(b, c, t // factor, r * factor)
+    )
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
@@ -79,8 +83,8 @@ def test_fold_layout():
 
 @pytest.mark.parametrize("size", [(1260, 308), (420, 84), (56, 42)])
 def test_fold_and_resize_matches_torch(size):
-    """Resize as two float32 matmuls vs F.interpolate: max |Δ| ≤ 1e-5 on unit-scale data (each output
-    is a convex combination of 4 inputs; float32 rounding is ~1e-7)."""
+    """Resize as two float32 matmuls vs F.interpolate: max |Δ| ≤ 1e-5 on unit-scale data (each
+    output is a convex combination of 4 inputs; float32 rounding is ~1e-7)."""
     x = shots_to_input(shots(3))
     expected = torch_fold_resize(torch.from_numpy(x), 10, size).numpy()
     got = np.asarray(jax.jit(lambda a: fold_and_resize(a, 10, size))(x))

@@ -67,7 +67,7 @@ def readme_commands(text: str) -> list[tuple[str, list[str]]]:
         for i in range(len(tokens) - 2):
             is_python = tokens[i].endswith("python") or tokens[i].endswith("python3")
             if is_python and tokens[i + 1] == "-m" and MODULE.fullmatch(tokens[i + 2]):
-                rest = tokens[i + 3:]
+                rest = tokens[i + 3 :]
                 end = next((j for j, t in enumerate(rest) if t in SHELL_OPERATORS), len(rest))
                 found.append((tokens[i + 2], rest[:end]))
     return found
@@ -114,8 +114,14 @@ def test_readme_commands_parse():
     commands = readme_commands(README.read_text())
     # the README covers every command a user runs; losing one from the extraction is a test bug
     modules = {m for m, _ in commands}
-    expected = {"fwi_jax.demo", "fwi_jax.data", "fwi_jax.train", "fwi_jax.infer", "fwi_jax.convert",
-                "fwi_jax.synth"}
+    expected = {
+        "fwi_jax.demo",
+        "fwi_jax.data",
+        "fwi_jax.train",
+        "fwi_jax.infer",
+        "fwi_jax.convert",
+        "fwi_jax.synth",
+    }
     assert expected <= modules, f"commands for {sorted(modules)}, expected {sorted(expected)}"
     errors = []
     for module, args in commands:
@@ -141,8 +147,19 @@ Then `python -m fwi_jax.plots curves runs/a/metrics.jsonl out.png` plots it.
 
 def test_extraction_joins_lines_and_splits_shell():
     assert readme_commands(SAMPLE) == [
-        ("fwi_jax.train", ["--config", "tiny_s8", "--data", "DIR", "--workdir", "runs/a", "--set",
-                           "train.lr=1e-4"]),
+        (
+            "fwi_jax.train",
+            [
+                "--config",
+                "tiny_s8",
+                "--data",
+                "DIR",
+                "--workdir",
+                "runs/a",
+                "--set",
+                "train.lr=1e-4",
+            ],
+        ),
         ("fwi_jax.demo", []),
         ("fwi_jax.plots", ["curves", "runs/a/metrics.jsonl", "out.png"]),
     ]
@@ -150,19 +167,36 @@ def test_extraction_joins_lines_and_splits_shell():
         check_command(module, args)
 
 
-@pytest.mark.parametrize("module, args, message", [
-    ("fwi_jax.train", ["--config", "tiny_s8", "--no-such-flag"],
-     "unrecognized arguments: --no-such-flag"),
-    ("fwi_jax.infer", ["--data", "d", "--out", "o.npz"], "required"),
-    ("fwi_jax.data", ["split", "--first", "a", "--out", "b", "--bogus"], "unrecognized arguments"),
-    ("fwi_jax.synth", ["--n", "3", "--out", "s", "--family", "nope"], "invalid choice"),
-    ("fwi_jax.train", ["--config", "no_such_config"], "unknown config"),
-    ("fwi_jax.convert", ["w.pth", "--config", "base_s6", "--out", "c", "--set", "train.nope=1"],
-     "train.nope"),
-    ("fwi_jax.train", ["--config", "base_s6", "..."], "must be complete"),
-    ("fwi_jax.trian", ["--config", "base_s6"], "No module named"),
-    ("fwi_jax.synth", ["calibrate", "--data", "d", "--seed", "3"], "unrecognized arguments: --seed"),
-])
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        (
+            "fwi_jax.train",
+            ["--config", "tiny_s8", "--no-such-flag"],
+            "unrecognized arguments: --no-such-flag",
+        ),
+        ("fwi_jax.infer", ["--data", "d", "--out", "o.npz"], "required"),
+        (
+            "fwi_jax.data",
+            ["split", "--first", "a", "--out", "b", "--bogus"],
+            "unrecognized arguments",
+        ),
+        ("fwi_jax.synth", ["--n", "3", "--out", "s", "--family", "nope"], "invalid choice"),
+        ("fwi_jax.train", ["--config", "no_such_config"], "unknown config"),
+        (
+            "fwi_jax.convert",
+            ["w.pth", "--config", "base_s6", "--out", "c", "--set", "train.nope=1"],
+            "train.nope",
+        ),
+        ("fwi_jax.train", ["--config", "base_s6", "..."], "must be complete"),
+        ("fwi_jax.trian", ["--config", "base_s6"], "No module named"),
+        (
+            "fwi_jax.synth",
+            ["calibrate", "--data", "d", "--seed", "3"],
+            "unrecognized arguments: --seed",
+        ),
+    ],
+)
 def test_check_command_rejects(module, args, message):
     with pytest.raises(AssertionError, match=re.escape(message)):
         check_command(module, args)
@@ -200,9 +234,11 @@ def test_docs_name_files_and_tests_that_exist(doc):
 
 
 # `train.lr`, `model.dtype=bfloat16`; not a module path (`fwi_jax.data.io`) or a file name
-CONFIG_KEY = re.compile(r"(?<![\w./])((?:geometry|model|data|synth|train)"
-                        r"\.(?!(?:safetensors|npy|npz|json|jsonl|txt|py|pth)\b)\w+)"
-                        r"(?:=([^\s|`,;)]+))?")
+CONFIG_KEY = re.compile(
+    r"(?<![\w./])((?:geometry|model|data|synth|train)"
+    r"\.(?!(?:safetensors|npy|npz|json|jsonl|txt|py|pth)\b)\w+)"
+    r"(?:=([^\s|`,;)]+))?"
+)
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/reference.md", "docs/performance.md"])

@@ -40,8 +40,9 @@ def write_dataset(root, models, gathers, prefix="real"):
 @pytest.fixture(scope="module")
 def calibrated(simulated, tmp_path_factory):
     models, sims = simulated
-    root = write_dataset(tmp_path_factory.mktemp("data"), models,
-                         POLARITY * SCALE * shift_time(sims, SHIFT))
+    root = write_dataset(
+        tmp_path_factory.mktemp("data"), models, POLARITY * SCALE * shift_time(sims, SHIFT)
+    )
     cal = calibrate(root, samples=2, profile="cpml8", mode="fast", progress=False, log=lambda *_: 0)
     return root, cal
 
@@ -63,18 +64,40 @@ def test_calibration_refuses_another_geometry(simulated, tmp_path, capsys):
     with pytest.raises(CalibrationError, match=r"real_000 receiver_data_src_1\.npy 0\.\d+"):
         calibrate(root, samples=2, profile="cpml8", mode="fast", progress=False, log=lambda *_: 0)
     assert not (root / CALIBRATION_FILE).exists()
-    rc = cli.main(["calibrate", "--data", str(root), "--profile", "cpml8", "--cpu-devices", "1",
-                   "--no-progress"])
+    rc = cli.main(
+        [
+            "calibrate",
+            "--data",
+            str(root),
+            "--profile",
+            "cpml8",
+            "--cpu-devices",
+            "1",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "below 0.95" in err[0]
 
 
-def test_mixed_samples_are_competition_format_within_range_and_never_validated(calibrated, tmp_path,
-                                                                                capsys):
+def test_mixed_samples_are_competition_format_within_range_and_never_validated(
+    calibrated, tmp_path, capsys
+):
     root, _ = calibrated
     out = tmp_path / "mixed"
-    rc = cli.main(["--mix-from", str(root), "--n", "2", "--out", str(out), "--cpu-devices", "1",
-                   "--no-progress"])
+    rc = cli.main(
+        [
+            "--mix-from",
+            str(root),
+            "--n",
+            "2",
+            "--out",
+            str(out),
+            "--cpu-devices",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     ids = io.list_samples(out)
     assert ids == ["mix_s0_000000", "mix_s0_000001"]
@@ -93,8 +116,9 @@ def test_mixed_samples_are_competition_format_within_range_and_never_validated(c
         g = np.load(out / sid / io.SHOT_FILES[2])
         assert g.shape == (10001, 31) and g.dtype == np.float32 and np.abs(g).max() > 0
     # geology partners are clipped into the dataset's range
-    v, how = mixed_model(1, 0, root, source_ids(root), families=("salt",), geology_share=1.0,
-                         v_range=(lo, hi))
+    v, how = mixed_model(
+        1, 0, root, source_ids(root), families=("salt",), geology_share=1.0, v_range=(lo, hi)
+    )
     assert how["second"] == "geology:salt" and lo - 1e-6 <= v.min() and v.max() <= hi + 1e-6
 
     # split: as the extra release, and even inside the first release's folder, never validated
@@ -122,8 +146,19 @@ def test_mixed_samples_are_competition_format_within_range_and_never_validated(c
 def test_mixing_needs_a_calibration(tmp_path, simulated, capsys):
     models, sims = simulated
     root = write_dataset(tmp_path / "data", models, sims)
-    rc = cli.main(["--mix-from", str(root), "--n", "1", "--out", str(tmp_path / "o"),
-                   "--cpu-devices", "1", "--no-progress"])
+    rc = cli.main(
+        [
+            "--mix-from",
+            str(root),
+            "--n",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            "--cpu-devices",
+            "1",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and CALIBRATION_FILE in err and "calibrate --data" in err
 
@@ -141,7 +176,11 @@ def test_training_keeps_mixed_samples_out_of_validation(tmp_path):
     assert len(data.val_ids) == 2
     S.write_id_list(tmp_path / "train.txt", ["r01"])
     S.write_id_list(tmp_path / "val.txt", ["r00", "mix_s0_000001"])
-    cfg = cfg.replace(**{"data.train_list": str(tmp_path / "train.txt"),
-                         "data.val_list": str(tmp_path / "val.txt")})
+    cfg = cfg.replace(
+        **{
+            "data.train_list": str(tmp_path / "train.txt"),
+            "data.val_list": str(tmp_path / "val.txt"),
+        }
+    )
     with pytest.raises(TrainError, match=r"val\.txt: 1 mixed sample.*mix_s0_000001"):
         resolve_data(cfg, progress=False)

@@ -28,7 +28,11 @@ def test_models_have_the_competition_shape_range_and_water_layer(family):
 
 
 def test_models_are_seeded():
-    a, b, c = G.velocity_model(7, "faulted"), G.velocity_model(7, "faulted"), G.velocity_model(8, "faulted")
+    a, b, c = (
+        G.velocity_model(7, "faulted"),
+        G.velocity_model(7, "faulted"),
+        G.velocity_model(8, "faulted"),
+    )
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 0.1
 
@@ -42,7 +46,13 @@ def test_families_differ_as_described():
     def max_lateral_jump(v):
         return np.abs(np.diff(v[:, 500:], axis=0)).max()
 
-    jumps = [(max_lateral_jump(G.velocity_model(s, "faulted")), max_lateral_jump(G.velocity_model(s, "layered"))) for s in range(5)]
+    jumps = [
+        (
+            max_lateral_jump(G.velocity_model(s, "faulted")),
+            max_lateral_jump(G.velocity_model(s, "layered")),
+        )
+        for s in range(5)
+    ]
     assert sum(f > 0.2 for f, _ in jumps) >= 3, jumps
 
 
@@ -92,12 +102,48 @@ def test_cli_writes_and_skips(tmp_path, capsys):
     from fwi_jax.synth.__main__ import main
 
     # one fast-mode sample at the full competition geometry (a few seconds on 2 cores)
-    assert main(["--n", "1", "--out", str(tmp_path), "--seed", "5", "--family", "salt", "--cpu-devices", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--n",
+                "1",
+                "--out",
+                str(tmp_path),
+                "--seed",
+                "5",
+                "--family",
+                "salt",
+                "--cpu-devices",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     folder = tmp_path / "synth_s5_000000"
     assert synth.is_complete(folder)
     g = np.load(folder / "receiver_data_src_150.npy")
     assert g.shape == (10001, 31) and np.abs(g).max() > 0
-    np.testing.assert_array_equal(np.load(folder / "vp_model.npy"), synth.sample_model(5, 0, ("salt",))[1])
+    np.testing.assert_array_equal(
+        np.load(folder / "vp_model.npy"), synth.sample_model(5, 0, ("salt",))[1]
+    )
     stamp = os.stat(folder / "receiver_data_src_150.npy").st_mtime_ns
-    assert main(["--n", "1", "--out", str(tmp_path), "--seed", "5", "--family", "salt", "--cpu-devices", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--n",
+                "1",
+                "--out",
+                str(tmp_path),
+                "--seed",
+                "5",
+                "--family",
+                "salt",
+                "--cpu-devices",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert os.stat(folder / "receiver_data_src_150.npy").st_mtime_ns == stamp

@@ -38,7 +38,12 @@ def run_homogeneous(dx, order, n_cells, src, recs, t_end, pml=20, courant=0.4, v
     nt = int(round(t_end / mode.dt)) + 1
     model = jnp.full((n_cells, n_cells), v, jnp.float32)
     # one survey per receiver depth is not needed: all receivers share src's depth here
-    survey = W.Survey(source_x=(src[0],), source_z=src[1], receiver_x=tuple(r[0] for r in recs), receiver_z=recs[0][1])
+    survey = W.Survey(
+        source_x=(src[0],),
+        source_z=src[1],
+        receiver_x=tuple(r[0] for r in recs),
+        receiver_z=recs[0][1],
+    )
     tr = W.simulate_shots(model, mode=mode, survey=survey, out_dt=mode.dt, out_nt=nt, model_dx=dx)
     return mode, np.asarray(tr[0], np.float64)
 
@@ -47,7 +52,9 @@ def windowed_error(dx, order, offsets=(100.0, 200.0)):
     """Relative L2 error vs the analytic trace before any boundary reflection arrives."""
     n = int(round(800 / dx))
     centre = (n // 2) * dx
-    mode, tr = run_homogeneous(dx, order, n, (centre, centre), [(centre + o, centre) for o in offsets], 0.33)
+    mode, tr = run_homogeneous(
+        dx, order, n, (centre, centre), [(centre + o, centre) for o in offsets], 0.33
+    )
     errs = []
     for j, off in enumerate(offsets):
         ref = analytic_trace(off, C, mode.dt, tr.shape[0])
@@ -96,7 +103,9 @@ def test_boundary_reflections_below_one_percent(mode):
     # the edge) and the receiver 100 m away: everything the trace has beyond the analytic
     # free-space answer is reflected by the absorbing boundaries (plus the < 0.1 % FD error).
     m = W.MODES[mode]
-    mode_, tr = run_homogeneous(m.dx, m.order, int(200 / m.dx), (12.0, 100.0), [(112.0, 100.0)], 0.5, pml=m.pml)
+    mode_, tr = run_homogeneous(
+        m.dx, m.order, int(200 / m.dx), (12.0, 100.0), [(112.0, 100.0)], 0.5, pml=m.pml
+    )
     ref = analytic_trace(100.0, C, mode_.dt, tr.shape[0])
     reflected = np.abs(tr[:, 0] - ref).max() / np.abs(ref).max()
     assert reflected < 0.01, reflected
@@ -111,8 +120,16 @@ def test_reciprocity_in_a_heterogeneous_model():
     a, b = (50.0, 60.0), (230.0, 60.0)  # two points at the same depth
     nt = int(0.4 / mode.dt)
     kw = dict(mode=mode, out_dt=mode.dt, out_nt=nt, model_dx=dx)
-    ab = W.simulate_shots(v, survey=W.Survey(source_x=(a[0],), source_z=a[1], receiver_x=(b[0],), receiver_z=b[1]), **kw)
-    ba = W.simulate_shots(v, survey=W.Survey(source_x=(b[0],), source_z=b[1], receiver_x=(a[0],), receiver_z=a[1]), **kw)
+    ab = W.simulate_shots(
+        v,
+        survey=W.Survey(source_x=(a[0],), source_z=a[1], receiver_x=(b[0],), receiver_z=b[1]),
+        **kw,
+    )
+    ba = W.simulate_shots(
+        v,
+        survey=W.Survey(source_x=(b[0],), source_z=b[1], receiver_x=(a[0],), receiver_z=a[1]),
+        **kw,
+    )
     ab, ba = np.asarray(ab[0, :, 0]), np.asarray(ba[0, :, 0])
     assert np.abs(ab).max() > 1e-3
     # float32 round-off over ~1,400 steps and the CPML (not exactly self-adjoint) bound this
@@ -123,11 +140,24 @@ def test_gradient_matches_finite_difference():
     dx = 10.0
     n = 40
     mode = W.Mode(dx=dx, dt=0.4 * dx / 4.5e3, order=4, pml=10)
-    survey = W.Survey(source_x=(100.0, 300.0), source_z=20.0, receiver_x=tuple(np.arange(0.0, 400.0, 40.0)), receiver_z=10.0)
+    survey = W.Survey(
+        source_x=(100.0, 300.0),
+        source_z=20.0,
+        receiver_x=tuple(np.arange(0.0, 400.0, 40.0)),
+        receiver_z=10.0,
+    )
     zz = np.arange(n) * dx
     v_true = np.broadcast_to(np.where(zz < 200, 2.0, 2.8), (n, n)).astype(np.float32)
     v0 = jnp.full((n, n), 2.2, jnp.float32)
-    kw = dict(mode=mode, survey=survey, out_dt=mode.dt, out_nt=int(0.4 / mode.dt), model_dx=dx, remat=True, block=20)
+    kw = dict(
+        mode=mode,
+        survey=survey,
+        out_dt=mode.dt,
+        out_nt=int(0.4 / mode.dt),
+        model_dx=dx,
+        remat=True,
+        block=20,
+    )
     d_obs = W.simulate_shots(jnp.asarray(v_true), **kw)
 
     def misfit(v):
@@ -154,14 +184,17 @@ def test_models_sharded_over_two_devices_match_one_device(tmp_path):
         rng = np.random.default_rng(0)
         v = (2.0 + rng.random((3, 60, 60))).astype(np.float32)
         mode = W.Mode(dx=10.0, dt=8e-4, order=4, pml=8)
-        survey = W.Survey(source_x=(100.0, 400.0), source_z=20.0, receiver_x=(0.0, 250.0, 590.0), receiver_z=10.0)
+        survey = W.Survey(source_x=(100.0, 400.0), source_z=20.0,
+                          receiver_x=(0.0, 250.0, 590.0), receiver_z=10.0)
         kw = dict(mode=mode, survey=survey, out_dt=8e-4, out_nt=200, model_dx=10.0)
         sharded = W.simulate(v, **kw)
         single = np.stack([np.asarray(W.simulate_shots(m, **kw)) for m in v])
         np.save({out!r}, np.stack([sharded, single]))
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
     sharded, single = np.load(tmp_path / "out.npy")
     assert np.abs(single).max() > 0

@@ -1,5 +1,5 @@
-"""python -m fwi_jax.train: traced once, exact resume after kill -9, 1 vs 4 devices, float16 overflow
-skips, gradient accumulation, initial weights, and clear user errors.
+"""python -m fwi_jax.train: traced once, exact resume after kill -9, 1 vs 4 devices, float16
+overflow skips, gradient accumulation, initial weights, and clear user errors.
 
 A small network on the demo geometry (2 blocks of width 64) over 20 random competition-format
 samples (16 train / 4 validation by the reference split) keeps each run to seconds."""
@@ -26,8 +26,17 @@ from fwi_jax.optim import make_optimizer
 from fwi_jax.preprocess import ZERO_CHANNEL, flip
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SMALL = ["model.dim=64", "model.heads=2", "model.depth=2", "model.split=1", "train.batch_size=4",
-         "train.log_every_steps=2", "train.ema_start_epoch=1", "train.ema_decay=0.9", "data.prefetch=1"]
+SMALL = [
+    "model.dim=64",
+    "model.heads=2",
+    "model.depth=2",
+    "model.split=1",
+    "train.batch_size=4",
+    "train.log_every_steps=2",
+    "train.ema_start_epoch=1",
+    "train.ema_decay=0.9",
+    "data.prefetch=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,9 @@ def dataset(tmp_path_factory):
         for name in SHOT_FILES:
             np.save(d / name, (1e-4 * rng.standard_normal((10001, 31))).astype(np.float32))
         depth = np.linspace(0.0, 1.5, 1259, dtype=np.float32)[None, :]
-        np.save(d / VELOCITY_FILE, (1.8 + rng.uniform(0, 1) + depth + np.zeros((300, 1), np.float32)))
+        np.save(
+            d / VELOCITY_FILE, (1.8 + rng.uniform(0, 1) + depth + np.zeros((300, 1), np.float32))
+        )
     return root
 
 
@@ -51,13 +62,26 @@ def small_cfg(dataset, *extra):
 def run_cli(args, devices=1, timeout=400):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return subprocess.Popen([sys.executable, "-m", "fwi_jax.train", "--no-progress", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fwi_jax.train", "--no-progress", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def cli_args(dataset, workdir, *extra):
-    return ["--config", "demo", "--data", str(dataset), "--workdir", str(workdir),
-            *[a for s in SMALL + list(extra) for a in ("--set", s)]]
+    return [
+        "--config",
+        "demo",
+        "--data",
+        str(dataset),
+        "--workdir",
+        str(workdir),
+        *[a for s in SMALL + list(extra) for a in ("--set", s)],
+    ]
 
 
 def finish(proc, timeout=400):
@@ -87,7 +111,9 @@ def test_train_in_process_traces_once_and_writes_run(dataset, tmp_path):
     summary = T.train(cfg, tmp_path / "run", progress=False)
     assert summary["traces"] == {"train_step": 1, "eval_step": 1}  # 8 steps and 2 validations
     assert summary["steps"] == 8 and np.isfinite(summary["best_mape"])
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     vals = [r for r in records if "val/mape" in r]
     assert [r["step"] for r in vals] == [4, 8] and [r["val/ema"] for r in vals] == [False, True]
     assert all(np.isfinite(r["train/loss"]) and r["lr"] > 0 for r in records if "train/loss" in r)
@@ -101,8 +127,25 @@ def test_train_in_process_traces_once_and_writes_run(dataset, tmp_path):
     from fwi_jax.data.split import reference_split
 
     ids.write_text("\n".join(reference_split(sorted(p.name for p in dataset.iterdir()))[1]) + "\n")
-    assert infer_main(["--data", str(dataset), "--list", str(ids), "--checkpoints", str(tmp_path / "run"),
-                       "--out", str(tmp_path / "sub.npz"), "--no-tta", "--val", "--batch", "4"]) == 0
+    assert (
+        infer_main(
+            [
+                "--data",
+                str(dataset),
+                "--list",
+                str(ids),
+                "--checkpoints",
+                str(tmp_path / "run"),
+                "--out",
+                str(tmp_path / "sub.npz"),
+                "--no-tta",
+                "--val",
+                "--batch",
+                "4",
+            ]
+        )
+        == 0
+    )
 
 
 def test_kill_9_then_resume_is_bit_exact(dataset, uninterrupted, tmp_path):
@@ -112,7 +155,11 @@ def test_kill_9_then_resume_is_bit_exact(dataset, uninterrupted, tmp_path):
     ckpt_dir = workdir / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for a finished checkpoint past the first epoch, then kill
-        steps = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
+        steps = (
+            [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()]
+            if ckpt_dir.exists()
+            else []
+        )
         if any(s >= 6 for s in steps):
             break
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -142,15 +189,22 @@ def test_kill_9_then_resume_is_bit_exact(dataset, uninterrupted, tmp_path):
         np.testing.assert_array_equal(a, b)  # bit for bit
     assert summary["best_mape"] == ref_summary["best_mape"]
     assert f"resuming {workdir} at step {killed_at} of 16" in summary_out
-    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
-             if "train/loss" in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (workdir / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no step logged twice after the resume
 
 
 def _wait_for_checkpoint(proc, ckpt_dir, at_least, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        steps = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()] if ckpt_dir.exists() else []
+        steps = (
+            [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()]
+            if ckpt_dir.exists()
+            else []
+        )
         if any(s >= at_least for s in steps):
             return
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -178,7 +232,9 @@ def test_sigterm_finishes_the_step_saves_and_resume_is_bit_exact(dataset, uninte
     stopped = [ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM after step ")]
     assert len(stopped) == 1, err[-3000:]
     step = int(stopped[0].split()[5])
-    assert 4 <= step < 16 and f"checkpoint {workdir / 'checkpoints' / str(step)} saved" in stopped[0]
+    assert (
+        4 <= step < 16 and f"checkpoint {workdir / 'checkpoints' / str(step)} saved" in stopped[0]
+    )
     assert stopped[0].endswith(" --resume") and "to continue: python -m fwi_jax.train" in stopped[0]
     assert (workdir / "checkpoints" / str(step)).is_dir() and not (workdir / "final").exists()
     resumed = run_cli(args + ["--resume"])
@@ -190,7 +246,9 @@ def test_sigterm_finishes_the_step_saves_and_resume_is_bit_exact(dataset, uninte
 
 
 def _truncate_largest_array_file(step_dir):
-    f = max((f for f in (step_dir / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    f = max(
+        (f for f in (step_dir / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size
+    )
     f.write_bytes(f.read_bytes()[:1000])
 
 
@@ -213,7 +271,8 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before(dataset, uninterr
     assert f"warning: checkpoint {ckpt_dir / '16'} is damaged (OUT_OF_RANGE: Error reading" in err
     assert "is not valid for value of size 1000); trying the one before" in err
     assert f"resuming {workdir} at step 14 of 16" in out and "Traceback" not in err
-    assert (ckpt_dir / "16.damaged").is_dir() and (ckpt_dir / "16").is_dir()  # set aside, then saved afresh
+    # set aside, then saved afresh
+    assert (ckpt_dir / "16.damaged").is_dir() and (ckpt_dir / "16").is_dir()
     _assert_same_params(workdir, ref_dir)
     assert json.loads(out.strip().splitlines()[-1])["best_mape"] == ref_summary["best_mape"]
 
@@ -224,8 +283,13 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before(dataset, uninterr
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 2 and "Traceback" not in err
     errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: no intact checkpoint in {workdir / 'checkpoints'} (")
-    assert "14/meta/metadata not found" in errors[0] and "start a new run in another --workdir" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: no intact checkpoint in {workdir / 'checkpoints'} ("
+    )
+    assert (
+        "14/meta/metadata not found" in errors[0]
+        and "start a new run in another --workdir" in errors[0]
+    )
     assert "resuming" not in out
 
 
@@ -260,8 +324,9 @@ def test_refused_checkpoint_write_stops_the_run_naming_it(dataset, tmp_path):
     assert f"the newest complete checkpoint, {workdir / 'checkpoints' / '2'}, is untouched" in msg
     ckpts = TrainCheckpoints(workdir / "checkpoints")
     assert ckpts.all_steps() == [2]
-    state = jax.eval_shape(lambda: T.create_train_state(cfg, create_model(cfg)[1],
-                                                        make_optimizer(cfg, 8)[0]))
+    state = jax.eval_shape(
+        lambda: T.create_train_state(cfg, create_model(cfg)[1], make_optimizer(cfg, 8)[0])
+    )
     step, restored, _, meta = ckpts.restore_newest_intact(state)
     assert step == 2 and int(restored["step"]) == 2 and meta["step"] == 2
 
@@ -296,10 +361,14 @@ def test_four_devices_match_one(dataset, uninterrupted, tmp_path):
     and fails the first bound."""
     ref_dir, ref_summary = uninterrupted
     summary = finish(run_cli(cli_args(dataset, tmp_path / "d4", *RESUME_SET), devices=4))
-    for a, b in zip(jax.tree.leaves(params_of(tmp_path / "d4")), jax.tree.leaves(params_of(ref_dir))):
+    for a, b in zip(
+        jax.tree.leaves(params_of(tmp_path / "d4")), jax.tree.leaves(params_of(ref_dir))
+    ):
         a, b = np.asarray(a), np.asarray(b)
         outside = np.abs(a - b) > 2e-5 + 1e-4 * np.abs(b)
-        assert outside.mean() <= 1e-4, f"{outside.sum()} of {a.size} entries differ: max {np.abs(a - b).max():.2e}"
+        assert outside.mean() <= 1e-4, (
+            f"{outside.sum()} of {a.size} entries differ: max {np.abs(a - b).max():.2e}"
+        )
         np.testing.assert_allclose(a, b, atol=16 * 5e-4)
     assert summary["best_mape"] == pytest.approx(ref_summary["best_mape"], rel=1e-4)
 
@@ -338,8 +407,10 @@ def test_float16_overflow_skips_step_and_recovers(dataset):
     for seed in (2, 3):
         state, m = step(state, _batch(seed))
     assert int(m["skipped_steps"]) == 1 and np.isfinite(float(m["loss"]))
-    changed = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state["params"]),
-                                                             jax.tree.leaves(before["params"])))
+    changed = any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before["params"]))
+    )
     assert changed
     for tree in (state["params"], state["ema"], state["opt_state"]):
         assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(tree))
@@ -389,13 +460,19 @@ def test_load_from_with_drop_head_and_init_from_params(dataset, tmp_path):
     _, fresh = create_model(cfg, seed=0)
     loaded = T.initial_params(cfg, fresh, None, str(tmp_path / "other"), drop_head=True)
     np.testing.assert_array_equal(loaded["head"]["kernel"], fresh["head"]["kernel"])
-    np.testing.assert_array_equal(loaded["blocks"]["0"]["attn"]["qkv"]["kernel"],
-                                  trained["blocks"]["0"]["attn"]["qkv"]["kernel"])
+    np.testing.assert_array_equal(
+        loaded["blocks"]["0"]["attn"]["qkv"]["kernel"],
+        trained["blocks"]["0"]["attn"]["qkv"]["kernel"],
+    )
     init = T.initial_params(cfg, fresh, str(tmp_path / "other" / "best"), None, drop_head=False)
     np.testing.assert_array_equal(init["head"]["kernel"], trained["head"]["kernel"])
     wider = small_cfg(dataset, "model.dim=96", "model.heads=3")
-    with pytest.raises(T.TrainError, match=r"wrong shape: \['blocks'\]\['0'\]\['attn'\]\['qkv'\]\['kernel'\]"):
-        T.initial_params(wider, create_model(wider)[1], None, str(tmp_path / "other"), drop_head=True)
+    with pytest.raises(
+        T.TrainError, match=r"wrong shape: \['blocks'\]\['0'\]\['attn'\]\['qkv'\]\['kernel'\]"
+    ):
+        T.initial_params(
+            wider, create_model(wider)[1], None, str(tmp_path / "other"), drop_head=True
+        )
 
 
 def test_init_from_timm_checkpoint(dataset, tmp_path):
@@ -405,14 +482,20 @@ def test_init_from_timm_checkpoint(dataset, tmp_path):
 
     cfg = small_cfg(dataset)
     torch.manual_seed(0)
-    m = timm.create_model("eva02_tiny_patch14_224", pretrained=False, embed_dim=64, num_heads=2, depth=2)
-    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "timm.safetensors"))
+    m = timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, embed_dim=64, num_heads=2, depth=2
+    )
+    save_file(
+        {k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "timm.safetensors")
+    )
     _, fresh = create_model(cfg, seed=cfg.train.seed)
     params = T.initial_params(cfg, fresh, str(tmp_path / "timm.safetensors"), None, drop_head=False)
     qkv = m.blocks[1].attn.qkv.weight.detach().numpy().T
     np.testing.assert_array_equal(params["blocks"]["1"]["attn"]["qkv"]["kernel"], qkv)
     patch = m.patch_embed.proj.weight.detach().numpy().sum(axis=1)  # 3 input channels summed
-    np.testing.assert_allclose(params["patch_embed"]["proj"]["kernel"], patch.reshape(64, -1).T, rtol=1e-6)
+    np.testing.assert_allclose(
+        params["patch_embed"]["proj"]["kernel"], patch.reshape(64, -1).T, rtol=1e-6
+    )
     np.testing.assert_array_equal(params["head"]["kernel"], fresh["head"]["kernel"])  # a new head
 
 
@@ -424,20 +507,30 @@ def test_user_errors_are_clear(dataset, uninterrupted, tmp_path, capsys):
     assert "unknown config key 'train.lrr'" in err("--config", "demo", "--set", "train.lrr=1")
     assert "no_such_dir" in err("--config", "demo", "--data", str(tmp_path / "no_such_dir"))
     assert "--drop-head needs --load-from" in err("--config", "demo", "--drop-head")
-    assert "does not exist" in err("--config", "demo", "--data", str(dataset), "--load-from", str(tmp_path / "nope"))
+    assert "does not exist" in err(
+        "--config", "demo", "--data", str(dataset), "--load-from", str(tmp_path / "nope")
+    )
     ids = tmp_path / "ids.txt"
     ids.write_text("s00\nmissing_one\n")
-    assert "missing_one" in err("--config", "demo", "--data", str(dataset), "--train-list", str(ids))
+    assert "missing_one" in err(
+        "--config", "demo", "--data", str(dataset), "--train-list", str(ids)
+    )
     ref_dir, _ = uninterrupted
     assert "pass --resume" in err(*cli_args(dataset, ref_dir, *RESUME_SET))
-    assert "config differs" in err(*cli_args(dataset, ref_dir, *RESUME_SET, "train.lr=2e-3"), "--resume")
+    assert "config differs" in err(
+        *cli_args(dataset, ref_dir, *RESUME_SET, "train.lr=2e-3"), "--resume"
+    )
 
 
 def test_vanished_gradients_are_reported(dataset, tmp_path, capsys):
-    """An lr far too high saturates the output sigmoid: the gradients vanish, and the run says so."""
+    """An lr far too high saturates the output sigmoid: the gradients vanish, and the run says
+    so."""
     T.train(small_cfg(dataset, "train.epochs=2", "train.lr=1.0"), tmp_path / "run", progress=False)
-    norms = [json.loads(ln)["train/grad_norm"] for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if "train/grad_norm" in ln]
+    norms = [
+        json.loads(ln)["train/grad_norm"]
+        for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if "train/grad_norm" in ln
+    ]
     assert min(norms) < T.VANISHED_GRAD_NORM
     err = capsys.readouterr().err
     assert err.count("gradients have vanished") == 1 and "train.lr (now 1)" in err

@@ -15,8 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TIMM_NAMES = {"tiny": "eva02_tiny_patch14_224", "small": "eva02_small_patch14_224",
-              "base": "eva02_base_patch14_448", "large": "eva02_large_patch14_448"}
+TIMM_NAMES = {
+    "tiny": "eva02_tiny_patch14_224",
+    "small": "eva02_small_patch14_224",
+    "base": "eva02_base_patch14_448",
+    "large": "eva02_large_patch14_448",
+}
 
 
 class ReferenceModel(nn.Module):
@@ -31,7 +35,9 @@ class ReferenceModel(nn.Module):
             kwargs["img_size"] = (g.resize[0], g.resize[1])
         for key in ("dim", "depth", "heads"):
             if getattr(m, key) is not None:
-                kwargs[{"dim": "embed_dim", "depth": "depth", "heads": "num_heads"}[key]] = getattr(m, key)
+                kwargs[{"dim": "embed_dim", "depth": "depth", "heads": "num_heads"}[key]] = getattr(
+                    m, key
+                )
         self.cfg = cfg
         self.backbone = timm.create_model(TIMM_NAMES[m.size], **kwargs)
         dim = self.backbone.embed_dim
@@ -40,7 +46,11 @@ class ReferenceModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, R) -> (B, depth, x)
         g, m = self.cfg.geometry, self.cfg.model
         b, c, t, r = x.shape
-        x = x.reshape(b, c, t // g.fold, g.fold, r).permute(0, 1, 2, 4, 3).reshape(b, c, t // g.fold, r * g.fold)
+        x = (
+            x.reshape(b, c, t // g.fold, g.fold, r)
+            .permute(0, 1, 2, 4, 3)
+            .reshape(b, c, t // g.fold, r * g.fold)
+        )
         x = F.interpolate(x, size=tuple(g.resize), mode="bilinear", align_corners=False)
         x = x.reshape(b * c, 1, *g.resize)
         bb = self.backbone
@@ -50,14 +60,14 @@ class ReferenceModel(nn.Module):
         for blk in bb.blocks[: m.split]:
             x = blk(x, rope=rope)
         x = x.reshape(b, c, *x.shape[1:]).mean(1)
-        for blk in bb.blocks[m.split:]:
+        for blk in bb.blocks[m.split :]:
             x = blk(x, rope=rope)
         x = bb.norm(x)[:, 1:]
         gh, gw = g.grid
         x = self.head(x).transpose(1, 2).reshape(b, -1, gh, gw)
         x = F.pixel_shuffle(x, g.head_patch[0])[:, 0]
         (r0, c0), (oh, ow) = g.crop_offset, g.out_shape
-        x = x[:, r0:r0 + oh, c0:c0 + ow]
+        x = x[:, r0 : r0 + oh, c0 : c0 + ow]
         return torch.sigmoid(x.float()) * m.v_span + m.v_min
 
 
@@ -78,7 +88,9 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 # The reference's training recipe: optimizer, learning-rate multiplier, loss
 
 
-def newton_schulz(g: torch.Tensor, dtype: torch.dtype = torch.bfloat16, steps: int = 5) -> torch.Tensor:
+def newton_schulz(
+    g: torch.Tensor, dtype: torch.dtype = torch.bfloat16, steps: int = 5
+) -> torch.Tensor:
     """Approximate orthogonalisation U V^T of g = U S V^T: g / (||g||_F + 1e-7), then ``steps``
     quintic iterations X <- 3.4445 X + (-4.7750 A + 2.0315 A^2) X with A = X X^T, on the wide
     orientation of g (transposed when it has more rows than columns), in ``dtype``."""
@@ -104,10 +116,24 @@ class ReferenceMuonWithAuxAdam(torch.optim.Optimizer):
     norms, cls token and position embedding (3-D), patch-embedding convolution (4-D)) take plain
     Adam with bias correction."""
 
-    def __init__(self, params, lr=2e-4, weight_decay=0.01, momentum=0.95, betas=(0.9, 0.95), eps=1e-8,
-                 ns_dtype=torch.bfloat16):
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "betas": betas, "eps": eps,
-                    "ns_dtype": ns_dtype}
+    def __init__(
+        self,
+        params,
+        lr=2e-4,
+        weight_decay=0.01,
+        momentum=0.95,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        ns_dtype=torch.bfloat16,
+    ):
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "betas": betas,
+            "eps": eps,
+            "ns_dtype": ns_dtype,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()

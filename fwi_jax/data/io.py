@@ -51,7 +51,9 @@ def _load_array(path: pathlib.Path, shape: tuple[int, ...]) -> np.ndarray:
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic != b"\x93NUMPY":  # np.load would otherwise try to read it as a pickle
-        raise DataError(f"{path}: not a .npy file (no NumPy header; {len(magic)} leading bytes {magic!r})")
+        raise DataError(
+            f"{path}: not a .npy file (no NumPy header; {len(magic)} leading bytes {magic!r})"
+        )
     try:
         with NPY_HEADER_LOCK:  # see `_npy_header`
             a = np.load(path, allow_pickle=False)
@@ -91,14 +93,20 @@ def _npy_header(f) -> tuple | None:
         with NPY_HEADER_LOCK:
             b = _io.BytesIO(header)
             version = np.lib.format.read_magic(b)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             parsed = read(b)
             if len(_headers) < 256:
                 _headers[header] = parsed
     return parsed
 
 
-def _read_f32_into(path: pathlib.Path, shape: tuple[int, ...], out: np.ndarray, tail: np.ndarray | None = None) -> bool:
+def _read_f32_into(
+    path: pathlib.Path, shape: tuple[int, ...], out: np.ndarray, tail: np.ndarray | None = None
+) -> bool:
     """Fast path: read a little-endian float32 C-order .npy of ``shape`` straight into ``out``
     (its first out.size values; the rest, if any, into ``tail``) without intermediate copies.
     Returns False on anything unusual (missing, not .npy, other dtype/order/shape, short file);
@@ -132,8 +140,9 @@ def _read_shot(path: pathlib.Path, out: np.ndarray, tail: np.ndarray) -> bool:
     return True
 
 
-def read_sample(folder, *, v_range: tuple[float, float] = (0.5, 10.0),
-                require_velocity: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def read_sample(
+    folder, *, v_range: tuple[float, float] = (0.5, 10.0), require_velocity: bool | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Read and validate one sample folder.
 
     Returns (seismic (6, 10000, 31) float32 model input, SPEC §2 steps 1-3 applied here on host;
@@ -152,7 +161,10 @@ def read_sample(folder, *, v_range: tuple[float, float] = (0.5, 10.0),
     seismic[ZERO_CHANNEL] = 0.0
     tails = np.empty((len(SHOT_FILES), 1, N_RECEIVERS), np.float32)  # the dropped last time samples
     channels = [c for c in range(len(SHOT_FILES) + 1) if c != ZERO_CHANNEL]
-    ok = all(_read_shot(folder / name, seismic[c], tails[k]) for k, (c, name) in enumerate(zip(channels, SHOT_FILES)))
+    ok = all(
+        _read_shot(folder / name, seismic[c], tails[k])
+        for k, (c, name) in enumerate(zip(channels, SHOT_FILES))
+    )
     vp = None
     vpath = folder / VELOCITY_FILE
     if ok and vpath.exists():
@@ -160,7 +172,12 @@ def read_sample(folder, *, v_range: tuple[float, float] = (0.5, 10.0),
         ok = _read_f32_into(vpath, VELOCITY_FILE_SHAPE, vp)
         if ok:
             vmin, vmax = float(vp.min()), float(vp.max())  # NaN propagates; +-Inf shows as min/max
-            ok = np.isfinite(vmin) and np.isfinite(vmax) and v_range[0] <= vmin and vmax <= v_range[1]
+            ok = (
+                np.isfinite(vmin)
+                and np.isfinite(vmax)
+                and v_range[0] <= vmin
+                and vmax <= v_range[1]
+            )
     if not ok:
         return _read_sample_checked(folder, v_range=v_range, require_velocity=require_velocity)
     if vp is None:
@@ -170,8 +187,9 @@ def read_sample(folder, *, v_range: tuple[float, float] = (0.5, 10.0),
     return seismic, np.ascontiguousarray(vp.T)
 
 
-def _read_sample_checked(folder: pathlib.Path, *, v_range: tuple[float, float],
-                         require_velocity: bool | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_sample_checked(
+    folder: pathlib.Path, *, v_range: tuple[float, float], require_velocity: bool | None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """`read_sample` file by file through `_load_array`: any float dtype, every check, and the
     error message naming the first bad file."""
     shots = np.stack([_load_array(folder / name, (N_TIME_RAW, N_RECEIVERS)) for name in SHOT_FILES])
@@ -185,8 +203,10 @@ def _read_sample_checked(folder: pathlib.Path, *, v_range: tuple[float, float],
     lo, hi = v_range
     vmin, vmax = float(vp.min()), float(vp.max())
     if vmin < lo or vmax > hi:
-        raise DataError(f"{vpath}: velocities in [{vmin:.4g}, {vmax:.4g}] km/s, outside the allowed "
-                        f"range [{lo}, {hi}] km/s")
+        raise DataError(
+            f"{vpath}: velocities in [{vmin:.4g}, {vmax:.4g}] km/s, outside the allowed "
+            f"range [{lo}, {hi}] km/s"
+        )
     return seismic, np.ascontiguousarray(vp.T)
 
 
@@ -228,13 +248,20 @@ def list_samples(root, list_file=None) -> list[str]:
     missing = [i for i in ids if i not in known]
     if missing:
         where = f"are not in the packed store {root}" if packed else f"have no folder under {root}"
-        raise DataError(f"{list_file}: {len(missing)} listed id(s) {where}, "
-                        f"e.g. {', '.join(missing[:5])}")
+        raise DataError(
+            f"{list_file}: {len(missing)} listed id(s) {where}, e.g. {', '.join(missing[:5])}"
+        )
     return sorted(ids)
 
 
-def check_dataset(root, ids: Iterable[str], *, v_range: tuple[float, float] = (0.5, 10.0),
-                  require_velocity: bool | None = None, progress: bool = False) -> list[tuple[str, str]]:
+def check_dataset(
+    root,
+    ids: Iterable[str],
+    *,
+    v_range: tuple[float, float] = (0.5, 10.0),
+    require_velocity: bool | None = None,
+    progress: bool = False,
+) -> list[tuple[str, str]]:
     """Validate every sample; returns [(id, message)] for each bad one (empty when all good)."""
     root = pathlib.Path(root)
     ids = list(ids)
@@ -260,8 +287,10 @@ def write_submission(path, predictions: Mapping[str, np.ndarray]) -> None:
     for sample_id, pred in predictions.items():
         a = np.asarray(pred)
         if a.shape != VELOCITY_FILE_SHAPE:
-            raise DataError(f"{path}: prediction for {sample_id!r} has shape {a.shape}, "
-                            f"expected {VELOCITY_FILE_SHAPE} (x, depth)")
+            raise DataError(
+                f"{path}: prediction for {sample_id!r} has shape {a.shape}, "
+                f"expected {VELOCITY_FILE_SHAPE} (x, depth)"
+            )
         arrays[str(sample_id)] = a.astype(np.float64)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -290,8 +319,10 @@ def read_submission(path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: not a .npz submission (a single array)") from None
     for sample_id, a in out.items():
         if a.shape != VELOCITY_FILE_SHAPE or not np.all(np.isfinite(a)):
-            raise DataError(f"{path}: prediction {sample_id!r} has shape {a.shape} (expected "
-                            f"{VELOCITY_FILE_SHAPE} (x, depth), finite)")
+            raise DataError(
+                f"{path}: prediction {sample_id!r} has shape {a.shape} (expected "
+                f"{VELOCITY_FILE_SHAPE} (x, depth), finite)"
+            )
         out[sample_id] = a.astype(np.float32)
     return out
 

@@ -37,16 +37,17 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 _CHUNK = 1 << 18  # values per step of `half_to_float32` (1 MB of output, stays in cache)
-_MASK = np.uint32(0x8FFFE000).view(np.int32)  # sign, then exponent and mantissa shifted into float32 place
-_REBIAS = np.float32(2.0 ** 112)  # 2^(127 - 15)
+# sign, then exponent and mantissa shifted into float32 place
+_MASK = np.uint32(0x8FFFE000).view(np.int32)
+_REBIAS = np.float32(2.0**112)  # 2^(127 - 15)
 
 
 def half_to_float32(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float16 array (any shape; a memmap slice is fine) -> float32 ``out``, bit-identical to
     ``src.astype(np.float32)`` for every finite value (zeros, subnormals included; packed stores
-    hold finite values only), and several times faster than NumPy's scalar cast: the int16 bits, sign-extended
-    and shifted left by 13, masked, are a float32 that one multiply by 2^112 rebiases, in chunks
-    that stay in cache. Inf/NaN would come out as large finite numbers."""
+    hold finite values only), and several times faster than NumPy's scalar cast: the int16 bits,
+    sign-extended and shifted left by 13, masked, are a float32 that one multiply by 2^112 rebiases,
+    in chunks that stay in cache. Inf/NaN would come out as large finite numbers."""
     if out is None:
         out = np.empty(src.shape, np.float32)
     if out.dtype != np.float32 or out.shape != src.shape or not out.flags.c_contiguous:
@@ -100,8 +101,9 @@ def _put_mirrored(src: np.ndarray, dst: np.ndarray, scratch: np.ndarray) -> None
 class _BufferPool:
     """Batch arrays, handed out again once nothing but the pool references them (CPython reference
     counts). A fresh ``np.empty`` of tens of MB is new memory: page faults and kernel zeroing on
-    every batch, system time that a reused array does not cost. Whoever holds a batch, a view of it, or a JAX array made from it (JAX keeps the NumPy
-    array it reads alive) keeps it from reuse. At most ``size`` arrays are kept; thread-safe."""
+    every batch, system time that a reused array does not cost. Whoever holds a batch, a view of it,
+    or a JAX array made from it (JAX keeps the NumPy array it reads alive) keeps it from reuse. At
+    most ``size`` arrays are kept; thread-safe."""
 
     def __init__(self, size: int):
         self.size = int(size)
@@ -172,7 +174,9 @@ class StackBatch:
             if key == "x":
                 dtype = np.float32 if self.x_float32 else parts[0].dtype
                 out = self._empty((len(parts), *parts[0].shape), dtype)
-                scratch = np.empty(parts[0].shape[1:], np.float32) if dtype != parts[0].dtype else None
+                scratch = (
+                    np.empty(parts[0].shape[1:], np.float32) if dtype != parts[0].dtype else None
+                )
                 for j, (part, flip) in enumerate(zip(parts, flips)):
                     _put_x(part, out[j], flip, scratch)
             elif key == "v":
@@ -189,8 +193,15 @@ class StackBatch:
         return batch
 
 
-def pack(src, out, ids: Sequence[str] | None = None, *, dtype: str = "float32",
-         v_range: tuple[float, float] = (0.5, 10.0), progress: bool = True) -> dict:
+def pack(
+    src,
+    out,
+    ids: Sequence[str] | None = None,
+    *,
+    dtype: str = "float32",
+    v_range: tuple[float, float] = (0.5, 10.0),
+    progress: bool = True,
+) -> dict:
     """Pack sample folders ``src/<id>`` (default: every sub-folder) into the store ``out``.
 
     ``dtype`` of x: "float32" (bit-exact) or "float16" (half the size; x values beyond float16's
@@ -213,7 +224,9 @@ def pack(src, out, ids: Sequence[str] | None = None, *, dtype: str = "float32",
     tmp.mkdir(parents=True)
     sample_id = ids[0]
     try:
-        xs = np.lib.format.open_memmap(tmp / X_FILE, mode="w+", dtype=np.dtype(dtype), shape=(n, *X_SHAPE))
+        xs = np.lib.format.open_memmap(
+            tmp / X_FILE, mode="w+", dtype=np.dtype(dtype), shape=(n, *X_SHAPE)
+        )
         vs = None
         has_velocity = None
         vmin, vmax = np.inf, -np.inf
@@ -228,23 +241,37 @@ def pack(src, out, ids: Sequence[str] | None = None, *, dtype: str = "float32",
             if has_velocity is None:
                 has_velocity = v is not None
                 if has_velocity:
-                    vs = np.lib.format.open_memmap(tmp / V_FILE, mode="w+", dtype=np.float32, shape=(n, *V_SHAPE))
+                    vs = np.lib.format.open_memmap(
+                        tmp / V_FILE, mode="w+", dtype=np.float32, shape=(n, *V_SHAPE)
+                    )
             elif v is not None and not has_velocity:
-                raise io.DataError(f"{folder / io.VELOCITY_FILE}: present, but {ids[0]} has none "
-                                   f"(a packed store has velocities for every sample or none)")
+                raise io.DataError(
+                    f"{folder / io.VELOCITY_FILE}: present, but {ids[0]} has none "
+                    f"(a packed store has velocities for every sample or none)"
+                )
             if dtype == "float16":
                 peak = float(np.abs(x).max())
                 if peak > FLOAT16_MAX:
-                    raise io.DataError(f"{folder}: |x| up to {peak:.4g} after x1e4 overflows float16 "
-                                       f"(max {FLOAT16_MAX:.0f}); pack as float32")
+                    raise io.DataError(
+                        f"{folder}: |x| up to {peak:.4g} after x1e4 overflows float16 "
+                        f"(max {FLOAT16_MAX:.0f}); pack as float32"
+                    )
             xs[i] = x
             if has_velocity:
                 vs[i] = v
                 vmin, vmax = min(vmin, float(v.min())), max(vmax, float(v.max()))
-        index = {"format": FORMAT, "version": VERSION, "n": n, "dtype": dtype,
-                 "x_shape": [n, *X_SHAPE], "v_shape": [n, *V_SHAPE] if has_velocity else None,
-                 "has_velocity": bool(has_velocity), "v_range": list(map(float, v_range)),
-                 "v_min": vmin if has_velocity else None, "v_max": vmax if has_velocity else None}
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "n": n,
+            "dtype": dtype,
+            "x_shape": [n, *X_SHAPE],
+            "v_shape": [n, *V_SHAPE] if has_velocity else None,
+            "has_velocity": bool(has_velocity),
+            "v_range": list(map(float, v_range)),
+            "v_min": vmin if has_velocity else None,
+            "v_max": vmax if has_velocity else None,
+        }
         for a in (xs, vs):
             if a is not None:
                 a.flush()
@@ -271,7 +298,9 @@ def read_index(root) -> dict:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise io.DataError(f"{path}: not a {FORMAT} index")
     if index.get("version") != VERSION:
-        raise io.DataError(f"{path}: format version {index.get('version')}, this code reads {VERSION}")
+        raise io.DataError(
+            f"{path}: format version {index.get('version')}, this code reads {VERSION}"
+        )
     if index.get("dtype") not in DTYPES:
         raise io.DataError(f"{path}: dtype {index.get('dtype')!r} not one of {DTYPES}")
     return index
@@ -285,7 +314,9 @@ def _open(path: pathlib.Path, shape, dtype) -> np.ndarray:
     except (OSError, ValueError) as e:
         raise io.DataError(f"{path}: not a readable .npy file ({e})") from e
     if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
-        raise io.DataError(f"{path}: {a.dtype} {a.shape}, index says {np.dtype(dtype)} {tuple(shape)}")
+        raise io.DataError(
+            f"{path}: {a.dtype} {a.shape}, index says {np.dtype(dtype)} {tuple(shape)}"
+        )
     return a
 
 
@@ -299,27 +330,44 @@ class PackedSource(grain.sources.RandomAccessDataSource):
     `pipeline.make_dataset` uses.
     The memmaps open lazily in each process; pickles without them, so grain workers rebuild it."""
 
-    def __init__(self, root, ids: Sequence[str] | None = None, *, v_range=(0.5, 10.0),
-                 require_velocity: bool | None = None, raw: bool = False):
+    def __init__(
+        self,
+        root,
+        ids: Sequence[str] | None = None,
+        *,
+        v_range=(0.5, 10.0),
+        require_velocity: bool | None = None,
+        raw: bool = False,
+    ):
         self.root = str(root)
         self.raw = bool(raw)
         self.index = read_index(self.root)
         stored = io.read_store_ids(self.root)
         if len(stored) != self.index["n"]:
-            raise io.DataError(f"{pathlib.Path(self.root) / io.STORE_IDS_FILE}: {len(stored)} ids, index says {self.index['n']}")
+            raise io.DataError(
+                f"{pathlib.Path(self.root) / io.STORE_IDS_FILE}: {len(stored)} ids, index says "
+                f"{self.index['n']}"
+            )
         row_of = {i: r for r, i in enumerate(stored)}
         self.ids = list(stored if ids is None else ids)
         missing = [i for i in self.ids if i not in row_of]
         if missing:
-            raise io.DataError(f"{self.root}: {len(missing)} requested id(s) not in the packed store, "
-                               f"e.g. {', '.join(missing[:5])}")
+            raise io.DataError(
+                f"{self.root}: {len(missing)} requested id(s) not in the packed store, "
+                f"e.g. {', '.join(missing[:5])}"
+            )
         self.rows = np.asarray([row_of[i] for i in self.ids], dtype=np.int64)
         if require_velocity and not self.index["has_velocity"]:
-            raise io.DataError(f"{pathlib.Path(self.root) / V_FILE}: missing file (store packed without velocities)")
+            raise io.DataError(
+                f"{pathlib.Path(self.root) / V_FILE}: missing file (store packed without "
+                "velocities)"
+            )
         lo, hi = map(float, v_range)
         # the store was validated against its own v_range; check again per sample only if needed
         self.v_range = (lo, hi)
-        self._check_v = self.index["has_velocity"] and not (lo <= self.index["v_min"] and self.index["v_max"] <= hi)
+        self._check_v = self.index["has_velocity"] and not (
+            lo <= self.index["v_min"] and self.index["v_max"] <= hi
+        )
         self._mm = None
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -345,8 +393,14 @@ class PackedSource(grain.sources.RandomAccessDataSource):
         for sample_id, row in zip(self.ids, self.rows):
             vmin, vmax = float(vs[row].min()), float(vs[row].max())
             if vmin < lo or vmax > hi:
-                bad.append((sample_id, f"{pathlib.Path(self.root) / V_FILE}: velocities in [{vmin:.4g}, {vmax:.4g}] "
-                                       f"km/s, outside the allowed range [{lo}, {hi}] km/s"))
+                bad.append(
+                    (
+                        sample_id,
+                        f"{pathlib.Path(self.root) / V_FILE}: velocities in [{vmin:.4g}, "
+                        f"{vmax:.4g}] "
+                        f"km/s, outside the allowed range [{lo}, {hi}] km/s",
+                    )
+                )
         return bad
 
     def __getstate__(self):
@@ -367,9 +421,11 @@ class PackedSource(grain.sources.RandomAccessDataSource):
             if self._check_v:
                 vmin, vmax = float(v.min()), float(v.max())
                 if vmin < self.v_range[0] or vmax > self.v_range[1]:
-                    raise io.DataError(f"{self.root}: sample {self.ids[index]}: velocities in [{vmin:.4g}, "
-                                       f"{vmax:.4g}] km/s, outside the allowed range "
-                                       f"[{self.v_range[0]}, {self.v_range[1]}] km/s")
+                    raise io.DataError(
+                        f"{self.root}: sample {self.ids[index]}: velocities in [{vmin:.4g}, "
+                        f"{vmax:.4g}] km/s, outside the allowed range "
+                        f"[{self.v_range[0]}, {self.v_range[1]}] km/s"
+                    )
             element["v"] = v
         return element
 

@@ -36,7 +36,9 @@ class FolderSource(grain.sources.RandomAccessDataSource):
 
     Picklable (root and ids only), so grain worker processes can rebuild it."""
 
-    def __init__(self, root, ids: Sequence[str], *, v_range=(0.5, 10.0), require_velocity: bool | None = None):
+    def __init__(
+        self, root, ids: Sequence[str], *, v_range=(0.5, 10.0), require_velocity: bool | None = None
+    ):
         self.root = str(root)
         self.ids = list(ids)
         self.v_range = tuple(v_range)
@@ -47,8 +49,11 @@ class FolderSource(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> dict:
         sample_id = self.ids[index]
-        x, v = io.read_sample(pathlib.Path(self.root) / sample_id, v_range=self.v_range,
-                              require_velocity=self.require_velocity)
+        x, v = io.read_sample(
+            pathlib.Path(self.root) / sample_id,
+            v_range=self.v_range,
+            require_velocity=self.require_velocity,
+        )
         element = {"x": x, "id": np.asarray(sample_id)}
         if v is not None:
             element["v"] = v
@@ -83,11 +88,12 @@ class RandomFlip(grain.transforms.RandomMap):
 
 class EpochShuffle(grain.MapDataset):
     """``ds.shuffle(seed)`` of grain, at O(1) per element: element i of epoch e (a following
-    ``repeat`` counts epochs past ``len``) is ``parent[e * n + perm_e[i]]``, ``perm_e`` a permutation
-    of the n elements drawn once per epoch from NumPy's Philox keyed by (seed, e) and cached. grain's
-    ``index_shuffle`` costs per element a time inversely proportional to n, large for the small
-    datasets of tests and demos; this costs one permutation per epoch. Deterministic in (seed, index), so exact resume and
-    worker-count independence hold as with grain's. Pickles with its small cache (worker processes)."""
+    ``repeat`` counts epochs past ``len``) is ``parent[e * n + perm_e[i]]``, ``perm_e`` a
+    permutation of the n elements drawn once per epoch from NumPy's Philox keyed by (seed, e) and
+    cached. grain's ``index_shuffle`` costs per element a time inversely proportional to n, large
+    for the small datasets of tests and demos; this costs one permutation per epoch. Deterministic
+    in (seed, index), so exact resume and worker-count independence hold as with grain's. Pickles
+    with its small cache (worker processes)."""
 
     _KEEP = 3  # epochs of permutations cached (reader threads may straddle an epoch boundary)
 
@@ -105,11 +111,13 @@ class EpochShuffle(grain.MapDataset):
     def _perm(self, epoch: int) -> np.ndarray:
         perm = self._perms.get(epoch)
         if perm is None:  # reader threads may race here; both compute the same permutation
-            rng = np.random.Generator(np.random.Philox(key=np.array([self._seed, epoch], np.uint64)))
+            rng = np.random.Generator(
+                np.random.Philox(key=np.array([self._seed, epoch], np.uint64))
+            )
             perm = rng.permutation(len(self._parent))
             perms = dict(self._perms)
             perms[epoch] = perm
-            for old in sorted(perms)[:-self._KEEP]:
+            for old in sorted(perms)[: -self._KEEP]:
                 del perms[old]
             self._perms = perms
         return perm
@@ -130,9 +138,19 @@ def batch_x_dtype(cfg, root) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def make_dataset(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size: int, seed: int = 0,
-                 num_epochs: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, reuse: int = 0) -> grain.MapDataset:
+def make_dataset(
+    cfg,
+    root,
+    ids: Sequence[str] | None,
+    *,
+    train: bool,
+    batch_size: int,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    reuse: int = 0,
+) -> grain.MapDataset:
     """The batched ``grain.MapDataset`` behind `make_loader` (one element = one host batch).
 
     ``root``: a folder of sample folders, or a packed store (`pack.pack`; detected by its
@@ -146,16 +164,24 @@ def make_dataset(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_siz
 
         process_index, process_count = jax.process_index(), jax.process_count()
     if batch_size % process_count:
-        raise ValueError(f"batch size {batch_size} is not a multiple of the host count {process_count}")
+        raise ValueError(
+            f"batch size {batch_size} is not a multiple of the host count {process_count}"
+        )
     require_velocity = True if train else None
     x_float32 = batch_x_dtype(cfg, root) == np.float32
     if io.is_packed(root):
         # raw views of the store: StackBatch below copies each sample once (converting float16
         # only with data.host_dtype "float32")
-        source = pack.PackedSource(root, ids, v_range=cfg.data.v_range, require_velocity=require_velocity, raw=True)
+        source = pack.PackedSource(
+            root, ids, v_range=cfg.data.v_range, require_velocity=require_velocity, raw=True
+        )
     else:
-        source = FolderSource(root, io.list_samples(root) if ids is None else ids, v_range=cfg.data.v_range,
-                              require_velocity=require_velocity)
+        source = FolderSource(
+            root,
+            io.list_samples(root) if ids is None else ids,
+            v_range=cfg.data.v_range,
+            require_velocity=require_velocity,
+        )
     if not len(source):
         raise ValueError(f"no sample ids given for {root}")
     ds = grain.MapDataset.source(source)
@@ -168,13 +194,28 @@ def make_dataset(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_siz
     if train and cfg.data.flip_p > 0:
         ds = ds.random_map(RandomFlip(cfg.data.flip_p, defer=True), seed=seed)
     ds = ds[process_index::process_count]
-    # StackBatch: grain's batching, plus the deferred flip (and any float16 conversion) in the one copy
-    return ds.batch(batch_size // process_count, drop_remainder=train, batch_fn=pack.StackBatch(x_float32, reuse))
+    # StackBatch: grain's batching, plus the deferred flip (and any float16 conversion) in the one
+    # copy
+    return ds.batch(
+        batch_size // process_count,
+        drop_remainder=train,
+        batch_fn=pack.StackBatch(x_float32, reuse),
+    )
 
 
-def make_loader(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size: int, seed: int = 0,
-                num_epochs: int | None = None, workers: int | None = None, process_index: int | None = None,
-                process_count: int | None = None):
+def make_loader(
+    cfg,
+    root,
+    ids: Sequence[str] | None,
+    *,
+    train: bool,
+    batch_size: int,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    workers: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
     """Iterable of host batches (see module doc). ``iter(loader)`` gives a grain iterator with
     ``get_state()`` / ``set_state()``. ``workers`` (default cfg.data.workers) > 0 reads in that
     many worker processes; 0 reads in threads of this process. Output is identical either way."""
@@ -182,16 +223,27 @@ def make_loader(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size
     prefetch = max(1, int(cfg.data.prefetch))
     # reading in threads: batch arrays are recycled once unreferenced, for as many batches as can
     # be alive at once here (the buffer, the consumer's batch and the one before it, one spare)
-    ds = make_dataset(cfg, root, ids, train=train, batch_size=batch_size, seed=seed, num_epochs=num_epochs,
-                      process_index=process_index, process_count=process_count,
-                      reuse=0 if workers > 0 else prefetch + 3)
+    ds = make_dataset(
+        cfg,
+        root,
+        ids,
+        train=train,
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        reuse=0 if workers > 0 else prefetch + 3,
+    )
     if workers > 0:
         # StackBatch writes each batch straight into shared memory in the workers. grain enables
         # that only when the batch is the dataset it sends; ours sits under to_iter_dataset, so
         # grain would copy every batch into shared memory once more (several times slower)
         ds.enable_shared_memory_output()
     # threads read whole batches in parallel; the buffer counts batches (~60 MB each at B=8)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch))
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch)
+    )
     if workers > 0:
         from absl import flags
 
@@ -199,13 +251,18 @@ def make_loader(cfg, root, ids: Sequence[str] | None, *, train: bool, batch_size
         # parsed flags (plain scripts, pytest); their defaults are what we want
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch)
+        )
     return it
 
 
-def global_batch_ids(ids: Sequence[str], k: int, local: int, process_count: int) -> list[str | None]:
+def global_batch_ids(
+    ids: Sequence[str], k: int, local: int, process_count: int
+) -> list[str | None]:
     """Ids of global batch ``k`` of `host_batches` in device order (host 0's slice, host 1's
-    slice, ...), None for padding: host p reads ``ids[p::process_count]`` in batches of ``local``."""
+    slice, ...), None for padding: host p reads ``ids[p::process_count]`` in batches of
+    ``local``."""
     out = []
     for p in range(process_count):
         for j in range(local):
@@ -214,9 +271,18 @@ def global_batch_ids(ids: Sequence[str], k: int, local: int, process_count: int)
     return out
 
 
-def host_batches(cfg, root, ids: Sequence[str], *, batch_size: int, velocity: bool,
-                 workers: int = 0, prefetch: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None):
+def host_batches(
+    cfg,
+    root,
+    ids: Sequence[str],
+    *,
+    batch_size: int,
+    velocity: bool,
+    workers: int = 0,
+    prefetch: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
     """One evaluation pass over ``ids`` (in order, no flip): this host's share of every global
     batch of ``batch_size``, padded so that every host yields the same number of batches of
     ``local = batch_size / hosts`` samples (one compiled shape, for validation and inference).
@@ -239,23 +305,38 @@ def host_batches(cfg, root, ids: Sequence[str], *, batch_size: int, velocity: bo
     n_batches = math.ceil(math.ceil(len(ids) / n_hosts) / local)  # host 0 holds the most samples
     if prefetch is not None:
         cfg = cfg.replace(**{"data.prefetch": max(1, prefetch)})
-    it = iter(make_loader(cfg, root, ids, train=False, batch_size=batch_size, workers=workers,
-                          process_index=process_index, process_count=process_count))
+    it = iter(
+        make_loader(
+            cfg,
+            root,
+            ids,
+            train=False,
+            batch_size=batch_size,
+            workers=workers,
+            process_index=process_index,
+            process_count=process_count,
+        )
+    )
     g = cfg.geometry
-    padding = {"x": np.zeros((local, 6, g.n_time, g.n_receivers), batch_x_dtype(cfg, root)),
-               "id": np.full(local, "")}
+    padding = {
+        "x": np.zeros((local, 6, g.n_time, g.n_receivers), batch_x_dtype(cfg, root)),
+        "id": np.full(local, ""),
+    }
     if velocity:
         padding["v"] = np.ones((local, *g.out_shape), np.float32)
     for _ in range(n_batches):
         batch = next(it, None) or {}
         n = len(batch.get("id", ()))
         if n and velocity and "v" not in batch:
-            raise io.DataError(f"{root}: samples {', '.join(map(str, batch['id']))} have no "
-                               f"{io.VELOCITY_FILE}")
+            raise io.DataError(
+                f"{root}: samples {', '.join(map(str, batch['id']))} have no {io.VELOCITY_FILE}"
+            )
         if n == local:
             out = {key: batch[key] for key in padding}
         else:  # the last batch, or none left on this host
-            out = {key: np.concatenate([batch[key], pad[n:]]) if n else pad
-                   for key, pad in padding.items()}
+            out = {
+                key: np.concatenate([batch[key], pad[n:]]) if n else pad
+                for key, pad in padding.items()
+            }
         out["mask"] = (np.arange(local) < n).astype(np.float32)
         yield out

@@ -32,8 +32,10 @@ def check_no_training_only(val_ids: Iterable[str], where: str = "validation list
     """Raise ValueError if a validation list names a training-only (mixed) sample."""
     bad = [i for i in val_ids if is_training_only(i)]
     if bad:
-        raise ValueError(f"{where}: {len(bad)} mixed sample(s) (training only) in validation, "
-                         f"e.g. {', '.join(bad[:5])}")
+        raise ValueError(
+            f"{where}: {len(bad)} mixed sample(s) (training only) in validation, "
+            f"e.g. {', '.join(bad[:5])}"
+        )
 
 
 def kfold_indices(n: int, n_splits: int = N_FOLDS, seed: int = SEED) -> list[np.ndarray]:
@@ -52,11 +54,16 @@ def kfold_indices(n: int, n_splits: int = N_FOLDS, seed: int = SEED) -> list[np.
     sizes = np.full(n_splits, n // n_splits, dtype=int)
     sizes[: n % n_splits] += 1
     bounds = np.concatenate([[0], np.cumsum(sizes)])
-    return [np.sort(order[bounds[k]:bounds[k + 1]]) for k in range(n_splits)]
+    return [np.sort(order[bounds[k] : bounds[k + 1]]) for k in range(n_splits)]
 
 
-def reference_split(first: Iterable[str], extra: Iterable[str] = (), fold: int = 0,
-                    n_splits: int = N_FOLDS, seed: int = SEED) -> tuple[list[str], list[str]]:
+def reference_split(
+    first: Iterable[str],
+    extra: Iterable[str] = (),
+    fold: int = 0,
+    n_splits: int = N_FOLDS,
+    seed: int = SEED,
+) -> tuple[list[str], list[str]]:
     """(train ids, val ids): fold ``fold`` of the sorted first-release ids is validation; the other
     folds plus every extra id are training, and so are training-only (mixed) ids wherever they
     are listed. Ids appearing in both releases are an error."""
@@ -66,7 +73,9 @@ def reference_split(first: Iterable[str], extra: Iterable[str] = (), fold: int =
     extra = sorted(extra | mixed)
     both = set(first) & set(extra)
     if both:
-        raise ValueError(f"{len(both)} id(s) are in both releases, e.g. {', '.join(sorted(both)[:5])}")
+        raise ValueError(
+            f"{len(both)} id(s) are in both releases, e.g. {', '.join(sorted(both)[:5])}"
+        )
     folds = kfold_indices(len(first), n_splits, seed)
     val_idx = folds[fold]
     val_set = set(val_idx.tolist())

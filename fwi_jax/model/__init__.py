@@ -25,8 +25,9 @@ def _str_keys(tree: Any) -> Any:
     return tree
 
 
-def create_model(cfg: Config, seed: int = 0, *, platform: str | None = None
-                 ) -> tuple[nnx.GraphDef, Params]:
+def create_model(
+    cfg: Config, seed: int = 0, *, platform: str | None = None
+) -> tuple[nnx.GraphDef, Params]:
     """Randomly initialised model for ``cfg``: (graphdef, params). ``platform``: the platform
     its programs are compiled for (cpu, cuda, rocm, tpu; None: this process's default backend),
     which decides ``model.attention=auto`` and the dense layers' backward pass
@@ -54,8 +55,9 @@ def abstract_params(cfg: Config) -> Params:
     return abstract_model(cfg)[1]
 
 
-def apply_model(graphdef: nnx.GraphDef, params: Params, x: jax.Array,
-                constant: jax.Array | None = None) -> jax.Array:
+def apply_model(
+    graphdef: nnx.GraphDef, params: Params, x: jax.Array, constant: jax.Array | None = None
+) -> jax.Array:
     """x (B, 6, n_time, n_receivers) float32 (or float16, e.g. from a float16 packed store: cast to
     float32 first, exactly) -> velocity (B, depth, x) float32 km/s. Pure; jit it. ``constant``:
     `constant_tokens` of these params, to reuse them across calls (None: computed in the call)."""
@@ -83,5 +85,14 @@ def count_params(params: Params) -> int:
     return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)))
 
 
-__all__ = ["FWIModel", "Params", "abstract_model", "abstract_params", "apply_model",
-           "constant_tokens", "count_params", "create_model", "model_size"]
+__all__ = [
+    "FWIModel",
+    "Params",
+    "abstract_model",
+    "abstract_params",
+    "apply_model",
+    "constant_tokens",
+    "count_params",
+    "create_model",
+    "model_size",
+]

@@ -31,17 +31,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     graphdef, params = create_model(cfg)
     g = cfg.geometry
-    x = np.random.default_rng(0).standard_normal((args.batch, 6, g.n_time, g.n_receivers)).astype(np.float32)
+    x = (
+        np.random.default_rng(0)
+        .standard_normal((args.batch, 6, g.n_time, g.n_receivers))
+        .astype(np.float32)
+    )
     forward = jax.jit(lambda p, a: apply_model(graphdef, p, a))
     t0 = time.perf_counter()
     compiled = forward.lower(params, x).compile()
     t1 = time.perf_counter()
     y = compiled(params, x).block_until_ready()
     t2 = time.perf_counter()
-    print(f"config {cfg.name}: {count_params(params):,} parameters, {cfg.model.dtype}, attention {cfg.model.attention}, "
-          f"device {jax.devices()[0].platform}")
-    print(f"input {x.shape} -> velocity {y.shape} km/s in [{float(y.min()):.3f}, {float(y.max()):.3f}]")
-    print(f"compile {t1 - t0:.1f} s, forward {t2 - t1:.2f} s ({args.batch / (t2 - t1):.2f} samples/s)")
+    print(
+        f"config {cfg.name}: {count_params(params):,} parameters, {cfg.model.dtype}, attention "
+        f"{cfg.model.attention}, "
+        f"device {jax.devices()[0].platform}"
+    )
+    print(
+        f"input {x.shape} -> velocity {y.shape} km/s in [{float(y.min()):.3f}, "
+        f"{float(y.max()):.3f}]"
+    )
+    print(
+        f"compile {t1 - t0:.1f} s, forward {t2 - t1:.2f} s ({args.batch / (t2 - t1):.2f} samples/s)"
+    )
     return 0
 
 

@@ -36,12 +36,17 @@ SIZES = {
 LN_EPS = 1e-6
 
 
-def rope_table(grid: tuple[int, int], head_dim: int, ref_feat_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def rope_table(
+    grid: tuple[int, int], head_dim: int, ref_feat_shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """sin, cos (grid_h*grid_w, head_dim) float32 of timm's ``RotaryEmbeddingCat`` (in_pixels=False,
     temperature 1e4, 'index' grid rescaled onto ``ref_feat_shape``, interleaved layout)."""
     num_bands = head_dim // 4
     bands = 1.0 / (10000.0 ** (np.arange(num_bands, dtype=np.float32) / np.float32(num_bands)))
-    axes = [np.arange(s, dtype=np.float32) / np.float32(s) * np.float32(r) for s, r in zip(grid, ref_feat_shape)]
+    axes = [
+        np.arange(s, dtype=np.float32) / np.float32(s) * np.float32(r)
+        for s, r in zip(grid, ref_feat_shape)
+    ]
     mesh = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (H, W, 2)
     pos = (mesh[..., None] * bands).reshape(grid[0] * grid[1], 2 * num_bands)  # (N, 2*bands)
     pos = np.repeat(pos, 2, axis=-1)  # interleaved [f0, f0, f1, f1, ...]
@@ -49,7 +54,8 @@ def rope_table(grid: tuple[int, int], head_dim: int, ref_feat_shape: tuple[int, 
 
 
 def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-    """Rotate pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x (B, N, H, D), sin/cos (N, D)."""
+    """Rotate pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x (B, N, H, D), sin/cos (N,
+    D)."""
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
     sin, cos = sin[:, None, :], cos[:, None, :]
@@ -57,8 +63,15 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 
 
 def _linear(din, dout, *, rngs, dtype, platform, use_bias=True):
-    return linear(din, dout, use_bias=use_bias, dtype=dtype, rngs=rngs, platform=platform,
-                  kernel_init=nnx.initializers.truncated_normal(0.02))
+    return linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        rngs=rngs,
+        platform=platform,
+        kernel_init=nnx.initializers.truncated_normal(0.02),
+    )
 
 
 def _layer_norm(dim, *, rngs, dtype):
@@ -70,8 +83,18 @@ class Attention(nnx.Module):
     ``impl``: the attention implementation (fwi_jax.model.attention); ``platform``: the one the
     program is compiled for."""
 
-    def __init__(self, dim: int, heads: int, qkv_fused: bool, *, impl: str, block_size: int, dtype,
-                 platform: str, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        qkv_fused: bool,
+        *,
+        impl: str,
+        block_size: int,
+        dtype,
+        platform: str,
+        rngs: nnx.Rngs,
+    ):
         self.heads, self.impl, self.block_size, self.dtype = heads, impl, block_size, dtype
         self.platform = platform
         self.qkv_fused = qkv_fused
@@ -86,7 +109,9 @@ class Attention(nnx.Module):
             self.v_proj = lin(dim, dim)
         self.proj = lin(dim, dim)
 
-    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, n_prefix: int = 1) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, sin: jax.Array, cos: jax.Array, n_prefix: int = 1
+    ) -> jax.Array:
         b, n, d = x.shape
         if self.qkv_fused:
             zeros = jnp.zeros_like(self.q_bias[...])
@@ -128,11 +153,20 @@ class SwiGLU(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm EVA02 block: x + attn(norm1(x)); x + mlp(norm2(x)). No layer scale."""
 
-    def __init__(self, size: EvaSize, *, impl: str, block_size: int, dtype, platform: str,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, size: EvaSize, *, impl: str, block_size: int, dtype, platform: str, rngs: nnx.Rngs
+    ):
         self.norm1 = _layer_norm(size.dim, rngs=rngs, dtype=dtype)
-        self.attn = Attention(size.dim, size.heads, size.qkv_fused, impl=impl, block_size=block_size,
-                              dtype=dtype, platform=platform, rngs=rngs)
+        self.attn = Attention(
+            size.dim,
+            size.heads,
+            size.qkv_fused,
+            impl=impl,
+            block_size=block_size,
+            dtype=dtype,
+            platform=platform,
+            rngs=rngs,
+        )
         self.norm2 = _layer_norm(size.dim, rngs=rngs, dtype=dtype)
         self.mlp = SwiGLU(size.dim, size.scale_mlp, dtype=dtype, platform=platform, rngs=rngs)
 

@@ -37,7 +37,8 @@ REMAT_POLICIES = {
     # pass does not run attention's forward again
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS, DENSE_OUTPUT)),
+        jax.checkpoint_policies.save_only_these_names(*ATTENTION_RESIDUALS, DENSE_OUTPUT),
+    ),
 }
 
 
@@ -45,11 +46,20 @@ def model_size(cfg: Config) -> EvaSize:
     """timm's widths for ``cfg.model.size`` with the config's dim/depth/heads overrides."""
     m = cfg.model
     size = SIZES[m.size]  # config.CHOICES, validated when the config is loaded
-    size = dataclasses.replace(size, **{k: v for k, v in (("dim", m.dim), ("depth", m.depth), ("heads", m.heads)) if v is not None})
+    size = dataclasses.replace(
+        size,
+        **{
+            k: v
+            for k, v in (("dim", m.dim), ("depth", m.depth), ("heads", m.heads))
+            if v is not None
+        },
+    )
     if not 0 <= m.split <= size.depth:
         raise ConfigError(f"model.split={m.split} must lie in [0, depth={size.depth}]")
     if size.dim % size.heads or (size.dim // size.heads) % 4:
-        raise ConfigError(f"model: dim {size.dim} / heads {size.heads} must give a head_dim divisible by 4")
+        raise ConfigError(
+            f"model: dim {size.dim} / heads {size.heads} must give a head_dim divisible by 4"
+        )
     return size
 
 
@@ -71,23 +81,44 @@ class FWIModel(nnx.Module):
             raise ConfigError(f"model.attention={m.attention!r}: {err}") from None
         p = g.patch
         gh, gw = g.grid
-        self.patch_embed = nnx.Dict(proj=linear(p * p, size.dim, dtype=dtype, rngs=rngs,
-                                                platform=platform))
-        self.cls_token = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1, size.dim)))
-        self.pos_embed = nnx.Param(0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1 + gh * gw, size.dim)))
-        self.blocks = nnx.List([
-            Block(size, impl=impl, block_size=m.attention_block, dtype=dtype, platform=platform,
-                  rngs=rngs)
-            for _ in range(size.depth)
-        ])
+        self.patch_embed = nnx.Dict(
+            proj=linear(p * p, size.dim, dtype=dtype, rngs=rngs, platform=platform)
+        )
+        self.cls_token = nnx.Param(
+            0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1, size.dim))
+        )
+        self.pos_embed = nnx.Param(
+            0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1 + gh * gw, size.dim))
+        )
+        self.blocks = nnx.List(
+            [
+                Block(
+                    size,
+                    impl=impl,
+                    block_size=m.attention_block,
+                    dtype=dtype,
+                    platform=platform,
+                    rngs=rngs,
+                )
+                for _ in range(size.depth)
+            ]
+        )
         hp, wp = g.head_patch
-        self.head = linear(size.dim, hp * wp, dtype=dtype, rngs=rngs, platform=platform,
-                           kernel_init=nnx.initializers.truncated_normal(0.02))
+        self.head = linear(
+            size.dim,
+            hp * wp,
+            dtype=dtype,
+            rngs=rngs,
+            platform=platform,
+            kernel_init=nnx.initializers.truncated_normal(0.02),
+        )
         self.head_dim = size.dim // size.heads
 
     def _run_blocks(self, blocks, x):
         g = self.cfg.geometry
-        sin, cos = (jnp.asarray(t) for t in rope_table(g.grid, self.head_dim, self.cfg.model.ref_feat_shape))
+        sin, cos = (
+            jnp.asarray(t) for t in rope_table(g.grid, self.head_dim, self.cfg.model.ref_feat_shape)
+        )
         policy = REMAT_POLICIES.get(self.cfg.model.remat)
         for block in blocks:
             if policy is None:
@@ -124,8 +155,10 @@ class FWIModel(nnx.Module):
         once = m.constant_channel_once
         if once:
             if c != len(CHANNEL_POSITIONS):
-                raise ValueError(f"model input {x.shape}: model.constant_channel_once needs the "
-                                 f"{len(CHANNEL_POSITIONS)} channels of {CHANNEL_POSITIONS}")
+                raise ValueError(
+                    f"model input {x.shape}: model.constant_channel_once needs the "
+                    f"{len(CHANNEL_POSITIONS)} channels of {CHANNEL_POSITIONS}"
+                )
             x = shot_channels(x)  # (B, 5, T, R)
         n = x.shape[1]
         # float16 input (a float16 packed store's batches) becomes float32 here, exactly
@@ -140,11 +173,11 @@ class FWIModel(nnx.Module):
             tokens = (total / c).astype(tokens.dtype)
         else:
             tokens = tokens.mean(axis=1)  # fuse channels (cls included)
-        tokens = self._run_blocks(self.blocks[m.split:], tokens)
+        tokens = self._run_blocks(self.blocks[m.split :], tokens)
         pix = self.head(tokens[:, 1:])  # (B, N, hp*wp), channel i*wp + j -> offset (i, j)
         hp, wp = g.head_patch
         gh, gw = g.grid
         pix = pix.reshape(b, gh, gw, hp, wp).transpose(0, 1, 3, 2, 4).reshape(b, gh * hp, gw * wp)
         (r0, c0), (oh, ow) = g.crop_offset, g.out_shape
-        pix = pix[:, r0:r0 + oh, c0:c0 + ow].astype(jnp.float32)
+        pix = pix[:, r0 : r0 + oh, c0 : c0 + ow].astype(jnp.float32)
         return jax.nn.sigmoid(pix) * m.v_span + m.v_min

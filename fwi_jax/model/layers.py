@@ -40,8 +40,9 @@ OUTPUT_NAME = "dense_out"
 def _dense_dims(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
     """True for nnx.Linear's contraction: lhs (..., K) with rhs (K, N), no batch dimensions."""
     (lc, rc), (lb, rb) = dimension_numbers
-    return (tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and rhs.ndim == 2
-            and not lb and not rb)
+    return (
+        tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and rhs.ndim == 2 and not lb and not rb
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -64,21 +65,30 @@ def _dense_bwd(precision, preferred_element_type, residuals, dy):
         dw = jnp.dot(barrier(x2.T), dy2, precision=precision, preferred_element_type=jnp.float32)
     else:  # transpose dy: ((N, tokens) @ (tokens, K))^T, the (N, K) result is small (its barrier
         # keeps XLA from folding the final transpose into the dot as an Eigen (x^T dy) again)
-        dw = barrier(jnp.dot(barrier(dy2.T), x2, precision=precision, preferred_element_type=jnp.float32)).T
+        dw = barrier(
+            jnp.dot(barrier(dy2.T), x2, precision=precision, preferred_element_type=jnp.float32)
+        ).T
     return dx, dw.astype(w.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                out_sharding=None):
+def dot_general(
+    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None
+):
     """``lax.dot_general`` for nnx.Linear in a CPU program: its contraction goes through
     ``dense``."""
     if out_sharding is None and _dense_dims(lhs, rhs, dimension_numbers):
         return checkpoint_name(dense(lhs, rhs, precision, preferred_element_type), OUTPUT_NAME)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+    return jax.lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -104,7 +114,11 @@ def _layer_norm_bwd(eps, residuals, dy):
     g = dy * scale.astype(jnp.float32)
     dx = rstd * (g - jnp.mean(g, -1, keepdims=True) - xhat * jnp.mean(g * xhat, -1, keepdims=True))
     rows = tuple(range(x.ndim - 1))
-    return dx.astype(x.dtype), jnp.sum(dy * xhat, rows).astype(scale.dtype), jnp.sum(dy, rows).astype(bias.dtype)
+    return (
+        dx.astype(x.dtype),
+        jnp.sum(dy * xhat, rows).astype(scale.dtype),
+        jnp.sum(dy, rows).astype(bias.dtype),
+    )
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
@@ -140,14 +154,32 @@ class LayerNorm(nnx.LayerNorm):
     def __call__(self, x: jax.Array, *, mask=None) -> jax.Array:
         if mask is not None:
             raise ValueError("fwi_jax LayerNorm takes no mask")
-        return layer_norm(x, self.scale[...], self.bias[...], self.epsilon).astype(self.dtype or x.dtype)
+        return layer_norm(x, self.scale[...], self.bias[...], self.epsilon).astype(
+            self.dtype or x.dtype
+        )
 
 
-def linear(din: int, dout: int, *, rngs: nnx.Rngs, dtype, use_bias: bool = True,
-           platform: str | None = None, **kwargs) -> nnx.Linear:
+def linear(
+    din: int,
+    dout: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype,
+    use_bias: bool = True,
+    platform: str | None = None,
+    **kwargs,
+) -> nnx.Linear:
     """nnx.Linear(din, dout) with float32 parameters and compute ``dtype``, for a program
     compiled for ``platform`` (None: this process's default backend): ``dot_general`` above on
     cpu, ``lax.dot_general`` elsewhere."""
     dot = dot_general if target_platform(platform) == "cpu" else jax.lax.dot_general
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                      dot_general=dot, rngs=rngs, **kwargs)
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        dot_general=dot,
+        rngs=rngs,
+        **kwargs,
+    )

@@ -60,7 +60,8 @@ def sample_id(seed: int, index: int) -> str:
 
 
 def sample_model(seed: int, index: int, families=FAMILIES) -> tuple[str, np.ndarray]:
-    """(family, velocity (300, 1259) km/s) of sample ``index``; depends only on (seed, index, families)."""
+    """(family, velocity (300, 1259) km/s) of sample ``index``; depends only on (seed, index,
+    families)."""
     rng = np.random.default_rng([seed, index])
     family = geology.sample_family(rng, tuple(families))
     return family, velocity_model(rng, family)
@@ -71,7 +72,9 @@ def is_complete(folder: os.PathLike) -> bool:
     return all((folder / f).is_file() for f in (*SHOT_FILES, VELOCITY_FILE))
 
 
-def _write_sample(out_dir: pathlib.Path, sid: str, gathers: np.ndarray, velocity: np.ndarray) -> None:
+def _write_sample(
+    out_dir: pathlib.Path, sid: str, gathers: np.ndarray, velocity: np.ndarray
+) -> None:
     """Write one folder atomically: a temporary folder renamed into place."""
     final = out_dir / sid
     tmp = out_dir / f".tmp-{sid}-{os.getpid()}"
@@ -90,8 +93,14 @@ def _write_sample(out_dir: pathlib.Path, sid: str, gathers: np.ndarray, velocity
             raise
 
 
-def make_sample(seed: int, index: int, *, families=FAMILIES, mode: str | Mode = "fast",
-                profile: str = profiles.DEFAULT_PROFILE):
+def make_sample(
+    seed: int,
+    index: int,
+    *,
+    families=FAMILIES,
+    mode: str | Mode = "fast",
+    profile: str = profiles.DEFAULT_PROFILE,
+):
     """(velocity (300, 1259), gathers (5, 10001, 31)) of one sample, in memory."""
     _, v = sample_model(seed, index, families)
     if isinstance(mode, Mode):
@@ -110,7 +119,8 @@ def make_dataset(
     progress: bool = True,
     batch: int | None = None,
 ) -> list[str]:
-    """Write samples 0..n-1 of ``seed`` into ``out_dir`` (skipping complete ones); returns their ids.
+    """Write samples 0..n-1 of ``seed`` into ``out_dir`` (skipping complete ones); returns their
+    ids.
 
     ``batch`` models go to the solver per call (default: 2 per device); the call shards them
     over the devices (``wave.simulate``).
@@ -133,7 +143,13 @@ def make_dataset(
     todo = [i for i, sid in enumerate(ids) if not is_complete(out / sid)]
     batch = batch or 2 * jax.device_count()
     what = profile if profile != "cpml8" else f"{profile} {mode}"
-    bar = tqdm(total=n, initial=n - len(todo), unit="sample", disable=not progress, desc=f"synth {what} -> {out}")
+    bar = tqdm(
+        total=n,
+        initial=n - len(todo),
+        unit="sample",
+        disable=not progress,
+        desc=f"synth {what} -> {out}",
+    )
     t0, done = time.perf_counter(), 0
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]

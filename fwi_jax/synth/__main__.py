@@ -25,30 +25,56 @@ PROFILES = ("cpml8", "devito")  # fwi_jax.synth.profiles.PROFILES (not imported:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpu-devices", type=int, default=os.cpu_count() or 1, help="JAX host devices (CPU only)")
+    p.add_argument(
+        "--cpu-devices", type=int, default=os.cpu_count() or 1, help="JAX host devices (CPU only)"
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from fwi_jax.synth.geology import FAMILIES
 
-    p = argparse.ArgumentParser(prog="python -m fwi_jax.synth", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fwi_jax.synth",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--n", type=int, help="number of samples (ids 0..n-1 of the seed); required")
     p.add_argument("--out", help="output folder; one sub-folder per sample; required")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family", action="append", choices=FAMILIES, help=f"repeatable; default all of {FAMILIES}")
-    p.add_argument("--profile", default="cpml8", choices=PROFILES,
-                   help="generator profile (default cpml8; devito: the devito recipe)")
+    p.add_argument(
+        "--family", action="append", choices=FAMILIES, help=f"repeatable; default all of {FAMILIES}"
+    )
+    p.add_argument(
+        "--profile",
+        default="cpml8",
+        choices=PROFILES,
+        help="generator profile (default cpml8; devito: the devito recipe)",
+    )
     p.add_argument("--mode", default="fast", choices=("fast", "full"), help="cpml8 solver mode")
-    p.add_argument("--mix-from", default=None, metavar="DIR",
-                   help="mix pairs of DIR's velocity models (needs DIR's calibration)")
-    p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="calibration file for --mix-from (default DIR/synth_calibration.json)")
-    p.add_argument("--geology-share", type=float, default=0.0, metavar="P",
-                   help="--mix-from: share of mixes whose second model is a geology family model "
-                        "(with --family)")
-    p.add_argument("--batch", type=int, default=None, help="models per solver call (default 2 per device)")
+    p.add_argument(
+        "--mix-from",
+        default=None,
+        metavar="DIR",
+        help="mix pairs of DIR's velocity models (needs DIR's calibration)",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE",
+        help="calibration file for --mix-from (default DIR/synth_calibration.json)",
+    )
+    p.add_argument(
+        "--geology-share",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="--mix-from: share of mixes whose second model is a geology family model "
+        "(with --family)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=None, help="models per solver call (default 2 per device)"
+    )
     _common(p)
     sub = p.add_subparsers(dest="cmd", required=False, metavar="calibrate")
     add_calibrate_parser(sub)
@@ -56,14 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_calibrate_parser(sub) -> None:
-    p = sub.add_parser("calibrate", help="fit a profile's polarity, amplitude, time shift to data",
-                       description="Fit a generator profile's polarity, amplitude and time shift "
-                                   "to a dataset and write DIR/synth_calibration.json.")
-    p.add_argument("--data", required=True, help="dataset folder (sample folders with vp_model.npy)")
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a profile's polarity, amplitude, time shift to data",
+        description="Fit a generator profile's polarity, amplitude and time shift "
+        "to a dataset and write DIR/synth_calibration.json.",
+    )
+    p.add_argument(
+        "--data", required=True, help="dataset folder (sample folders with vp_model.npy)"
+    )
     p.add_argument("--samples", type=int, default=3, help="samples re-simulated (default 3)")
     p.add_argument("--profile", default="devito", choices=PROFILES)
     p.add_argument("--mode", default="fast", choices=("fast", "full"), help="cpml8 solver mode")
-    p.add_argument("--out", default=None, help="calibration file (default DIR/synth_calibration.json)")
+    p.add_argument(
+        "--out", default=None, help="calibration file (default DIR/synth_calibration.json)"
+    )
     p.add_argument("--min-correlation", type=float, default=0.95)
     _common(p)
 
@@ -92,19 +125,42 @@ def main(argv=None) -> int:
         if calibrate:
             from fwi_jax.synth.calibrate import calibrate as run
 
-            run(a.data, samples=a.samples, profile=a.profile, mode=a.mode, out=a.out,
-                min_correlation=a.min_correlation, progress=not a.no_progress)
+            run(
+                a.data,
+                samples=a.samples,
+                profile=a.profile,
+                mode=a.mode,
+                out=a.out,
+                min_correlation=a.min_correlation,
+                progress=not a.no_progress,
+            )
             return 0
         if a.mix_from:
             from fwi_jax.synth.mix import make_mixed
 
-            make_mixed(a.mix_from, a.out, a.n, seed=a.seed, calibration=a.calibration,
-                       families=tuple(a.family or ()), geology_share=a.geology_share,
-                       progress=not a.no_progress, batch=a.batch)
+            make_mixed(
+                a.mix_from,
+                a.out,
+                a.n,
+                seed=a.seed,
+                calibration=a.calibration,
+                families=tuple(a.family or ()),
+                geology_share=a.geology_share,
+                progress=not a.no_progress,
+                batch=a.batch,
+            )
             return 0
         families = tuple(a.family) if a.family else FAMILIES
-        make_dataset(a.out, a.n, seed=a.seed, families=families, mode=a.mode, profile=a.profile,
-                     progress=not a.no_progress, batch=a.batch)
+        make_dataset(
+            a.out,
+            a.n,
+            seed=a.seed,
+            families=families,
+            mode=a.mode,
+            profile=a.profile,
+            progress=not a.no_progress,
+            batch=a.batch,
+        )
         return 0
     except (CalibrationError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

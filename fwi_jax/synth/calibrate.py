@@ -48,16 +48,20 @@ class Calibration:
     def load(cls, path: os.PathLike) -> Calibration:
         path = pathlib.Path(path)
         if not path.is_file():
-            raise CalibrationError(f"{path}: no calibration file (make one with "
-                                   f"python -m fwi_jax.synth calibrate --data {path.parent})")
+            raise CalibrationError(
+                f"{path}: no calibration file (make one with "
+                f"python -m fwi_jax.synth calibrate --data {path.parent})"
+            )
         try:
             raw = json.loads(path.read_text())
             cal = cls(**raw)
         except (json.JSONDecodeError, TypeError) as e:
             raise CalibrationError(f"{path}: not a calibration file ({e})") from None
         if cal.polarity not in (1, -1) or not cal.scale > 0:
-            raise CalibrationError(f"{path}: polarity must be 1 or -1 and scale > 0, got "
-                                   f"{cal.polarity} and {cal.scale}")
+            raise CalibrationError(
+                f"{path}: polarity must be 1 or -1 and scale > 0, got "
+                f"{cal.polarity} and {cal.scale}"
+            )
         return cal
 
     def apply(self, gathers: np.ndarray) -> np.ndarray:
@@ -108,9 +112,19 @@ def fit(sim: np.ndarray, data: np.ndarray, max_shift: int = 1000) -> tuple[int, 
     return shift, polarity, scale
 
 
-def calibrate(data_dir: os.PathLike, *, samples: int = 3, ids=None, profile: str = "devito",
-              mode: str = "fast", min_correlation: float = MIN_CORRELATION, max_shift: int = 1000,
-              out: os.PathLike | None = None, progress: bool = True, log=print) -> Calibration:
+def calibrate(
+    data_dir: os.PathLike,
+    *,
+    samples: int = 3,
+    ids=None,
+    profile: str = "devito",
+    mode: str = "fast",
+    min_correlation: float = MIN_CORRELATION,
+    max_shift: int = 1000,
+    out: os.PathLike | None = None,
+    progress: bool = True,
+    log=print,
+) -> Calibration:
     """Fit the profile to ``samples`` samples of ``data_dir`` (the first in sorted order, or
     ``ids``), print the correlation per sample and shot, write and return the calibration."""
     from tqdm.auto import tqdm
@@ -135,8 +149,9 @@ def calibrate(data_dir: os.PathLike, *, samples: int = 3, ids=None, profile: str
         folder = root / sid
         try:
             v = io._load_array(folder / io.VELOCITY_FILE, io.VELOCITY_FILE_SHAPE)
-            d = np.stack([io._load_array(folder / f, (io.N_TIME_RAW, io.N_RECEIVERS))
-                          for f in io.SHOT_FILES])
+            d = np.stack(
+                [io._load_array(folder / f, (io.N_TIME_RAW, io.N_RECEIVERS)) for f in io.SHOT_FILES]
+            )
         except io.DataError as e:
             raise CalibrationError(str(e)) from None
         sims.append(profiles.simulate(v, profile=profile, mode=mode))
@@ -144,10 +159,14 @@ def calibrate(data_dir: os.PathLike, *, samples: int = 3, ids=None, profile: str
     sim, data = np.stack(sims), np.stack(datas)
     shift, polarity, scale = fit(sim, data, max_shift)
     fitted = (polarity * scale) * shift_time(sim, shift)
-    corr = {sid: [round(correlation(fitted[i, k], data[i, k]), 5) for k in range(data.shape[1])]
-            for i, sid in enumerate(ids)}
-    log(f"fit: polarity {polarity:+d}, scale {scale:.6g}, shift {shift:+d} samples "
-        f"({shift * 0.1:+.1f} ms)")
+    corr = {
+        sid: [round(correlation(fitted[i, k], data[i, k]), 5) for k in range(data.shape[1])]
+        for i, sid in enumerate(ids)
+    }
+    log(
+        f"fit: polarity {polarity:+d}, scale {scale:.6g}, shift {shift:+d} samples "
+        f"({shift * 0.1:+.1f} ms)"
+    )
     for sid, c in corr.items():
         log(f"  {sid}: correlation per shot {' '.join(f'{x:.4f}' for x in c)}")
     bad = [(sid, k, x) for sid, c in corr.items() for k, x in enumerate(c) if x < min_correlation]
@@ -157,9 +176,11 @@ def calibrate(data_dir: os.PathLike, *, samples: int = 3, ids=None, profile: str
             f"{root}: the {profile} profile does not fit these data ({len(bad)} shot(s) with "
             f"correlation below {min_correlation} after the best polarity, scale and shift: "
             f"{shots}); they come from another geometry or generator, so no calibration was "
-            "written")
-    cal = Calibration(profile=profile, mode=mode, polarity=polarity, scale=scale, shift=shift,
-                      correlation=corr)
+            "written"
+        )
+    cal = Calibration(
+        profile=profile, mode=mode, polarity=polarity, scale=scale, shift=shift, correlation=corr
+    )
     path = pathlib.Path(out).expanduser() if out else root / CALIBRATION_FILE
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(cal.to_json())

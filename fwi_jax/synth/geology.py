@@ -23,7 +23,8 @@ FAMILIES = ("layered", "faulted", "salt")
 
 
 def _layer_stack(rng: np.random.Generator, depth_span: float) -> tuple[np.ndarray, np.ndarray]:
-    """Layer tops (m of paleo-depth, increasing, first 0) and velocities (km/s) of a sediment column."""
+    """Layer tops (m of paleo-depth, increasing, first 0) and velocities (km/s) of a sediment
+    column."""
     tops, vels = [0.0], []
     v_top = rng.uniform(1.6, 2.1)
     v_bottom = rng.uniform(3.6, 4.5)
@@ -41,18 +42,23 @@ def _layer_stack(rng: np.random.Generator, depth_span: float) -> tuple[np.ndarra
 
 
 def _sea_floor(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
-    """Sea-floor depth (m) at each x: a base level, a slope, a gentle curve and small undulations."""
+    """Sea-floor depth (m) at each x: a base level, a slope, a gentle curve and small
+    undulations."""
     base = rng.uniform(200, 350)
     slope = rng.uniform(-0.25, 0.25)
     curve = rng.uniform(-40, 40)
     u = (x - x.mean()) / (x.max() - x.min())  # in [-0.5, 0.5]
-    wiggle = sum(rng.uniform(0, 4) * np.sin(2 * np.pi * x / rng.uniform(60, 300) + rng.uniform(0, 2 * np.pi)) for _ in range(2))
+    wiggle = sum(
+        rng.uniform(0, 4) * np.sin(2 * np.pi * x / rng.uniform(60, 300) + rng.uniform(0, 2 * np.pi))
+        for _ in range(2)
+    )
     z = base + slope * (x - x.mean()) + curve * (4 * u**2 - 1 / 3) + wiggle
     return np.clip(z, 150, 420)
 
 
 def _folds(rng: np.random.Generator, x: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """Vertical displacement (m) of the layers: a regional dip plus folds whose amplitude varies with depth."""
+    """Vertical displacement (m) of the layers: a regional dip plus folds whose amplitude varies
+    with depth."""
     dip = np.tan(np.deg2rad(rng.uniform(-12, 12))) * (x[:, None] - x.mean())
     disp = np.broadcast_to(dip, (len(x), len(z))).copy()
     for _ in range(rng.integers(1, 4)):
@@ -65,15 +71,19 @@ def _folds(rng: np.random.Generator, x: np.ndarray, z: np.ndarray) -> np.ndarray
     return disp
 
 
-def _apply_faults(rng: np.random.Generator, zeta: np.ndarray, x: np.ndarray, z: np.ndarray, z_top: float, n: int) -> None:
-    """Normal faults in place: points on a fault's hanging wall move down by the throw (ζ decreases)."""
+def _apply_faults(
+    rng: np.random.Generator, zeta: np.ndarray, x: np.ndarray, z: np.ndarray, z_top: float, n: int
+) -> None:
+    """Normal faults in place: points on a fault's hanging wall move down by the throw (ζ
+    decreases)."""
     X, Z = x[:, None], z[None, :]
     for _ in range(n):
         x0 = rng.uniform(20, 280)
         dip = np.deg2rad(rng.uniform(50, 75)) * rng.choice([-1, 1])
         throw = rng.uniform(10, 80)
         z_start = rng.uniform(z_top, z_top + 300)  # faults may die out upwards
-        # fault plane: x = x0 + (z - z_start)/tan(dip); hanging wall is on the side the plane dips to
+        # fault plane: x = x0 + (z - z_start)/tan(dip); hanging wall is on the side the plane dips
+        # to
         side = (X - x0 - (Z - z_start) / np.tan(dip)) * np.sign(dip)
         hanging = (side > 0) & (Z > z_start)
         taper = np.clip((Z - z_start) / 60.0, 0, 1)  # throw grows from the fault tip
@@ -81,7 +91,8 @@ def _apply_faults(rng: np.random.Generator, zeta: np.ndarray, x: np.ndarray, z: 
 
 
 def _salt(rng: np.random.Generator, x: np.ndarray, z: np.ndarray, z_floor: np.ndarray):
-    """A salt-like body: a star-shaped blob (radius a smooth random function of angle). Returns mask, uplift."""
+    """A salt-like body: a star-shaped blob (radius a smooth random function of angle). Returns
+    mask, uplift."""
     X, Z = x[:, None], z[None, :]
     cx = rng.uniform(40, 260)
     cz = rng.uniform(z_floor.max() + 250, 1050)
@@ -89,18 +100,29 @@ def _salt(rng: np.random.Generator, x: np.ndarray, z: np.ndarray, z_floor: np.nd
     aspect = rng.uniform(0.6, 1.6)
     dx_, dz_ = (X - cx) / aspect, Z - cz
     theta = np.arctan2(dz_, dx_)
-    radius = r0 * (1 + sum(rng.uniform(0, 0.2) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in range(1, 5)))
+    radius = r0 * (
+        1
+        + sum(
+            rng.uniform(0, 0.2) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in range(1, 5)
+        )
+    )
     dist = np.hypot(dx_, dz_)
     mask = dist < radius
     # a stem rising towards the sea floor for some bodies (diapir)
     if rng.random() < 0.5:
         width = rng.uniform(15, 50)
-        mask |= (np.abs(X - cx) < width * (1 + 0.3 * np.sin(Z / 37.0))) & (Z < cz) & (Z > z_floor[:, None] + rng.uniform(80, 250))
+        mask |= (
+            (np.abs(X - cx) < width * (1 + 0.3 * np.sin(Z / 37.0)))
+            & (Z < cz)
+            & (Z > z_floor[:, None] + rng.uniform(80, 250))
+        )
     uplift = rng.uniform(20, 90) * np.exp(-((np.maximum(dist - radius, 0) / 120.0) ** 2))
     return mask, uplift
 
 
-def velocity_model(seed: int | np.random.SeedSequence | np.random.Generator, family: str = "layered") -> np.ndarray:
+def velocity_model(
+    seed: int | np.random.SeedSequence | np.random.Generator, family: str = "layered"
+) -> np.ndarray:
     """One model, (300, 1259) float32 km/s in [1.5, 4.5], axis 0 = x, axis 1 = depth; 1 m cells."""
     if family not in FAMILIES:
         raise ValueError(f"unknown velocity-model family {family!r}; choose from {FAMILIES}")

@@ -36,14 +36,22 @@ def source_ids(root: pathlib.Path) -> list[str]:
     ids = [i for i in io.list_samples(root) if not i.startswith(TRAINING_ONLY_PREFIX)]
     ids = [i for i in ids if (root / i / io.VELOCITY_FILE).is_file()]
     if len(ids) < 2:
-        raise CalibrationError(f"{root}: mixing needs at least 2 samples with {io.VELOCITY_FILE}, "
-                               f"found {len(ids)}")
+        raise CalibrationError(
+            f"{root}: mixing needs at least 2 samples with {io.VELOCITY_FILE}, found {len(ids)}"
+        )
     return ids
 
 
-def mixed_model(seed: int, index: int, root: pathlib.Path, ids: list[str], *,
-                families=(), geology_share: float = 0.0,
-                v_range: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
+def mixed_model(
+    seed: int,
+    index: int,
+    root: pathlib.Path,
+    ids: list[str],
+    *,
+    families=(),
+    geology_share: float = 0.0,
+    v_range: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, dict]:
     """(velocity (300, 1259) km/s, how it was made) of mixed sample ``index``; depends only on
     (seed, index, ids, families, geology_share)."""
     from fwi_jax.data import io
@@ -83,9 +91,18 @@ def velocity_range(root: pathlib.Path, ids: list[str]) -> tuple[float, float]:
     return lo, hi
 
 
-def make_mixed(mix_from: os.PathLike, out_dir: os.PathLike, n: int, *, seed: int = 0,
-               calibration: os.PathLike | None = None, families=(), geology_share: float = 0.0,
-               progress: bool = True, batch: int | None = None) -> list[str]:
+def make_mixed(
+    mix_from: os.PathLike,
+    out_dir: os.PathLike,
+    n: int,
+    *,
+    seed: int = 0,
+    calibration: os.PathLike | None = None,
+    families=(),
+    geology_share: float = 0.0,
+    progress: bool = True,
+    batch: int | None = None,
+) -> list[str]:
     """Write mixed samples 0..n-1 of ``seed`` into ``out_dir`` (complete ones are skipped)."""
     import jax
     from tqdm.auto import tqdm
@@ -101,8 +118,9 @@ def make_mixed(mix_from: os.PathLike, out_dir: os.PathLike, n: int, *, seed: int
     for f in families:
         if f not in geology.FAMILIES:
             raise ValueError(f"unknown velocity-model family {f!r}; choose from {geology.FAMILIES}")
-    cal = Calibration.load(pathlib.Path(calibration).expanduser() if calibration
-                           else root / CALIBRATION_FILE)
+    cal = Calibration.load(
+        pathlib.Path(calibration).expanduser() if calibration else root / CALIBRATION_FILE
+    )
     try:
         ids = source_ids(root)
         v_range = velocity_range(root, ids) if families and geology_share > 0 else None
@@ -113,15 +131,31 @@ def make_mixed(mix_from: os.PathLike, out_dir: os.PathLike, n: int, *, seed: int
     new = [mix_id(seed, i) for i in range(n)]
     todo = [i for i, sid in enumerate(new) if not is_complete(out / sid)]
     batch = batch or 2 * jax.device_count()
-    bar = tqdm(total=n, initial=n - len(todo), unit="sample", disable=not progress,
-               desc=f"mix {root.name} ({cal.profile}) -> {out}")
+    bar = tqdm(
+        total=n,
+        initial=n - len(todo),
+        unit="sample",
+        disable=not progress,
+        desc=f"mix {root.name} ({cal.profile}) -> {out}",
+    )
     t0, done = time.perf_counter(), 0
     for start in range(0, len(todo), batch):
-        chunk = todo[start: start + batch]
+        chunk = todo[start : start + batch]
         try:
-            models = np.stack([mixed_model(seed, i, root, ids, families=families,
-                                           geology_share=geology_share, v_range=v_range)[0]
-                               for i in chunk])
+            models = np.stack(
+                [
+                    mixed_model(
+                        seed,
+                        i,
+                        root,
+                        ids,
+                        families=families,
+                        geology_share=geology_share,
+                        v_range=v_range,
+                    )[0]
+                    for i in chunk
+                ]
+            )
         except DataError as e:
             raise CalibrationError(str(e)) from None
         gathers = cal.apply(profiles.simulate(models, profile=cal.profile, mode=cal.mode))

@@ -76,13 +76,24 @@ def span_resample(traces: np.ndarray, out_nt: int = wave.OUT_NT) -> np.ndarray:
 
 def devito_mode(dt_ms: float) -> wave.Mode:
     """Solver grid of the devito profile for a recipe step of ``dt_ms`` (same Courant number)."""
-    return wave.Mode(dx=DEVITO_DX, dt=DEVITO_DX * dt_ms * 1e-3, order=2, pml=DEVITO_PML,
-                     sponge=DEVITO_SPONGE, sponge_width=350)
+    return wave.Mode(
+        dx=DEVITO_DX,
+        dt=DEVITO_DX * dt_ms * 1e-3,
+        order=2,
+        pml=DEVITO_PML,
+        sponge=DEVITO_SPONGE,
+        sponge_width=350,
+    )
 
 
-def recipe_traces(velocity: np.ndarray, *, survey: wave.Survey = DEVITO_SURVEY,
-                  t_end_ms: float = DEVITO_T_END_MS, devices=None, **kwargs
-                  ) -> tuple[np.ndarray, float]:
+def recipe_traces(
+    velocity: np.ndarray,
+    *,
+    survey: wave.Survey = DEVITO_SURVEY,
+    t_end_ms: float = DEVITO_T_END_MS,
+    devices=None,
+    **kwargs,
+) -> tuple[np.ndarray, float]:
     """The devito profile's traces on the recipe's own time axis (before the output resampling).
 
     velocity: (B, nx, nz) km/s, all with the same top speed's step. Returns ((B, n_src, num, R)
@@ -93,14 +104,31 @@ def recipe_traces(velocity: np.ndarray, *, survey: wave.Survey = DEVITO_SURVEY,
         raise ValueError(f"models with different devito time steps {sorted(dts)} in one call")
     dt_ms = dts.pop()
     num = devito_steps(dt_ms, t_end_ms)
-    raw = wave.simulate(v, mode=devito_mode(dt_ms), survey=survey, out_dt=dt_ms * 1e-3, out_nt=num,
-                        amplitude=1.0, t0=1.0 / wave.F0, devices=devices, **kwargs)
+    raw = wave.simulate(
+        v,
+        mode=devito_mode(dt_ms),
+        survey=survey,
+        out_dt=dt_ms * 1e-3,
+        out_nt=num,
+        amplitude=1.0,
+        t0=1.0 / wave.F0,
+        devices=devices,
+        **kwargs,
+    )
     return raw, dt_ms
 
 
-def simulate(velocity: np.ndarray, *, profile: str = DEFAULT_PROFILE, mode: str = "fast",
-             survey: wave.Survey | None = None, out_nt: int = wave.OUT_NT,
-             t_end_ms: float = DEVITO_T_END_MS, devices=None, **kwargs) -> np.ndarray:
+def simulate(
+    velocity: np.ndarray,
+    *,
+    profile: str = DEFAULT_PROFILE,
+    mode: str = "fast",
+    survey: wave.Survey | None = None,
+    out_nt: int = wave.OUT_NT,
+    t_end_ms: float = DEVITO_T_END_MS,
+    devices=None,
+    **kwargs,
+) -> np.ndarray:
     """Shot gathers of a batch of models with a generator profile.
 
     velocity: (B, nx, nz) or (nx, nz) km/s on the 1 m grid. Returns (B, n_sources, out_nt,
@@ -113,16 +141,24 @@ def simulate(velocity: np.ndarray, *, profile: str = DEFAULT_PROFILE, mode: str 
     single = v.ndim == 2
     v = v[None] if single else v
     if profile == "cpml8":
-        out = wave.simulate(v, mode=mode, survey=survey or wave.Survey(), amplitude=DATA_AMPLITUDE,
-                            out_nt=out_nt, devices=devices, **kwargs)
+        out = wave.simulate(
+            v,
+            mode=mode,
+            survey=survey or wave.Survey(),
+            amplitude=DATA_AMPLITUDE,
+            out_nt=out_nt,
+            devices=devices,
+            **kwargs,
+        )
         return out[0] if single else out
     survey = survey or DEVITO_SURVEY
     dts = np.array([devito_critical_dt_ms(m.max()) for m in v])
     out = None
     for dt_ms in np.unique(dts):
         group = np.flatnonzero(dts == dt_ms)
-        raw, _ = recipe_traces(v[group], survey=survey, t_end_ms=t_end_ms, devices=devices,
-                               **kwargs)
+        raw, _ = recipe_traces(
+            v[group], survey=survey, t_end_ms=t_end_ms, devices=devices, **kwargs
+        )
         res = span_resample(raw, out_nt)
         if out is None:
             out = np.empty((len(v), *res.shape[1:]), np.float32)

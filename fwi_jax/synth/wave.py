@@ -110,7 +110,12 @@ def second_derivative_coeffs(order: int) -> np.ndarray:
     r = order // 2
     c = np.zeros(r + 1)
     for k in range(1, r + 1):
-        c[k] = 2.0 * (-1) ** (k + 1) * math.factorial(r) ** 2 / (k * k * math.factorial(r - k) * math.factorial(r + k))
+        c[k] = (
+            2.0
+            * (-1) ** (k + 1)
+            * math.factorial(r) ** 2
+            / (k * k * math.factorial(r - k) * math.factorial(r + k))
+        )
     c[0] = -2.0 * c[1:].sum()
     return c
 
@@ -119,7 +124,12 @@ def first_derivative_coeffs(order: int) -> np.ndarray:
     """Central 1st-derivative weights d_1..d_r (antisymmetric: d_{-k} = -d_k) on a unit grid."""
     r = order // 2
     return np.array(
-        [(-1) ** (k + 1) * math.factorial(r) ** 2 / (k * math.factorial(r - k) * math.factorial(r + k)) for k in range(1, r + 1)]
+        [
+            (-1) ** (k + 1)
+            * math.factorial(r) ** 2
+            / (k * math.factorial(r - k) * math.factorial(r + k))
+            for k in range(1, r + 1)
+        ]
     )
 
 
@@ -137,8 +147,10 @@ def check_cfl(v_max: float, mode: Mode) -> float:
     if courant > limit:
         dt_max = limit * mode.dx / (float(v_max) * 1e3)
         raise CFLError(
-            f"CFL violated: v_max={float(v_max):.3f} km/s, dx={mode.dx} m, dt={mode.dt} s gives Courant number "
-            f"{courant:.3f} > {limit:.3f} (order-{mode.order} leapfrog limit). Use dt <= {dt_max:.3g} s, a larger dx "
+            f"CFL violated: v_max={float(v_max):.3f} km/s, dx={mode.dx} m, dt={mode.dt} s gives "
+            "Courant number "
+            f"{courant:.3f} > {limit:.3f} (order-{mode.order} leapfrog limit). Use dt <= "
+            f"{dt_max:.3g} s, a larger dx "
             "or clip the velocity model."
         )
     return courant
@@ -223,8 +235,16 @@ def resample_model(v: jax.Array, dx: float, model_dx: float = MODEL_DX) -> jax.A
     return 1.0 / jnp.sqrt(jnp.einsum("ix,xz,jz->ij", bx, slowness2, bz))
 
 
-def _pml_profile(npml: int, dx: float, dt: float, v_max, f0: float, reflection: float = PML_REFLECTION,
-                 alpha_scale: float = PML_ALPHA, power: float = PML_POWER):
+def _pml_profile(
+    npml: int,
+    dx: float,
+    dt: float,
+    v_max,
+    f0: float,
+    reflection: float = PML_REFLECTION,
+    alpha_scale: float = PML_ALPHA,
+    power: float = PML_POWER,
+):
     """CPML a, b for cells 0..npml-1 of a left strip (cell 0 outermost). Shapes (npml,)."""
     length = npml * dx
     frac = (npml - jnp.arange(npml, dtype=jnp.float32)) / npml  # 1 at the outer edge -> 1/npml
@@ -340,7 +360,9 @@ def propagate(
 
     def d2_axis(u, axis, region):  # second derivative along one axis only, for the strip
         (x0, x1), (z0, z1) = region
-        sub = u[x0 - r * (axis == 0) : x1 + r * (axis == 0), z0 - r * (axis == 1) : z1 + r * (axis == 1)]
+        sub = u[
+            x0 - r * (axis == 0) : x1 + r * (axis == 0), z0 - r * (axis == 1) : z1 + r * (axis == 1)
+        ]
         n = (x1 - x0) if axis == 0 else (z1 - z0)
         out = c2[0] * _shift(sub, 0, axis, n, r)
         for k in range(1, r + 1):
@@ -371,14 +393,20 @@ def propagate(
         corr = {}
         for name, ((x0, x1), (z0, z1)) in regions.items():
             a, b, axis = profiles[name]
-            ustrip = u[x0 - r * (axis == 0) : x1 + r * (axis == 0), z0 - r * (axis == 1) : z1 + r * (axis == 1)]
+            ustrip = u[
+                x0 - r * (axis == 0) : x1 + r * (axis == 0),
+                z0 - r * (axis == 1) : z1 + r * (axis == 1),
+            ]
             psi, zeta = mem[name]
             lap_axis = d2_axis(u, axis, ((x0, x1), (z0, z1)))
             psi, zeta, corr[name] = strip_terms(ustrip, psi, zeta, lap_axis, a, b, axis)
             new_mem[name] = (psi, zeta)
-        # one pass over the grid: Laplacian + the depth strips' terms (narrow in the contiguous axis,
-        # where a separate in-place add costs ~10x its size); the x strips are added in place after
-        lap_z = jnp.pad(corr["zt"], ((0, 0), (0, mz - p))) + jnp.pad(corr["zb"], ((0, 0), (mz - p, 0)))
+        # one pass over the grid: Laplacian + the depth strips' terms (narrow in the contiguous
+        # axis, where a separate in-place add costs ~10x its size); the x strips are added in place
+        # after
+        lap_z = jnp.pad(corr["zt"], ((0, 0), (0, mz - p))) + jnp.pad(
+            corr["zb"], ((0, 0), (mz - p, 0))
+        )
         if mode.sponge:
             w = damp_a * w + damp_b * c2rows * jnp.pad(laplacian(u) + lap_z, ((0, 0), (r, r)))
         else:
@@ -409,7 +437,8 @@ def propagate(
     fs = jnp.pad(wavelet.astype(jnp.float32), (0, nblocks * block - nt)).reshape(nblocks, block)
     zeros = jnp.zeros((nx, nz), jnp.float32)
     mem0 = {
-        name: (jnp.zeros((x1 - x0, z1 - z0), jnp.float32),) * 2 for name, ((x0, x1), (z0, z1)) in regions.items()
+        name: (jnp.zeros((x1 - x0, z1 - z0), jnp.float32),) * 2
+        for name, ((x0, x1), (z0, z1)) in regions.items()
     }
     _, traces = jax.lax.scan(block_fn, (jnp.zeros((mx, nz), jnp.float32), zeros, mem0), fs)
     # the scan records u((n + 1)·dt) at step n; u(0) = 0
@@ -427,8 +456,13 @@ def resample_time(traces: jax.Array, dt_in: float, dt_out: float, nt_out: int) -
     nt_in = traces.shape[-2]
     t = np.arange(nt_out) * dt_out / dt_in
     if t[-1] > nt_in - 1 + 1e-9:
-        raise ValueError(f"internal run ({nt_in} steps of {dt_in} s) is shorter than the output ({nt_out} x {dt_out} s)")
-    padded = jnp.concatenate([traces[..., :1, :] * 0, traces, traces[..., -1:, :], traces[..., -1:, :]], axis=-2)
+        raise ValueError(
+            f"internal run ({nt_in} steps of {dt_in} s) is shorter than the output ({nt_out} x "
+            f"{dt_out} s)"
+        )
+    padded = jnp.concatenate(
+        [traces[..., :1, :] * 0, traces, traces[..., -1:, :], traces[..., -1:, :]], axis=-2
+    )
     idx, w = lagrange_weights(t + 1.0, nt_in + 3)
     gathered = padded[..., idx, :]  # (..., nt_out, 4, R)
     return jnp.einsum("...tkr,tk->...tr", gathered, w.astype(np.float32))
@@ -436,7 +470,20 @@ def resample_time(traces: jax.Array, dt_in: float, dt_out: float, nt_out: int) -
 
 @partial(
     jax.jit,
-    static_argnames=("mode", "survey", "f0", "t0", "out_dt", "out_nt", "amplitude", "block", "unroll", "remat", "model_dx", "shot_batch"),
+    static_argnames=(
+        "mode",
+        "survey",
+        "f0",
+        "t0",
+        "out_dt",
+        "out_nt",
+        "amplitude",
+        "block",
+        "unroll",
+        "remat",
+        "model_dx",
+        "shot_batch",
+    ),
 )
 def simulate_shots(
     v: jax.Array,
@@ -457,8 +504,9 @@ def simulate_shots(
     """All shots of one velocity model. v: (nx, nz) km/s on the ``model_dx`` grid.
 
     The source is ``amplitude`` x a Ricker wavelet of peak frequency ``f0`` (Hz) peaking at ``t0``
-    (s; default 1.5/f0). Returns (n_sources, out_nt, n_receivers) float32 sampled every ``out_dt``. Jittable (mode,
-    survey and sizes are static); the CFL check needs a concrete ``v`` and runs in ``simulate``.
+    (s; default 1.5/f0). Returns (n_sources, out_nt, n_receivers) float32 sampled every ``out_dt``.
+    Jittable (mode, survey and sizes are static); the CFL check needs a concrete ``v`` and runs in
+    ``simulate``.
     """
     mode = MODES[mode] if isinstance(mode, str) else mode
     vg = resample_model(jnp.asarray(v, jnp.float32), mode.dx, model_dx)
@@ -476,7 +524,9 @@ def simulate_shots(
 
     def one_traced(i):
         s = tuple(a[i][None] for a in src_j)
-        return propagate(vp, s, rec, wavelet, mode=mode, f0=f0, block=block, unroll=unroll, remat=remat)
+        return propagate(
+            vp, s, rec, wavelet, mode=mode, f0=f0, block=block, unroll=unroll, remat=remat
+        )
 
     n_src = len(survey.source_x)
     # shots in chunks of ``shot_batch`` vmapped together (lax.map's batch_size): on a CPU one shot
@@ -506,8 +556,9 @@ def simulate(
     (by repeating the last model) and split with a ``jax.sharding.NamedSharding`` over a 1-D mesh
     ("models"); each device runs its models in chunks of ``model_batch`` vmapped together
     (``lax.map``'s batch_size; default: 1 on CPU, where one model at a time is faster because
-    it stays in cache, all of them on GPU). Shots likewise (``shot_batch``, default 1 on CPU). Raises CFLError before compiling if
-    the model is too fast for the mode's time step. ``kwargs`` go to ``simulate_shots``.
+    it stays in cache, all of them on GPU). Shots likewise (``shot_batch``, default 1 on CPU).
+    Raises CFLError before compiling if the model is too fast for the mode's time step. ``kwargs``
+    go to ``simulate_shots``.
     """
     mode = MODES[mode] if isinstance(mode, str) else mode
     v = np.asarray(velocity, np.float32)
@@ -517,7 +568,10 @@ def simulate(
     if v.ndim != 3:
         raise ValueError(f"velocity must be (B, nx, nz) or (nx, nz), got shape {v.shape}")
     if not np.all(np.isfinite(v)) or v.min() <= 0:
-        raise ValueError(f"velocity must be finite and positive (km/s); got min {np.nanmin(v)}, max {np.nanmax(v)}")
+        raise ValueError(
+            f"velocity must be finite and positive (km/s); got min {np.nanmin(v)}, max "
+            f"{np.nanmax(v)}"
+        )
     check_cfl(float(v.max()), mode)
     devices = jax.devices() if devices is None else list(devices)
     n = len(v)
