@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import pathlib
 import sys
 from collections.abc import Mapping, Sequence
@@ -41,8 +42,11 @@ from fwi_jax.synth import profiles, wave
 from fwi_jax.synth.calibrate import CALIBRATION_FILE, Calibration, CalibrationError
 
 V_RANGE = (1.5, 4.5)  # km/s, the competition's velocity range
-# (low-pass cutoff Hz or None = full band, iterations)
-DEFAULT_STAGES = ((6.0, 6), (10.0, 6), (None, 8))
+DEFAULT_STAGES = (
+    (6.0, 6),
+    (10.0, 6),
+    (None, 8),
+)  # (low-pass cutoff Hz or None = full band, iterations)
 
 
 class PhysicsError(ValueError):
@@ -119,8 +123,7 @@ class Forward:
             raise PhysicsError(
                 "refinement differentiates the cpml8 solver; the calibration is for the "
                 f"{self.calibration.profile} profile (fit one with: python -m fwi_jax.synth "
-                "calibrate "
-                "--data DIR --profile cpml8 --out FILE, and pass --calibration FILE)"
+                "calibrate --data DIR --profile cpml8 --out FILE, and pass --calibration FILE)"
             )
 
     def traces(self, v: jax.Array, remat: bool = False) -> jax.Array:
@@ -317,9 +320,16 @@ def parse_stages(text: str) -> tuple:
     return tuple(out)
 
 
-def make_stage_step(forward: Forward, cfg: RefineConfig, cutoff: float | None, optimizer):
-    """jit(vmap(one step)) for a batch: (v, opt_state, obs) -> (v, opt_state, misfit before)."""
+def make_optimizer(cfg: RefineConfig) -> optax.GradientTransformation:
+    return optax.chain(normalize_by_max(), optax.sgd(cfg.lr, momentum=cfg.momentum or None))
+
+
+@functools.lru_cache(maxsize=16)
+def make_stage_step(forward: Forward, cfg: RefineConfig, cutoff: float | None):
+    """jit(vmap(one step)) for a batch: (v, opt_state, obs) -> (v, opt_state, misfit before).
+    Cached, so every batch of a run reuses the compiled step."""
     lo, hi = cfg.v_range
+    optimizer = make_optimizer(cfg)
 
     def loss(v, obs_f):
         sim = lowpass(forward.traces(v, remat=True), cutoff)
@@ -332,6 +342,18 @@ def make_stage_step(forward: Forward, cfg: RefineConfig, cutoff: float | None, o
         return jnp.clip(optax.apply_updates(v, updates), lo, hi), state, mis
 
     return jax.jit(jax.vmap(step))
+
+
+@functools.lru_cache(maxsize=16)
+def _batch_misfit(forward: Forward):
+    """jit(vmap(relative misfit)) of a batch of models against their gathers, cached."""
+    return jax.jit(
+        jax.vmap(
+            lambda v, o: (
+                jnp.linalg.norm(forward.traces(v) - o) / jnp.maximum(jnp.linalg.norm(o), 1e-30)
+            )
+        )
+    )
 
 
 @dataclasses.dataclass
@@ -364,20 +386,14 @@ def refine(
             wave.check_cfl(hi, forward.mode)  # every iterate stays below hi
         except wave.CFLError as e:
             raise PhysicsError(f"--v-range upper bound {hi} km/s: {e}") from None
-    batch_misfit = jax.jit(
-        jax.vmap(
-            lambda v, o: (
-                jnp.linalg.norm(forward.traces(v) - o) / jnp.maximum(jnp.linalg.norm(o), 1e-30)
-            )
-        )
-    )
+    batch_misfit = _batch_misfit(forward)
     before = np.asarray(batch_misfit(v, obs), np.float64)
-    optimizer = optax.chain(normalize_by_max(), optax.sgd(cfg.lr, momentum=cfg.momentum or None))
+    optimizer = make_optimizer(cfg)
     history = []
     for cutoff, iters in cfg.stages:
         if iters == 0:
             continue
-        step = make_stage_step(forward, cfg, cutoff, optimizer)
+        step = make_stage_step(forward, cfg, cutoff)
         state = jax.vmap(optimizer.init)(v)  # the momentum restarts with each band
         obs_f = jax.vmap(partial(lowpass, cutoff_hz=cutoff))(obs)
         seen = []
