@@ -34,6 +34,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ("auto", "xla", "cudnn", "blockwise", "query_blocks", "fused_cpu"),
     "model.remat": ("none", "full", "dots"),
+    "model.fusion": ("mean", "mha_single", "mha_dual"),
+    "geometry.head": ("pixel_shuffle", "token_linear"),
     "data.host_dtype": ("store", "float32"),
     "synth.families": ("layered", "faulted", "salt"),  # each of the tuple's entries
     "synth.mode": ("fast", "full"),
@@ -51,6 +53,8 @@ RENAMED = {
     "train.val_every": "train.val_every_epochs",
     "train.checkpoint_every": "train.checkpoint_every_steps",
 }
+HEADS = CHOICES["geometry.head"]
+FUSIONS = CHOICES["model.fusion"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,9 @@ class Geometry:
     n_receivers*fold) -> bilinear resize to ``resize`` (H, W) -> patches of ``patch`` px ->
     token grid (H/patch, W/patch). Head: each token emits ``head_patch`` pixels ->
     (grid_h*head_h, grid_w*head_w) -> crop ``out_shape`` (depth, x) at ``crop_offset``.
+    ``head=token_linear`` instead: each token emits ``out_shape[1]`` values (x) and the token axis
+    is area-resized to ``out_shape[0]`` (depth). ``channels=5`` drops the zero channel in the model;
+    ``flip_channels`` says whether the flip (TTA, augmentation) reverses channels besides receivers.
     """
 
     n_time: int = 10000
@@ -71,6 +78,11 @@ class Geometry:
     head_patch: tuple[int, int] = (14, 14)
     out_shape: tuple[int, int] = (1259, 300)
     crop_offset: tuple[int, int] = (0, 4)
+    # model-side input and output layout (the first place's models: 5, 0.1, token_linear, False)
+    channels: int = 6  # 6: the input as given, zero channel 151 included | 5: zero channel dropped
+    input_scale: float = 1.0  # multiplies the input amplitudes (already scaled by 1e4) in the model
+    head: str = "pixel_shuffle"  # pixel_shuffle (head_patch px per token, crop) | token_linear
+    flip_channels: bool = True  # the flip (TTA, augmentation) reverses channels besides receivers
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -87,6 +99,14 @@ class Geometry:
             raise ConfigError(
                 f"geometry.resize={self.resize} is not a multiple of geometry.patch={self.patch}"
             )
+        if self.channels not in (5, 6):
+            raise ConfigError(
+                f"geometry.channels={self.channels}: choose 6 (zero channel kept) or 5"
+            )
+        if self.head not in HEADS:
+            raise ConfigError(f"geometry.head={self.head!r}: choose one of {', '.join(HEADS)}")
+        if self.head == "token_linear":
+            return  # every token -> out_shape[1] values, area-resized over tokens to out_shape[0]
         gh, gw = self.grid
         oh, ow = gh * self.head_patch[0], gw * self.head_patch[1]
         if (
@@ -106,7 +126,10 @@ class ModelConfig:
     """EVA02 split model (SPEC §3). ``size`` picks timm's widths; dim/depth/heads override them."""
 
     size: str = "tiny"  # tiny | small | base | large
-    split: int = 8  # blocks [0, split) run per channel, then mean fusion, then the rest
+    split: int = 8  # blocks [0, split) run per channel, then channel fusion, then the rest
+    fusion: str = "mean"  # mean | mha_single | mha_dual (attention across channels per token)
+    fusion_heads: int = 4  # heads of the cross-channel attention (mha_single, mha_dual)
+    fusion_query_heads: int = 2  # heads of mha_dual's attention from a learned query
     dim: int | None = None
     depth: int | None = None
     heads: int | None = None
@@ -121,7 +144,8 @@ class ModelConfig:
     v_span: float = 3.0
     # the all-zero channel 151 through blocks[:split] once per parameter set instead of once per
     # sample (its tokens depend on the parameters alone; `preprocess.shot_channels`); false: the
-    # reference's computation, channel 151 run like the shots
+    # reference's computation, channel 151 run like the shots. Applies to six-channel models with
+    # mean fusion only (fwi_jax.model.fwi.constant_once)
     constant_channel_once: bool = True
 
     def validate(self) -> None:
@@ -130,6 +154,8 @@ class ModelConfig:
                 f"model.constant_channel_once={self.constant_channel_once!r}: "
                 "expected true or false"
             )
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"model.fusion={self.fusion!r}: choose one of {', '.join(FUSIONS)}")
 
 
 @dataclasses.dataclass(frozen=True)

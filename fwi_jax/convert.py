@@ -3,6 +3,8 @@
 Two sources:
 - the reference solution's ``state_dict`` (keys ``backbone.*`` and ``head.*``, optionally prefixed
   ``_orig_mod.`` by ``torch.compile``): every parameter is converted, the model runs as trained;
+- the first place's ``state_dict`` (the same keys plus ``channel_fusion_mha.*``, its attention
+  fusion; ``geometry.head=token_linear``): converted key by key as well;
 - a timm EVA02 checkpoint (``patch_embed.*``, ``blocks.*``, ...): the backbone is converted for
   initialising training, the 3-channel patch embedding summed to 1 channel as timm does for
   ``in_chans=1``, the pos-embed grid resampled to the config's token grid as timm's
@@ -135,6 +137,21 @@ def _torch_to_ours(key: str, value: np.ndarray, cfg: Config) -> tuple[str, np.nd
     return f"{path}/{leaf}", value
 
 
+def _fusion_to_ours(key: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """A ``channel_fusion_mha.*`` key of the first place's models -> (our path, array):
+    ``nn.MultiheadAttention``'s ``in_proj_weight``/``in_proj_bias`` -> ``in_proj/kernel|bias``,
+    Linear weights transposed, LayerNorm weight -> scale; names otherwise kept."""
+    *parents, leaf = key.split(".")
+    if leaf.startswith("in_proj_"):
+        parents, leaf = [*parents, "in_proj"], leaf.removeprefix("in_proj_")
+    path = "/".join(parents)
+    if leaf == "weight" and parents[-1].startswith("norm"):
+        return f"{path}/scale", value
+    if leaf == "weight":
+        return f"{path}/kernel", value.T
+    return f"{path}/{leaf}", value
+
+
 def convert_state_dict(
     state: Mapping[str, np.ndarray], cfg: Config, seed: int = 0
 ) -> tuple[dict, list[str]]:
@@ -151,6 +168,17 @@ def convert_state_dict(
                 path, arr = f"head/{'kernel' if key.endswith('weight') else 'bias'}", value
                 arr = arr.T if key.endswith("weight") else arr
                 converted[path] = arr
+                continue
+            if key.startswith("channel_fusion_mha."):  # the first place's attention fusion
+                path, arr = _fusion_to_ours(key, value)
+                if path not in expected:
+                    unexpected.append(key)
+                elif tuple(arr.shape) != expected[path]:
+                    misshaped.append(
+                        f"{key}: checkpoint {tuple(value.shape)}, config expects {expected[path]}"
+                    )
+                else:
+                    converted[path] = arr
                 continue
             if not key.startswith("backbone."):
                 unexpected.append(key)

@@ -111,6 +111,7 @@ def member_predictions(
     member_chunk: int | None = None,
     tta_in_batch: bool = True,
     constants: Any = None,
+    flip_channels: bool = True,
 ) -> jax.Array:
     """Every member's prediction: stacked params (M, ...) and x (B, 6, T, R) -> (M, B, depth, x).
     x float32, or float16 (the model casts it to float32, exactly). With ``tta``: ½(f(x) + unflip
@@ -118,14 +119,15 @@ def member_predictions(
     2B), or else in a second pass of B after the first (``lax.map``: on CPU a batch of B is faster
     per sample). Members are vmapped; ``member_chunk`` bounds how many run at once (``lax.map`` in
     chunks). ``constants``: `member_constants` of ``stacked`` when the caller keeps them across
-    calls; None: each member computes its own once here, for every sample and both TTA passes."""
+    calls; None: each member computes its own once here, for every sample and both TTA passes.
+    ``flip_channels``: the config's flip (``geometry.flip_channels``, `preprocess.flip`)."""
     b = x.shape[0]
 
     def member_constant(p, k):
         return constant_tokens(graphdef, p) if k is None else k
 
     if tta and not tta_in_batch:
-        pair = jnp.stack([x, flip(x)])  # (2, B, ...): x, then its flipped copy
+        pair = jnp.stack([x, flip(x, channels=flip_channels)])  # (2, B, ...): x, then flipped
 
         def run(p, k):
             k = member_constant(p, k)
@@ -133,7 +135,7 @@ def member_predictions(
             # as the in-batch layout: x rows, then flipped
             return pred.reshape(2 * b, *pred.shape[2:])
     else:
-        x_in = jnp.concatenate([x, flip(x)], axis=0) if tta else x
+        x_in = jnp.concatenate([x, flip(x, channels=flip_channels)], axis=0) if tta else x
         run = lambda p, k: apply_model(graphdef, p, x_in, member_constant(p, k))
     m = jax.tree.leaves(stacked)[0].shape[0]
     if member_chunk is None or member_chunk >= m:
@@ -156,12 +158,13 @@ def ensemble_fn(
     mean (B, depth, x). Jit it once: all groups, TTA and the mean are one program. ``constants``:
     each group's `member_constants`, kept across calls (None: computed in the call)."""
     graphdefs = [g.graphdef for g in groups]
+    flips = [g.cfg.geometry.flip_channels for g in groups]  # each config's own flip TTA
 
     def f(params: tuple, weights: tuple, x: jax.Array, constants: tuple | None = None) -> jax.Array:
         total, norm = 0.0, 0.0
         constants = constants or (None,) * len(graphdefs)
-        for graphdef, p, w, k in zip(graphdefs, params, weights, constants):
-            pred = member_predictions(graphdef, p, x, tta, member_chunk, tta_in_batch, k)
+        for graphdef, p, w, k, fc in zip(graphdefs, params, weights, constants, flips):
+            pred = member_predictions(graphdef, p, x, tta, member_chunk, tta_in_batch, k, fc)
             total = total + jnp.einsum("m,mbhw->bhw", w, pred, precision=jax.lax.Precision.HIGHEST)
             norm = norm + w.sum()
         return total / norm

@@ -15,10 +15,12 @@ ZERO_CHANNEL = CHANNEL_POSITIONS.index(151)  # 3 before a flip, 2 after
 AMPLITUDE_SCALE = 1e4
 
 
-def flip(x, v=None):
+def flip(x, v=None, channels: bool = True):
     """Mirror the survey left-right (SPEC §2.4): reverse channels and receivers of ``x``
-    (..., 6, T, R) and the x axis of ``v`` (..., depth, x). Flip twice is the identity."""
-    fx = x[..., ::-1, :, ::-1]
+    (..., 6, T, R) and the x axis of ``v`` (..., depth, x). Flip twice is the identity.
+    ``channels=False`` reverses the receivers only (``geometry.flip_channels``; the first place's
+    flip, which keeps the shot order)."""
+    fx = x[..., ::-1, :, ::-1] if channels else x[..., ::-1]
     if v is None:
         return fx
     return fx, v[..., ::-1]
@@ -107,3 +109,14 @@ def fold_and_resize(x, factor: int, size: tuple[int, int]):
     hi = jax.lax.Precision.HIGHEST
     y = jnp.einsum("oh,...hw->...ow", wh, folded, precision=hi)
     return jnp.einsum("...ow,pw->...op", y, ww, precision=hi)
+
+
+def area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 weights of PyTorch's ``F.interpolate(mode="area")`` along one axis
+    (adaptive average pooling: output i averages inputs floor(i n_in / n_out) up to
+    ceil((i+1) n_in / n_out))."""
+    m = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m.astype(np.float32)

@@ -204,14 +204,16 @@ def make_train_step(
     return step
 
 
-def make_eval_step(graphdef: Any, tta: bool) -> Callable:
+def make_eval_step(graphdef: Any, tta: bool, flip_channels: bool = True) -> Callable:
     """Pure ``(params, x, v, mask) -> (sum of per-sample MAPE over mask, count)``; x float32 or
-    float16 (the model casts it to float32, exactly)."""
+    float16 (the model casts it to float32, exactly). ``flip_channels``: the config's flip TTA."""
     from fwi_jax.ensemble import member_predictions
 
     def evaluate(params, x, v, mask):
         TRACES["eval_step"] += 1
-        pred = member_predictions(graphdef, jax.tree.map(lambda a: a[None], params), x, tta)[0]
+        pred = member_predictions(
+            graphdef, jax.tree.map(lambda a: a[None], params), x, tta, flip_channels=flip_channels
+        )[0]
         return jnp.sum(mape_per_sample(pred, v) * mask), jnp.sum(mask)
 
     return evaluate
@@ -480,7 +482,7 @@ def train(
         donate_argnums=0,
         out_shardings=(state_shardings, replicated),
     )
-    eval_fn = jax.jit(make_eval_step(graphdef, tc.val_tta))
+    eval_fn = jax.jit(make_eval_step(graphdef, tc.val_tta, cfg.geometry.flip_channels))
 
     def eval_params(step: int):
         return state["ema"] if step > ema_start else state["params"]

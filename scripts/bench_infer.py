@@ -6,7 +6,8 @@ runs —
   same batch (accelerators) or as a second pass (CPU), the weighted mean on device, one jitted
   program, batches sharded over devices;
   one row per attention implementation (``--attention``; remat does not apply: no backward pass);
-- the reference's way: the PyTorch model (tests/torch_reference.py, timm Eva), one member after
+- the reference's way: the PyTorch model (tests/torch_reference.py, timm Eva; for the first
+  place's configs their module, tests/torch_firstplace.py), one member after
   another, batch 1, TTA as a second forward pass, the mean on the host.
 
 Both run the same random weights (the PyTorch state_dicts converted by ``fwi_jax.convert``); the
@@ -137,7 +138,7 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
         paths = []
         for i, ref in enumerate(refs):
             paths.append(tmp / f"member{i}.pth")
-            torch.save(ref.state_dict(), paths[-1])
+            torch.save(getattr(ref, "model", ref).state_dict(), paths[-1])  # see main()
         # the config with --set applied, as a JSON file: infer converts state_dicts for --config
         (tmp / "config.json").write_text(cfg.to_json())
         cmd = [
@@ -176,6 +177,8 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
         with np.load(tmp / "sub.npz") as sub:
             got = {sid: sub[sid].T for sid in ids}
 
+        from torch_firstplace import flip_dims
+
         def reference(x_np):
             x = torch.from_numpy(x_np[None])
             outs = []
@@ -186,7 +189,7 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
                 for ref in refs:  # one model after another, batch 1
                     y = ref(x).float()
                     if tta:
-                        y = 0.5 * (y + ref(x.flip(1, 3)).float().flip(2))
+                        y = 0.5 * (y + ref(x.flip(flip_dims(cfg))).float().flip(2))
                     outs.append(y[0].numpy())
             return np.mean(outs, axis=0)
 
@@ -249,15 +252,18 @@ def main(argv=None) -> int:
     tune_cpu_host()
     import torch
 
-    from torch_reference import ReferenceModel, randomize_
+    from torch_firstplace import flip_dims, torch_model
 
     tta = not args.no_tta
     cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}"])
-    refs = [randomize_(ReferenceModel(cfg), seed=s).eval() for s in range(args.members)]
+    refs = [torch_model(cfg, seed=s).eval() for s in range(args.members)]
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     if args.through_infer:
         return through_infer(args, cfg, refs, tta)
-    state_dicts = [{k: v.detach().numpy() for k, v in ref.state_dict().items()} for ref in refs]
+    state_dicts = [
+        {k: v.detach().numpy() for k, v in getattr(ref, "model", ref).state_dict().items()}
+        for ref in refs
+    ]  # the first place's module sits inside its input adapter
     n_devices = jax.device_count()
     batch = args.batch or infer.default_batch(jax.devices()[0])
     batch = -(-batch // n_devices) * n_devices
@@ -325,7 +331,7 @@ def main(argv=None) -> int:
                 for ref in refs:  # one model after another, batch 1
                     y = ref(x).float()
                     if tta:
-                        y = 0.5 * (y + ref(x.flip(1, 3)).float().flip(2))
+                        y = 0.5 * (y + ref(x.flip(flip_dims(cfg))).float().flip(2))
                     outs.append(y[0].numpy())
             return np.mean(outs, axis=0)
 

@@ -14,9 +14,10 @@ bookkeeping), then
      (XLA FLOPs / median step time) and its share of this machine's dense-matmul FLOP/s (a jitted
      float32 matmul, the practical roofline, measured in the parent process).
 
-The PyTorch reference (tests/torch_reference.py: timm ``Eva`` arranged as the reference solution)
-then trains on the same batch size and input shapes in train mode with AdamW (lr 2e-4, betas
-(0.9, 0.95), weight decay 0.01) and the same loss (``train.loss``: base or hard-mining), in float32
+The PyTorch reference (tests/torch_reference.py: timm ``Eva`` arranged as the reference solution;
+for the first place's configs, ``geometry.head=token_linear``, their module from
+tests/torch_firstplace.py) then trains on the same batch size and input shapes in train mode with
+AdamW (lr 2e-4, betas (0.9, 0.95), weight decay 0.01) and the same loss (``train.loss``: base or hard-mining), in float32
 or under ``torch.autocast("cpu", dtype)`` for bfloat16/float16; the script reports its samples/s
 and the ratio ours / PyTorch. A Markdown table closes the output.
 
@@ -143,16 +144,19 @@ def torch_train(a) -> dict:
 
     from fwi_jax.config import load_config
 
-    from torch_reference import ReferenceModel, randomize_
+    from torch_firstplace import torch_model
 
     cfg = load_config(a.config, overrides(a))
-    if cfg.geometry.head_patch[0] != cfg.geometry.head_patch[1]:
+    if (
+        cfg.geometry.head == "pixel_shuffle"
+        and cfg.geometry.head_patch[0] != cfg.geometry.head_patch[1]
+    ):
         return {
             "error": f"no reference: head_patch {cfg.geometry.head_patch} is not square "
             "(the reference's pixel shuffle is square only)"
         }
     torch.manual_seed(0)
-    model = randomize_(ReferenceModel(cfg), seed=0).train()
+    model = torch_model(cfg, seed=0).train()  # the reference's, or the first place's module
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0.01)
     x_np, v_np = make_batch(cfg, a.batch)
     x, v = torch.from_numpy(x_np), torch.from_numpy(v_np)

@@ -80,9 +80,12 @@ def _real_block_vjp(cfg, batch: int):
     if m.remat in MODEL_POLICIES:
         fwd = jax.checkpoint(fwd, policy=MODEL_POLICIES[m.remat])
     n_tokens = 1 + geo.grid[0] * geo.grid[1]
-    # sequences per block before the fusion: 6 per sample, or 5 per sample and the zero channel's
-    # one per step (model.constant_channel_once)
-    rows = 5 * batch + 1 if m.constant_channel_once else 6 * batch
+    # sequences per block before the fusion: one per channel and sample, or 5 per sample and the
+    # zero channel's one per step (model.constant_channel_once, `fwi_jax.model.fwi.constant_once`)
+    from fwi_jax.model.fwi import constant_once
+
+    channels = 5 if cfg.geometry.channels == 5 else 6
+    rows = 5 * batch + 1 if constant_once(cfg) else channels * batch
     tokens = jax.ShapeDtypeStruct((rows, n_tokens, size.dim), dtype)
     vjp = jax.jit(lambda s, x, g: jax.vjp(fwd, s, x)[1](g))
     return vjp, state, tokens

@@ -66,9 +66,12 @@ def half_to_float32(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
 FLIP = "_flip"  # element key set by `pipeline.RandomFlip(defer=True)`: flip while batching
 
 
-def _put_x(src: np.ndarray, dst: np.ndarray, flip: bool, scratch: np.ndarray | None) -> None:
+def _put_x(
+    src: np.ndarray, dst: np.ndarray, flip: bool, scratch: np.ndarray | None, channels: bool = True
+) -> None:
     """One sample's x (6, T, R) -> ``dst``, mirrored (`preprocess.flip`: channels and receivers
-    reversed) when ``flip``. ``dst`` float32 with a float16 ``src``: converted on the way
+    reversed; receivers only with ``channels=False``) when ``flip``. ``dst`` float32 with a
+    float16 ``src``: converted on the way
     (`half_to_float32`; ``scratch`` (T, R) float32 holds one channel); otherwise ``dst`` has the
     dtype of ``src`` and this is a plain copy."""
     convert = src.dtype == np.float16 and dst.dtype == np.float32
@@ -80,7 +83,7 @@ def _put_x(src: np.ndarray, dst: np.ndarray, flip: bool, scratch: np.ndarray | N
         return
     n = src.shape[0]
     for c in range(n):
-        ch = src[n - 1 - c]
+        ch = src[n - 1 - c] if channels else src[c]
         if convert:
             ch = half_to_float32(ch, scratch)
         np.copyto(dst[c].T, ch[:, ::-1].T)  # iterating over time inside: faster than row-wise
@@ -147,8 +150,10 @@ class StackBatch:
     Otherwise, with ``reuse`` > 0, the arrays of up to ``reuse`` batches are recycled once the
     consumer has let go of them (`_BufferPool`), instead of new memory for every batch."""
 
-    def __init__(self, x_float32: bool = True, reuse: int = 0):
+    def __init__(self, x_float32: bool = True, reuse: int = 0, flip_channels: bool = True):
+        """``flip_channels``: the config's flip (``geometry.flip_channels``)."""
         self.x_float32 = bool(x_float32)
+        self.flip_channels = bool(flip_channels)
         self._shared = False
         self._pool = _BufferPool(2 * reuse) if reuse > 0 else None  # x and v of each batch
 
@@ -178,7 +183,7 @@ class StackBatch:
                     np.empty(parts[0].shape[1:], np.float32) if dtype != parts[0].dtype else None
                 )
                 for j, (part, flip) in enumerate(zip(parts, flips)):
-                    _put_x(part, out[j], flip, scratch)
+                    _put_x(part, out[j], flip, scratch, self.flip_channels)
             elif key == "v":
                 out = self._empty((len(parts), *parts[0].shape), parts[0].dtype)
                 scratch = np.empty(parts[0].shape, parts[0].dtype) if any(flips) else None

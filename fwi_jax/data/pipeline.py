@@ -69,9 +69,11 @@ class RandomFlip(grain.transforms.RandomMap):
     ``defer=True``: only mark the element (key `pack.FLIP`); `pack.StackBatch` mirrors it while
     batching (same draws, same batches, one copy fewer)."""
 
-    def __init__(self, p: float, *, defer: bool = False):
+    def __init__(self, p: float, *, defer: bool = False, channels: bool = True):
+        """``channels``: whether the flip reverses channels too (``geometry.flip_channels``)."""
         self.p = float(p)
         self.defer = bool(defer)
+        self.channels = bool(channels)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         if rng.random() >= self.p:
@@ -80,7 +82,7 @@ class RandomFlip(grain.transforms.RandomMap):
         if self.defer:
             out[pack.FLIP] = True
             return out
-        out["x"] = np.ascontiguousarray(preprocess.flip(element["x"]))
+        out["x"] = np.ascontiguousarray(preprocess.flip(element["x"], channels=self.channels))
         if "v" in element:
             out["v"] = np.ascontiguousarray(element["v"][..., ::-1])
         return out
@@ -192,15 +194,14 @@ def make_dataset(
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     if train and cfg.data.flip_p > 0:
-        ds = ds.random_map(RandomFlip(cfg.data.flip_p, defer=True), seed=seed)
+        ds = ds.random_map(
+            RandomFlip(cfg.data.flip_p, defer=True, channels=cfg.geometry.flip_channels), seed=seed
+        )
     ds = ds[process_index::process_count]
     # StackBatch: grain's batching, plus the deferred flip (and any float16 conversion) in the one
     # copy
-    return ds.batch(
-        batch_size // process_count,
-        drop_remainder=train,
-        batch_fn=pack.StackBatch(x_float32, reuse),
-    )
+    batch_fn = pack.StackBatch(x_float32, reuse, cfg.geometry.flip_channels)
+    return ds.batch(batch_size // process_count, drop_remainder=train, batch_fn=batch_fn)
 
 
 def make_loader(

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from fwi_jax.config import Config
-from fwi_jax.model.fwi import FWIModel, model_size
+from fwi_jax.model.fwi import FWIModel, constant_once, model_size
 
 Params = dict[str, Any]
 
@@ -67,9 +67,9 @@ def apply_model(
 
 def constant_tokens(graphdef: nnx.GraphDef, params: Params) -> jax.Array | None:
     """The zero channel 151's tokens after blocks[:split] (1, 1 + N, dim), a function of the params
-    alone (`FWIModel.constant_tokens`); None when ``model.constant_channel_once`` is off. Pure."""
+    alone (`FWIModel.constant_tokens`); None where it does not apply (`constant_once`). Pure."""
     model = nnx.merge(graphdef, nnx.State(_as_state_dict(params)))
-    if not model.cfg.model.constant_channel_once:
+    if not constant_once(model.cfg):
         return None
     return model.constant_tokens()
 

@@ -2,15 +2,20 @@
 
 x (B, 6, n_time, n_receivers) float32 (SPEC §2 steps 1-3 done) -> fold + bilinear resize ->
 (B, 6, H, W) -> per channel: patch tokens + cls + pos-embed -> blocks[:split] (shared weights,
-channels folded into the batch) -> mean over channels -> blocks[split:] -> drop cls ->
-Linear(dim -> head_h*head_w) -> pixel shuffle -> crop -> sigmoid * v_span + v_min (float32)
--> velocity (B, depth, x) km/s.
+channels folded into the batch) -> channel fusion (``model.fusion``: mean, or attention across
+channels, `fwi_jax.model.fusion`) -> blocks[split:] -> drop cls -> head -> sigmoid * v_span +
+v_min (float32) -> velocity (B, depth, x) km/s.
 
-With ``model.constant_channel_once`` (the default) only the five shots run per sample; the
-all-zero channel 151, whose tokens after blocks[:split] are a function of the parameters alone,
-is `FWIModel.constant_tokens` (1, 1 + N, dim), computed once per call or passed in (an ensemble
-computes it once per member) and added into the channel mean. Same result, within float32
-rounding (a different summation order of the mean).
+``geometry.head``: ``pixel_shuffle`` (the reference: Linear(dim -> head_h*head_w) per token, pixel
+shuffle, crop) or ``token_linear`` (the first place: Linear(dim -> x) per token, the token axis
+area-resized to depth). ``geometry.channels=5`` drops the zero channel first; ``input_scale``
+rescales amplitudes (the first place's inputs are 10x smaller than the reference's).
+
+With ``model.constant_channel_once`` (the default; six channels and mean fusion only) only the five
+shots run per sample; the all-zero channel 151, whose tokens after blocks[:split] are a function of
+the parameters alone, is `FWIModel.constant_tokens` (1, 1 + N, dim), computed once per call or
+passed in (an ensemble computes it once per member) and added into the channel mean. Same result,
+within float32 rounding (a different summation order of the mean).
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from flax import nnx
 from fwi_jax.config import Config, ConfigError
 from fwi_jax.model.attention import ATTENTION_RESIDUALS, resolve_impl
 from fwi_jax.model.eva02 import SIZES, Block, EvaSize, rope_table
+from fwi_jax.model.fusion import ChannelFusionDual, ChannelFusionSingle
 from fwi_jax.model.layers import OUTPUT_NAME as DENSE_OUTPUT
 from fwi_jax.model.layers import linear
 from fwi_jax.model.target import target_platform
-from fwi_jax.preprocess import CHANNEL_POSITIONS, fold_and_resize, shot_channels
+from fwi_jax.preprocess import CHANNEL_POSITIONS, area_matrix, fold_and_resize, shot_channels
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -60,7 +66,18 @@ def model_size(cfg: Config) -> EvaSize:
         raise ConfigError(
             f"model: dim {size.dim} / heads {size.heads} must give a head_dim divisible by 4"
         )
+    m.validate()
+    for key in ("fusion_heads", "fusion_query_heads"):
+        if m.fusion != "mean" and size.dim % getattr(m, key):
+            raise ConfigError(f"model.{key}={getattr(m, key)} does not divide dim {size.dim}")
     return size
+
+
+def constant_once(cfg: Config) -> bool:
+    """Whether the zero channel runs once per call: ``model.constant_channel_once`` where the
+    model sees that channel (``geometry.channels=6``) and fuses by the mean."""
+    m = cfg.model
+    return m.constant_channel_once and cfg.geometry.channels == 6 and m.fusion == "mean"
 
 
 class FWIModel(nnx.Module):
@@ -103,10 +120,25 @@ class FWIModel(nnx.Module):
                 for _ in range(size.depth)
             ]
         )
+        if m.fusion == "mha_single":
+            self.channel_fusion_mha = ChannelFusionSingle(
+                size.dim, g.channels, m.fusion_heads, dtype=dtype, platform=platform, rngs=rngs
+            )
+        elif m.fusion == "mha_dual":
+            self.channel_fusion_mha = ChannelFusionDual(
+                size.dim,
+                g.channels,
+                m.fusion_heads,
+                m.fusion_query_heads,
+                dtype=dtype,
+                platform=platform,
+                rngs=rngs,
+            )
         hp, wp = g.head_patch
+        head_out = g.out_shape[1] if g.head == "token_linear" else hp * wp
         self.head = linear(
             size.dim,
-            hp * wp,
+            head_out,
             dtype=dtype,
             rngs=rngs,
             platform=platform,
@@ -152,21 +184,26 @@ class FWIModel(nnx.Module):
         b, c = x.shape[:2]
         if x.shape[2:] != (g.n_time, g.n_receivers):
             raise ValueError(f"model input {x.shape}: expected (B, C, {g.n_time}, {g.n_receivers})")
-        once = m.constant_channel_once
-        if once:
+        once = constant_once(self.cfg)
+        if g.channels == 5 or once:
             if c != len(CHANNEL_POSITIONS):
                 raise ValueError(
-                    f"model input {x.shape}: model.constant_channel_once needs the "
-                    f"{len(CHANNEL_POSITIONS)} channels of {CHANNEL_POSITIONS}"
+                    f"model input {x.shape}: expected the {len(CHANNEL_POSITIONS)} "
+                    f"channels of {CHANNEL_POSITIONS}"
                 )
-            x = shot_channels(x)  # (B, 5, T, R)
+            x = shot_channels(x)  # (B, 5, T, R): the five shots in input order
         n = x.shape[1]
         # float16 input (a float16 packed store's batches) becomes float32 here, exactly
-        img = fold_and_resize(x.astype(jnp.float32), g.fold, g.resize)  # (B, n, H, W)
+        x = x.astype(jnp.float32)
+        if g.input_scale != 1.0:
+            x = x * jnp.float32(g.input_scale)
+        img = fold_and_resize(x, g.fold, g.resize)  # (B, n, H, W)
         tokens = self._tokens(img.reshape(b * n, *g.resize))
         tokens = self._run_blocks(self.blocks[: m.split], tokens)  # channels share weights
-        tokens = tokens.reshape(b, n, *tokens.shape[1:])
-        if once:  # fuse channels (cls included): the five shots and the zero channel, mean of c
+        tokens = tokens.reshape(b, n, *tokens.shape[1:])  # (B, n, 1 + N, dim)
+        if m.fusion != "mean":  # attention across the channels of each token
+            tokens = self.channel_fusion_mha(tokens)
+        elif once:  # fuse channels (cls included): the five shots and the zero channel, mean of c
             if constant is None:
                 constant = self.constant_tokens()
             total = tokens.sum(axis=1, dtype=jnp.float32) + constant.astype(jnp.float32)
@@ -174,6 +211,11 @@ class FWIModel(nnx.Module):
         else:
             tokens = tokens.mean(axis=1)  # fuse channels (cls included)
         tokens = self._run_blocks(self.blocks[m.split :], tokens)
+        if g.head == "token_linear":
+            cols = self.head(tokens[:, 1:]).astype(jnp.float32)  # (B, N, x)
+            area = jnp.asarray(area_matrix(cols.shape[1], g.out_shape[0]))  # (depth, N)
+            pix = jnp.einsum("dn,bnw->bdw", area, cols, precision=jax.lax.Precision.HIGHEST)
+            return jax.nn.sigmoid(pix) * m.v_span + m.v_min
         pix = self.head(tokens[:, 1:])  # (B, N, hp*wp), channel i*wp + j -> offset (i, j)
         hp, wp = g.head_patch
         gh, gw = g.grid
