@@ -251,7 +251,6 @@ def main(argv=None) -> int:
     # ours runs as `python -m fwi_jax.infer` does (FWI_JAX_CPU_TUNING=0: XLA's defaults)
     tune_cpu_host()
     import torch
-
     from torch_firstplace import flip_dims, torch_model
 
     tta = not args.no_tta

@@ -17,9 +17,9 @@ bookkeeping), then
 The PyTorch reference (tests/torch_reference.py: timm ``Eva`` arranged as the reference solution;
 for the first place's configs, ``geometry.head=token_linear``, their module from
 tests/torch_firstplace.py) then trains on the same batch size and input shapes in train mode with
-AdamW (lr 2e-4, betas (0.9, 0.95), weight decay 0.01) and the same loss (``train.loss``: base or hard-mining), in float32
-or under ``torch.autocast("cpu", dtype)`` for bfloat16/float16; the script reports its samples/s
-and the ratio ours / PyTorch. A Markdown table closes the output.
+AdamW (lr 2e-4, betas (0.9, 0.95), weight decay 0.01) and the same loss (``train.loss``: base or
+hard-mining), in float32 or under ``torch.autocast("cpu", dtype)`` for bfloat16/float16; the
+script reports its samples/s and the ratio ours / PyTorch. A Markdown table closes the output.
 
     .venv/bin/python scripts/bench_train.py [--config tiny_s8] [--batch 1] [--dtype float32]
         [--attention xla blockwise] [--remat none full dots] [--steps 5] [--warmup 2]
@@ -141,10 +141,9 @@ def run_one(a) -> dict:
 def torch_train(a) -> dict:
     """The PyTorch reference's train step: samples/s (median of the timed steps)."""
     import torch
+    from torch_firstplace import torch_model
 
     from fwi_jax.config import load_config
-
-    from torch_firstplace import torch_model
 
     cfg = load_config(a.config, overrides(a))
     if (

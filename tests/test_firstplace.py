@@ -178,10 +178,10 @@ def test_state_dict_through_infer_and_mixed_ensemble(tmp_path):
     out 1259 x 300) through ``fwi_jax.infer`` with TTA matches PyTorch within 1e-4 km/s (the
     full-size parity bound); a mixed ensemble of it and a reference member (a different config,
     so two compiled groups) equals the mean of the two members' single runs within 2e-5 km/s."""
+    from fwi_jax.data.io import read_sample
+
     from torch_reference import ReferenceModel
     from torch_reference import randomize_ as randomize_reference
-
-    from fwi_jax.data.io import read_sample
 
     geo = Geometry(
         fold=100,

@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from torch_reference import TIMM_NAMES
 
 
