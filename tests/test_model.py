@@ -117,8 +117,8 @@ def test_gradient_parity_small_grid(size, loss):
     flat_e = dict(jax.tree_util.tree_leaves_with_path(expected))
     for on in (True, False):  # the zero channel's row once per call, its gradient flowing; or not
         graphdef = create_model(constant_once(cfg, on))[0]
-        loss = lambda p, gd=graphdef: jax_loss(apply_model(gd, p, x), vel)
-        grads = jax.jit(jax.grad(loss))(params)
+        objective = lambda p, gd=graphdef: jax_loss(apply_model(gd, p, x), vel)
+        grads = jax.jit(jax.grad(objective))(params)
         flat_g = dict(jax.tree_util.tree_leaves_with_path(grads))
         assert flat_g.keys() == flat_e.keys()
         for path, g in flat_g.items():
