@@ -59,7 +59,7 @@ FUSIONS = CHOICES["model.fusion"]
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
-    """Input and output grids (SPEC §2-§3). Reduced grids keep the code path of the full one.
+    """Input and output grids (reference §2-§3). Reduced grids keep the code path of the full one.
 
     Seismic model input: (6 channels, n_time, n_receivers) -> fold -> (n_time/fold,
     n_receivers*fold) -> bilinear resize to ``resize`` (H, W) -> patches of ``patch`` px ->
@@ -123,7 +123,7 @@ class Geometry:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """EVA02 split model (SPEC §3). ``size`` picks timm's widths; dim/depth/heads override them."""
+    """EVA02 split model (reference §3). ``size``: timm's widths; dim/depth/heads override them."""
 
     size: str = "tiny"  # tiny | small | base | large
     split: int = 8  # blocks [0, split) run per channel, then channel fusion, then the rest
@@ -160,7 +160,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where samples come from and how they are loaded (SPEC §1).
+    """Where samples come from and how they are loaded (reference §1).
 
     ``host_dtype``: the dtype of x in the host batches the loader hands over.
     "store" (default): as stored, so float16 for a float16 packed store (``python -m fwi_jax.data
@@ -176,7 +176,7 @@ class DataConfig:
     val_list: str = ""
     workers: int = 0  # grain worker processes
     prefetch: int = 2  # batches buffered per worker
-    flip_p: float = 0.5  # horizontal-flip augmentation probability in training (SPEC §2.4)
+    flip_p: float = 0.5  # horizontal-flip augmentation probability in training (reference §2.4)
     v_range: tuple[float, float] = (0.5, 10.0)  # km/s; velocities outside fail validation
     # x in host batches: store (float16 stays float16) | float32 (see above)
     host_dtype: str = "store"
@@ -198,7 +198,7 @@ class SynthConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation recipe (SPEC §4-§5)."""
+    """Optimisation recipe (reference §4-§5)."""
 
     batch_size: int = 8  # global batch, independent of the device count
     epochs: int = 40

@@ -31,7 +31,7 @@ import numpy as np
 from fwi_jax.config import Config, ConfigError, add_override_argument, load_config
 from fwi_jax.model import abstract_params, create_model
 
-# timm keys present in checkpoints that the split model never uses (SPEC §3)
+# timm keys present in checkpoints that the split model never uses (reference §3)
 UNUSED_PREFIXES = ("fc_norm.", "head.", "norm.", "rope.")
 UNUSED_SUFFIXES = ("attn.k_bias", "relative_position_index")
 

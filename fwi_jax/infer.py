@@ -1,5 +1,5 @@
 """``python -m fwi_jax.infer``: ensemble inference with flip TTA, sharded over devices, written to
-one competition submission file (SPEC §1, §2.4, §5).
+one competition submission file (reference §1, §2.4, §5).
 
     python -m fwi_jax.infer --data DIR [--list ids.txt] --checkpoints C1 C2 ... --out submission.npz
     \

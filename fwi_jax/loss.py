@@ -1,4 +1,4 @@
-"""Losses and the competition metric (SPEC §4). Velocities are (B, depth, x) in km/s.
+"""Losses and the competition metric (reference §4). Velocities are (B, depth, x) in km/s.
 
 e = |pred - v| / v                       relative error per pixel
 w(z) = linspace(1.0, 0.25, depth)        depth weight (shallow pixels count 4x the deepest)
@@ -56,7 +56,7 @@ def mape_per_sample(pred: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def competition_mape(v_true: np.ndarray, v_pred: np.ndarray) -> float:
-    """The competition's score of one sample (SPEC §1): mean over pixels of
+    """The competition's score of one sample (reference §1): mean over pixels of
     |v_true - v_pred| / (v_true + 1e-8), in float64 on the host."""
     v_true = np.asarray(v_true, np.float64)
     return float(np.mean(np.abs(v_true - np.asarray(v_pred, np.float64)) / (v_true + 1e-8)))

@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule, dynamic loss scaling and EMA (SPEC §5), all on plain pytrees.
+"""Optimiser, learning-rate schedule, dynamic loss scaling and EMA (reference §5), on pytrees.
 
 - ``learning_rate_schedule``: multiplier 1.0 for ``constant_fraction`` of all steps, then cosine
   down to ``final_lr_factor`` (optax ``join_schedules`` of a constant and a cosine decay); an

@@ -20,7 +20,7 @@ import numpy as np
 
 from fwi_jax.preprocess import CHANNEL_POSITIONS, ZERO_CHANNEL
 
-DX_M = 1.0  # m per velocity-model cell in x and depth (SPEC §6)
+DX_M = 1.0  # m per velocity-model cell in x and depth (reference §6)
 DT_S = 1e-4  # s per time sample of a shot gather (10,001 samples over 1 s)
 # gathers are drawn times (t / t_max)^2, so late reflections show beside the direct wave
 GATHER_GAIN_POWER = 2.0
@@ -44,9 +44,9 @@ def plot_sample(
 ) -> pathlib.Path:
     """Figure of one sample.
 
-    x: model input (6, n_time, n_receivers) (SPEC §2 steps 1-3; channel 151 is the empty one and is
-    not drawn; float16 from a float16 packed store is fine); pred, truth: velocity (depth, x) km/s.
-    Without ``truth`` only the prediction is shown. Returns the PNG path."""
+    x: model input (6, n_time, n_receivers) (reference §2 steps 1-3; channel 151 is the empty one
+    and is not drawn; float16 from a float16 packed store is fine); pred, truth: velocity
+    (depth, x) km/s. Without ``truth`` only the prediction is shown. Returns the PNG path."""
     plt = _pyplot()
     x, pred = np.asarray(x, dtype=np.float32), np.asarray(pred)
     if x.ndim != 3 or x.shape[0] != len(CHANNEL_POSITIONS):

@@ -1,4 +1,4 @@
-"""Seismic preprocessing (SPEC §2). Functions here work on NumPy and JAX arrays alike.
+"""Seismic preprocessing (reference §2). Functions here work on NumPy and JAX arrays alike.
 
 Shapes: a raw sample is five shot gathers (5, 10001, 31) float32 in file order
 `SOURCE_POSITIONS`; the model input ``x`` is (..., 6, n_time, n_receivers) in `CHANNEL_POSITIONS`
@@ -16,7 +16,7 @@ AMPLITUDE_SCALE = 1e4
 
 
 def flip(x, v=None, channels: bool = True):
-    """Mirror the survey left-right (SPEC §2.4): reverse channels and receivers of ``x``
+    """Mirror the survey left-right (reference §2.4): reverse channels and receivers of ``x``
     (..., 6, T, R) and the x axis of ``v`` (..., depth, x). Flip twice is the identity.
     ``channels=False`` reverses the receivers only (``geometry.flip_channels``; the first place's
     flip, which keeps the shot order)."""
@@ -55,7 +55,7 @@ def _cat(like, parts):
 def shots_to_input(shots):
     """Five raw shots (..., 5, 10001, 31) in `SOURCE_POSITIONS` order -> model input
     (..., 6, 10000, 31): drop the last time sample, scale by 1e4, insert the zero channel 151
-    (SPEC §2 steps 1-3). NumPy in, NumPy out (JAX arrays work too)."""
+    (reference §2 steps 1-3). NumPy in, NumPy out (JAX arrays work too)."""
     if isinstance(shots, np.ndarray):
         xp = np
     else:
@@ -67,7 +67,7 @@ def shots_to_input(shots):
 
 def fold(x, factor: int):
     """(..., T, R) -> (..., T/factor, R*factor): row r, column c holds receiver c // factor at
-    time factor*r + c % factor (SPEC §2.5)."""
+    time factor*r + c % factor (reference §2.5)."""
     *lead, t, r = x.shape
     x = x.reshape(*lead, t // factor, factor, r)
     x = x.swapaxes(-1, -2)

@@ -1,4 +1,4 @@
-"""``python -m fwi_jax.train``: the reference recipe (SPEC §4-§5) under one ``jax.jit`` step.
+"""``python -m fwi_jax.train``: the reference recipe (reference §4-§5) under one ``jax.jit`` step.
 
     python -m fwi_jax.train --config base_s6 --data DIR [--train-list F --val-list F] --workdir W
     (DIR: sample folders, or a packed store from ``python -m fwi_jax.data pack``)

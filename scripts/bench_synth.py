@@ -1,4 +1,4 @@
-"""Speed and accuracy of the synthetic-data solver at the competition geometry (SPEC §6).
+"""Speed and accuracy of the synthetic-data solver at the competition geometry (reference §6).
 
 For each solver configuration (``--config``, keyword arguments of ``wave.simulate`` such as
 ``unroll=2`` or ``shot_batch=5``; default: the solver's defaults) and each host-device count

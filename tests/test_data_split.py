@@ -1,4 +1,4 @@
-"""The reference k-fold split (SPEC §1) against sklearn, and id-list round trips."""
+"""The reference k-fold split (reference §1) against sklearn, and id-list round trips."""
 
 import numpy as np
 import pytest

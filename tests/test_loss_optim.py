@@ -1,4 +1,4 @@
-"""SPEC §4 losses and §5 schedule, masks, loss scaling and EMA, against direct NumPy formulas."""
+"""Losses (reference §4) and §5 schedule, masks, loss scaling and EMA, against NumPy formulas."""
 
 import dataclasses
 

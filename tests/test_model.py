@@ -1,4 +1,4 @@
-"""Parity of the Flax model with the PyTorch/timm reference (SPEC §3), dtypes, tracing, errors."""
+"""Parity of the Flax model with the PyTorch/timm model (reference §3), dtypes, tracing, errors."""
 
 from __future__ import annotations
 
@@ -84,8 +84,9 @@ def test_forward_parity_full_size(name):
 
 @pytest.mark.parametrize("size,loss", [("tiny", "base"), ("tiny", "hard"), ("base", "base")])
 def test_gradient_parity_small_grid(size, loss):
-    """Gradients of both SPEC §4 losses w.r.t. every parameter: relative error ≤ 1e-3 per tensor
-    (||g_jax - g_torch|| / ||g_torch||; float32 reductions over ~10^4 terms differ by ~1e-6)."""
+    """Gradients of both reference §4 losses w.r.t. every parameter: relative error ≤ 1e-3 per
+    tensor (||g_jax - g_torch|| / ||g_torch||; float32 reductions over ~10^4 terms differ by
+    ~1e-6)."""
     cfg = small_cfg(size, heads=2, dim=64) if size == "base" else small_cfg(size)
     ref = randomize_(ReferenceModel(cfg, pretrained_grid=False), seed=2)
     x = seismic((2, 6, SMALL.n_time, 31), seed=3)

@@ -1,4 +1,4 @@
-"""Preprocessing (SPEC §2) against the PyTorch ops the reference used."""
+"""Preprocessing (reference §2) against the PyTorch ops the reference used."""
 
 import jax
 import numpy as np

@@ -1,6 +1,7 @@
-"""The reference solution's model in PyTorch, built on timm's ``Eva`` (SPEC §3), and its training
-recipe (optimizer, learning-rate multiplier, loss), for parity tests and benchmarks. Written from
-the SPEC and the reference's code in our own words; random weights only (no downloads).
+"""The reference solution's model in PyTorch, built on timm's ``Eva`` (reference §3), and its
+training recipe (optimizer, learning-rate multiplier, loss), for parity tests and benchmarks.
+Written from docs/reference.md and the reference's code in our own words; random weights only
+(no downloads).
 
 Geometry follows a ``fwi_jax.config.Geometry`` so reduced grids work; the head's pixel shuffle is
 PyTorch's (square ``head_patch`` only, as in the reference).

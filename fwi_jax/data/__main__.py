@@ -1,7 +1,7 @@
 """Command line: ``python -m fwi_jax.data {check,split,pack} ...``.
 
 check DIR [--list F]: validate every sample, print each bad one, exit 1 if any.
-split --first DIR_OR_LIST --extra DIR_OR_LIST --out OUTDIR: the reference split (SPEC §1),
+split --first DIR_OR_LIST --extra DIR_OR_LIST --out OUTDIR: the reference split (reference §1),
 written as OUTDIR/train_f0.txt and OUTDIR/val_f0.txt, one id per line.
 pack SRC OUT [--list F] [--float16]: validate every sample and write the packed store OUT
 (x.npy, v.npy, ids.txt, index.json; see fwi_jax.data.pack), atomically.

@@ -1,11 +1,11 @@
-"""Competition-format sample folders on host (SPEC §1-§2).
+"""Competition-format sample folders on host (reference §1-§2).
 
 A sample folder holds five shot gathers ``receiver_data_src_{p}.npy`` float32 (10001, 31)
 (time, receiver) for p in `SOURCE_POSITIONS`, and, for training/validation folders,
 ``vp_model.npy`` float32 (300, 1259) (x, depth) in km/s.
 
-`read_sample` applies SPEC §2 steps 1-3 on the host (drop the last time sample, x1e4, insert the
-all-zero channel 151), so the device receives ready model input (6, 10000, 31) float32.
+`read_sample` applies reference §2 steps 1-3 on the host (drop the last time sample, x1e4,
+insert the all-zero channel 151), so the device receives ready model input (6, 10000, 31) float32.
 `list_samples` lists the samples of a folder dataset or of a packed store (``fwi_jax.data.pack``,
 whose ids this module reads from its ``ids.txt``), the one listing every command uses.
 """
@@ -145,7 +145,7 @@ def read_sample(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read and validate one sample folder.
 
-    Returns (seismic (6, 10000, 31) float32 model input, SPEC §2 steps 1-3 applied here on host;
+    Returns (seismic (6, 10000, 31) float32 model input, reference §2 steps 1-3 applied on host;
     velocity (1259, 300) float32 km/s (depth, x), or None when vp_model.npy is absent).
     ``require_velocity``: True -> a missing vp_model.npy is an error; None/False -> optional.
     Raises `DataError` naming the file and what is wrong.
@@ -280,7 +280,7 @@ def check_dataset(
 
 
 def write_submission(path, predictions: Mapping[str, np.ndarray]) -> None:
-    """Write one .npz: key = sample id, value float64 (300, 1259) (x, depth) (SPEC §1).
+    """Write one .npz: key = sample id, value float64 (300, 1259) (x, depth) (reference §1).
     Atomic: written to a temporary file in the same folder, then renamed over ``path``."""
     path = pathlib.Path(path)
     arrays = {}

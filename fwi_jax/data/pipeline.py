@@ -1,4 +1,4 @@
-"""grain input pipeline over competition-format sample folders (SPEC §1-§2) or a packed store.
+"""grain input pipeline over competition-format sample folders (reference §1-§2) or a packed store.
 
     source (folders of an id list, `read_sample`; or `pack.PackedSource` when ``root`` holds an
     index.json, same arrays) -> seeded shuffle, reshuffled every epoch (`EpochShuffle`)

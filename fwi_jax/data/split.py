@@ -1,4 +1,4 @@
-"""The reference's train/validation split (SPEC §1) and plain-text id lists.
+"""The reference's train/validation split (reference §1) and plain-text id lists.
 
 Reference procedure: ``KFold(n_splits=5, shuffle=True, random_state=123)`` over the ids of the
 first release, fold 0 is validation, and every id of the other (extended) release is added to

@@ -76,12 +76,16 @@ _F32 = jnp.float32
 
 def _cuda_capabilities() -> list[float]:
     """Compute capabilities of this process's CUDA GPUs ([] when it sees none)."""
-    return [float(d.compute_capability) for d in local_devices("cuda")
-            if getattr(d, "compute_capability", None) is not None]
+    return [
+        float(d.compute_capability)
+        for d in local_devices("cuda")
+        if getattr(d, "compute_capability", None) is not None
+    ]
 
 
-def resolve_impl(impl: str, platform: str | None = None, head_dim: int | None = None,
-                 dtype=None) -> str:
+def resolve_impl(
+    impl: str, platform: str | None = None, head_dim: int | None = None, dtype=None
+) -> str:
     """The implementation that attention ``impl`` runs in a program compiled for ``platform``
     (None: this process's default backend), for heads of ``head_dim`` in ``dtype`` (None: not
     known yet).
@@ -92,19 +96,23 @@ def resolve_impl(impl: str, platform: str | None = None, head_dim: int | None = 
     >= 8.0 in this process, or for float32 or a head_dim cuDNN does not take.
     """
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {impl!r}; "
-                         f"choose one of {', '.join(IMPLEMENTATIONS)}")
+        raise ValueError(
+            f"unknown attention implementation {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}"
+        )
     platform = target_platform(platform)
     if impl == "auto":
         choice, reason = _auto(platform, head_dim, dtype)
         _say_once(f"fwi_jax: model.attention=auto -> {choice} for {platform}: {reason}")
         return choice
     if impl == "fused_cpu" and platform != "cpu":
-        raise ValueError(f"attention 'fused_cpu' is a CPU kernel; the program is compiled for "
-                         f"{platform} (model.attention=auto picks cudnn or blockwise there)")
+        raise ValueError(
+            f"attention 'fused_cpu' is a CPU kernel; the program is compiled for "
+            f"{platform} (model.attention=auto picks cudnn or blockwise there)"
+        )
     if impl == "cudnn" and (reason := _cudnn_unsupported(platform, head_dim, dtype)):
-        raise ValueError(f"attention 'cudnn' cannot run: {reason}. "
-                         "Use model.attention=auto, blockwise or xla.")
+        raise ValueError(
+            f"attention 'cudnn' cannot run: {reason}. Use model.attention=auto, blockwise or xla."
+        )
     return impl
 
 
@@ -114,17 +122,25 @@ def _cudnn_unsupported(platform: str, head_dim: int | None, dtype) -> str | None
         return f"cuDNN is a CUDA library and the program is compiled for {platform}"
     capabilities = _cuda_capabilities()
     if not capabilities:
-        return ("this process sees no CUDA GPU, and cuDNN attention can be neither checked nor "
-                "traced without one")
+        return (
+            "this process sees no CUDA GPU, and cuDNN attention can be neither checked nor "
+            "traced without one"
+        )
     if min(capabilities) < CUDNN_MIN_CAPABILITY:
-        return (f"compute capability {min(capabilities)} has no cuDNN flash attention (needs >= "
-                f"{CUDNN_MIN_CAPABILITY})")
+        return (
+            f"compute capability {min(capabilities)} has no cuDNN flash attention (needs >= "
+            f"{CUDNN_MIN_CAPABILITY})"
+        )
     if dtype is not None and jnp.dtype(dtype) not in CUDNN_DTYPES:
-        return (f"cuDNN flash attention takes float16 or bfloat16, not {jnp.dtype(dtype).name} "
-                "(model.dtype)")
+        return (
+            f"cuDNN flash attention takes float16 or bfloat16, not {jnp.dtype(dtype).name} "
+            "(model.dtype)"
+        )
     if head_dim is not None and (head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM):
-        return (f"cuDNN flash attention takes head_dim <= {CUDNN_MAX_HEAD_DIM} and a multiple "
-                f"of 8, not {head_dim}")
+        return (
+            f"cuDNN flash attention takes head_dim <= {CUDNN_MAX_HEAD_DIM} and a multiple "
+            f"of 8, not {head_dim}"
+        )
     return None
 
 
@@ -132,18 +148,21 @@ def _auto(platform: str, head_dim: int | None, dtype) -> tuple[str, str]:
     """(implementation, reason) of "auto" for ``platform``."""
     if platform == "cpu":
         if head_dim is not None and head_dim % fused.HEAD_DIM_MULTIPLE:
-            return "query_blocks", (f"head_dim {head_dim} is not a multiple of "
-                                    f"{fused.HEAD_DIM_MULTIPLE}, which fused_cpu needs")
+            return "query_blocks", (
+                f"head_dim {head_dim} is not a multiple of "
+                f"{fused.HEAD_DIM_MULTIPLE}, which fused_cpu needs"
+            )
         try:
             fused.load_kernel()
         except fused.KernelBuildError as err:
             return "query_blocks", f"slower, because the fused_cpu kernel is unavailable: {err}"
         return "fused_cpu", "the fused C++ kernel is built"
     if platform == "cuda":
-        if (reason := _cudnn_unsupported(platform, head_dim, dtype)):
+        if reason := _cudnn_unsupported(platform, head_dim, dtype):
             return "blockwise", reason
-        return "cudnn", (f"compute capability {min(_cuda_capabilities())} has cuDNN flash "
-                         "attention")
+        return "cudnn", (
+            f"compute capability {min(_cuda_capabilities())} has cuDNN flash attention"
+        )
     return "xla", "no fused or blockwise implementation is tuned for this platform"
 
 
@@ -152,8 +171,15 @@ def _say_once(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla",
-              block_size: int | None = None, platform: str | None = None) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    impl: str = "xla",
+    block_size: int | None = None,
+    platform: str | None = None,
+) -> jax.Array:
     """Softmax(q k^T / sqrt(d)) v, non-causal, no mask.
 
     q, k, v: (batch, tokens, heads, head_dim), same dtype. Returns (batch, tokens, heads,
@@ -164,8 +190,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str = "xla",
     it; None: `DEFAULT_BLOCKS`, and `FUSED_CPU_BACKWARD_BLOCK` for fused_cpu's backward pass).
     """
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError("attention expects q, k, v of one shape (batch, tokens, heads, "
-                         f"head_dim); got {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(
+            "attention expects q, k, v of one shape (batch, tokens, heads, "
+            f"head_dim); got {q.shape}, {k.shape}, {v.shape}"
+        )
     impl = resolve_impl(impl, platform, q.shape[-1], q.dtype)
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, implementation=impl)
@@ -326,11 +354,15 @@ def _keys_backward(q, k, v, out, lse, d_out, block_size):
         dk_b = jnp.einsum("hqk,hqd->hkd", ds.astype(q.dtype), q, preferred_element_type=_F32)
         return dq, (dk_b, dv_b)
 
-    dq, (dk_blocks, dv_blocks) = jax.lax.scan(step, jnp.zeros(q.shape, _F32),
-                                              (k_blocks, v_blocks, bias))
+    dq, (dk_blocks, dv_blocks) = jax.lax.scan(
+        step, jnp.zeros(q.shape, _F32), (k_blocks, v_blocks, bias)
+    )
     unsplit = lambda a: jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, d)[:, :n]
-    return ((dq * scale).astype(q.dtype), (unsplit(dk_blocks) * scale).astype(k.dtype),
-            unsplit(dv_blocks).astype(v.dtype))
+    return (
+        (dq * scale).astype(q.dtype),
+        (unsplit(dk_blocks) * scale).astype(k.dtype),
+        unsplit(dv_blocks).astype(v.dtype),
+    )
 
 
 def _query_blocks(x, block_size):
@@ -385,15 +417,17 @@ def _head_backward_by_queries(q, k, v, out, lse, d_out, block_size):
         q_b, qs_b, do_b, lse_b, delta_b = block  # qs_b: the scaled queries, for the scores
         s_t = jnp.einsum("kd,qd->kq", k, qs_b, preferred_element_type=_F32)  # (N, rows), scaled
         p_t = jnp.exp(s_t - lse_b[None, :])
-        dv = dv + jnp.einsum("kq,qd->kd", p_t.astype(d_out.dtype), do_b,
-                             preferred_element_type=_F32)
+        dv = dv + jnp.einsum(
+            "kq,qd->kd", p_t.astype(d_out.dtype), do_b, preferred_element_type=_F32
+        )
         dp_t = jnp.einsum("kd,qd->kq", v, do_b, preferred_element_type=_F32)
         ds_t = p_t * (dp_t - delta_b[None, :])  # d(scores)^T / scale
         # dK from the unscaled queries, scaled once at the end: folding the scale into qs_b moved
         # float32 rounding enough that test_train's 4-vs-1-device check (16 AdamW steps) failed
         dk = dk + jnp.einsum("kq,qd->kd", ds_t.astype(q.dtype), q_b, preferred_element_type=_F32)
-        dq_t = jnp.einsum("dk,kq->dq", k_t, ds_t.astype(k.dtype),
-                          preferred_element_type=_F32)  # (D, rows)
+        dq_t = jnp.einsum(
+            "dk,kq->dq", k_t, ds_t.astype(k.dtype), preferred_element_type=_F32
+        )  # (D, rows)
         return (dk, dv), dq_t
 
     blocks = tuple(_query_blocks(a, block_size) for a in (q, _scaled(q), d_out, lse, delta))
@@ -401,5 +435,3 @@ def _head_backward_by_queries(q, k, v, out, lse, d_out, block_size):
     (dk, dv), dq_t = jax.lax.scan(step, zeros, blocks)
     dq = jnp.swapaxes(dq_t, 1, 2).reshape(-1, d)[:n]
     return (dq * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype)
-
-

@@ -46,12 +46,22 @@ from jax.sharding import PartitionSpec as P
 
 SOURCE = Path(__file__).parent / "csrc" / "attention_cpu.cc"
 HEAD_DIM_MULTIPLE = 16  # the micro-kernels step through head_dim in 16-float (AVX-512) vectors
-_TARGETS = {"FwiAttentionForward": "fwi_attention_forward",
-            "FwiAttentionBackward": "fwi_attention_backward"}
+_TARGETS = {
+    "FwiAttentionForward": "fwi_attention_forward",
+    "FwiAttentionBackward": "fwi_attention_backward",
+}
 # No -ffast-math: it would link crtfastmath.o, which turns on flush-to-zero for the whole process;
 # the kernel's exp and max are written to vectorise without it.
-_FLAGS = ("-std=c++17", "-O3", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math",
-          "-fopenmp-simd", "-fPIC", "-shared")
+_FLAGS = (
+    "-std=c++17",
+    "-O3",
+    "-ffp-contract=fast",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fopenmp-simd",
+    "-fPIC",
+    "-shared",
+)
 
 
 class KernelBuildError(RuntimeError):
@@ -64,12 +74,14 @@ def find_compiler() -> str:
     requested = os.environ.get("CXX")
     cxx = shutil.which(requested) if requested else shutil.which("g++") or shutil.which("c++")
     if not cxx:
-        missing = (f"$CXX={requested!r} is not an executable" if requested
-                   else "no g++ or c++ on PATH")
+        missing = (
+            f"$CXX={requested!r} is not an executable" if requested else "no g++ or c++ on PATH"
+        )
         raise KernelBuildError(
             f"attention 'fused_cpu' builds its kernel with a C++ compiler, and there is none "
             f"({missing}): install one (Debian/Ubuntu: apt install g++) or set "
-            "model.attention=query_blocks")
+            "model.attention=query_blocks"
+        )
     return cxx
 
 
@@ -104,7 +116,8 @@ def _build(cxx: str, target: Path) -> None:
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:
             raise KernelBuildError(
-                f"building {SOURCE} failed:\n$ {' '.join(cmd)}\n{done.stderr[-4000:]}")
+                f"building {SOURCE} failed:\n$ {' '.join(cmd)}\n{done.stderr[-4000:]}"
+            )
         os.replace(built, target)  # atomic: a concurrent process sees no file or the whole file
 
 
@@ -113,13 +126,19 @@ def load_kernel() -> Path:
     """Build (once per machine; cached) and load the kernel, and register its FFI targets for
     the CPU; returns the library's path. Raises KernelBuildError where that is impossible."""
     if sys.platform != "linux":
-        raise KernelBuildError(f"attention 'fused_cpu' is built for Linux only, not "
-                               f"{sys.platform}: set model.attention=query_blocks")
+        raise KernelBuildError(
+            f"attention 'fused_cpu' is built for Linux only, not "
+            f"{sys.platform}: set model.attention=query_blocks"
+        )
     cxx = find_compiler()
     path = library_path(cxx)
     if not path.exists():
-        print(f"fwi_jax: building the fused CPU attention kernel ({SOURCE.name}, once per "
-              f"machine) into {path}", file=sys.stderr, flush=True)
+        print(
+            f"fwi_jax: building the fused CPU attention kernel ({SOURCE.name}, once per "
+            f"machine) into {path}",
+            file=sys.stderr,
+            flush=True,
+        )
         _build(cxx, path)
     try:
         lib = ctypes.CDLL(str(path))
@@ -130,8 +149,10 @@ def load_kernel() -> Path:
     return path
 
 
-_CALL = re.compile(r"\(f32\[(\d+),(\d+),(\d+),(\d+)\]"
-                   r".*custom_call_target=\"fwi_attention_(forward|backward)\"")
+_CALL = re.compile(
+    r"\(f32\[(\d+),(\d+),(\d+),(\d+)\]"
+    r".*custom_call_target=\"fwi_attention_(forward|backward)\""
+)
 
 
 def kernel_flops(hlo_text: str) -> float:
@@ -140,7 +161,7 @@ def kernel_flops(hlo_text: str) -> float:
     Calls inside loops count once."""
     total = 0.0
     for line in hlo_text.splitlines():
-        if (m := _CALL.search(line)):
+        if m := _CALL.search(line):
             b, n, h, d = map(int, m.groups()[:4])
             total += (4 if m.group(5) == "forward" else 10) * b * h * n * n * d
     return total
@@ -150,8 +171,10 @@ def unsupported(shape: tuple[int, ...]) -> str | None:
     """Why the kernel cannot run attention of q's ``shape`` (B, N, H, D), or None. (That it runs
     on CPUs only is `attention.resolve_impl`'s check: it knows the platform compiled for.)"""
     if shape[-1] % HEAD_DIM_MULTIPLE:
-        return (f"needs head_dim a multiple of {HEAD_DIM_MULTIPLE} (every EVA02 size has 64); "
-                f"got {shape[-1]} (model.attention=query_blocks runs any)")
+        return (
+            f"needs head_dim a multiple of {HEAD_DIM_MULTIPLE} (every EVA02 size has 64); "
+            f"got {shape[-1]} (model.attention=query_blocks runs any)"
+        )
     return None
 
 
@@ -203,8 +226,11 @@ def _partitioned(fn, n_args, lse_args=(), outputs=("x",)):
     wrapped = custom_partitioning(fn, static_argnums=(n_args,))
     letters = {"x": "b n h d", "lse": "b h n"}
     rule = ", ".join(letters["lse" if i in lse_args else "x"] for i in range(n_args))
-    wrapped.def_partition(infer_sharding_from_operands=infer, partition=partition,
-                          sharding_rule=f"{rule} -> " + ", ".join(letters[o] for o in outputs))
+    wrapped.def_partition(
+        infer_sharding_from_operands=infer,
+        partition=partition,
+        sharding_rule=f"{rule} -> " + ", ".join(letters[o] for o in outputs),
+    )
     return wrapped
 
 
@@ -220,8 +246,10 @@ def _call(partitioned, block_size: int):
 
     @f.def_vmap
     def fold(axis_size, in_batched, *arrays):
-        arrays = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-                  for a, batched in zip(arrays, in_batched)]
+        arrays = [
+            a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, batched in zip(arrays, in_batched)
+        ]
         outs = f(*(a.reshape(-1, *a.shape[2:]) for a in arrays))
         return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), (True,) * len(outs)
 

@@ -1,6 +1,6 @@
-"""The split EVA02 velocity model of the reference solution (SPEC §3).
+"""The split EVA02 velocity model of the reference solution (reference §3).
 
-x (B, 6, n_time, n_receivers) float32 (SPEC §2 steps 1-3 done) -> fold + bilinear resize ->
+x (B, 6, n_time, n_receivers) float32 (reference §2 steps 1-3 done) -> fold + bilinear resize ->
 (B, 6, H, W) -> per channel: patch tokens + cls + pos-embed -> blocks[:split] (shared weights,
 channels folded into the batch) -> channel fusion (``model.fusion``: mean, or attention across
 channels, `fwi_jax.model.fusion`) -> blocks[split:] -> drop cls -> head -> sigmoid * v_span +

@@ -1,4 +1,4 @@
-"""Synthetic training data in the competition format (SPEC §1, §6).
+"""Synthetic training data in the competition format (reference §1, §6).
 
 ``make_dataset(out_dir, n)`` draws seeded velocity models (``geology``), models the five shot
 gathers with the JAX acoustic solver (``wave``) and writes one folder per sample::
@@ -16,9 +16,9 @@ the challenge's data, checked against devito in the tests).
 
 Amplitude (cpml8): the wave equation is (1/v²)u_tt − ∇²u = a·ricker(t)·δ(x − x_s) in SI units with
 a = ``DATA_AMPLITUDE`` (1e-2). The competition's scaling is unknown; this value puts the gathers
-times 1e4 (SPEC §2 step 2) at a median |x| of ~0.04 and a 99th percentile of ~8, dominated by the
-direct wave near the source, i.e. "tiny numbers" as the reference's write-up describes. The devito
-profile has devito's amplitude (a = 1 in its units); ``calibrate`` fits either to a dataset.
+times 1e4 (reference §2 step 2) at a median |x| of ~0.04 and a 99th percentile of ~8, dominated by
+the direct wave near the source, i.e. "tiny numbers" as the reference's write-up describes. The
+devito profile has devito's amplitude (a = 1 in its units); ``calibrate`` fits either to a dataset.
 """
 
 from __future__ import annotations

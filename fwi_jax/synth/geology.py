@@ -1,4 +1,4 @@
-"""Seeded synthetic velocity models (SPEC §6): (300, 1259) float32 km/s, axis 0 = x, axis 1 = depth.
+"""Seeded synthetic velocity models (reference §6): (300, 1259) float32 km/s, axes (x, depth).
 
 Every model has a water layer (≈1.5 km/s) over a sea floor at 200–350 m that slopes and curves,
 then thin sedimentary layers whose velocity rises with depth towards 4.5 km/s. Families:

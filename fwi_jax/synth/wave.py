@@ -1,4 +1,4 @@
-"""2-D constant-density acoustic finite-difference modelling in JAX (SPEC §6 geometry).
+"""2-D constant-density acoustic finite-difference modelling in JAX (reference §6 geometry).
 
 Equation: (1/v²) ∂²u/∂t² − ∇²u = f(t) δ(x − x_s), solved with a leapfrog scheme (2nd order in
 time), a central stencil of order ``order`` (8 by default) in space on a square grid of spacing
@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Competition geometry (SPEC §6).
+# Competition geometry (reference §6).
 MODEL_SHAPE = (300, 1259)  # (x, depth) cells of 1 m
 MODEL_DX = 1.0  # m
 SOURCE_X = (0.0, 74.0, 149.0, 224.0, 299.0)  # m; file names receiver_data_src_{x+1}.npy
