@@ -167,7 +167,6 @@ def main() -> None:
         "--remat", nargs="+", default=["none", "dots", "full"], choices=CHOICES["model.remat"]
     )
     # the only one
-    parser.add_argument("--model", default="real", choices=["real"], help=argparse.SUPPRESS)
     parser.add_argument(
         "--blocks",
         nargs="+",
