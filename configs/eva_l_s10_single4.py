@@ -9,35 +9,16 @@ Command:
     python -m fwi_jax.infer --config eva_l_s10_single4 --checkpoints eva_l_s10_single4_fold0.pt \
         --data DIR --out OUT.npz
 
-Reproduces: the first place's network exactly (five shots, amplitudes x1e3, fold 10000 -> 100 x
-3100, bilinear to 560 x 560, 40 x 40 tokens of 14 px, pre-norm attention across the five channels
-per token, then their mean, Linear(1024 -> 300) per token, area resize over tokens to 1259, sigmoid
-to 1.5-4.5 km/s; flip TTA reverses the receivers only), so their state_dicts convert key by key and
-run as trained. Two input steps differ: their 10001 time samples are area-resampled to 10000 where
-this project drops the last one, and their training used an L1 loss with a cosine-then-constant
-schedule that `train.loss` does not offer. Expected result: 0.02408-0.02419 for one fold (the first
-place's public MAPE); not yet measured with this code. Cost: about 4.3 TFLOP per forward pass at
-batch 1 (five channels through 10 of 24 blocks of 1601 tokens); the first place reports about 13 h
-per fold on an A6000 for 30 epochs at batch 1.
+Reproduces: `eva_l_s10_dual4` with the single fusion: pre-norm attention across the five channels
+per token (4 heads), then their mean; everything else (input, head, flip TTA, the differences from
+the first place's training, cost) as there. Expected result: 0.02408-0.02419 for one fold (the first
+place's public MAPE); not yet measured with this code.
 """
 
-from fwi_jax.config import Config, Geometry, ModelConfig, TrainConfig
+from fwi_jax.config import Config, load_config
 
 
 def get_config() -> Config:
-    return Config(
-        name="eva_l_s10_single4",
-        geometry=Geometry(
-            fold=100,
-            resize=(560, 560),
-            patch=14,
-            channels=5,
-            input_scale=0.1,
-            head="token_linear",
-            flip_channels=False,
-        ),
-        model=ModelConfig(
-            size="large", split=10, fusion="mha_single", fusion_heads=4, fusion_query_heads=2
-        ),
-        train=TrainConfig(batch_size=1, epochs=30, optimizer="muon", lr=1e-4, ema_decay=0.99),
+    return load_config("eva_l_s10_dual4").replace(
+        **{"name": "eva_l_s10_single4", "model.fusion": "mha_single"}
     )
