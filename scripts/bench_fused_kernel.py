@@ -28,31 +28,38 @@ HARNESS = r"""
 #include <cstdio>
 #include <cstdlib>
 int main(int argc, char** argv) {
-  const int64_t B = atol(argv[1]), N = atol(argv[2]), H = atol(argv[3]), D = atol(argv[4]), ld = H *
-  D; std::vector<float> q(B * N * ld), k(q.size()), v(q.size()), o(q.size()), g(q.size()),
-  dq(q.size()),
-      dk(q.size()), dv(q.size()), lse(B * H * N), dkh(N * D), dvh(N * D);
+  const int64_t B = atol(argv[1]), N = atol(argv[2]), H = atol(argv[3]), D = atol(argv[4]);
+  const int64_t ld = H * D;
+  std::vector<float> q(B * N * ld), k(q.size()), v(q.size()), o(q.size()), g(q.size()),
+      dq(q.size()), dk(q.size()), dv(q.size()), lse(B * H * N), dkh(N * D), dvh(N * D);
   unsigned state = 1;
-  auto rnd = [&] { state = state * 1664525u + 1013904223u; return ((state >> 8) & 0xffff) / 65536.f
-  - 0.5f; }; for (size_t i = 0; i < q.size(); ++i) { q[i] = 4 * rnd(); k[i] = 4 * rnd(); v[i] =
-  rnd(); g[i] = 0.01f * rnd(); } for (int a = 5; a < argc; ++a) {
+  auto rnd = [&] {
+    state = state * 1664525u + 1013904223u;
+    return ((state >> 8) & 0xffff) / 65536.f - 0.5f;
+  };
+  for (size_t i = 0; i < q.size(); ++i) {
+    q[i] = 4 * rnd(); k[i] = 4 * rnd(); v[i] = rnd(); g[i] = 0.01f * rnd();
+  }
+  for (int a = 5; a < argc; ++a) {
     const int64_t block = atol(argv[a]);
     Problem pr;
-    if (MakeProblem(Shape{B, N, H, D}, block, &pr).failure()) { fprintf(stderr, "bad shape or
-    block\n"); return 1; } double fwd = 1e9, bwd = 1e9;
+    if (MakeProblem(Shape{B, N, H, D}, block, &pr).failure()) {
+      fprintf(stderr, "bad shape or block\n");
+      return 1;
+    }
+    double fwd = 1e9, bwd = 1e9;
     for (int rep = 0; rep < 3; ++rep) {
       auto t0 = std::chrono::steady_clock::now();
       WithDimVectors(D, [&](auto nv) {
         for (int64_t bh = 0; bh < B * H; ++bh)
           ForwardHead<decltype(nv)::value>(pr, bh, 0, pr.n_blocks, q.data(), k.data(), v.data(),
-          o.data(), lse.data());
+                                           o.data(), lse.data());
       });
       auto t1 = std::chrono::steady_clock::now();
       WithDimVectors(D, [&](auto nv) {
         for (int64_t bh = 0; bh < B * H; ++bh) {
           BackwardHead<decltype(nv)::value>(pr, bh, 0, pr.n_blocks, q.data(), k.data(), v.data(),
-          o.data(),
-                                            lse.data(), g.data(), dq.data(), dkh.data(),
+                                            o.data(), lse.data(), g.data(), dq.data(), dkh.data(),
                                             dvh.data());
           Scatter(dkh.data(), N, D, ld, dk.data() + pr.s.head_offset(bh));
           Scatter(dvh.data(), N, D, ld, dv.data() + pr.s.head_offset(bh));
@@ -63,8 +70,8 @@ int main(int argc, char** argv) {
       bwd = std::min(bwd, std::chrono::duration<double>(t2 - t1).count() / (B * H));
     }
     const double gf = 2.0 * N * N * D / 1e9;  // one N x N x D matmul
-    printf("| %%ld | %%.2f | %%.0f | %%.2f | %%.0f |\n", (long)block, fwd * 1e3, 2 * gf / fwd, bwd *
-    1e3, 5 * gf / bwd);
+    printf("| %%ld | %%.2f | %%.0f | %%.2f | %%.0f |\n", (long)block, fwd * 1e3, 2 * gf / fwd,
+           bwd * 1e3, 5 * gf / bwd);
   }
 }
 """

@@ -143,14 +143,15 @@ def test_avx2_build_matches_the_reference(tmp_path):
         from fwi_jax.model.attention import attention
         from fwi_jax.model.fused_attention import load_kernel
         print(load_kernel())
-        q, k, v, w = (jax.random.normal(key, (2, 300, 2, 48)) for key in
-        jax.random.split(jax.random.key(1), 4)) q, k = q.at[..., 0].set(2.0), k.at[...,
-        0].set(jnp.linspace(0.0, 40.0, 300)[None, :, None]) ref = lambda q, k, v:
-        jax.nn.dot_product_attention(q, k, v, implementation="xla") ours = lambda q, k, v:
-        attention(q, k, v, impl="fused_cpu", block_size=40)
-        np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), atol=2e-5, rtol=2e-5) g =
-        jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2))(q, k, v) r = jax.grad(lambda
-        *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(q, k, v) for a, b in zip(g, r):
+        keys = jax.random.split(jax.random.key(1), 4)
+        q, k, v, w = (jax.random.normal(key, (2, 300, 2, 48)) for key in keys)
+        q, k = q.at[..., 0].set(2.0), k.at[..., 0].set(jnp.linspace(0.0, 40.0, 300)[None, :, None])
+        ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        ours = lambda q, k, v: attention(q, k, v, impl="fused_cpu", block_size=40)
+        np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), atol=2e-5, rtol=2e-5)
+        g = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=(0, 1, 2))(q, k, v)
+        r = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(g, r):
             np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
         print("ok")
         """,
@@ -193,10 +194,11 @@ def test_sharded_batch_runs_per_device_without_gathering():
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec as P
         from fwi_jax.model.attention import attention
-        q, k, v = (jax.random.normal(key, (8, 70, 2, 16)) for key in
-        jax.random.split(jax.random.key(2), 3)) loss = lambda q, k, v: jnp.sum(attention(q, k, v,
-        impl="fused_cpu", block_size=32) ** 2) step = jax.jit(jax.value_and_grad(loss, argnums=(0,
-        1, 2))) single = step(q, k, v)
+        keys = jax.random.split(jax.random.key(2), 3)
+        q, k, v = (jax.random.normal(key, (8, 70, 2, 16)) for key in keys)
+        loss = lambda q, k, v: jnp.sum(attention(q, k, v, impl="fused_cpu", block_size=32) ** 2)
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        single = step(q, k, v)
         shard = NamedSharding(jax.make_mesh((4,), ("data",)), P("data"))
         args = [jax.device_put(a, shard) for a in (q, k, v)]
         hlo = step.lower(*args).compile().as_text()
