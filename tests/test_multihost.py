@@ -205,7 +205,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_exact(
         str(dataset),
         "--workdir",
         str(workdir),
-        *[a for s in TRAIN_SET + ["train.checkpoint_every=1"] for a in ("--set", s)],
+        *[a for s in TRAIN_SET + ["train.checkpoint_every_steps=1"] for a in ("--set", s)],
     ]
 
     def preempt_process_1(procs):
