@@ -102,24 +102,9 @@ def test_cli_writes_and_skips(tmp_path, capsys):
     from fwi_jax.synth.__main__ import main
 
     # one fast-mode sample at the full competition geometry (a few seconds on 2 cores)
-    assert (
-        main(
-            [
-                "--n",
-                "1",
-                "--out",
-                str(tmp_path),
-                "--seed",
-                "5",
-                "--family",
-                "salt",
-                "--cpu-devices",
-                "1",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    argv = ["--n", "1", "--out", str(tmp_path), "--seed", "5", "--family", "salt"]
+    argv += ["--cpu-devices", "1", "--no-progress"]
+    assert main(argv) == 0
     folder = tmp_path / "synth_s5_000000"
     assert synth.is_complete(folder)
     g = np.load(folder / "receiver_data_src_150.npy")
@@ -128,22 +113,5 @@ def test_cli_writes_and_skips(tmp_path, capsys):
         np.load(folder / "vp_model.npy"), synth.sample_model(5, 0, ("salt",))[1]
     )
     stamp = os.stat(folder / "receiver_data_src_150.npy").st_mtime_ns
-    assert (
-        main(
-            [
-                "--n",
-                "1",
-                "--out",
-                str(tmp_path),
-                "--seed",
-                "5",
-                "--family",
-                "salt",
-                "--cpu-devices",
-                "1",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(argv) == 0  # the second run skips the complete sample
     assert os.stat(folder / "receiver_data_src_150.npy").st_mtime_ns == stamp

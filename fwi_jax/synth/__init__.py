@@ -93,6 +93,48 @@ def _write_sample(
             raise
 
 
+def simulate_and_write(
+    out: pathlib.Path,
+    ids: list[str],
+    models_of,
+    gathers_of,
+    *,
+    batch: int | None,
+    progress: bool,
+    desc: str,
+) -> None:
+    """Write the samples ``ids`` that are not complete in ``out`` (created if missing), in batches.
+
+    ``models_of(indices)`` gives the velocity models (B, 300, 1259) km/s of those positions in
+    ``ids``; ``gathers_of(models)`` their shot gathers (B, 5, 10001, 31). ``batch`` models go
+    to the solver per call (default: 2 per device). A progress bar ``desc -> out`` counts
+    samples.
+    """
+    import jax
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [i for i, sid in enumerate(ids) if not is_complete(out / sid)]
+    batch = batch or 2 * jax.device_count()
+    bar = tqdm(
+        total=len(ids),
+        initial=len(ids) - len(todo),
+        unit="sample",
+        disable=not progress,
+        desc=f"{desc} -> {out}",
+    )
+    t0, done = time.perf_counter(), 0
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
+        models = models_of(chunk)
+        for i, v, g in zip(chunk, models, gathers_of(models)):
+            _write_sample(out, ids[i], g, v)
+        done += len(chunk)
+        bar.update(len(chunk))
+        bar.set_postfix(new_per_s=f"{done / (time.perf_counter() - t0):.2f}")
+    bar.close()
+
+
 def make_sample(
     seed: int,
     index: int,
@@ -103,9 +145,15 @@ def make_sample(
 ):
     """(velocity (300, 1259), gathers (5, 10001, 31)) of one sample, in memory."""
     _, v = sample_model(seed, index, families)
+    return v, _gathers(v, mode, profile)
+
+
+def _gathers(models: np.ndarray, mode: str | Mode, profile: str) -> np.ndarray:
+    """Shot gathers ([B,] 5, 10001, 31) of velocity models ([B,] 300, 1259) km/s: the wave
+    solver in ``mode`` at data amplitude for a ``Mode``, else ``profile`` with solver ``mode``."""
     if isinstance(mode, Mode):
-        return v, simulate(v, mode=mode, amplitude=DATA_AMPLITUDE)
-    return v, profiles.simulate(v, profile=profile, mode=mode)
+        return simulate(models, mode=mode, amplitude=DATA_AMPLITUDE)
+    return profiles.simulate(models, profile=profile, mode=mode)
 
 
 def make_dataset(
@@ -125,9 +173,6 @@ def make_dataset(
     ``batch`` models go to the solver per call (default: 2 per device); the call shards them
     over the devices (``wave.simulate``).
     """
-    import jax
-    from tqdm.auto import tqdm
-
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     families = tuple(families)
@@ -137,31 +182,20 @@ def make_dataset(
     if isinstance(mode, str) and mode not in MODES:
         raise ValueError(f"unknown solver mode {mode!r}; choose from {tuple(MODES)}")
     profiles.check_profile(profile)
-    out = pathlib.Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    ids = [sample_id(seed, i) for i in range(n)]
-    todo = [i for i, sid in enumerate(ids) if not is_complete(out / sid)]
-    batch = batch or 2 * jax.device_count()
     what = profile if profile != "cpml8" else f"{profile} {mode}"
-    bar = tqdm(
-        total=n,
-        initial=n - len(todo),
-        unit="sample",
-        disable=not progress,
-        desc=f"synth {what} -> {out}",
+
+    def models_of(indices: list[int]) -> np.ndarray:
+        return np.stack([sample_model(seed, i, families)[1] for i in indices])
+
+    out = pathlib.Path(out_dir).expanduser()
+    ids = [sample_id(seed, i) for i in range(n)]
+    simulate_and_write(
+        out,
+        ids,
+        models_of,
+        lambda models: _gathers(models, mode, profile),
+        batch=batch,
+        progress=progress,
+        desc=f"synth {what}",
     )
-    t0, done = time.perf_counter(), 0
-    for start in range(0, len(todo), batch):
-        chunk = todo[start : start + batch]
-        models = np.stack([sample_model(seed, i, families)[1] for i in chunk])
-        if isinstance(mode, Mode):
-            gathers = simulate(models, mode=mode, amplitude=DATA_AMPLITUDE)
-        else:
-            gathers = profiles.simulate(models, profile=profile, mode=mode)
-        for i, v, g in zip(chunk, models, gathers):
-            _write_sample(out, ids[i], g, v)
-        done += len(chunk)
-        bar.update(len(chunk))
-        bar.set_postfix(new_per_s=f"{done / (time.perf_counter() - t0):.2f}")
-    bar.close()
     return ids

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import time
 
 import numpy as np
 
@@ -104,11 +103,8 @@ def make_mixed(
     batch: int | None = None,
 ) -> list[str]:
     """Write mixed samples 0..n-1 of ``seed`` into ``out_dir`` (complete ones are skipped)."""
-    import jax
-    from tqdm.auto import tqdm
-
     from fwi_jax.data.io import DataError
-    from fwi_jax.synth import _write_sample, geology, is_complete, profiles
+    from fwi_jax.synth import geology, profiles, simulate_and_write
 
     root = pathlib.Path(mix_from).expanduser()
     if n < 0:
@@ -126,23 +122,10 @@ def make_mixed(
         v_range = velocity_range(root, ids) if families and geology_share > 0 else None
     except DataError as e:
         raise CalibrationError(str(e)) from None
-    out = pathlib.Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    new = [mix_id(seed, i) for i in range(n)]
-    todo = [i for i, sid in enumerate(new) if not is_complete(out / sid)]
-    batch = batch or 2 * jax.device_count()
-    bar = tqdm(
-        total=n,
-        initial=n - len(todo),
-        unit="sample",
-        disable=not progress,
-        desc=f"mix {root.name} ({cal.profile}) -> {out}",
-    )
-    t0, done = time.perf_counter(), 0
-    for start in range(0, len(todo), batch):
-        chunk = todo[start : start + batch]
+
+    def models_of(indices: list[int]) -> np.ndarray:
         try:
-            models = np.stack(
+            return np.stack(
                 [
                     mixed_model(
                         seed,
@@ -153,16 +136,24 @@ def make_mixed(
                         geology_share=geology_share,
                         v_range=v_range,
                     )[0]
-                    for i in chunk
+                    for i in indices
                 ]
             )
         except DataError as e:
             raise CalibrationError(str(e)) from None
-        gathers = cal.apply(profiles.simulate(models, profile=cal.profile, mode=cal.mode))
-        for i, v, g in zip(chunk, models, gathers):
-            _write_sample(out, new[i], g, v)
-        done += len(chunk)
-        bar.update(len(chunk))
-        bar.set_postfix(new_per_s=f"{done / (time.perf_counter() - t0):.2f}")
-    bar.close()
+
+    def gathers_of(models: np.ndarray) -> np.ndarray:
+        return cal.apply(profiles.simulate(models, profile=cal.profile, mode=cal.mode))
+
+    out = pathlib.Path(out_dir).expanduser()
+    new = [mix_id(seed, i) for i in range(n)]
+    simulate_and_write(
+        out,
+        new,
+        models_of,
+        gathers_of,
+        batch=batch,
+        progress=progress,
+        desc=f"mix {root.name} ({cal.profile})",
+    )
     return new
