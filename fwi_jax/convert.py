@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fwi_jax import cli
 from fwi_jax.config import Config, ConfigError, add_override_argument, load_config
 from fwi_jax.model import abstract_params, create_model
 
@@ -250,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         state = load_torch_file(args.input)
         params, skipped = convert_state_dict(state, cfg, args.seed)
     except (ConfigError, CheckpointMismatch, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     if skipped:
         print(f"skipped {len(skipped)} unused keys: {', '.join(sorted(skipped))}")
     out = save_params(args.out, params, cfg)

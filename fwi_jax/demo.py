@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fwi_jax import cli
 from fwi_jax.config import Config, ConfigError, add_override_argument, load_config
 
 
@@ -177,8 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             not args.no_progress,
         )
     except (TrainError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     return 0
 
 

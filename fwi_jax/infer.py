@@ -42,7 +42,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fwi_jax import physics
+from fwi_jax import cli, physics
 from fwi_jax.config import Config, ConfigError, add_override_argument, apply_overrides
 from fwi_jax.data import io as data_io
 from fwi_jax.ensemble import Predictor, group_members
@@ -324,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             forward, what = physics.load_forward(root, args.calibration)
             print(f"--misfit: {what}")
     except (InferenceError, MemberError, StorageError, ConfigError, physics.PhysicsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     predictor = Predictor(groups, tta=not args.no_tta, member_chunk=args.member_chunk)
     batch = -(-args.batch // predictor.n_devices) * predictor.n_devices
     if batch != args.batch:
@@ -351,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=progress,
         )
     except (InferenceError, ValueError, OSError) as e:  # a sample that broke while reading
-        print(f"error: {e}\nno submission written", file=sys.stderr)
-        return 2
+        return cli.fail(f"{e}\nno submission written")
     print(
         f"{len(result.predictions)} samples in {result.seconds:.1f} s "
         f"({len(result.predictions) / max(result.seconds, 1e-9):.2f} samples/s, first compile "
@@ -383,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                     root, result.predictions, forward, progress=progress
                 )
             except (physics.PhysicsError, data_io.DataError) as e:
-                print(f"error: --misfit: {e}", file=sys.stderr)
-                return 2
+                return cli.fail(f"--misfit: {e}")
             for i, r in scores.items():
                 rows[i]["misfit"] = r["misfit"]
             print(
@@ -397,12 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             from fwi_jax import plots
 
-            plot_dir = (
-                pathlib.Path(args.plot_dir).expanduser()
-                if args.plot_dir
-                else out.with_name(out.stem + "_plots")
-            )
-            plot_dir.mkdir(parents=True, exist_ok=True)
+            plot_dir = plots.plot_folder(args.plot_dir, out)
             for sid, item in result.kept.items():
                 plots.plot_sample(plot_dir / f"{sid}.png", sid, item["x"], item["pred"], item["v"])
             print(f"wrote {len(result.kept)} figures to {plot_dir}")

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fwi_jax import cli
 from fwi_jax.data import io
 from fwi_jax.synth import profiles, wave
 from fwi_jax.synth.calibrate import CALIBRATION_FILE, Calibration, CalibrationError
@@ -51,6 +52,16 @@ DEFAULT_STAGES = (
 
 class PhysicsError(ValueError):
     """Bad input to the misfit or the refinement; the message names the file or setting."""
+
+
+# Calibration field -> the Forward field that holds it
+_CALIBRATION_FIELDS = {
+    "profile": "profile",
+    "mode": "mode_name",
+    "polarity": "polarity",
+    "scale": "scale",
+    "shift": "shift",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,24 +85,11 @@ class Forward:
 
     @classmethod
     def from_calibration(cls, cal: Calibration, **kwargs) -> Forward:
-        return cls(
-            profile=cal.profile,
-            mode_name=cal.mode,
-            polarity=cal.polarity,
-            scale=cal.scale,
-            shift=cal.shift,
-            **kwargs,
-        )
+        return cls(**{f: getattr(cal, c) for c, f in _CALIBRATION_FIELDS.items()}, **kwargs)
 
     @property
     def calibration(self) -> Calibration:
-        return Calibration(
-            profile=self.profile,
-            mode=self.mode_name,
-            polarity=self.polarity,
-            scale=self.scale,
-            shift=self.shift,
-        )
+        return Calibration(**{c: getattr(self, f) for c, f in _CALIBRATION_FIELDS.items()})
 
     @property
     def n_t(self) -> int:
@@ -434,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def data_folder(data: str) -> pathlib.Path:
+    """The ``--data`` folder of the misfit and refinement commands; ``PhysicsError`` if missing."""
+    root = pathlib.Path(data).expanduser()
+    if not root.is_dir():
+        raise PhysicsError(f"--data {root}: folder does not exist")
+    return root
+
+
 def add_forward_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--calibration",
@@ -451,9 +457,7 @@ def add_forward_args(ap: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        root = pathlib.Path(args.data).expanduser()
-        if not root.is_dir():
-            raise PhysicsError(f"--data {root}: folder does not exist")
+        root = data_folder(args.data)
         forward, what = load_forward(root, args.calibration, mode=args.mode, t_max=args.t_max)
         pred_path = pathlib.Path(args.pred).expanduser()
         preds = io.read_submission(pred_path)
@@ -465,8 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(what)
         rows = score_submission(root, preds, forward, progress=not args.no_progress)
     except (PhysicsError, io.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     write_csv(csv, rows)
     print(
         f"mean misfit {np.mean([r['misfit'] for r in rows.values()]):.5f} over {len(rows)} samples "

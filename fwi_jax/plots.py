@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fwi_jax import cli
 from fwi_jax.preprocess import CHANNEL_POSITIONS, ZERO_CHANNEL
 
 DX_M = 1.0  # m per velocity-model cell in x and depth (reference §6)
@@ -33,6 +34,14 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_folder(plot_dir: str | None, out: pathlib.Path) -> pathlib.Path:
+    """The folder, created, for a command's ``--plot`` figures: ``plot_dir`` when given, else the
+    output file ``out`` without its suffix + ``_plots``."""
+    folder = pathlib.Path(plot_dir).expanduser() if plot_dir else out.with_name(out.stem + "_plots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def plot_sample(
@@ -211,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = plot_training_curves(args.metrics, args.out_png)
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     print(f"wrote {out}")
     return 0
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fwi_jax import cli
 from fwi_jax.data import io
 from fwi_jax.physics import (
     DEFAULT_STAGES,
@@ -28,6 +29,7 @@ from fwi_jax.physics import (
     PhysicsError,
     RefineConfig,
     add_forward_args,
+    data_folder,
     load_forward,
     parse_stages,
     read_observed,
@@ -88,9 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fwi_jax.loss import competition_mape
 
     try:
-        root = pathlib.Path(args.data).expanduser()
-        if not root.is_dir():
-            raise PhysicsError(f"--data {root}: folder does not exist")
+        root = data_folder(args.data)
         out = pathlib.Path(args.out).expanduser()
         if out.suffix != ".npz":
             raise PhysicsError(f"--out {out}: the submission must be a .npz file")
@@ -120,8 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # every file checked before compute
         observed = {sid: read_observed(root / sid) for sid in ids}
     except (PhysicsError, io.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     n_iter = sum(n for _, n in cfg.stages)
     print(
         f"{what}; {len(ids)} samples, stages {args.stages}, t_max {forward.t_max} s, "
@@ -169,12 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         from fwi_jax import plots
 
-        plot_dir = (
-            pathlib.Path(args.plot_dir).expanduser()
-            if args.plot_dir
-            else out.with_name(out.stem + "_plots")
-        )
-        plot_dir.mkdir(parents=True, exist_ok=True)
+        plot_dir = plots.plot_folder(args.plot_dir, out)
         for sid in ids[: args.plot]:
             x, v = io.read_sample(root / sid)
             plots.plot_sample(plot_dir / f"{sid}.png", sid, x, refined[sid].T, v)

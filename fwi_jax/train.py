@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fwi_jax import sharding
+from fwi_jax import cli, sharding
 from fwi_jax.checkpoint import CheckpointError, TrainCheckpoints, save_params
 from fwi_jax.config import (
     Config,
@@ -682,8 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except (TrainError, ConfigError, DataError, CheckpointError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     except Preempted as e:
         if jax.process_index() == 0:
             again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]

@@ -13,6 +13,7 @@ import argparse
 import pathlib
 import sys
 
+from fwi_jax import cli
 from fwi_jax.data import io, split
 
 
@@ -24,6 +25,17 @@ def _ids_of(source: str) -> list[str]:
     if p.is_file():
         return split.read_id_list(p)
     raise FileNotFoundError(f"{p}: neither a dataset folder nor an id list")
+
+
+def _add_v_range(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--v-range",
+        type=float,
+        nargs=2,
+        default=(0.5, 10.0),
+        metavar=("LO", "HI"),
+        help="allowed velocities in km/s (default 0.5 10)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,14 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--list", default=None, help="text file of ids to check (default: every sub-folder)"
     )
-    c.add_argument(
-        "--v-range",
-        type=float,
-        nargs=2,
-        default=(0.5, 10.0),
-        metavar=("LO", "HI"),
-        help="allowed velocities in km/s (default 0.5 10)",
-    )
+    _add_v_range(c)
     c.add_argument("--require-velocity", action="store_true", help="vp_model.npy must be present")
     c.add_argument("--no-progress", action="store_true")
     s = sub.add_parser("split", help="reference 5-fold split, fold 0 as validation")
@@ -65,14 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument(
         "--float16", action="store_true", help="store x as float16 (half the size, rounded)"
     )
-    k.add_argument(
-        "--v-range",
-        type=float,
-        nargs=2,
-        default=(0.5, 10.0),
-        metavar=("LO", "HI"),
-        help="allowed velocities in km/s (default 0.5 10)",
-    )
+    _add_v_range(k)
     k.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -124,8 +122,7 @@ def main(argv=None) -> int:
         )
         return 0
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 
+from fwi_jax import cli
 from fwi_jax.config import ConfigError, add_override_argument, load_config
 from fwi_jax.model import apply_model, count_params, create_model
 
@@ -27,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     graphdef, params = create_model(cfg)
     g = cfg.geometry
     x = (

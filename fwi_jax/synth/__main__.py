@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     if not calibrate and (a.n is None or a.out is None):
         parser.error("--n and --out are required (or the calibrate command)")
     _set_devices(a.cpu_devices)  # jax reads XLA_FLAGS when its backend starts
+    from fwi_jax import cli
     from fwi_jax.synth import FAMILIES, make_dataset
     from fwi_jax.synth.calibrate import CalibrationError
 
@@ -163,8 +164,7 @@ def main(argv=None) -> int:
         )
         return 0
     except (CalibrationError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
 
 
 if __name__ == "__main__":
