@@ -116,6 +116,27 @@ def forward_flops(args) -> int:
     return 0
 
 
+def torch_ensemble(refs, cfg, x_np: np.ndarray, *, tta: bool, dtype: str) -> np.ndarray:
+    """The PyTorch members' mean prediction (depth, x) km/s for one input ``x_np`` (6, T, R):
+    one model after another at batch 1, under CPU autocast for a bfloat16/float16 ``dtype``."""
+    import torch
+    from torch_firstplace import flip_dims
+
+    autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    x = torch.from_numpy(x_np[None])
+    outs = []
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
+    ):
+        for ref in refs:
+            y = ref(x).float()
+            if tta:
+                y = 0.5 * (y + ref(x.flip(flip_dims(cfg))).float().flip(2))
+            outs.append(y[0].numpy())
+    return np.mean(outs, axis=0)
+
+
 def through_infer(args, cfg, refs, tta: bool) -> int:
     """``python -m fwi_jax.infer`` on shot files against PyTorch member by member (see above)."""
     import subprocess
@@ -125,7 +146,6 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
 
     from fwi_jax.data.io import read_sample
 
-    autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         rng = np.random.default_rng(0)
@@ -177,21 +197,8 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
         with np.load(tmp / "sub.npz") as sub:
             got = {sid: sub[sid].T for sid in ids}
 
-        from torch_firstplace import flip_dims
-
-        def reference(x_np):
-            x = torch.from_numpy(x_np[None])
-            outs = []
-            with (
-                torch.inference_mode(),
-                torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
-            ):
-                for ref in refs:  # one model after another, batch 1
-                    y = ref(x).float()
-                    if tta:
-                        y = 0.5 * (y + ref(x.flip(flip_dims(cfg))).float().flip(2))
-                    outs.append(y[0].numpy())
-            return np.mean(outs, axis=0)
+        def reference(x_np):  # the PyTorch ensemble on one input
+            return torch_ensemble(refs, cfg, x_np, tta=tta, dtype=args.dtype)
 
         diff = float(np.abs(reference(read_sample(tmp / "data" / ids[0])[0]) - got[ids[0]]).max())
         t0 = time.perf_counter()
@@ -251,7 +258,7 @@ def main(argv=None) -> int:
     # ours runs as `python -m fwi_jax.infer` does (FWI_JAX_CPU_TUNING=0: XLA's defaults)
     tune_cpu_host()
     import torch
-    from torch_firstplace import flip_dims, torch_model
+    from torch_firstplace import torch_model
 
     tta = not args.no_tta
     cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}"])
@@ -318,21 +325,9 @@ def main(argv=None) -> int:
         )
 
     if args.torch_samples > 0:
-        autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
 
-        def reference_ensemble(x_np):
-            x = torch.from_numpy(x_np[None])
-            outs = []
-            with (
-                torch.inference_mode(),
-                torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
-            ):
-                for ref in refs:  # one model after another, batch 1
-                    y = ref(x).float()
-                    if tta:
-                        y = 0.5 * (y + ref(x.flip(flip_dims(cfg))).float().flip(2))
-                    outs.append(y[0].numpy())
-            return np.mean(outs, axis=0)
+        def reference_ensemble(x_np):  # the PyTorch ensemble on one input
+            return torch_ensemble(refs, cfg, x_np, tta=tta, dtype=args.dtype)
 
         check = reference_ensemble(xs[0][0])
         diff = max(float(np.abs(check - r["first"][0]).max()) for r in rows)

@@ -140,6 +140,22 @@ def batch_x_dtype(cfg, root) -> np.dtype:
     return np.dtype(np.float32)
 
 
+def _hosts(
+    batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int]:
+    """(this host, host count), JAX's where not given; the global ``batch_size`` must split
+    evenly over the hosts."""
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch size {batch_size} is not a multiple of the host count {process_count}"
+        )
+    return process_index, process_count
+
+
 def make_dataset(
     cfg,
     root,
@@ -161,14 +177,7 @@ def make_dataset(
     process_count samples per batch. ``num_epochs`` None = forever in training, once in evaluation.
     x comes in `batch_x_dtype` (``cfg.data.host_dtype``). ``reuse``: batch arrays recycled once
     unreferenced, for up to this many batches (`pack.StackBatch`)."""
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
-    if batch_size % process_count:
-        raise ValueError(
-            f"batch size {batch_size} is not a multiple of the host count {process_count}"
-        )
+    process_index, process_count = _hosts(batch_size, process_index, process_count)
     require_velocity = True if train else None
     x_float32 = batch_x_dtype(cfg, root) == np.float32
     if io.is_packed(root):
@@ -295,13 +304,7 @@ def host_batches(
     `global_batch_ids` gives every host's ids. Reading runs ``prefetch`` batches ahead (default
     ``cfg.data.prefetch``) in threads, or in ``workers`` processes, overlapping the devices' work.
     ``process_index``/``process_count``: this host and the host count (default: JAX's)."""
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
-    n_hosts = process_count
-    if batch_size % n_hosts:
-        raise ValueError(f"batch size {batch_size} is not a multiple of the host count {n_hosts}")
+    process_index, n_hosts = _hosts(batch_size, process_index, process_count)
     local = batch_size // n_hosts
     n_batches = math.ceil(math.ceil(len(ids) / n_hosts) / local)  # host 0 holds the most samples
     if prefetch is not None:
@@ -315,7 +318,7 @@ def host_batches(
             batch_size=batch_size,
             workers=workers,
             process_index=process_index,
-            process_count=process_count,
+            process_count=n_hosts,
         )
     )
     g = cfg.geometry
