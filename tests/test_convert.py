@@ -14,26 +14,21 @@ from fwi_jax.model import apply_model, create_model
 from torch_reference import ReferenceModel, randomize_
 
 
+def run_convert(tmp_path, config: str) -> subprocess.CompletedProcess:
+    """``python -m fwi_jax.convert`` of tmp_path/ref.pth under ``config`` into tmp_path/ckpt."""
+    argv = [str(tmp_path / "ref.pth"), "--config", config, "--out", str(tmp_path / "ckpt")]
+    return subprocess.run(
+        [sys.executable, "-m", "fwi_jax.convert", *argv], capture_output=True, text=True
+    )
+
+
 def test_convert_cli_writes_a_loadable_params_checkpoint(tmp_path):
     cfg = small_cfg()
     ref = randomize_(ReferenceModel(cfg, pretrained_grid=False), seed=11).eval()
     torch.save({f"_orig_mod.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "ref.pth")
     cfg_file = tmp_path / "small.json"
     cfg_file.write_text(cfg.to_json())
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fwi_jax.convert",
-            str(tmp_path / "ref.pth"),
-            "--config",
-            str(cfg_file),
-            "--out",
-            str(tmp_path / "ckpt"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    out = run_convert(tmp_path, str(cfg_file))
     assert out.returncode == 0, out.stderr
     loaded_cfg, params = load_params(tmp_path / "ckpt")
     assert loaded_cfg == cfg
@@ -48,20 +43,7 @@ def test_convert_cli_wrong_config_fails_with_key_list(tmp_path):
     cfg = small_cfg()
     ref = ReferenceModel(cfg, pretrained_grid=False)
     torch.save(ref.state_dict(), tmp_path / "ref.pth")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fwi_jax.convert",
-            str(tmp_path / "ref.pth"),
-            "--config",
-            "base_s6",
-            "--out",
-            str(tmp_path / "ckpt"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    out = run_convert(tmp_path, "base_s6")
     assert out.returncode == 2
     assert (
         "does not fit config 'base_s6'" in out.stderr

@@ -97,35 +97,18 @@ def test_pack_without_velocity_and_eval_loader(folders, tmp_path):
     index = pack.pack(root / "test", tmp_path / "p", progress=False)
     assert not index["has_velocity"] and index["v_shape"] is None
     assert not (tmp_path / "p" / "v.npy").exists()
-    batches = list(
-        make_loader(
-            Config(),
-            tmp_path / "p",
-            None,
-            train=False,
-            batch_size=2,
-            workers=0,
-            process_index=0,
-            process_count=1,
-        )
-    )
+
+    def eval_batches(source):  # ids None: every sample of the store or sub-folder
+        kw = dict(train=False, batch_size=2, workers=0, process_index=0, process_count=1)
+        return list(make_loader(Config(), source, None, **kw))
+
+    batches = eval_batches(tmp_path / "p")
     assert [list(map(str, b["id"])) for b in batches] == [
         ["t0", "t1"],
         ["t2"],
     ] and "v" not in batches[0]
     np.testing.assert_array_equal(batches[1]["x"][0], io.read_sample(root / "test" / "t2")[0])
-    from_folders = list(
-        make_loader(
-            Config(),
-            root / "test",
-            None,
-            train=False,
-            batch_size=2,
-            workers=0,
-            process_index=0,
-            process_count=1,
-        )
-    )  # ids None: every sub-folder
+    from_folders = eval_batches(root / "test")
     for a, b in zip(batches, from_folders, strict=True):
         assert sorted(a) == sorted(b)
         for k in a:

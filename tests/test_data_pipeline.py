@@ -35,6 +35,12 @@ def cfg(flip_p=0.5):
     return Config().replace(**{"data.flip_p": flip_p, "data.prefetch": 2})
 
 
+def loader(root, ids, *, flip_p=0.5, workers=0, process_index=0, process_count=1, **kw):
+    """`make_loader` under ``cfg(flip_p)``, as one host reading in threads unless told."""
+    kw |= dict(workers=workers, process_index=process_index, process_count=process_count)
+    return make_loader(cfg(flip_p), root, ids, **kw)
+
+
 def take(it, n):
     return [next(it) for _ in range(n)]
 
@@ -49,20 +55,7 @@ def assert_same(a, b):
 
 def test_train_batches_shapes_and_epochs(dataset):
     root, ids = dataset
-    batches = list(
-        make_loader(
-            cfg(),
-            root,
-            ids,
-            train=True,
-            batch_size=2,
-            seed=3,
-            num_epochs=2,
-            workers=0,
-            process_index=0,
-            process_count=1,
-        )
-    )
+    batches = list(loader(root, ids, train=True, batch_size=2, seed=3, num_epochs=2))
     assert len(batches) == (2 * N) // 2  # 14 samples, none left over
     b = batches[0]
     assert b["x"].shape == (2, 6, 10000, 31) and b["x"].dtype == np.float32
@@ -75,20 +68,7 @@ def test_train_batches_shapes_and_epochs(dataset):
 
 def test_flip_consistent_with_read_sample(dataset):
     root, ids = dataset
-    batches = list(
-        make_loader(
-            cfg(0.5),
-            root,
-            ids,
-            train=True,
-            batch_size=1,
-            seed=0,
-            num_epochs=4,
-            workers=0,
-            process_index=0,
-            process_count=1,
-        )
-    )
+    batches = list(loader(root, ids, flip_p=0.5, train=True, batch_size=1, seed=0, num_epochs=4))
     flipped = 0
     for b in batches:
         x, v = read_sample(root / str(b["id"][0]))
@@ -125,66 +105,40 @@ def _close(it):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_deterministic_and_resumable_whatever_workers(dataset, workers):
     root, ids = dataset
-    kw = dict(train=True, batch_size=2, seed=7, num_epochs=None, process_index=0, process_count=1)
-    ref = take(iter(make_loader(cfg(), root, ids, workers=0, **kw)), 6)
-    it = iter(make_loader(cfg(), root, ids, workers=workers, **kw))
+    kw = dict(train=True, batch_size=2, seed=7, num_epochs=None)
+    ref = take(iter(loader(root, ids, **kw)), 6)
+    it = iter(loader(root, ids, workers=workers, **kw))
     try:
         first = take(it, 3)
         state = it.get_state()
     finally:
         _close(it)
-    it = iter(make_loader(cfg(), root, ids, workers=workers, **kw))
+    it = iter(loader(root, ids, workers=workers, **kw))
     try:
         it.set_state(state)
         rest = take(it, 3)
     finally:
         _close(it)
     assert_same(ref, first + rest)
-    other = take(iter(make_loader(cfg(), root, ids, workers=0, **{**kw, "seed": 8})), 6)
+    other = take(iter(loader(root, ids, **{**kw, "seed": 8})), 6)
     assert [list(b["id"]) for b in other] != [list(b["id"]) for b in ref]
 
 
 def test_resume_exact(dataset):
     root, ids = dataset
-    loader = make_loader(
-        cfg(),
-        root,
-        ids,
-        train=True,
-        batch_size=2,
-        seed=1,
-        workers=0,
-        process_index=0,
-        process_count=1,
-    )
-    uninterrupted = take(iter(loader), 8)
-    it = iter(loader)
+    once = loader(root, ids, train=True, batch_size=2, seed=1)
+    uninterrupted = take(iter(once), 8)
+    it = iter(once)
     take(it, 5)
     state = it.get_state()
-    fresh = iter(
-        make_loader(
-            cfg(),
-            root,
-            ids,
-            train=True,
-            batch_size=2,
-            seed=1,
-            workers=0,
-            process_index=0,
-            process_count=1,
-        )
-    )
+    fresh = iter(loader(root, ids, train=True, batch_size=2, seed=1))
     fresh.set_state(state)
     assert_same(take(fresh, 3), uninterrupted[5:])
 
 
 def test_eval_order_remainder_and_sharding(dataset):
     root, ids = dataset
-    batches = list(
-        make_loader(
-            cfg(), root, ids, train=False, batch_size=3, workers=0, process_index=0, process_count=1
-        )
-    )
+    batches = list(loader(root, ids, train=False, batch_size=3))
     assert [len(b["id"]) for b in batches] == [3, 3, 1]  # remainder kept in evaluation
     assert [str(i) for b in batches for i in b["id"]] == ids  # no shuffle, no flip
     x, v = read_sample(root / ids[4])
@@ -193,16 +147,7 @@ def test_eval_order_remainder_and_sharding(dataset):
     shards = [
         [
             str(i)
-            for b in make_loader(
-                cfg(),
-                root,
-                ids,
-                train=False,
-                batch_size=2,
-                workers=0,
-                process_index=p,
-                process_count=2,
-            )
+            for b in loader(root, ids, train=False, batch_size=2, process_index=p, process_count=2)
             for i in b["id"]
         ]
         for p in range(2)

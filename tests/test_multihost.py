@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_train import SMALL, dataset  # noqa: F401  (dataset: a pytest fixture)
+from test_train import SMALL, cli_args, dataset  # noqa: F401  (dataset: a pytest fixture)
 
 from fwi_jax import train as T
 from fwi_jax.checkpoint import load_params
@@ -194,19 +194,9 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_exact(
     bit."""
     ref_dir, _ = two_processes
     workdir = tmp_path / "run"
-    argv = [
-        sys.executable,
-        "-m",
-        "fwi_jax.train",
-        "--no-progress",
-        "--config",
-        "demo",
-        "--data",
-        str(dataset),
-        "--workdir",
-        str(workdir),
-        *[a for s in TRAIN_SET + ["train.checkpoint_every_steps=1"] for a in ("--set", s)],
-    ]
+    extra = ["train.epochs=1", "train.checkpoint_every_steps=1"]  # TRAIN_SET + checkpoints
+    argv = [sys.executable, "-m", "fwi_jax.train", "--no-progress"]
+    argv += cli_args(dataset, workdir, *extra)
 
     def preempt_process_1(procs):
         # the notice goes out once process 1 has joined the run (its preemption service owns

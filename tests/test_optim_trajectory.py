@@ -18,9 +18,10 @@ import numpy as np
 import optax
 import pytest
 import torch
+from test_model import SMALL
 
 from fwi_jax import train as T
-from fwi_jax.config import Geometry, load_config
+from fwi_jax.config import load_config
 from fwi_jax.convert import convert_state_dict
 from fwi_jax.model import create_model
 from fwi_jax.optim import make_optimizer, newton_schulz, reference_muon
@@ -35,14 +36,6 @@ from torch_reference import (
 )
 from torch_reference import newton_schulz as torch_newton_schulz
 
-SMALL = Geometry(
-    n_time=200,
-    fold=10,
-    resize=(56, 42),
-    head_patch=(14, 14),
-    out_shape=(50, 30),
-    crop_offset=(0, 4),
-)
 STEPS, CYCLE, EMA_START, EMA_DECAY, BATCH = 20, 4, 8, 0.9, 2
 
 
