@@ -19,8 +19,11 @@ Two layouts, both plain pytrees of arrays plus the resolved config as JSON:
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import shutil
+import sys
+import warnings
 from typing import Any
 
 import jax
@@ -111,6 +114,58 @@ def describe_error(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit // 3] + " ... " + text[-(2 * limit) // 3 :]
 
 
+_DAMAGED: set[str] = set()  # state folders of checkpoints whose restore failed in this process
+
+
+def _is_abandoned_read(exc: BaseException | None, tb=None) -> bool:
+    """An error from a read that a failed orbax restore left in flight: orbax gives up at the first
+    bad array while TensorStore completes the others, which then report errors nobody receives
+    (as abandoned coroutines, futures never retrieved, or callbacks onto orbax's closed loop)."""
+    if exc is None:
+        return False
+    text = str(exc)
+    if any(folder in text for folder in _DAMAGED):  # TensorStore names the file it read
+        return True
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    in_libraries = all("site-packages" in f or "asyncio" in f for f in frames)
+    return bool(_DAMAGED) and in_libraries and text == "Event loop is closed"
+
+
+class _AbandonedReadFilter(logging.Filter):
+    """asyncio's 'Future exception was never retrieved' for those reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (_is_abandoned_read(exc) or _is_abandoned_read(Exception(record.getMessage())))
+
+
+def _drop_abandoned_reads(state_folder: pathlib.Path) -> None:
+    """Keep the reads that a failed restore of ``state_folder`` abandoned out of stderr, where
+    they would print pages of TensorStore specs after the one-line warning that names the damaged
+    checkpoint. Written by hand: neither orbax nor TensorStore can cancel them. Every other
+    unraisable exception and asyncio log record passes as before."""
+    _DAMAGED.add(str(state_folder))
+    previous = sys.unraisablehook
+    if getattr(previous, "fwi_jax_filter", False):
+        return
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable.exc_value, unraisable.exc_traceback):
+            previous(unraisable)
+
+    hook.fwi_jax_filter = True
+    sys.unraisablehook = hook
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadFilter())
+    warnings.filterwarnings(
+        "ignore", r"coroutine '_read_array_index_and_device_put' was never awaited", RuntimeWarning
+    )
+
+
 def _nbytes(tree: Any) -> int:
     return sum(
         int(np.prod(np.shape(a))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)
@@ -188,6 +243,7 @@ class TrainCheckpoints:
             try:
                 state, loader_state, meta = self.restore(step, target)
             except Exception as e:  # orbax/TensorStore raise many types for one cause: bad files
+                _drop_abandoned_reads(self.path(step) / "state")
                 reason = describe_error(e)
                 damaged.append((step, reason))
                 log(

@@ -8,14 +8,18 @@ file systems (root with CAP_SYS_ADMIN), a 1 MiB tmpfs gives a really full disk a
 tmpfs a really read-only directory."""
 
 import contextlib
+import logging
 import pathlib
 import resource
 import shutil
+import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fwi_jax import checkpoint
 from fwi_jax.checkpoint import (
     CheckpointError,
     CheckpointSaveError,
@@ -77,6 +81,35 @@ def test_damaged_newest_is_named_set_aside_and_the_one_before_restored(tmp_path)
     ckpts.save(4, _state(4), {}, {})
     ckpts.wait()
     assert ckpts.all_steps() == [2, 4]
+
+
+def test_reads_a_failed_restore_abandoned_stay_off_stderr(tmp_path, monkeypatch, caplog):
+    """After a restore of ``folder`` failed, the errors of the reads it left in flight (they name
+    that folder, or are callbacks onto orbax's closed loop) are dropped; any other unraisable
+    exception or asyncio report still gets through."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(checkpoint, "_DAMAGED", set())
+    folder = tmp_path / "ck" / "6" / "state"
+    checkpoint._drop_abandoned_reads(folder)
+
+    def unraisable(exc):
+        return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None)
+
+    read = f"Encountered error while reading array index: (). Spec: {{'path': '{folder}/'}}"
+    sys.unraisablehook(unraisable(Exception(read)))
+    sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+    assert seen == []
+    other = unraisable(ValueError("something else"))
+    sys.unraisablehook(other)
+    assert seen == [other]
+
+    log = logging.getLogger("asyncio")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        lost = ValueError(f'OUT_OF_RANGE: Error reading "w/0" at local file "{folder}/"')
+        log.error("Future exception was never retrieved", exc_info=lost)
+        log.error("Future exception was never retrieved", exc_info=ValueError("elsewhere"))
+    assert [str(r.exc_info[1]) for r in caplog.records] == ["elsewhere"]
 
 
 def test_none_intact_refuses_with_every_reason(tmp_path):

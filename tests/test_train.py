@@ -252,15 +252,20 @@ def _truncate_largest_array_file(step_dir):
     f.write_bytes(f.read_bytes()[:1000])
 
 
-def no_traceback_but_tensorstores(err: str) -> bool:
-    """No traceback through this project's code. After a failed restore TensorStore completes the
-    reads orbax had started, on orbax's closed event loop, and these libraries print a traceback
-    for each, at random (neither can cancel them); their frames lie in site-packages and asyncio
-    only."""
-    frames = [line for line in err.splitlines() if line.strip().startswith('File "')]
-    return all(
-        "site-packages" in f or "/asyncio/" in f for f in frames
-    ) and "fwi_jax/" not in "".join(frames)
+def quiet(err: str) -> bool:
+    """No traceback and no report of the reads that orbax's failed restore left in flight (an
+    abandoned coroutine, an asyncio future never retrieved, a callback onto a closed loop): after
+    the one-line warning a damaged checkpoint prints nothing more."""
+    return not any(
+        s in err
+        for s in (
+            "Traceback",
+            "Exception ignored",
+            "never retrieved",
+            "never awaited",
+            "tensorstore",
+        )
+    )
 
 
 def test_damaged_newest_checkpoint_resumes_from_the_one_before(dataset, uninterrupted, tmp_path):
@@ -281,7 +286,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before(dataset, uninterr
     assert proc.returncode == 0, err[-3000:]
     assert f"warning: checkpoint {ckpt_dir / '16'} is damaged (OUT_OF_RANGE: Error reading" in err
     assert "is not valid for value of size 1000); trying the one before" in err
-    assert f"resuming {workdir} at step 14 of 16" in out and no_traceback_but_tensorstores(err)
+    assert f"resuming {workdir} at step 14 of 16" in out and quiet(err)
     # set aside, then saved afresh
     assert (ckpt_dir / "16.damaged").is_dir() and (ckpt_dir / "16").is_dir()
     _assert_same_params(workdir, ref_dir)
@@ -292,7 +297,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before(dataset, uninterr
     (workdir / "checkpoints" / "14" / "meta" / "metadata").unlink()
     proc = run_cli(cli_args(dataset, workdir, *RESUME_SET) + ["--resume"])
     out, err = proc.communicate(timeout=400)
-    assert proc.returncode == 2 and no_traceback_but_tensorstores(err)
+    assert proc.returncode == 2 and quiet(err)
     errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(
         f"error: no intact checkpoint in {workdir / 'checkpoints'} ("
