@@ -65,7 +65,8 @@ def jit_apply(graphdef):
 @pytest.mark.parametrize("name", ["tiny_s8", "base_s6"])
 def test_forward_parity_full_size(name):
     """Full-size float32 forward, batch 2 (one sample flipped): max |Δ| ≤ 1e-4 km/s against the
-    PyTorch reference in float32, with model.constant_channel_once on and off. Both compute in
+    PyTorch reference in float32, with model.constant_channel_once on (both sizes) and off
+    (tiny_s8: the reference's own computation, the same code at any size). Both compute in
     float32 with different summation orders (oneDNN/SDPA vs XLA); any wrong op (RoPE layout,
     bias, norm, pixel-shuffle order, a shot dropped instead of the zero channel) moves outputs by
     > 1e-2 km/s."""
@@ -76,7 +77,7 @@ def test_forward_parity_full_size(name):
     x = seismic((2, 6, 10000, 31))
     with torch.no_grad():
         expected = ref(torch.from_numpy(x)).numpy()
-    for on in (True, False):
+    for on in (True, False) if name == "tiny_s8" else (True,):
         got = np.asarray(jit_apply(create_model(constant_once(cfg, on))[0])(params, x))
         assert got.shape == (2, 1259, 300)
         assert np.abs(got - expected).max() <= 1e-4, on
