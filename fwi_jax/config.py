@@ -40,7 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "synth.families": ("layered", "faulted", "salt"),  # each of the tuple's entries
     "synth.mode": ("fast", "full"),
     "synth.profile": ("cpml8", "devito"),
-    "train.loss": ("base", "hard"),
+    "train.loss": ("base", "hard", "mape"),
     "train.optimizer": ("adamw", "muon"),
     "train.loss_scale": ("auto", "dynamic", "none"),
     "train.muon_ns_dtype": ("bfloat16", "float32"),
@@ -81,6 +81,9 @@ class Geometry:
     # model-side input and output layout (the first place's models: 5, 0.1, token_linear, False)
     channels: int = 6  # 6: the input as given, zero channel 151 included | 5: zero channel dropped
     input_scale: float = 1.0  # multiplies the input amplitudes (already scaled by 1e4) in the model
+    # t-power gain in the model: sample t of every trace times (2 (t + 0.5) / n_time) ** time_power
+    # (1 at mid-record), lifting late, weak reflections against the direct wave; 0 = none
+    time_power: float = 0.0
     head: str = "pixel_shuffle"  # pixel_shuffle (head_patch px per token, crop) | token_linear
     flip_channels: bool = True  # the flip (TTA, augmentation) reverses channels besides receivers
 
@@ -142,6 +145,11 @@ class ModelConfig:
     ref_feat_shape: tuple[int, int] = (16, 16)  # RoPE reference grid (timm)
     v_min: float = 1.5  # km/s; output = sigmoid(.) * v_span + v_min
     v_span: float = 3.0
+    # a trained logit-space bias per output depth row, added before the sigmoid; a fresh run
+    # starts it at the training set's mean velocity profile (`fwi_jax.train.depth_profile`), so
+    # the network starts at the mean-profile baseline and learns the deviations from it. False:
+    # the reference's head
+    depth_prior: bool = False
     # the all-zero channel 151 through blocks[:split] once per parameter set instead of once per
     # sample (its tokens depend on the parameters alone; `preprocess.shot_channels`); false: the
     # reference's computation, channel 151 run like the shots. Applies to six-channel models with
@@ -154,6 +162,8 @@ class ModelConfig:
                 f"model.constant_channel_once={self.constant_channel_once!r}: "
                 "expected true or false"
             )
+        if not isinstance(self.depth_prior, bool):
+            raise ConfigError(f"model.depth_prior={self.depth_prior!r}: expected true or false")
         if self.fusion not in FUSIONS:
             raise ConfigError(f"model.fusion={self.fusion!r}: choose one of {', '.join(FUSIONS)}")
 
@@ -203,7 +213,7 @@ class TrainConfig:
     batch_size: int = 8  # global batch, independent of the device count
     epochs: int = 40
     steps_per_epoch: int | None = None  # None = len(train set) // batch_size
-    loss: str = "base"  # base | hard (hard-example mining)
+    loss: str = "base"  # base | hard (hard-example mining) | mape (no depth weight)
     optimizer: str = "adamw"  # adamw | muon
     lr: float = 2e-4
     b1: float = 0.9

@@ -4,6 +4,7 @@ e = |pred - v| / v                       relative error per pixel
 w(z) = linspace(1.0, 0.25, depth)        depth weight (shallow pixels count 4x the deepest)
 base:  L = mean(e * w)
 hard:  h = exp(stop_gradient(e)), renormalised per sample to mean 1;  L = mean(e * w * h)
+mape:  L = mean(e)                        every depth alike (the score itself)
 MAPE:  mean(e) per sample (the competition score is its mean over samples);
        `competition_mape` is the score of one sample as the competition computes it
 """
@@ -42,7 +43,16 @@ def hard_mining_loss(pred: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.mean(e * depth_weight(v.shape[-2]) * h)
 
 
-LOSSES = {"base": base_loss, "hard": hard_mining_loss}  # train.loss (config.CHOICES)
+def mape_loss(pred: jax.Array, v: jax.Array) -> jax.Array:
+    """Relative L1 with every pixel alike: the competition's MAPE, a scalar."""
+    return jnp.mean(relative_error(pred, v))
+
+
+LOSSES = {
+    "base": base_loss,
+    "hard": hard_mining_loss,
+    "mape": mape_loss,
+}  # train.loss (config.CHOICES)
 
 
 def get_loss(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:

@@ -13,7 +13,8 @@ The train state is a plain dict pytree {step, params, opt_state, ema, loss_scale
 1-D data mesh, donated to the step, saved by orbax with the loader state.
 
 The work directory holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON object
-per log line: train/loss, train/grad_norm, lr, loss_scale, samples_per_s, val/mape),
+per log line: train/loss, train/grad_norm, lr, loss_scale, samples_per_s, val/mape, and
+``wall_s``, seconds since this process began training, validation included),
 ``checkpoints/<step>/`` (train state, newest ``train.keep_checkpoints``), ``best/`` (params
 checkpoint of the best validation MAPE: the EMA weights once the EMA exists) and ``final/``.
 ``python -m fwi_jax.infer --checkpoints W`` reads ``best/``.
@@ -360,8 +361,37 @@ def initial_params(
     if drop_head:
         params = dict(params)
         params["head"] = fresh["head"]
+    if "depth_prior" in fresh and "depth_prior" not in params:  # timm weights have none
+        params = {**params, "depth_prior": fresh["depth_prior"]}
     check_fits(params, fresh, str(pathlib.Path(source).expanduser()))
     return params
+
+
+PROFILE_SAMPLES = 512  # training samples averaged for the depth prior (the first ones listed)
+
+
+def depth_profile(cfg: Config, data: RunData) -> np.ndarray:
+    """(depth,) km/s: the mean velocity at each depth of the first `PROFILE_SAMPLES` training
+    samples (read on every host alike, so every host starts with the same parameters)."""
+    from fwi_jax.data.pipeline import host_batches
+
+    ids = data.train_ids[:PROFILE_SAMPLES]
+    total, count = np.zeros(cfg.geometry.out_shape[0]), 0.0
+    for hb in host_batches(
+        cfg, data.root, ids, batch_size=8, velocity=True, process_index=0, process_count=1
+    ):
+        total += np.einsum("b,bd->d", hb["mask"], hb["v"].mean(axis=-1, dtype=np.float64))
+        count += float(hb["mask"].sum())
+    return total / count
+
+
+def with_depth_prior(cfg: Config, params: Any, profile: np.ndarray) -> Any:
+    """``params`` with ``depth_prior`` set to the logits of ``profile`` (depth,) km/s under the
+    output sigmoid (``model.v_min``, ``model.v_span``), so the untrained head's zero-centred output
+    gives this profile."""
+    m = cfg.model
+    u = np.clip((profile - m.v_min) / m.v_span, 1e-3, 1 - 1e-3)
+    return {**params, "depth_prior": np.log(u / (1 - u)).astype(np.float32)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +403,7 @@ class MetricsLog:
 
     def __init__(self, path: pathlib.Path, resume_step: int | None, enabled: bool = True):
         self.path, self.enabled = path, enabled
+        self.t0 = time.perf_counter()  # wall_s of each record counts from here
         if enabled and resume_step is not None and path.exists():
             kept = [
                 ln
@@ -384,6 +415,7 @@ class MetricsLog:
             path.write_text("")
 
     def write(self, record: dict) -> None:
+        record = {**record, "wall_s": round(time.perf_counter() - self.t0, 2)}
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -455,6 +487,8 @@ def train(
     params = (
         initial_params(cfg, fresh, init_from, load_from, drop_head) if latest is None else fresh
     )
+    if cfg.model.depth_prior and latest is None and load_from is None:
+        params = with_depth_prior(cfg, params, depth_profile(cfg, data))
     tx, schedule = make_optimizer(cfg, total)
     replicated = sharding.replicated(mesh)
     state = jax.device_put(create_train_state(cfg, params, tx), replicated)

@@ -550,3 +550,29 @@ def test_vanished_gradients_are_reported(dataset, tmp_path, capsys):
     assert min(norms) < T.VANISHED_GRAD_NORM
     err = capsys.readouterr().err
     assert err.count("gradients have vanished") == 1 and "train.lr (now 1)" in err
+
+
+def test_depth_prior_starts_at_the_training_mean_profile(dataset, tmp_path):
+    cfg = small_cfg(dataset, "model.depth_prior=true", "train.epochs=1")
+    data = T.resolve_data(cfg, progress=False)
+    profile = T.depth_profile(cfg, data)
+    vp = [np.load(dataset / i / VELOCITY_FILE).astype(np.float64) for i in data.train_ids]
+    np.testing.assert_allclose(profile, np.mean([v.mean(axis=0) for v in vp], 0), rtol=1e-9)
+    graphdef, fresh = create_model(cfg)
+    params = T.with_depth_prior(cfg, fresh, profile)
+    params["head"] = jax.tree.map(jnp.zeros_like, params["head"])  # the head adds nothing
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, 10000, 31)), jnp.float32)
+    from flax import nnx
+
+    v = nnx.merge(graphdef, params)(x)
+    np.testing.assert_allclose(v, np.broadcast_to(profile[:, None], v.shape), atol=1e-5)
+    # a fresh run sets it from the data; weights without one (timm's, another config's) get one
+    summary = T.train(cfg, tmp_path / "run", data, progress=False)
+    assert summary["steps"] == 4
+    _, best = load_params(tmp_path / "run" / "best")
+    start = T.with_depth_prior(cfg, fresh, profile)["depth_prior"]
+    assert 0 < np.abs(best["depth_prior"] - start).max() < 0.05  # trained, from the profile
+    plain = small_cfg(dataset)
+    save_params(tmp_path / "plain" / "best", create_model(plain)[1], plain)
+    init = T.initial_params(cfg, fresh, str(tmp_path / "plain" / "best"), None, drop_head=False)
+    assert init["depth_prior"].shape == (1259,)

@@ -145,6 +145,9 @@ class FWIModel(nnx.Module):
             kernel_init=nnx.initializers.truncated_normal(0.02),
         )
         self.head_dim = size.dim // size.heads
+        if m.depth_prior:  # (depth,) logits, set from the data by `fwi_jax.train.depth_profile`;
+            # 1-D, so no weight decay and Adam under Muon, as the other biases
+            self.depth_prior = nnx.Param(jnp.zeros((g.out_shape[0],), jnp.float32))
 
     def _run_blocks(self, blocks, x):
         g = self.cfg.geometry
@@ -197,6 +200,9 @@ class FWIModel(nnx.Module):
         x = x.astype(jnp.float32)
         if g.input_scale != 1.0:
             x = x * jnp.float32(g.input_scale)
+        if g.time_power:
+            t = (jnp.arange(g.n_time, dtype=jnp.float32) + 0.5) * (2.0 / g.n_time)
+            x = x * (t**g.time_power)[:, None]
         img = fold_and_resize(x, g.fold, g.resize)  # (B, n, H, W)
         tokens = self._tokens(img.reshape(b * n, *g.resize))
         tokens = self._run_blocks(self.blocks[: m.split], tokens)  # channels share weights
@@ -215,11 +221,18 @@ class FWIModel(nnx.Module):
             cols = self.head(tokens[:, 1:]).astype(jnp.float32)  # (B, N, x)
             area = jnp.asarray(area_matrix(cols.shape[1], g.out_shape[0]))  # (depth, N)
             pix = jnp.einsum("dn,bnw->bdw", area, cols, precision=jax.lax.Precision.HIGHEST)
-            return jax.nn.sigmoid(pix) * m.v_span + m.v_min
+            return self._velocity(pix)
         pix = self.head(tokens[:, 1:])  # (B, N, hp*wp), channel i*wp + j -> offset (i, j)
         hp, wp = g.head_patch
         gh, gw = g.grid
         pix = pix.reshape(b, gh, gw, hp, wp).transpose(0, 1, 3, 2, 4).reshape(b, gh * hp, gw * wp)
         (r0, c0), (oh, ow) = g.crop_offset, g.out_shape
         pix = pix[:, r0 : r0 + oh, c0 : c0 + ow].astype(jnp.float32)
-        return jax.nn.sigmoid(pix) * m.v_span + m.v_min
+        return self._velocity(pix)
+
+    def _velocity(self, logits: jax.Array) -> jax.Array:
+        """(B, depth, x) float32 logits -> km/s in (v_min, v_min + v_span)."""
+        m = self.cfg.model
+        if m.depth_prior:
+            logits = logits + self.depth_prior[...][:, None]
+        return jax.nn.sigmoid(logits) * m.v_span + m.v_min
