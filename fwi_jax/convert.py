@@ -199,10 +199,11 @@ def convert_state_dict(
             )
         else:
             converted[path] = arr
-    if not is_reference:  # timm backbone: the head is new
+    if not is_reference:  # timm backbone: the head (and a depth prior) are new
         init = _flatten(create_model(cfg, seed)[1])
-        for path in ("head/kernel", "head/bias"):
-            converted[path] = np.asarray(init[path])
+        for path in ("head/kernel", "head/bias", "depth_prior"):
+            if path in init:
+                converted[path] = np.asarray(init[path])
     missing = sorted(set(expected) - set(converted))
     if missing or unexpected or misshaped:
         lines = [

@@ -1,6 +1,6 @@
 """``python -m fwi_jax.demo``: the whole pipeline on a machine with no downloads.
 
-    python -m fwi_jax.demo [--workdir runs/demo] [--members 2] [--set key=value ...]
+    python -m fwi_jax.demo [--workdir runs/demo] [--members 1] [--set key=value ...]
 
 1. Synthesise the ``demo`` config's dataset (``fwi_jax.synth``; cached under ``synth.cache_dir``):
    ``synth.n_train`` training, ``synth.n_val`` validation and ``synth.n_test`` held-out samples.
@@ -48,7 +48,7 @@ def mean_profile_baseline(
 
 
 def run(
-    cfg: Config, workdir: pathlib.Path, members: int = 2, plots: int = 4, progress: bool = True
+    cfg: Config, workdir: pathlib.Path, members: int = 1, plots: int = 4, progress: bool = True
 ) -> dict:
     from fwi_jax import plots as plotting
     from fwi_jax.train import TrainError, resolve_data, train
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", default="demo", help="config name or path (default: demo)")
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument(
-        "--members", type=int, default=2, help="ensemble members to train (seeds 0..N-1)"
+        "--members", type=int, default=1, help="ensemble members to train (seeds 0..N-1)"
     )
     ap.add_argument("--plots", type=int, default=4, help="held-out samples to plot")
     add_override_argument(ap)

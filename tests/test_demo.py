@@ -22,6 +22,7 @@ def test_demo_reduced_end_to_end(tmp_path):
         f"synth.cache_dir={tmp_path / 'synth'}",
         "train.epochs=2",
         "train.batch_size=4",
+        "train.warmup_steps=2",
         "train.ema_start_epoch=1",
         "train.log_every_steps=2",
         "model.dim=64",

@@ -203,6 +203,8 @@ def test_state_dict_through_infer_and_mixed_ensemble(tmp_path):
             "model.dim=32",
             "model.heads=2",
             "geometry.head_patch=(56, 56)",
+            "geometry.time_power=0",  # the reference's input and head
+            "model.depth_prior=false",
         ],
     )
     ref = randomize_reference(ReferenceModel(ref_cfg, pretrained_grid=False), seed=8).eval()
