@@ -127,11 +127,12 @@ def run(
         + [str(sub.with_name(sub.stem + "_plots"))],
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    ratio = summary["baseline_mape"] / max(summary["heldout_mape"], 1e-12)
+    share = summary["heldout_mape"] / max(summary["baseline_mape"], 1e-12)
+    who = "one member" if members == 1 else f"{members}-member ensemble"
+    label = f"held-out MAPE, {who} with flip TTA:"
     print(
-        f"\nheld-out MAPE, {members}-member ensemble with flip TTA: {summary['heldout_mape']:.4f}\n"
-        f"mean-velocity-profile baseline:                  {summary['baseline_mape']:.4f}  "
-        f"({ratio:.1f}x the ensemble's error)\n"
+        f"\n{label} {summary['heldout_mape']:.4f}  ({share:.2f}x the baseline's)\n"
+        f"{'mean-velocity-profile baseline:':<{len(label)}} {summary['baseline_mape']:.4f}\n"
         f"plots: {', '.join(summary['plots'])}\nsummary: {workdir / 'summary.json'}",
         flush=True,
     )

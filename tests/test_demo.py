@@ -1,7 +1,7 @@
 """python -m fwi_jax.demo end to end at a reduced size (16/4/4 synthetic samples, a 2-block
-network, 2 epochs, 2 members): synthesis, training, ensemble inference with TTA, baseline, plots.
-It checks the plumbing and the outputs, not the accuracy (README and the demo config docstring
-give the full-size demo's figures)."""
+network, 2 epochs, 2 members): synthesis, training, ensemble inference with TTA, baseline, plots;
+then scripts/learning_curve.py on the same cached data. They check the plumbing and the outputs,
+not the accuracy (docs/learning.md gives the full-size figures)."""
 
 import json
 import pathlib
@@ -14,12 +14,17 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+SYNTH = pathlib.Path()  # the synthetic cache the demo test made (module order: demo test first)
+
+
 def test_demo_reduced_end_to_end(tmp_path):
+    global SYNTH
+    SYNTH = tmp_path / "synth"
     sets = [
         "synth.n_train=16",
         "synth.n_val=4",
         "synth.n_test=4",
-        f"synth.cache_dir={tmp_path / 'synth'}",
+        f"synth.cache_dir={SYNTH}",
         "train.epochs=2",
         "train.batch_size=4",
         "train.warmup_steps=2",
@@ -62,3 +67,37 @@ def test_demo_reduced_end_to_end(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stdout.count("already trained") == 2 and "synthesising" not in again.stdout
+
+
+def test_learning_curve_stops_the_run_after_the_last_mark(tmp_path):
+    assert SYNTH.is_dir(), "runs after test_demo_reduced_end_to_end, on its cached data"
+    sets = [
+        "synth.n_train=16",
+        "synth.n_val=4",
+        "synth.n_test=4",
+        f"synth.cache_dir={SYNTH}",
+        "train.epochs=1000",
+        "train.batch_size=4",
+        "train.warmup_steps=2",
+        "train.ema_start_epoch=1",
+        "train.constant_fraction=1.0",
+        "model.dim=64",
+        "model.heads=2",
+        "model.depth=2",
+        "model.split=1",
+    ]
+    work = tmp_path / "curve"
+    cmd = [sys.executable, "scripts/learning_curve.py", "--config", "demo", "--workdir", str(work)]
+    cmd += ["--minutes", "0.1", "0.25", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "synthesising" not in proc.stdout  # the cached data, before the clock starts
+    rows = [ln.split("|") for ln in proc.stdout.splitlines() if ln.startswith("| 0.")]
+    assert [r[1].strip() for r in rows] == ["0.1", "0.25"]
+    csv = (work / "learning_curve.csv").read_text().splitlines()
+    assert csv[0] == "step,sample_steps,epoch,minutes,val_mape" and len(csv) >= 3
+    minutes = [float(ln.split(",")[3]) for ln in csv[1:]]
+    assert minutes == sorted(minutes) and 0.1 < minutes[-1] < 1.0  # stopped soon after 15 s
+    assert (work / "learning_curve.png").read_bytes()[:8] == PNG
+    last = max(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert last < 4000  # SIGTERM stopped it long before its 1000 epochs, with a checkpoint

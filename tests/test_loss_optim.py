@@ -36,9 +36,10 @@ def test_base_and_hard_losses_match_numpy():
     h = h * (v.shape[1] * v.shape[2]) / h.sum(axis=(1, 2), keepdims=True)
     np.testing.assert_allclose(hard_mining_loss(pred, v), np.mean(e * w * h), rtol=1e-6)
     np.testing.assert_allclose(mape_per_sample(pred, v), e.mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(get_loss("mape")(pred, v), e.mean(), rtol=1e-6)  # no depth weight
     assert get_loss("base") is base_loss and get_loss("hard") is hard_mining_loss
     with pytest.raises(
-        ConfigError, match="train.loss='l2' is not a valid choice: choose one of base, hard"
+        ConfigError, match="train.loss='l2' is not a valid choice: choose one of base, hard, mape"
     ):
         Config().replace(**{"train.loss": "l2"})  # checked when the config is made, not when used
 

@@ -155,6 +155,20 @@ def test_constant_channel_once_runs_five_channels_per_sample():
     assert off[2] - on[2] == pytest.approx(2 * unit, rel=0.05)  # B = 3 saves two channels
 
 
+def test_time_power_is_a_gain_on_the_input():
+    """geometry.time_power=p multiplies time sample t by (2 (t + 0.5) / n_time) ** p before the
+    fold: the same as feeding the plain model the gained input (the zero channel stays zero)."""
+    cfg = small_cfg()
+    gained = cfg.replace(**{"geometry.time_power": 2.0})
+    graphdef, params = create_model(gained)
+    x = seismic((2, 6, SMALL.n_time, SMALL.n_receivers))
+    t = (np.arange(SMALL.n_time) + 0.5) * 2.0 / SMALL.n_time
+    want = jit_apply(create_model(cfg)[0])(params, x * (t**2)[:, None])
+    got = jit_apply(graphdef)(params, x)
+    np.testing.assert_allclose(got, want, atol=2e-5)  # km/s; float32 rounding of the gain
+    assert np.abs(got - jit_apply(create_model(cfg)[0])(params, x)).max() > 1e-3  # it acts
+
+
 def test_constant_tokens_are_the_zero_channels_tokens():
     """`constant_tokens` is what the zero channel becomes after blocks[:split] in the per-sample
     computation: a model with split = depth fuses the channels last, so the output is a fixed
