@@ -9,7 +9,9 @@ v_min (float32) -> velocity (B, depth, x) km/s.
 ``geometry.head``: ``pixel_shuffle`` (the reference: Linear(dim -> head_h*head_w) per token, pixel
 shuffle, crop) or ``token_linear`` (the first place: Linear(dim -> x) per token, the token axis
 area-resized to depth). ``geometry.channels=5`` drops the zero channel first; ``input_scale``
-rescales amplitudes (the first place's inputs are 10x smaller than the reference's).
+rescales amplitudes (the first place's inputs are 10x smaller than the reference's). The demo's
+additions, off in the reference's configs: ``geometry.time_power`` (a t-power gain on the input)
+and ``model.depth_prior`` (a trained per-depth logit added before the sigmoid).
 
 With ``model.constant_channel_once`` (the default; six channels and mean fusion only) only the five
 shots run per sample; the all-zero channel 151, whose tokens after blocks[:split] are a function of
