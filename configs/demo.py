@@ -14,8 +14,9 @@ saturated the output sigmoid); the depth prior starts the network at the trainin
 velocity profile; a t-power gain lifts the late reflections (docs/learning.md).
 Expected result: held-out MAPE 0.0675 with flip TTA, 0.77x the mean-velocity-profile baseline's
 0.0871 (2026-12-02, 2-core AMD EPYC; the CPU's summation order moves the last digits).
-Cost: 10 min 29 s for `python -m fwi_jax.demo` with an empty data cache, the install excluded
-(same date and machine): synthesis 111 s, training 501 s.
+Cost: 10 min 29 s and 11 min 14 s (two runs, the same result) for `python -m fwi_jax.demo` with
+an empty data cache, the install excluded (same date and machine): synthesis 111-130 s, training
+501-516 s.
 """
 
 from fwi_jax.config import Config, DataConfig, Geometry, ModelConfig, SynthConfig, TrainConfig
