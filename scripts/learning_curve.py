@@ -37,29 +37,30 @@ sys.path.insert(0, str(REPO))
 
 def read_vals(metrics: pathlib.Path, batch: int) -> list[dict]:
     """Validation records of a run's metrics.jsonl: step, sample_steps, epoch, minutes, val_mape."""
-    if not metrics.exists():
-        return []
-    out = []
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line) if line.strip() else {}
-        if "val/mape" in r:
-            out.append(
-                {
-                    "step": r["step"],
-                    "sample_steps": r["step"] * batch,
-                    "epoch": r["epoch"],
-                    "minutes": r["wall_s"] / 60,
-                    "val_mape": r["val/mape"],
-                }
-            )
-    return out
+    from fwi_jax.plots import read_metrics
+
+    return [
+        {
+            "step": r["step"],
+            "sample_steps": r["step"] * batch,
+            "epoch": r["epoch"],
+            "minutes": r["wall_s"] / 60,
+            "val_mape": r["val/mape"],
+        }
+        for r in (read_metrics(metrics) if metrics.exists() else [])
+        if "val/mape" in r
+    ]
 
 
 def last_wall_s(metrics: pathlib.Path) -> float:
-    lines = (
-        [ln for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
-    )
-    return json.loads(lines[-1]).get("wall_s", 0.0) if lines else 0.0
+    """wall_s of the newest complete record (0 before any); a line still being written is skipped."""
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    for line in reversed(lines):
+        try:
+            return json.loads(line).get("wall_s", 0.0)
+        except json.JSONDecodeError:
+            continue
+    return 0.0
 
 
 def at_marks(vals: list[dict], marks: list[float]) -> list[dict | None]:
