@@ -53,7 +53,7 @@ def read_vals(metrics: pathlib.Path, batch: int) -> list[dict]:
 
 
 def last_wall_s(metrics: pathlib.Path) -> float:
-    """wall_s of the newest complete record (0 before any); a line still being written is skipped."""
+    """wall_s of the newest complete record (0 before any); a half-written line is skipped."""
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     for line in reversed(lines):
         try:
