@@ -142,6 +142,10 @@ class ModelConfig:
     # key block of blockwise, query block of query_blocks / fused_cpu (None: per impl and pass)
     attention_block: int | None = None
     remat: str = "none"  # none | full | dots (rematerialisation policy per block)
+    # run each block stack (before and after the split) as one lax.scan over stacked weights, so
+    # that remat bounds memory on any backend: XLA:CPU schedules an unrolled stack's recomputed
+    # blocks early and keeps them all, a scan recomputes one block per loop iteration
+    scan_blocks: bool = False
     ref_feat_shape: tuple[int, int] = (16, 16)  # RoPE reference grid (timm)
     v_min: float = 1.5  # km/s; output = sigmoid(.) * v_span + v_min
     v_span: float = 3.0

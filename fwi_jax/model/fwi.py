@@ -50,6 +50,24 @@ REMAT_POLICIES = {
 }
 
 
+def _scan_blocks(blocks, x, sin, cos, policy):
+    """``blocks`` (identical structure) applied in order as one ``lax.scan`` over their stacked
+    weights, each iteration under ``jax.checkpoint(policy)`` when a policy is given. The weights
+    stay one module per block (the converter's names); stacking them per call costs a copy of
+    the stack's weights. Written out because nnx's own scan wants weights created stacked."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.split(b)[1] for b in blocks]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def body(h, state):
+        return nnx.merge(graphdef, state)(h, sin, cos), None
+
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, stacked)
+    return x
+
+
 def model_size(cfg: Config) -> EvaSize:
     """timm's widths for ``cfg.model.size`` with the config's dim/depth/heads overrides."""
     m = cfg.model
@@ -157,6 +175,8 @@ class FWIModel(nnx.Module):
             jnp.asarray(t) for t in rope_table(g.grid, self.head_dim, self.cfg.model.ref_feat_shape)
         )
         policy = REMAT_POLICIES.get(self.cfg.model.remat)
+        if self.cfg.model.scan_blocks and len(blocks) > 1:
+            return _scan_blocks(blocks, x, sin, cos, policy)
         for block in blocks:
             if policy is None:
                 x = block(x, sin, cos)
