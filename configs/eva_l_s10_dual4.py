@@ -9,7 +9,8 @@ Command:
     python scripts/bench_infer.py --config eva_l_s10_dual4 --members 1 --samples 3 \
         --torch-samples 3                       # against their PyTorch module, ~8 min idle
     python scripts/bench_train.py --config eva_l_s10_dual4 --batch 1 --steps 3 --warmup 1 \
-        --attention auto --remat none --set train.optimizer=adamw   # needs > 24 GiB of RAM
+        --attention auto --remat full --set train.optimizer=adamw \
+        --set model.scan_blocks=true            # against their PyTorch module, ~25 min idle
     python scripts/memory_estimate.py --config eva_l_s10_dual4 --batch 1 --dtype float16 \
         --attention blockwise --remat full dots   # GPU memory, compile only, ~12 min
     python -m fwi_jax.infer --config eva_l_s10_dual4 --checkpoints eva_l_s10_dual4_fold0.pt \
@@ -26,7 +27,9 @@ loss with a cosine-then-constant schedule that `train.loss` does not offer. Expe
 measured with this code. Cost: 3.4 TFLOP per forward pass at batch 1 (XLA's count; five channels
 through 10 of 24 blocks of 1601 tokens); float16 training at batch 1 needs 8.5 GiB (remat full) or
 10.5 GiB (dots) on a GPU (estimates); on a 2-core CPU one sample with flip TTA takes 51 s (PyTorch
-59 s); the first place reports about 13 h per fold on an A6000 for 30 epochs at batch 1.
+59 s), and a float32 training step at batch 1 97 s with remat full and scanned blocks (11.3 GiB;
+PyTorch 94 s; unrolled without remat it needs more than 24 GiB); the first place reports about
+13 h per fold on an A6000 for 30 epochs at batch 1.
 """
 
 from fwi_jax.config import Config, Geometry, ModelConfig, TrainConfig
