@@ -74,14 +74,15 @@ def fold(x, factor: int):
     return x.reshape(*lead, t // factor, r * factor)
 
 
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float32 weights of 1-D linear interpolation with half-pixel centres and no
-    antialiasing, the weights of PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)``.
+def bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """1-D linear interpolation with half-pixel centres and no antialiasing, as PyTorch's
+    ``F.interpolate(mode="bilinear", align_corners=False)``: output i = w0[i] in[i0[i]] +
+    w1[i] in[i1[i]]. Returns (i0, i1, w0, w1): int64 indices and float32 weights, each (n_out,).
 
-    Written by hand because a resize expressed as two small matmuls is both exact (jax.image.resize
-    renormalises edge weights differently for downsampling) and fast on every backend."""
-    # source index in float32 as PyTorch's CPU kernel computes it (a fused multiply-add of the
-    # float32 scale), so the weights carry the same rounding (up to 3e-5 at source rows near 1000)
+    Written by hand because jax.image.resize renormalises edge weights differently when it
+    downsamples; the source index is computed in float32 as PyTorch's CPU kernel does (a fused
+    multiply-add of the float32 scale), so the weights carry the same rounding (up to 3e-5 at
+    source rows near 1000)."""
     f32 = np.float32
     scale = np.float64(f32(n_in) / f32(n_out))
     src = (scale * (np.arange(n_out) + 0.5) - 0.5).astype(f32)
@@ -89,26 +90,28 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
     i0 = np.minimum(src.astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     w1 = src - i0.astype(f32)
-    m = np.zeros((n_out, n_in), np.float64)
-    rows = np.arange(n_out)
-    np.add.at(m, (rows, i0), (f32(1.0) - w1).astype(np.float64))
-    np.add.at(m, (rows, i1), w1.astype(np.float64))
-    return m.astype(np.float32)
+    return i0, i1, (f32(1.0) - w1).astype(f32), w1.astype(f32)
+
+
+def resize_axis(x, n_out: int, axis: int):
+    """Bilinear resize of one axis of a JAX array to ``n_out`` by gathering the two taps of
+    `bilinear_taps`: 3 n_out multiply-adds per line, where a dense matrix costs 2 n_in n_out."""
+    import jax.numpy as jnp
+
+    axis = axis % x.ndim
+    i0, i1, w0, w1 = bilinear_taps(x.shape[axis], n_out)
+    bcast = (slice(None),) + (None,) * (x.ndim - 1 - axis)
+    w0, w1 = jnp.asarray(w0)[bcast], jnp.asarray(w1)[bcast]
+    return (
+        jnp.take(x, jnp.asarray(i0), axis=axis) * w0 + jnp.take(x, jnp.asarray(i1), axis=axis) * w1
+    )
 
 
 def fold_and_resize(x, factor: int, size: tuple[int, int]):
-    """Model input (..., T, R) float32 -> folded (T/factor, R*factor) -> bilinear (size) image.
-    Jittable; the resize runs as ``Wh @ folded @ Ww^T`` in float32 at full precision."""
-    import jax
-    import jax.numpy as jnp
-
+    """Model input (..., T, R) float32 -> folded (T/factor, R*factor) -> bilinear (size) image
+    (PyTorch's bilinear resize, two taps per axis: `resize_axis`). Jittable."""
     folded = fold(x, factor)
-    h_in, w_in = folded.shape[-2:]
-    wh = jnp.asarray(bilinear_matrix(h_in, size[0]))
-    ww = jnp.asarray(bilinear_matrix(w_in, size[1]))
-    hi = jax.lax.Precision.HIGHEST
-    y = jnp.einsum("oh,...hw->...ow", wh, folded, precision=hi)
-    return jnp.einsum("...ow,pw->...op", y, ww, precision=hi)
+    return resize_axis(resize_axis(folded, size[0], -2), size[1], -1)
 
 
 def area_matrix(n_in: int, n_out: int) -> np.ndarray:

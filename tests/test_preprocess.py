@@ -83,7 +83,7 @@ def test_fold_layout():
 
 @pytest.mark.parametrize("size", [(1260, 308), (420, 84), (56, 42)])
 def test_fold_and_resize_matches_torch(size):
-    """Resize as two float32 matmuls vs F.interpolate: max |Δ| ≤ 1e-5 on unit-scale data (each
+    """Resize as two taps per axis vs F.interpolate: max |Δ| ≤ 1e-5 on unit-scale data (each
     output is a convex combination of 4 inputs; float32 rounding is ~1e-7)."""
     x = shots_to_input(shots(3))
     expected = torch_fold_resize(torch.from_numpy(x), 10, size).numpy()
