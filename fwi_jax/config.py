@@ -84,9 +84,6 @@ class Geometry:
     # t-power gain in the model: sample t of every trace times (2 (t + 0.5) / n_time) ** time_power
     # (1 at mid-record), lifting late, weak reflections against the direct wave; 0 = none
     time_power: float = 0.0
-    # amplitude compression in the model, after the gain: x -> asinh(x / s) with s this value
-    # (linear below s, logarithmic above: weak reflections against the direct wave); 0 = none
-    amplitude_asinh: float = 0.0
     head: str = "pixel_shuffle"  # pixel_shuffle (head_patch px per token, crop) | token_linear
     flip_channels: bool = True  # the flip (TTA, augmentation) reverses channels besides receivers
 
@@ -104,11 +101,6 @@ class Geometry:
         if h % self.patch or w % self.patch:
             raise ConfigError(
                 f"geometry.resize={self.resize} is not a multiple of geometry.patch={self.patch}"
-            )
-        if self.amplitude_asinh < 0:
-            raise ConfigError(
-                f"geometry.amplitude_asinh={self.amplitude_asinh}: the asinh scale must be > 0 "
-                "(0 switches the compression off)"
             )
         if self.channels not in (5, 6):
             raise ConfigError(

@@ -169,21 +169,6 @@ def test_time_power_is_a_gain_on_the_input():
     assert np.abs(got - jit_apply(create_model(cfg)[0])(params, x)).max() > 1e-3  # it acts
 
 
-def test_amplitude_asinh_compresses_the_gained_input():
-    """geometry.amplitude_asinh=s feeds asinh(gain x / s) to the plain model: after the t-power
-    gain, before the fold (the zero channel stays zero)."""
-    cfg = small_cfg()
-    both = cfg.replace(**{"geometry.time_power": 1.0, "geometry.amplitude_asinh": 0.5})
-    graphdef, params = create_model(both)
-    x = seismic((2, 6, SMALL.n_time, SMALL.n_receivers))
-    t = (np.arange(SMALL.n_time) + 0.5) * 2.0 / SMALL.n_time
-    want = jit_apply(create_model(cfg)[0])(params, np.arcsinh(x * t[:, None] / 0.5))
-    got = jit_apply(graphdef)(params, x)
-    np.testing.assert_allclose(got, want, atol=2e-5)  # km/s; float32 rounding
-    plain = jit_apply(create_model(cfg.replace(**{"geometry.time_power": 1.0}))[0])(params, x)
-    assert np.abs(got - plain).max() > 1e-3  # it acts
-
-
 def test_constant_tokens_are_the_zero_channels_tokens():
     """`constant_tokens` is what the zero channel becomes after blocks[:split] in the per-sample
     computation: a model with split = depth fuses the channels last, so the output is a fixed

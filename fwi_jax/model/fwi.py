@@ -10,9 +10,8 @@ v_min (float32) -> velocity (B, depth, x) km/s.
 shuffle, crop) or ``token_linear`` (the first place: Linear(dim -> x) per token, the token axis
 area-resized to depth). ``geometry.channels=5`` drops the zero channel first; ``input_scale``
 rescales amplitudes (the first place's inputs are 10x smaller than the reference's). The demo's
-additions, off in the reference's configs: ``geometry.time_power`` (a t-power gain on the input),
-``geometry.amplitude_asinh`` (asinh compression of the amplitudes, after the gain) and
-``model.depth_prior`` (a trained per-depth logit added before the sigmoid).
+additions, off in the reference's configs: ``geometry.time_power`` (a t-power gain on the input)
+and ``model.depth_prior`` (a trained per-depth logit added before the sigmoid).
 
 With ``model.constant_channel_once`` (the default; six channels and mean fusion only) only the five
 shots run per sample; the all-zero channel 151, whose tokens after blocks[:split] are a function of
@@ -226,9 +225,6 @@ class FWIModel(nnx.Module):
         if g.time_power:
             t = (jnp.arange(g.n_time, dtype=jnp.float32) + 0.5) * (2.0 / g.n_time)
             x = x * (t**g.time_power)[:, None]
-        if g.amplitude_asinh:
-            s = jnp.float32(g.amplitude_asinh)
-            x = jnp.arcsinh(x / s)
         img = fold_and_resize(x, g.fold, g.resize)  # (B, n, H, W)
         tokens = self._tokens(img.reshape(b * n, *g.resize))
         tokens = self._run_blocks(self.blocks[: m.split], tokens)  # channels share weights
