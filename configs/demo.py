@@ -12,11 +12,11 @@ member, because a member's validation MAPE still falls at epoch 20 (more epochs 
 second member); lr 1e-3 after a 64-step warmup, with gradient clipping (without the warmup 1e-3
 saturated the output sigmoid); the depth prior starts the network at the training set's mean
 velocity profile; a t-power gain lifts the late reflections (docs/learning.md).
-Expected result: held-out MAPE 0.0675 with flip TTA, 0.77x the mean-velocity-profile baseline's
+Expected result: held-out MAPE 0.0670 with flip TTA, 0.77x the mean-velocity-profile baseline's
 0.0871 (2026-12-02, 2-core AMD EPYC; the CPU's summation order moves the last digits).
-Cost: 10 min 29 s and 11 min 14 s (two runs, the same result) for `python -m fwi_jax.demo` with
-an empty data cache, the install excluded (same date and machine): synthesis 111-130 s, training
-501-516 s.
+Cost: 9 min 58 s and 9 min 42 s (two runs, the same result) for `python -m fwi_jax.demo` with
+an empty data cache, the install excluded (same date and machine): synthesis 131-133 s, training
+439-449 s.
 """
 
 from fwi_jax.config import Config, DataConfig, Geometry, ModelConfig, SynthConfig, TrainConfig
