@@ -124,8 +124,10 @@ class Forward:
                 "calibrate --data DIR --profile cpml8 --out FILE, and pass --calibration FILE)"
             )
 
-    def traces(self, v: jax.Array, remat: bool = False) -> jax.Array:
-        """Differentiable calibrated cpml8 gathers (n_src, n_t, R) of one model (nx, nz) km/s."""
+    def traces(self, v: jax.Array, remat: bool = False, adjoint: bool = False) -> jax.Array:
+        """Differentiable calibrated cpml8 gathers (n_src, n_t, R) of one model (nx, nz) km/s.
+        Gradient: JAX's through the time loop (``remat``: blocks recomputed), or the
+        adjoint-state one (``adjoint``; ``wave._adjoint_shot``), about 5x faster on a CPU."""
         self.require_differentiable()
         c = self.calibration
         sim = wave.simulate_shots(
@@ -137,6 +139,7 @@ class Forward:
             model_dx=self.model_dx,
             block=self.block,
             remat=remat,
+            adjoint=adjoint,
             shot_batch=1 if jax.default_backend() == "cpu" else None,
         )
         return (c.polarity * c.scale) * _shift(sim, c.shift)
@@ -282,13 +285,19 @@ def normalize_by_max() -> optax.GradientTransformation:
 @dataclasses.dataclass(frozen=True)
 class RefineConfig:
     """stages: ((cutoff Hz or None, iterations), ...); lr: largest step in km/s; tv: weight of
-    the total-variation term; momentum: of the SGD steps; v_range: (lo, hi) km/s."""
+    the total-variation term; momentum: of the SGD steps; v_range: (lo, hi) km/s; gradient:
+    "adjoint" (adjoint-state, ~3 forward runs) or "autodiff" (jax.grad through the time loop,
+    exact for the discrete scheme, ~30 forward runs on a CPU); depth_power: the gradient is
+    multiplied by (depth cell + 1)^depth_power before the step is scaled (the deep part's
+    gradient is weak: geometric spreading)."""
 
     stages: tuple = DEFAULT_STAGES
     lr: float = 0.02
     tv: float = 0.05
     momentum: float = 0.5
     v_range: tuple = V_RANGE
+    gradient: str = "adjoint"  # adjoint (adjoint-state) | autodiff (jax.grad through the loop)
+    depth_power: float = 1.0
 
     def check(self) -> RefineConfig:
         lo, hi = self.v_range
@@ -298,6 +307,8 @@ class RefineConfig:
             raise PhysicsError(
                 f"--stages {self.stages}: need cutoff > 0 Hz (or full) and iterations >= 0"
             )
+        if self.gradient not in ("adjoint", "autodiff"):
+            raise PhysicsError(f"--gradient {self.gradient!r}: adjoint or autodiff")
         if self.lr <= 0 or self.tv < 0 or not 0 <= self.momentum < 1:
             raise PhysicsError(f"lr {self.lr} must be > 0, tv {self.tv} >= 0, momentum in [0, 1)")
         return self
@@ -318,8 +329,26 @@ def parse_stages(text: str) -> tuple:
     return tuple(out)
 
 
+def depth_gain(power: float) -> optax.GradientTransformation:
+    """Multiply each update (..., nx, nz) by (depth cell + 1)^power (a depth preconditioner)."""
+
+    def update(updates, state, params=None):
+        del params
+        if power == 0:
+            return updates, state
+        return jax.tree.map(
+            lambda g: g * (jnp.arange(1, g.shape[-1] + 1, dtype=g.dtype) ** power), updates
+        ), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg: RefineConfig) -> optax.GradientTransformation:
-    return optax.chain(normalize_by_max(), optax.sgd(cfg.lr, momentum=cfg.momentum or None))
+    return optax.chain(
+        depth_gain(cfg.depth_power),
+        normalize_by_max(),
+        optax.sgd(cfg.lr, momentum=cfg.momentum or None),
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -330,7 +359,8 @@ def make_stage_step(forward: Forward, cfg: RefineConfig, cutoff: float | None):
     optimizer = make_optimizer(cfg)
 
     def loss(v, obs_f):
-        sim = lowpass(forward.traces(v, remat=True), cutoff)
+        adjoint = cfg.gradient == "adjoint"
+        sim = lowpass(forward.traces(v, remat=not adjoint, adjoint=adjoint), cutoff)
         rel2 = jnp.sum((sim - obs_f) ** 2) / jnp.maximum(jnp.sum(obs_f**2), 1e-30)
         return rel2 + cfg.tv * total_variation(v), jnp.sqrt(rel2)
 

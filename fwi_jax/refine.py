@@ -2,7 +2,8 @@
 
     python -m fwi_jax.refine --data DIR --pred SUB.npz --out REFINED.npz [--list ids.txt]
         [--calibration FILE] [--mode fast|full] [--stages 6:6,10:6,full:8] [--lr 0.02] [--tv 0.05]
-        [--v-range 1.5 4.5] [--t-max 1.0] [--batch 1] [--csv FILE] [--plot K]
+        [--depth-power 1] [--gradient adjoint|autodiff] [--v-range 1.5 4.5] [--t-max 1.0]
+        [--batch 1] [--csv FILE] [--plot K]
 
 Each prediction is the start of an inversion against the shot gathers of its sample folder
 (``fwi_jax.physics.refine``: jax.grad through the calibrated solver, low frequencies first, a
@@ -64,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--tv", type=float, default=0.05, help="total-variation weight (default 0.05)")
     ap.add_argument(
+        "--depth-power",
+        type=float,
+        default=1.0,
+        help="gradient times (depth cell + 1)^P before the step (default 1)",
+    )
+    ap.add_argument(
+        "--gradient",
+        choices=("adjoint", "autodiff"),
+        default="adjoint",
+        help="adjoint-state (default, ~3 forward runs) or jax.grad through the time loop",
+    )
+    ap.add_argument(
         "--v-range",
         type=float,
         nargs=2,
@@ -99,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch < 1:
             raise PhysicsError(f"--batch {args.batch}: must be at least 1")
         cfg = RefineConfig(
-            stages=parse_stages(args.stages), lr=args.lr, tv=args.tv, v_range=tuple(args.v_range)
+            stages=parse_stages(args.stages),
+            lr=args.lr,
+            tv=args.tv,
+            v_range=tuple(args.v_range),
+            depth_power=args.depth_power,
+            gradient=args.gradient,
         ).check()
         forward, what = load_forward(root, args.calibration, mode=args.mode, t_max=args.t_max)
         forward.require_differentiable()

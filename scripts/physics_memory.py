@@ -1,6 +1,6 @@
 """Memory of the refinement gradient at full size: XLA's analysis of the compiled program.
 
-    python scripts/physics_memory.py [--mode full] [--block 100] [--no-remat] [--run]
+    python scripts/physics_memory.py [--mode full] [--block 100] [--no-remat | --adjoint] [--run]
 
 Lowers and compiles jax.grad of the relative misfit of one (300, 1259) model against five shots
 of 10,001 samples (``fwi_jax.physics.Forward``) and prints XLA's memory analysis (arguments,
@@ -26,19 +26,21 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=100)
     ap.add_argument("--no-remat", action="store_true")
     ap.add_argument("--run", action="store_true")
+    ap.add_argument("--adjoint", action="store_true", help="the adjoint-state gradient")
     args = ap.parse_args()
     fwd = physics.Forward(mode_name=args.mode, block=args.block)
     v = jnp.full((300, 1259), 2.5, jnp.float32)
     obs = jnp.zeros((5, fwd.n_t, 31), jnp.float32)
 
     def loss(v):
-        sim = fwd.traces(v, remat=not args.no_remat)
+        sim = fwd.traces(v, remat=not (args.no_remat or args.adjoint), adjoint=args.adjoint)
         return jnp.sum((sim - obs) ** 2)
 
     t0 = time.perf_counter()
     compiled = jax.jit(jax.grad(loss)).lower(v).compile()
     print(
-        f"mode {args.mode}, block {args.block}, remat {not args.no_remat}, {fwd.n_t} output "
+        f"mode {args.mode}, block {args.block}, remat {not args.no_remat}, adjoint "
+        f"{args.adjoint}, {fwd.n_t} output "
         "samples; "
         f"compiled in {time.perf_counter() - t0:.1f} s"
     )

@@ -285,6 +285,153 @@ def _shift(u, k, axis, n_out, r):
     return jax.lax.slice_in_dim(u, r + k, r + k + n_out, axis=axis)
 
 
+class _Scheme:
+    """The leapfrog of one padded model: ``carry0`` (w, u, CPML memory), ``step(carry, rows, cols,
+    vals)`` (one time step with ``vals`` added to w at the points (rows, cols) of w's grid; vals
+    already carry the Courant factor) and ``r`` (the stencil half-width: w's row 0 is u's row r)."""
+
+    def __init__(self, v: jax.Array, mode: Mode, f0: float, v_max: jax.Array | None = None):
+        order, npml, dt, dx = mode.order, mode.pml, mode.dt, mode.dx
+        r = order // 2
+        c2 = second_derivative_coeffs(order).astype(np.float32)
+        d1 = first_derivative_coeffs(order).astype(np.float32)
+        nx, nz = v.shape
+        mx, mz = nx - 2 * r, nz - 2 * r  # updated cells; the outer r on each side stay 0
+        p = npml - r  # CPML cells in each updated strip
+        v_max = jax.lax.stop_gradient(jnp.max(v) if v_max is None else v_max)
+        a_l, b_l = _pml_profile(npml, dx, dt, v_max, f0)
+        a_l, b_l = a_l[r:], b_l[r:]  # the strips' cells that are updated
+        a_r, b_r = a_l[::-1], b_l[::-1]
+        courant2 = ((v * (1e3 * dt / dx)) ** 2).astype(jnp.float32)
+        if mode.sponge:
+            # m·u_tt − ∇²u + damp·u_t = 0 with a centred u_t: w ← a·w + b·c²∇²u, η = damp·v²·dt/2
+            dx_ = sponge_profile(nx - 2 * mode.pad, mode)
+            dz_ = sponge_profile(nz - 2 * mode.pad, mode)
+            damp = jnp.asarray((dx_[:, None] + dz_[None, :]).astype(np.float32))
+            eta = damp * v**2 * (dt * 1e3 / 2.0)  # v in m/ms, dt in ms
+            damp_a = ((1.0 - eta) / (1.0 + eta))[r : nx - r]
+            damp_b = (1.0 / (1.0 + eta))[r : nx - r]
+
+        def laplacian(u):  # (nx, nz) -> (mx, mz), dimensionless (grid units)
+            out = (2.0 * c2[0]) * _shift(_shift(u, 0, 0, mx, r), 0, 1, mz, r)
+            for k in range(1, r + 1):
+                ux = _shift(u, 0, 1, mz, r)
+                uz = _shift(u, 0, 0, mx, r)
+                out = out + c2[k] * (_shift(ux, k, 0, mx, r) + _shift(ux, -k, 0, mx, r))
+                out = out + c2[k] * (_shift(uz, k, 1, mz, r) + _shift(uz, -k, 1, mz, r))
+            return out
+
+        def d_first(w, axis, n_out):
+            """Central 1st derivative of w (already padded by r along ``axis``) -> n_out cells."""
+            out = 0.0
+            for k in range(1, r + 1):
+                out = out + d1[k - 1] * (
+                    _shift(w, k, axis, n_out, r) - _shift(w, -k, axis, n_out, r)
+                )
+            return out
+
+        def strip_terms(ustrip, psi, zeta, lap_strip, a, b, axis):
+            """CPML correction in one strip. ustrip: u over the strip + r cells each side along
+            axis."""
+            n = psi.shape[axis]
+            shape = [1, 1]
+            shape[axis] = n
+            a, b = a.reshape(shape), b.reshape(shape)
+            du = d_first(ustrip, axis, n)
+            psi = b * psi + a * du
+            pad = [(0, 0), (0, 0)]
+            pad[axis] = (r, r)
+            dpsi = d_first(jnp.pad(psi, pad), axis, n)
+            zeta = b * zeta + a * (lap_strip + dpsi)
+            return psi, zeta, dpsi + zeta
+
+        def d2_axis(u, axis, region):  # second derivative along one axis only, for the strip
+            (x0, x1), (z0, z1) = region
+            sub = u[
+                x0 - r * (axis == 0) : x1 + r * (axis == 0),
+                z0 - r * (axis == 1) : z1 + r * (axis == 1),
+            ]
+            n = (x1 - x0) if axis == 0 else (z1 - z0)
+            out = c2[0] * _shift(sub, 0, axis, n, r)
+            for k in range(1, r + 1):
+                out = out + c2[k] * (_shift(sub, k, axis, n, r) + _shift(sub, -k, axis, n, r))
+            return out
+
+        # strips in padded-array coordinates (updated cells only)
+        regions = {
+            "xl": ((r, r + p), (r, nz - r)),
+            "xr": ((nx - r - p, nx - r), (r, nz - r)),
+            "zt": ((r, nx - r), (r, r + p)),
+            "zb": ((r, nx - r), (nz - r - p, nz - r)),
+        }
+        profiles = {
+            "xl": (a_l, b_l, 0),
+            "xr": (a_r, b_r, 0),
+            "zt": (a_l, b_l, 1),
+            "zb": (a_r, b_r, 1),
+        }
+
+        c2strip = {name: courant2[x0:x1, z0:z1] for name, ((x0, x1), (z0, z1)) in regions.items()}
+        # w lives on the updated rows r..nx-r-1 over all nz columns (its halo columns stay 0), so
+        # that u += w updates whole rows: XLA's CPU dynamic-update-slice is ~4x slower on a 2-D
+        # window
+        c2rows = courant2[r : nx - r].at[:, :r].set(0.0).at[:, nz - r :].set(0.0)
+
+        def step(carry, rows, cols, vals):
+            # leapfrog in increment form: w = u(t) - u(t - dt) on the updated rows, so that
+            # w += c²·(∇²u + CPML terms) and u += w update both wavefields in place (no rotation, no
+            # full-grid copies; recording u after the update keeps XLA from copying it too)
+            w, u, mem = carry
+            new_mem = {}
+            corr = {}
+            for name, ((x0, x1), (z0, z1)) in regions.items():
+                a, b, axis = profiles[name]
+                ustrip = u[
+                    x0 - r * (axis == 0) : x1 + r * (axis == 0),
+                    z0 - r * (axis == 1) : z1 + r * (axis == 1),
+                ]
+                psi, zeta = mem[name]
+                lap_axis = d2_axis(u, axis, ((x0, x1), (z0, z1)))
+                psi, zeta, corr[name] = strip_terms(ustrip, psi, zeta, lap_axis, a, b, axis)
+                new_mem[name] = (psi, zeta)
+            # one pass over the grid: Laplacian + the depth strips' terms (narrow in the
+            # contiguous axis, where a separate in-place add costs ~10x its size); the x strips are
+            # added in place after
+            lap_z = jnp.pad(corr["zt"], ((0, 0), (0, mz - p))) + jnp.pad(
+                corr["zb"], ((0, 0), (mz - p, 0))
+            )
+            if mode.sponge:
+                w = damp_a * w + damp_b * c2rows * jnp.pad(laplacian(u) + lap_z, ((0, 0), (r, r)))
+            else:
+                w = w + c2rows * jnp.pad(laplacian(u) + lap_z, ((0, 0), (r, r)))
+            for name in ("xl", "xr"):
+                (x0, x1), (z0, z1) = regions[name]
+                w = w.at[x0 - r : x1 - r, z0:z1].add(c2strip[name] * corr[name])
+            w = w.at[rows, cols].add(vals)
+            u_new = u.at[r:-r, :].add(w)
+            return (w, u_new, new_mem)
+
+        mem0 = {
+            name: (jnp.zeros((x1 - x0, z1 - z0), jnp.float32),) * 2
+            for name, ((x0, x1), (z0, z1)) in regions.items()
+        }
+        self.carry0 = (jnp.zeros((mx, nz), jnp.float32), jnp.zeros((nx, nz), jnp.float32), mem0)
+        self.step, self.r, self.courant2 = step, r, courant2
+
+
+def _points(src_or_rec: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Stencil points of P positions: rows (P, 4, 1), cols (P, 1, 4) and weights (P, 4, 4)."""
+    ix, wx, iz, wz = (jnp.asarray(a) for a in src_or_rec)
+    w = (wx[:, :, None] * wz[:, None, :]).astype(jnp.float32)
+    return ix[:, :, None], iz[:, None, :], w
+
+
+def _record(u: jax.Array, rec: tuple) -> jax.Array:
+    """u at the receivers (R,) by their stencil weights."""
+    rows, cols, w = rec
+    return jnp.sum(u[rows, cols] * w, axis=(1, 2))
+
+
 def propagate(
     v: jax.Array,
     src: tuple,
@@ -296,154 +443,135 @@ def propagate(
     block: int = 50,
     unroll: int = 1,
     remat: bool = False,
+    adjoint: bool = False,
 ) -> jax.Array:
     """One shot. v: (nx_pad, nz_pad) km/s on the padded grid; wavelet: (n_t,) source amplitude at
     each internal step. src/rec: (idx_x, w_x, idx_z, w_z) arrays (see ``_point_stencils``), one
     source and R receivers. Returns u at the receivers, (n_t, R) float32, sample n = u(t = n·dt).
+
+    Gradients: by default JAX differentiates the time loop (exact for the discrete scheme; with
+    ``remat`` each block of ``block`` steps is recomputed in the backward pass). ``adjoint=True``
+    gives the adjoint-state gradient instead (``_adjoint_shot``: about 3 forward runs' cost).
     """
-    order, npml, dt, dx = mode.order, mode.pml, mode.dt, mode.dx
-    r = order // 2
-    c2 = second_derivative_coeffs(order).astype(np.float32)
-    d1 = first_derivative_coeffs(order).astype(np.float32)
-    nx, nz = v.shape
-    mx, mz = nx - 2 * r, nz - 2 * r  # updated cells; the outer r on each side stay 0
-    p = npml - r  # CPML cells in each updated strip
-    v_max = jax.lax.stop_gradient(jnp.max(v))
-    a_l, b_l = _pml_profile(npml, dx, dt, v_max, f0)
-    a_l, b_l = a_l[r:], b_l[r:]  # the strips' cells that are updated
-    a_r, b_r = a_l[::-1], b_l[::-1]
-    courant2 = ((v * (1e3 * dt / dx)) ** 2).astype(jnp.float32)
-    if mode.sponge:
-        # m·u_tt − ∇²u + damp·u_t = 0 with a centred u_t: w ← a·w + b·c²∇²u, η = damp·v²·dt/2
-        dx_ = sponge_profile(nx - 2 * mode.pad, mode)
-        dz_ = sponge_profile(nz - 2 * mode.pad, mode)
-        damp = jnp.asarray((dx_[:, None] + dz_[None, :]).astype(np.float32))
-        eta = damp * v**2 * (dt * 1e3 / 2.0)  # v in m/ms, dt in ms
-        damp_a = ((1.0 - eta) / (1.0 + eta))[r : nx - r]
-        damp_b = (1.0 / (1.0 + eta))[r : nx - r]
-
-    sx_i, sx_w, sz_i, sz_w = (jnp.asarray(a) for a in src)
-    rx_i, rx_w, rz_i, rz_w = (jnp.asarray(a) for a in rec)
-    src_w = (sx_w[0][:, None] * sz_w[0][None, :]).astype(jnp.float32)  # (4, 4)
-    src_amp = src_w * courant2[sx_i[0][:, None], sz_i[0][None, :]]
-    rec_w = (rx_w[:, :, None] * rz_w[:, None, :]).astype(jnp.float32)  # (R, 4, 4)
-
-    def laplacian(u):  # (nx, nz) -> (mx, mz), dimensionless (grid units)
-        out = (2.0 * c2[0]) * _shift(_shift(u, 0, 0, mx, r), 0, 1, mz, r)
-        for k in range(1, r + 1):
-            ux = _shift(u, 0, 1, mz, r)
-            uz = _shift(u, 0, 0, mx, r)
-            out = out + c2[k] * (_shift(ux, k, 0, mx, r) + _shift(ux, -k, 0, mx, r))
-            out = out + c2[k] * (_shift(uz, k, 1, mz, r) + _shift(uz, -k, 1, mz, r))
-        return out
-
-    def d_first(w, axis, n_out):
-        """Central 1st derivative of w (already padded by r along ``axis``) -> n_out cells."""
-        out = 0.0
-        for k in range(1, r + 1):
-            out = out + d1[k - 1] * (_shift(w, k, axis, n_out, r) - _shift(w, -k, axis, n_out, r))
-        return out
-
-    def strip_terms(ustrip, psi, zeta, lap_strip, a, b, axis):
-        """CPML correction in one strip. ustrip: u over the strip + r cells each side along axis."""
-        n = psi.shape[axis]
-        shape = [1, 1]
-        shape[axis] = n
-        a, b = a.reshape(shape), b.reshape(shape)
-        du = d_first(ustrip, axis, n)
-        psi = b * psi + a * du
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (r, r)
-        dpsi = d_first(jnp.pad(psi, pad), axis, n)
-        zeta = b * zeta + a * (lap_strip + dpsi)
-        return psi, zeta, dpsi + zeta
-
-    def d2_axis(u, axis, region):  # second derivative along one axis only, for the strip
-        (x0, x1), (z0, z1) = region
-        sub = u[
-            x0 - r * (axis == 0) : x1 + r * (axis == 0), z0 - r * (axis == 1) : z1 + r * (axis == 1)
-        ]
-        n = (x1 - x0) if axis == 0 else (z1 - z0)
-        out = c2[0] * _shift(sub, 0, axis, n, r)
-        for k in range(1, r + 1):
-            out = out + c2[k] * (_shift(sub, k, axis, n, r) + _shift(sub, -k, axis, n, r))
-        return out
-
-    # strips in padded-array coordinates (updated cells only)
-    regions = {
-        "xl": ((r, r + p), (r, nz - r)),
-        "xr": ((nx - r - p, nx - r), (r, nz - r)),
-        "zt": ((r, nx - r), (r, r + p)),
-        "zb": ((r, nx - r), (nz - r - p, nz - r)),
-    }
-    profiles = {"xl": (a_l, b_l, 0), "xr": (a_r, b_r, 0), "zt": (a_l, b_l, 1), "zb": (a_r, b_r, 1)}
-
-    c2strip = {name: courant2[x0:x1, z0:z1] for name, ((x0, x1), (z0, z1)) in regions.items()}
-    # w lives on the updated rows r..nx-r-1 over all nz columns (its halo columns stay 0), so that
-    # u += w updates whole rows: XLA's CPU dynamic-update-slice is ~4x slower on a 2-D window
-    c2rows = courant2[r : nx - r].at[:, :r].set(0.0).at[:, nz - r :].set(0.0)
-    sxi = sx_i[0] - r  # source rows in w
-
-    def step(carry, f):
-        # leapfrog in increment form: w = u(t) - u(t - dt) on the updated rows, so that
-        # w += c²·(∇²u + CPML terms) and u += w update both wavefields in place (no rotation, no
-        # full-grid copies; recording u after the update keeps XLA from copying it too)
-        w, u, mem = carry
-        new_mem = {}
-        corr = {}
-        for name, ((x0, x1), (z0, z1)) in regions.items():
-            a, b, axis = profiles[name]
-            ustrip = u[
-                x0 - r * (axis == 0) : x1 + r * (axis == 0),
-                z0 - r * (axis == 1) : z1 + r * (axis == 1),
-            ]
-            psi, zeta = mem[name]
-            lap_axis = d2_axis(u, axis, ((x0, x1), (z0, z1)))
-            psi, zeta, corr[name] = strip_terms(ustrip, psi, zeta, lap_axis, a, b, axis)
-            new_mem[name] = (psi, zeta)
-        # one pass over the grid: Laplacian + the depth strips' terms (narrow in the contiguous
-        # axis, where a separate in-place add costs ~10x its size); the x strips are added in place
-        # after
-        lap_z = jnp.pad(corr["zt"], ((0, 0), (0, mz - p))) + jnp.pad(
-            corr["zb"], ((0, 0), (mz - p, 0))
-        )
+    nt = wavelet.shape[0]
+    nblocks = -(-nt // block)
+    fs = jnp.pad(wavelet.astype(jnp.float32), (0, nblocks * block - nt)).reshape(nblocks, block)
+    if adjoint:
         if mode.sponge:
-            w = damp_a * w + damp_b * c2rows * jnp.pad(laplacian(u) + lap_z, ((0, 0), (r, r)))
-        else:
-            w = w + c2rows * jnp.pad(laplacian(u) + lap_z, ((0, 0), (r, r)))
-        for name in ("xl", "xr"):
-            (x0, x1), (z0, z1) = regions[name]
-            w = w.at[x0 - r : x1 - r, z0:z1].add(c2strip[name] * corr[name])
-        w = w.at[sxi[:, None], sz_i[0][None, :]].add(src_amp * f)
-        u_new = u.at[r:-r, :].add(w)
-        return (w, u_new, new_mem), u_new
+            raise ValueError("the adjoint gradient needs the CPML-only scheme (mode.sponge = 0)")
+        traces = _adjoint_shot(mode, f0, v, src, rec, fs.reshape(-1))
+    else:
+        traces = _forward_shot(v, src, rec, fs, mode=mode, f0=f0, unroll=unroll, remat=remat)
+    # the scan records u((n + 1)·dt) at step n; u(0) = 0
+    return jnp.concatenate([jnp.zeros_like(traces[:1]), traces[: nt - 1]])
 
-    def record(u):
-        patch = u[rx_i[:, :, None], rz_i[:, None, :]]  # (R, 4, 4)
-        return jnp.sum(patch * rec_w, axis=(1, 2))
+
+def _forward_shot(v, src, rec, fs, *, mode, f0, unroll, remat, v_max=None):
+    """Records (n_blocks·block, R) of one shot: step n records u((n + 1)·dt)."""
+    scheme = _Scheme(v, mode, f0, v_max)
+    r = scheme.r
+    rows, cols, sw = _points(src)
+    rows = rows - r  # w's rows
+    amp = sw * scheme.courant2[rows + r, cols]
+    rec = _points(rec)
 
     def step_rec(carry, f):
-        carry, u = step(carry, f)
-        return carry, record(u)
+        carry = scheme.step(carry, rows, cols, amp * f)
+        return carry, _record(carry[1], rec)
 
     def block_fn(carry, fs):  # ``block`` steps; the unit of rematerialisation
         return jax.lax.scan(step_rec, carry, fs, unroll=unroll)
 
     if remat:
         block_fn = jax.checkpoint(block_fn)
+    _, traces = jax.lax.scan(block_fn, scheme.carry0, fs)
+    return traces.reshape(-1, traces.shape[-1])
 
-    nt = wavelet.shape[0]
-    nblocks = -(-nt // block)
-    fs = jnp.pad(wavelet.astype(jnp.float32), (0, nblocks * block - nt)).reshape(nblocks, block)
-    zeros = jnp.zeros((nx, nz), jnp.float32)
-    mem0 = {
-        name: (jnp.zeros((x1 - x0, z1 - z0), jnp.float32),) * 2
-        for name, ((x0, x1), (z0, z1)) in regions.items()
-    }
-    _, traces = jax.lax.scan(block_fn, (jnp.zeros((mx, nz), jnp.float32), zeros, mem0), fs)
-    # the scan records u((n + 1)·dt) at step n; u(0) = 0
-    traces = traces.reshape(nblocks * block, -1)
-    return jnp.concatenate([jnp.zeros_like(traces[:1]), traces[: nt - 1]])
+
+# The adjoint-state gradient. JAX's own reverse pass through the time loop costs ~30 forward runs
+# on XLA:CPU (measured: 12.4 s against 0.4 s for the fast mode's five shots); the adjoint-state
+# method below, the standard FWI gradient, costs about three: one forward run that keeps ∂²u/∂t²
+# every ``save_every`` steps, one backward-in-time run of the same scheme driven by the
+# residuals, and their cross-correlation. It is exact for the interior scheme; inside the CPML the
+# adjoint run uses the forward absorbing layer, not its transpose, so the padding cells get no
+# gradient (their velocities only shape the absorption).
+
+SAVE_DT = 1.6e-3  # s between the kept ∂²u/∂t² snapshots (≥ 6 per period at 2·40 Hz)
+
+
+def _save_every(mode: Mode) -> int:
+    return max(1, int(round(SAVE_DT / mode.dt)))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _adjoint_shot(mode, f0, v, src, rec, fs):
+    """Records (N, R) of one shot (as ``_forward_shot``, fs: (N,) wavelet), adjoint gradient."""
+    return _adjoint_fwd(mode, f0, v, src, rec, fs)[0]
+
+
+def _adjoint_fwd(mode, f0, v, src, rec, fs):
+    k = _save_every(mode)
+    n = fs.shape[0]
+    nb = -(-n // k)
+    fs_b = jnp.pad(fs, (0, nb * k - n)).reshape(nb, k)
+    scheme = _Scheme(v, mode, f0)
+    r = scheme.r
+    rows, cols, sw = _points(src)
+    amp = sw * scheme.courant2[rows, cols]
+    rec_pts = _points(rec)
+
+    def step_rec(carry, f):
+        carry = scheme.step(carry, rows - r, cols, amp * f)
+        return carry, _record(carry[1], rec_pts)
+
+    def block_fn(carry, f):  # k steps; keeps w_n − w_{n−1} = u_{n+1} − 2u_n + u_{n−1} of the first
+        w_before = carry[0]
+        carry, rec0 = step_rec(carry, f[0])
+        d2 = carry[0] - w_before
+        carry, recs = jax.lax.scan(step_rec, carry, f[1:])
+        return carry, (jnp.concatenate([rec0[None], recs]), d2)
+
+    _, (traces, d2) = jax.lax.scan(block_fn, scheme.carry0, fs_b)
+    traces = traces.reshape(nb * k, -1)[:n]
+    return traces, (v, src, rec, fs, d2)
+
+
+def _adjoint_bwd(mode, f0, res, g):
+    v, src, rec, fs, d2 = res
+    k = _save_every(mode)
+    n = fs.shape[0]
+    nb = d2.shape[0]
+    scheme = _Scheme(v, mode, f0)
+    r = scheme.r
+    rows, cols, rw = _points(rec)
+    amp = rw * scheme.courant2[rows, cols]  # (R, 4, 4)
+    # adjoint step j is driven by g[n − 1 − j]; blocks in reverse, each reversed
+    g_b = jnp.pad(g, ((0, nb * k - n), (0, 0))).reshape(nb, k, -1)[::-1, ::-1]
+
+    def step(carry, gj):
+        return scheme.step(carry, rows - r, cols, amp * gj[:, None, None]), None
+
+    def block_fn(state, xs):
+        carry, acc = state
+        gk, d2b = xs
+        carry, _ = jax.lax.scan(step, carry, gk)
+        # after the block's last adjoint step the field is μ_{n+1} for the block's kept n
+        return (carry, acc + carry[1][r:-r] * d2b), None
+
+    acc0 = jnp.zeros_like(d2[0])
+    (_, acc), _ = jax.lax.scan(block_fn, (scheme.carry0, acc0), (g_b, d2[::-1]))
+    c2 = scheme.courant2[r:-r]
+    # dJ/dC² = Σ μ_{n+1} D²u_n / C⁴ (μ = C²λ); dC²/dv = 2C²/v; the padding gets none (see above)
+    grad = jnp.where(c2 > 0, 2.0 * k * acc / (c2 * v[r:-r]), 0.0)
+    pad = mode.pad
+    grad = jnp.pad(grad, ((r, r), (0, 0)))
+    inside = np.zeros(v.shape, bool)
+    inside[pad : v.shape[0] - pad, pad : v.shape[1] - pad] = True
+    grad = jnp.where(inside, grad, 0.0)
+    return grad, None, None, None
+
+
+_adjoint_shot.defvjp(_adjoint_fwd, _adjoint_bwd)
 
 
 def pad_model(v: jax.Array, npml: int) -> jax.Array:
@@ -481,6 +609,7 @@ def resample_time(traces: jax.Array, dt_in: float, dt_out: float, nt_out: int) -
         "block",
         "unroll",
         "remat",
+        "adjoint",
         "model_dx",
         "shot_batch",
     ),
@@ -498,6 +627,7 @@ def simulate_shots(
     block: int = 50,
     unroll: int = 1,
     remat: bool = False,
+    adjoint: bool = False,
     model_dx: float = MODEL_DX,
     shot_batch: int | None = None,
 ) -> jax.Array:
@@ -525,7 +655,16 @@ def simulate_shots(
     def one_traced(i):
         s = tuple(a[i][None] for a in src_j)
         return propagate(
-            vp, s, rec, wavelet, mode=mode, f0=f0, block=block, unroll=unroll, remat=remat
+            vp,
+            s,
+            rec,
+            wavelet,
+            mode=mode,
+            f0=f0,
+            block=block,
+            unroll=unroll,
+            remat=remat,
+            adjoint=adjoint,
         )
 
     n_src = len(survey.source_x)
