@@ -10,13 +10,13 @@ calibration (``python -m fwi_jax.synth calibrate``: polarity, scale and time shi
 profile; without a calibration file the ``cpml8`` profile is used as it is, which fits data made
 by ``python -m fwi_jax.synth``). It needs no ``vp_model.npy``, so it scores any prediction.
 
-Refinement (``refine``) is full-waveform inversion started from a prediction: ``jax.grad`` of the
-misfit through the solver (``cpml8`` profile, fast mode by default), in stages of increasing
-low-pass cutoff applied to both simulated and observed traces (low frequencies first), a
-total-variation term, projected steps that keep v in ``v_range``, an optax optimiser, and samples
-vmapped in batches. The solver's time blocks are rematerialised (``jax.checkpoint``), so the
-gradient's memory grows with n_t/block + block wavefields, not n_t. A refined model whose
-full-band misfit is not below the start's is replaced by the start (``kept`` = "start").
+Refinement (``refine``) is full-waveform inversion started from a prediction: the gradient of the
+misfit through the solver (``cpml8`` profile, fast mode by default; the adjoint-state gradient of
+``wave._adjoint_shot`` by default, or ``jax.grad`` with rematerialised time blocks), in stages of
+increasing low-pass cutoff applied to both simulated and observed traces (low frequencies
+first), a total-variation term, a depth gain on the gradient, projected steps that keep v in
+``v_range``, an optax optimiser, and samples vmapped in batches. A refined model whose full-band
+misfit is not below the start's is replaced by the start (``kept`` = "start").
 
 CLIs: ``python -m fwi_jax.physics --data DIR --pred SUB.npz`` (misfit of each prediction, CSV);
 ``python -m fwi_jax.refine`` (refinement); ``python -m fwi_jax.infer ... --misfit``.

@@ -58,11 +58,16 @@ def test_misfit_ranks_a_perturbed_model_worse_than_the_truth():
     assert blurred > 0.05
 
 
-def test_refinement_lowers_the_misfit_and_the_error_on_a_tiny_case():
+@pytest.mark.parametrize(
+    "gradient,depth_power", [("adjoint", 1.0), ("autodiff", 1.0), ("adjoint", 0.0)]
+)
+def test_refinement_lowers_the_misfit_and_the_error_on_a_tiny_case(gradient, depth_power):
     truth = tiny_truth()
     obs = TINY.simulate(truth)[None]
     start = smooth(truth)[None]
-    cfg = physics.RefineConfig(stages=((8.0, 4), (None, 6)), lr=0.05, tv=0.0)
+    cfg = physics.RefineConfig(
+        stages=((8.0, 4), (None, 6)), lr=0.05, tv=0.0, gradient=gradient, depth_power=depth_power
+    )
     res = physics.refine(TINY, start, obs, cfg)
     assert res.kept == ["refined"]
     assert res.misfit_after[0] < 0.7 * res.misfit_before[0], (res.misfit_before, res.misfit_after)
@@ -77,6 +82,14 @@ def test_refinement_keeps_the_start_when_it_cannot_improve():
     res = physics.refine(TINY, truth[None], obs, physics.RefineConfig(stages=((None, 2),), lr=0.3))
     assert res.kept == ["start"]
     np.testing.assert_array_equal(res.velocity[0], truth)
+
+
+def test_depth_gain_scales_each_depth_cell_and_bad_settings_are_refused():
+    g = np.ones((2, 3, 4), np.float32)
+    out, _ = physics.depth_gain(2.0).update(g, None)
+    np.testing.assert_array_equal(np.asarray(out)[1, 2], [1.0, 4.0, 9.0, 16.0])
+    with pytest.raises(physics.PhysicsError, match="gradient"):
+        physics.RefineConfig(gradient="fd").check()
 
 
 def test_lowpass_removes_high_frequencies_and_keeps_low_ones():
