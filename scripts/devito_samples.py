@@ -7,8 +7,8 @@ For each chosen sample folder of DIR, runs the public devito recipe (tests/devit
 its ``vp_model.npy``, maps the traces onto the 10,001 output samples as the recipe does, and
 writes a competition-format folder OUT/<id> (the five gathers and the same ``vp_model.npy``).
 Used to measure the misfit and the refinement on data our solver did not make (docs/physics.md).
-Cost: about 274 s per sample on one core (docs/performance.md §6); folders already in OUT are
-kept.
+Cost: 41-61 s per sample with --threads 2 (OpenMP; 2-core EPYC, 2026-12-02), about 274 s on one
+core in plain C (docs/performance.md §6); folders already in OUT are kept.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Memory of the refinement gradient at full size: XLA's analysis of the compiled program.
 
-    python scripts/physics_memory.py [--mode full] [--block 100] [--no-remat | --adjoint] [--run]
+    python scripts/physics_memory.py [--mode full] [--block 100] [--no-remat | --adjoint] [--run N]
 
 Lowers and compiles jax.grad of the relative misfit of one (300, 1259) model against five shots
 of 10,001 samples (``fwi_jax.physics.Forward``) and prints XLA's memory analysis (arguments,
-outputs, temporaries); ``--run`` also runs it once and prints the seconds (the full-grid cost of
-one refinement iteration).
+outputs, temporaries); ``--run N`` also runs it N times and prints the seconds (their median: the
+cost of one refinement iteration).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--mode", default="full", choices=("fast", "full"))
     ap.add_argument("--block", type=int, default=100)
     ap.add_argument("--no-remat", action="store_true")
-    ap.add_argument("--run", action="store_true")
+    ap.add_argument("--run", type=int, default=0, metavar="N", help="also run it N times")
     ap.add_argument("--adjoint", action="store_true", help="the adjoint-state gradient")
     args = ap.parse_args()
     fwd = physics.Forward(mode_name=args.mode, block=args.block)
@@ -39,8 +39,8 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled = jax.jit(jax.grad(loss)).lower(v).compile()
     print(
-        f"mode {args.mode}, block {args.block}, remat {not args.no_remat}, adjoint "
-        f"{args.adjoint}, {fwd.n_t} output "
+        f"mode {args.mode}, block {args.block}, "
+        f"remat {not (args.no_remat or args.adjoint)}, adjoint {args.adjoint}, {fwd.n_t} output "
         "samples; "
         f"compiled in {time.perf_counter() - t0:.1f} s"
     )
@@ -52,12 +52,15 @@ def main() -> None:
         f"temporaries {m.temp_size_in_bytes / gib:.3f} GiB, generated code "
         f"{m.generated_code_size_in_bytes / gib:.4f} GiB"
     )
-    if args.run:
+    times = []
+    for _ in range(args.run):
         t0 = time.perf_counter()
         g = np.asarray(compiled(v))
+        times.append(time.perf_counter() - t0)
+    if times:
         print(
-            f"one gradient (5 shots): {time.perf_counter() - t0:.1f} s, |g| max "
-            f"{np.abs(g).max():.3g}"
+            f"one gradient (5 shots): median {np.median(times):.1f} s of "
+            f"{' '.join(f'{t:.1f}' for t in times)}; |g| max {np.abs(g).max():.3g}"
         )
 
 
