@@ -127,7 +127,7 @@ class Forward:
     def traces(self, v: jax.Array, remat: bool = False, adjoint: bool = False) -> jax.Array:
         """Differentiable calibrated cpml8 gathers (n_src, n_t, R) of one model (nx, nz) km/s.
         Gradient: JAX's through the time loop (``remat``: blocks recomputed), or the
-        adjoint-state one (``adjoint``; ``wave._adjoint_shot``), about 5x faster on a CPU."""
+        adjoint-state one (``adjoint``; ``wave._adjoint_shot``), 5.8x faster on a 2-core CPU."""
         self.require_differentiable()
         c = self.calibration
         sim = wave.simulate_shots(
@@ -286,8 +286,8 @@ def normalize_by_max() -> optax.GradientTransformation:
 class RefineConfig:
     """stages: ((cutoff Hz or None, iterations), ...); lr: largest step in km/s; tv: weight of
     the total-variation term; momentum: of the SGD steps; v_range: (lo, hi) km/s; gradient:
-    "adjoint" (adjoint-state, ~3 forward runs) or "autodiff" (jax.grad through the time loop,
-    exact for the discrete scheme, ~30 forward runs on a CPU); depth_power: the gradient is
+    "adjoint" (adjoint-state) or "autodiff" (jax.grad through the time loop, exact for the
+    discrete scheme, 5.8x slower on a 2-core CPU); depth_power: the gradient is
     multiplied by (depth cell + 1)^depth_power before the step is scaled (the deep part's
     gradient is weak: geometric spreading)."""
 
