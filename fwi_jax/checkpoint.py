@@ -23,6 +23,7 @@ import logging
 import pathlib
 import shutil
 import sys
+import sysconfig
 import warnings
 from typing import Any
 
@@ -115,6 +116,7 @@ def describe_error(e: BaseException, limit: int = 400) -> str:
 
 
 _DAMAGED: set[str] = set()  # state folders of checkpoints whose restore failed in this process
+_STDLIB = sysconfig.get_paths()["stdlib"]
 
 
 def _is_abandoned_read(exc: BaseException | None, tb=None) -> bool:
@@ -130,7 +132,9 @@ def _is_abandoned_read(exc: BaseException | None, tb=None) -> bool:
     while tb is not None:
         frames.append(tb.tb_frame.f_code.co_filename)
         tb = tb.tb_next
-    in_libraries = all("site-packages" in f or "asyncio" in f for f in frames)
+    # library frames only: installed packages or the standard library (asyncio, and the
+    # concurrent.futures callbacks that post a finished read onto orbax's loop)
+    in_libraries = all("site-packages" in f or f.startswith(_STDLIB) for f in frames)
     return bool(_DAMAGED) and in_libraries and text == "Event loop is closed"
 
 

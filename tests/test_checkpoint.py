@@ -7,6 +7,7 @@ every write past it with EFBIG, as a full disk fails them with ENOSPC; where thi
 file systems (root with CAP_SYS_ADMIN), a 1 MiB tmpfs gives a really full disk and a read-only
 tmpfs a really read-only directory."""
 
+import asyncio
 import contextlib
 import logging
 import pathlib
@@ -103,6 +104,26 @@ def test_reads_a_failed_restore_abandoned_stay_off_stderr(tmp_path, monkeypatch,
     other = unraisable(ValueError("something else"))
     sys.unraisablehook(other)
     assert seen == [other]
+
+    # the closed loop reached through other standard-library frames (here contextlib's) is dropped
+    # too; raised from our own code it gets through
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(loop.call_soon_threadsafe, print)
+    except RuntimeError as e:
+        closed = e
+    library_only = types.SimpleNamespace(
+        exc_type=RuntimeError, exc_value=closed, exc_traceback=closed.__traceback__.tb_next
+    )
+    sys.unraisablehook(library_only)
+    assert seen == [other]
+    ours = types.SimpleNamespace(
+        exc_type=RuntimeError, exc_value=closed, exc_traceback=closed.__traceback__
+    )
+    sys.unraisablehook(ours)
+    assert seen == [other, ours]
 
     log = logging.getLogger("asyncio")
     with caplog.at_level(logging.ERROR, logger="asyncio"):
