@@ -290,7 +290,7 @@ class _Scheme:
     vals)`` (one time step with ``vals`` added to w at the points (rows, cols) of w's grid; vals
     already carry the Courant factor) and ``r`` (the stencil half-width: w's row 0 is u's row r)."""
 
-    def __init__(self, v: jax.Array, mode: Mode, f0: float, v_max: jax.Array | None = None):
+    def __init__(self, v: jax.Array, mode: Mode, f0: float):
         order, npml, dt, dx = mode.order, mode.pml, mode.dt, mode.dx
         r = order // 2
         c2 = second_derivative_coeffs(order).astype(np.float32)
@@ -298,7 +298,7 @@ class _Scheme:
         nx, nz = v.shape
         mx, mz = nx - 2 * r, nz - 2 * r  # updated cells; the outer r on each side stay 0
         p = npml - r  # CPML cells in each updated strip
-        v_max = jax.lax.stop_gradient(jnp.max(v) if v_max is None else v_max)
+        v_max = jax.lax.stop_gradient(jnp.max(v))
         a_l, b_l = _pml_profile(npml, dx, dt, v_max, f0)
         a_l, b_l = a_l[r:], b_l[r:]  # the strips' cells that are updated
         a_r, b_r = a_l[::-1], b_l[::-1]
@@ -466,9 +466,9 @@ def propagate(
     return jnp.concatenate([jnp.zeros_like(traces[:1]), traces[: nt - 1]])
 
 
-def _forward_shot(v, src, rec, fs, *, mode, f0, unroll, remat, v_max=None):
+def _forward_shot(v, src, rec, fs, *, mode, f0, unroll, remat):
     """Records (n_blocks·block, R) of one shot: step n records u((n + 1)·dt)."""
-    scheme = _Scheme(v, mode, f0, v_max)
+    scheme = _Scheme(v, mode, f0)
     r = scheme.r
     rows, cols, sw = _points(src)
     rows = rows - r  # w's rows
