@@ -1,4 +1,4 @@
-"""Output locations: checked with a real write before any compute.
+"""Output locations: checked with a real write before any compute; files replaced atomically.
 
 A work directory or output folder that cannot be written (read-only mount, a path under a regular
 file, no permission, a full disk) should fail in seconds with the path named, not after data
@@ -11,6 +11,8 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Callable
+from typing import IO
 
 
 class StorageError(ValueError):
@@ -43,3 +45,24 @@ def require_writable(directory: str | pathlib.Path, what: str) -> pathlib.Path:
 def free_bytes(directory: str | pathlib.Path) -> int:
     """Bytes free for this user on the file system holding ``directory``."""
     return shutil.disk_usage(directory).free
+
+
+def write_atomic(path: str | pathlib.Path, content: str | bytes | Callable[[IO[bytes]], None]):
+    """Write ``path`` so that a concurrent reader (another process of the run, a resumed job)
+    sees the old file or the whole new one, never a truncated one: a temporary file in the same
+    folder, then ``os.replace``. ``content``: text (UTF-8), bytes, or a function that writes to
+    the open binary file (``np.savez``). The temporary file is removed on any failure."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

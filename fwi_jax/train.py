@@ -65,7 +65,7 @@ from fwi_jax.optim import (
     make_optimizer,
     uses_loss_scaling,
 )
-from fwi_jax.storage import StorageError, require_writable
+from fwi_jax.storage import StorageError, require_writable, write_atomic
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted function was traced
 # a logged gradient norm below this means training has stalled for good (healthy runs log >= 1e-3):
@@ -480,8 +480,8 @@ def train(
                 f"with ({saved}); resume with the same --config and --set values"
             )
     workdir.mkdir(parents=True, exist_ok=True)
-    if main_host:
-        (workdir / "config.json").write_text(cfg.to_json())
+    if main_host:  # atomically: the other processes of a resumed run read it (the check above)
+        write_atomic(workdir / "config.json", cfg.to_json())
 
     graphdef, fresh = create_model(cfg, tc.seed)
     params = (

@@ -29,7 +29,7 @@ from fwi_jax.checkpoint import (
     save_params,
 )
 from fwi_jax.config import load_config
-from fwi_jax.storage import StorageError, require_writable
+from fwi_jax.storage import StorageError, require_writable, write_atomic
 
 
 def _state(k: float) -> dict:
@@ -191,6 +191,34 @@ def test_write_probe_names_the_unwritable_path(tmp_path):
         require_writable(tmp_path / "file" / "run", "--workdir")
     assert require_writable(tmp_path / "new" / "run", "--out folder") == tmp_path / "new" / "run"
     assert list((tmp_path / "new" / "run").iterdir()) == []  # the probe file is gone
+
+
+def test_atomic_write_shows_readers_the_old_file_until_the_new_one_is_whole(tmp_path):
+    """What a resumed run's other processes rely on when process 0 rewrites config.json: while
+    the new content is being written the path still reads as the old file, a failed write leaves
+    it untouched, and no temporary file stays behind."""
+    path = tmp_path / "run" / "config.json"
+    write_atomic(path, '{"old": 1}')
+    seen = []
+
+    def write(f):
+        f.write(b'{"new":')  # half a file, as a reader of a plain write_text could see it
+        seen.append(path.read_text())
+        f.write(b" 2}")
+
+    write_atomic(path, write)
+    assert seen == ['{"old": 1}'] and path.read_text() == '{"new": 2}'
+
+    def fail(f):
+        f.write(b"{")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomic(path, fail)
+    assert path.read_text() == '{"new": 2}'
+    assert [q.name for q in path.parent.iterdir()] == ["config.json"]
+    write_atomic(path, b"\x00")
+    assert path.read_bytes() == b"\x00"
 
 
 def test_write_probe_on_a_read_only_mount(tmp_path, mount_tmpfs):

@@ -13,9 +13,7 @@ whose ids this module reads from its ``ids.txt``), the one listing every command
 from __future__ import annotations
 
 import io as _io
-import os
 import pathlib
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from fwi_jax.data.split import read_id_list
 from fwi_jax.preprocess import AMPLITUDE_SCALE, SOURCE_POSITIONS, ZERO_CHANNEL, shots_to_input
+from fwi_jax.storage import write_atomic
 
 N_TIME_RAW = 10001  # time samples per shot in the files
 N_RECEIVERS = 31
@@ -292,16 +291,7 @@ def write_submission(path, predictions: Mapping[str, np.ndarray]) -> None:
                 f"expected {VELOCITY_FILE_SHAPE} (x, depth)"
             )
         arrays[str(sample_id)] = a.astype(np.float64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def read_submission(path) -> dict[str, np.ndarray]:

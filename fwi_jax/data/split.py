@@ -12,12 +12,12 @@ validation list that names one.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from fwi_jax.storage import write_atomic
 
 N_FOLDS = 5
 SEED = 123
@@ -99,14 +99,4 @@ def read_id_list(path) -> list[str]:
 
 def write_id_list(path, ids: Sequence[str]) -> None:
     """Write ids one per line (atomically: temporary file in the same folder, then rename)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(f"{i}\n" for i in ids))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, "".join(f"{i}\n" for i in ids))

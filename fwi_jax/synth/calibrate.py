@@ -22,6 +22,8 @@ import pathlib
 
 import numpy as np
 
+from fwi_jax.storage import write_atomic
+
 CALIBRATION_FILE = "synth_calibration.json"
 MIN_CORRELATION = 0.95
 
@@ -182,8 +184,6 @@ def calibrate(
         profile=profile, mode=mode, polarity=polarity, scale=scale, shift=shift, correlation=corr
     )
     path = pathlib.Path(out).expanduser() if out else root / CALIBRATION_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(cal.to_json())
-    os.replace(tmp, path)
+    write_atomic(path, cal.to_json())
     log(f"wrote {path}")
     return cal
