@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -54,7 +55,10 @@ def write_atomic(path: str | pathlib.Path, content: str | bytes | Callable[[IO[b
     the open binary file (``np.savez``). The temporary file is removed on any failure."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # os.open with 0o666 rather than tempfile.mkstemp (0o600): the file gets the permissions a
+    # plain write would give under the user's umask, so colleagues can still read a run's files
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(content):

@@ -10,6 +10,7 @@ tmpfs a really read-only directory."""
 import asyncio
 import contextlib
 import logging
+import os
 import pathlib
 import resource
 import shutil
@@ -219,6 +220,12 @@ def test_atomic_write_shows_readers_the_old_file_until_the_new_one_is_whole(tmp_
     assert [q.name for q in path.parent.iterdir()] == ["config.json"]
     write_atomic(path, b"\x00")
     assert path.read_bytes() == b"\x00"
+    umask = os.umask(0o022)
+    try:  # the permissions of a plain write under the umask (not mkstemp's owner-only 0o600)
+        write_atomic(path, "{}")
+        assert path.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
 
 
 def test_write_probe_on_a_read_only_mount(tmp_path, mount_tmpfs):
