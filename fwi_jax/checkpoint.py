@@ -139,11 +139,15 @@ def _is_abandoned_read(exc: BaseException | None, tb=None) -> bool:
 
 
 class _AbandonedReadFilter(logging.Filter):
-    """asyncio's 'Future exception was never retrieved' for those reads."""
+    """asyncio's 'Future exception was never retrieved' for those reads, and concurrent.futures'
+    'exception calling callback' when a read finishing on TensorStore's thread posts its result
+    onto orbax's loop just as that loop closes (asyncio checks the loop, then calls into it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (_is_abandoned_read(exc) or _is_abandoned_read(Exception(record.getMessage())))
+        exc, tb = record.exc_info[1:] if record.exc_info else (None, None)
+        return not (
+            _is_abandoned_read(exc, tb) or _is_abandoned_read(Exception(record.getMessage()))
+        )
 
 
 def _drop_abandoned_reads(state_folder: pathlib.Path) -> None:
@@ -162,9 +166,10 @@ def _drop_abandoned_reads(state_folder: pathlib.Path) -> None:
 
     hook.fwi_jax_filter = True
     sys.unraisablehook = hook
-    asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_AbandonedReadFilter())
+    for name in ("asyncio", "concurrent.futures"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _AbandonedReadFilter) for f in log.filters):
+            log.addFilter(_AbandonedReadFilter())
     warnings.filterwarnings(
         "ignore", r"coroutine '_read_array_index_and_device_put' was never awaited", RuntimeWarning
     )

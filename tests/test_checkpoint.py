@@ -8,7 +8,9 @@ file systems (root with CAP_SYS_ADMIN), a 1 MiB tmpfs gives a really full disk a
 tmpfs a really read-only directory."""
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import pathlib
@@ -132,6 +134,19 @@ def test_reads_a_failed_restore_abandoned_stay_off_stderr(tmp_path, monkeypatch,
         log.error("Future exception was never retrieved", exc_info=lost)
         log.error("Future exception was never retrieved", exc_info=ValueError("elsewhere"))
     assert [str(r.exc_info[1]) for r in caplog.records] == ["elsewhere"]
+
+    # a finished read posting onto the loop as it closes: concurrent.futures logs the callback's
+    # error (asyncio checked is_closed() a moment before); the closed loop alone, no path in it
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="concurrent.futures"):
+        read_done = concurrent.futures.Future()
+        read_done.add_done_callback(functools.partial(loop.call_soon_threadsafe, print))
+        read_done.set_result(None)
+        mine = concurrent.futures.Future()
+        mine.add_done_callback(lambda f: loop.call_soon_threadsafe(print))  # our own frame
+        mine.set_result(None)
+    assert [str(r.exc_info[1]) for r in caplog.records] == ["Event loop is closed"]
+    assert caplog.records[0].exc_info[2].tb_next.tb_frame.f_code.co_name == "<lambda>"
 
 
 def test_none_intact_refuses_with_every_reason(tmp_path):
