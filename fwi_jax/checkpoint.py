@@ -128,14 +128,18 @@ def _is_abandoned_read(exc: BaseException | None, tb=None) -> bool:
     text = str(exc)
     if any(folder in text for folder in _DAMAGED):  # TensorStore names the file it read
         return True
-    frames = []
+    return bool(_DAMAGED) and _in_libraries(tb) and text == "Event loop is closed"
+
+
+def _in_libraries(tb) -> bool:
+    """Whether a traceback has library frames only: installed packages or the standard library
+    (asyncio, and the concurrent.futures callbacks that post a finished read onto orbax's loop)."""
     while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_filename)
+        f = tb.tb_frame.f_code.co_filename
+        if not ("site-packages" in f or f.startswith(_STDLIB)):
+            return False
         tb = tb.tb_next
-    # library frames only: installed packages or the standard library (asyncio, and the
-    # concurrent.futures callbacks that post a finished read onto orbax's loop)
-    in_libraries = all("site-packages" in f or f.startswith(_STDLIB) for f in frames)
-    return bool(_DAMAGED) and in_libraries and text == "Event loop is closed"
+    return True
 
 
 class _AbandonedReadFilter(logging.Filter):
@@ -154,7 +158,8 @@ def _drop_abandoned_reads(state_folder: pathlib.Path) -> None:
     """Keep the reads that a failed restore of ``state_folder`` abandoned out of stderr, where
     they would print pages of TensorStore specs after the one-line warning that names the damaged
     checkpoint. Written by hand: neither orbax nor TensorStore can cancel them. Every other
-    unraisable exception and asyncio log record passes as before."""
+    unraisable exception, uncaught exception and asyncio or concurrent.futures log record passes
+    as before."""
     _DAMAGED.add(str(state_folder))
     previous = sys.unraisablehook
     if getattr(previous, "fwi_jax_filter", False):
@@ -164,8 +169,16 @@ def _drop_abandoned_reads(state_folder: pathlib.Path) -> None:
         if not _is_abandoned_read(unraisable.exc_value, unraisable.exc_traceback):
             previous(unraisable)
 
+    def excepthook(exc_type, exc, tb):
+        # a callback of TensorStore's threads that raised is printed through sys.excepthook
+        # (a bare traceback); only library frames, so an uncaught error of ours still prints
+        if not (_in_libraries(tb) and _is_abandoned_read(exc, tb)):
+            previous_excepthook(exc_type, exc, tb)
+
     hook.fwi_jax_filter = True
     sys.unraisablehook = hook
+    previous_excepthook = sys.excepthook
+    sys.excepthook = excepthook
     for name in ("asyncio", "concurrent.futures"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _AbandonedReadFilter) for f in log.filters):

@@ -91,8 +91,9 @@ def test_reads_a_failed_restore_abandoned_stay_off_stderr(tmp_path, monkeypatch,
     """After a restore of ``folder`` failed, the errors of the reads it left in flight (they name
     that folder, or are callbacks onto orbax's closed loop) are dropped; any other unraisable
     exception or asyncio report still gets through."""
-    seen = []
+    seen, printed = [], []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(sys, "excepthook", lambda *a: printed.append(a[1]))
     monkeypatch.setattr(checkpoint, "_DAMAGED", set())
     folder = tmp_path / "ck" / "6" / "state"
     checkpoint._drop_abandoned_reads(folder)
@@ -127,6 +128,13 @@ def test_reads_a_failed_restore_abandoned_stay_off_stderr(tmp_path, monkeypatch,
     )
     sys.unraisablehook(ours)
     assert seen == [other, ours]
+
+    # TensorStore's threads print a callback's error through sys.excepthook: dropped when only
+    # library frames raised it; an uncaught error from our own frames still prints
+    sys.excepthook(RuntimeError, closed, closed.__traceback__.tb_next)
+    assert printed == []
+    sys.excepthook(RuntimeError, closed, closed.__traceback__)
+    assert printed == [closed]
 
     log = logging.getLogger("asyncio")
     with caplog.at_level(logging.ERROR, logger="asyncio"):
