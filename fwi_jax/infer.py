@@ -42,14 +42,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from fwi_jax import cli, physics
+from fwi_jax import physics
 from fwi_jax.config import Config, ConfigError, add_override_argument, apply_overrides
 from fwi_jax.data import io as data_io
 from fwi_jax.ensemble import Predictor, group_members
 from fwi_jax.host import tune_cpu_host
 from fwi_jax.loss import competition_mape
 from fwi_jax.members import MemberError, MemberSpec, load_member, read_ensemble_file
-from fwi_jax.sharding import initialize_distributed
+from fwi_jax.sharding import fail, initialize_distributed
 from fwi_jax.storage import StorageError, require_writable
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             forward, what = physics.load_forward(root, args.calibration)
             print(f"--misfit: {what}")
     except (InferenceError, MemberError, StorageError, ConfigError, physics.PhysicsError) as e:
-        return cli.fail(e)
+        return fail(e)
     predictor = Predictor(groups, tta=not args.no_tta, member_chunk=args.member_chunk)
     batch = -(-args.batch // predictor.n_devices) * predictor.n_devices
     if batch != args.batch:
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=progress,
         )
     except (InferenceError, ValueError, OSError) as e:  # a sample that broke while reading
-        return cli.fail(f"{e}\nno submission written")
+        return fail(f"{e}\nno submission written")
     print(
         f"{len(result.predictions)} samples in {result.seconds:.1f} s "
         f"({len(result.predictions) / max(result.seconds, 1e-9):.2f} samples/s, first compile "
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                     root, result.predictions, forward, progress=progress
                 )
             except (physics.PhysicsError, data_io.DataError) as e:
-                return cli.fail(f"--misfit: {e}")
+                return fail(f"--misfit: {e}")
             for i, r in scores.items():
                 rows[i]["misfit"] = r["misfit"]
             print(

@@ -10,15 +10,20 @@ batch, whichever device computed each part.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fwi_jax import cli
 from fwi_jax.config import ConfigError
 
 DATA_AXIS = "data"
@@ -47,8 +52,106 @@ def initialize_distributed(force: bool = False) -> bool:
         jax.distributed.initialize(
             num_processes=int(count) if count else None, process_id=int(index) if index else None
         )
+        _watch_for_a_failed_process()
         return True
     return False
+
+
+# keys in the coordinator's key-value store: FAILED/<i> tells process i that another stopped
+# ("<process>\t<exit code>\t<message>") or, empty, that it is itself exiting normally;
+# LEFT/<i> says that process i is leaving
+_FAILED, _LEFT = "fwi_jax/failed", "fwi_jax/left"
+_WATCHING = False
+_FAILING = False
+
+
+def _watch_for_a_failed_process() -> None:
+    """Start a thread that waits (a blocking read of the coordinator's key-value store, no
+    polling) for another process to report with `fail` that it stopped; this process then prints
+    ``error: process I of N stopped: MESSAGE`` and leaves at once with that process's exit code.
+    Without it the others would wait for the one that left in their next collective until JAX's
+    timeouts (30 s for the CPU collectives' set-up, 100 s heartbeat) and end with a traceback.
+    At a normal exit the thread is released and joined before JAX shuts down (a thread still in
+    the read when the interpreter ends aborts the process). Written by hand: JAX has no call that
+    reports one process's error to the others."""
+    global _WATCHING
+    from jax._src import distributed
+
+    state = distributed.global_state  # not jax.process_index(): that would start the backends
+    client, me, n = state.client, state.process_id, state.num_processes
+    if client is None or n < 2 or _WATCHING:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                value = client.blocking_key_value_get(f"{_FAILED}/{me}", 3_600_000)
+            except Exception as e:  # the hour passed: wait again; the service is gone: done
+                if "DEADLINE_EXCEEDED" in str(e):
+                    continue
+                return
+            if value and not _FAILING:  # not when this process is leaving with its own error
+                index, code, message = value.split("\t", 2)
+                print(f"error: process {index} of {n} stopped: {message}", file=sys.stderr)
+                _leave(int(code))
+            return
+
+    def release() -> None:  # atexit runs it before JAX's own shutdown (registered earlier)
+        try:
+            client.key_value_set(f"{_FAILED}/{me}", "")
+        except Exception:
+            pass  # another process's report got there first: the thread is leaving with it
+        thread.join(10)
+
+    thread = threading.Thread(target=watch, name="fwi_jax-failed-process-watch", daemon=True)
+    thread.start()
+    atexit.register(release)
+    _WATCHING = True
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit now, skipping the interpreter's shutdown, where ``jax.distributed.shutdown`` would wait
+    (up to 300 s) at a barrier for processes that no longer come. Process 0 hosts the
+    coordination service, whose end makes every process still connected abort with a fatal log:
+    so the others mark that they are leaving and process 0 leaves last (after at most 10 s)."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        if state.process_id == 0:
+            for i in range(1, state.num_processes):
+                state.client.blocking_key_value_get(f"{_LEFT}/{i}", 10_000)
+            time.sleep(0.2)  # from its mark to its exit
+        else:
+            state.client.key_value_set(f"{_LEFT}/{state.process_id}", "")
+    except Exception:
+        pass  # a process gone already, or the service: leave all the same
+    os._exit(code)
+
+
+def fail(message: object, code: int = cli.USER_ERROR) -> int:
+    """`cli.fail` for a command that may run as one process of several: prints ``error: MESSAGE``;
+    in a multi-process run the other processes are told (they print ``error: process I of N
+    stopped: MESSAGE`` and exit with ``code`` too) and this one leaves at once. Otherwise returns
+    ``code``."""
+    global _FAILING
+    cli.fail(message)
+    if _WATCHING:
+        _FAILING = True
+        from jax._src import distributed
+
+        state = distributed.global_state
+        report = f"{state.process_id}\t{code}\t" + str(message).replace("\n", " ")
+        for i in range(state.num_processes):
+            if i != state.process_id:
+                try:  # the first process to fail is the one named; a later one just leaves
+                    state.client.key_value_set(f"{_FAILED}/{i}", report)
+                except Exception:
+                    pass
+        _leave(code)
+    return code
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fwi_jax import cli, sharding
+from fwi_jax import sharding
 from fwi_jax.checkpoint import CheckpointError, TrainCheckpoints, save_params
 from fwi_jax.config import (
     Config,
@@ -716,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except (TrainError, ConfigError, DataError, CheckpointError, StorageError) as e:
-        return cli.fail(e)
+        return sharding.fail(e)
     except Preempted as e:
         if jax.process_index() == 0:
             again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
@@ -726,6 +727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
         return PREEMPTED_EXIT
+    except Exception as e:  # a bug: in a multi-process run the others must not wait for this one
+        traceback.print_exc()
+        return sharding.fail(f"{type(e).__name__}: {e}", code=1)
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "traces"}))
     return 0

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -35,7 +36,7 @@ def _free_port() -> int:
 
 
 def run_processes(
-    argv: list[str],
+    argv: list[str] | Callable[[int], list[str]],
     n: int,
     logs: pathlib.Path,
     devices_per_process: int = 1,
@@ -43,7 +44,8 @@ def run_processes(
     expect: int = 0,
     while_running=None,
 ) -> None:
-    """Start ``argv`` as ``n`` processes of one ``jax.distributed`` run (n = 1: a plain process)
+    """Start ``argv`` (or ``argv(i)`` for process i) as ``n`` processes of one ``jax.distributed``
+    run (n = 1: a plain process)
     with ``devices_per_process`` CPU devices each, call ``while_running(processes)`` if given, and
     wait for all to exit with ``expect``, killing every one that is left at the first other exit
     status or at the deadline. Output goes to logs/<i>.{out,err}."""
@@ -65,7 +67,13 @@ def run_processes(
                 )
             files += [(logs / f"{i}.out").open("w"), (logs / f"{i}.err").open("w")]
             procs.append(
-                subprocess.Popen(argv, cwd=ROOT, env=env, stdout=files[-2], stderr=files[-1])
+                subprocess.Popen(
+                    argv(i) if callable(argv) else argv,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=files[-2],
+                    stderr=files[-1],
+                )
             )
         deadline = time.time() + timeout
         if while_running is not None:
@@ -226,3 +234,33 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_exact(
         jax.tree.leaves(load_params(ref_dir / "final")[1]),
     ):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("failing", [1, 0])
+def test_an_error_on_one_process_stops_both_at_once(dataset, tmp_path, failing):  # noqa: F811
+    """One process alone cannot read its --data (a folder missing on its node). It prints its one
+    error line and exits with 2 at once; the other, which has started the run and would wait for
+    it in a collective, stops with 2 too, naming that process and its error, within seconds
+    rather than after JAX's timeouts (30 s for the CPU collectives' set-up, then a traceback; 300 s
+    in the shutdown barrier for the failed one). Process 0, which hosts the coordination service,
+    fails first or last alike: no process aborts with a fatal log when it ends."""
+    missing = tmp_path / "not_on_this_node"
+
+    def argv(i):
+        data = missing if i == failing else dataset
+        return [sys.executable, "-m", "fwi_jax.train", "--no-progress"] + cli_args(
+            data, tmp_path / "run", "train.epochs=1"
+        )
+
+    start = time.time()
+    run_processes(argv, 2, tmp_path / "logs", expect=2, timeout=120)
+    took = time.time() - start
+    err = [(tmp_path / "logs" / f"{i}.err").read_text() for i in range(2)]
+    errors = [ln for ln in err[failing].splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and str(missing) in errors[0], err[failing][-3000:]
+    other = err[1 - failing]
+    said = [ln for ln in other.splitlines() if ln.startswith("error: ")]
+    assert said == [f"error: process {failing} of 2 stopped: {errors[0][len('error: ') :]}"], other
+    assert not any(s in err[0] + err[1] for s in ("Traceback", "Terminating process"))
+    assert "CPU tuning NOT applied" not in (tmp_path / "logs" / "0.out").read_text()
+    assert took < 60, f"{took:.0f} s"
