@@ -115,7 +115,8 @@ def describe_error(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit // 3] + " ... " + text[-(2 * limit) // 3 :]
 
 
-_DAMAGED: set[str] = set()  # state folders of checkpoints whose restore failed in this process
+# state folders of checkpoints whose restore is in flight or failed in this process
+_RESTORING: set[str] = set()
 _STDLIB = sysconfig.get_paths()["stdlib"]
 
 
@@ -126,9 +127,9 @@ def _is_abandoned_read(exc: BaseException | None, tb=None) -> bool:
     if exc is None:
         return False
     text = str(exc)
-    if any(folder in text for folder in _DAMAGED):  # TensorStore names the file it read
+    if any(folder in text for folder in _RESTORING):  # TensorStore names the file it read
         return True
-    return bool(_DAMAGED) and _in_libraries(tb) and text == "Event loop is closed"
+    return bool(_RESTORING) and _in_libraries(tb) and text == "Event loop is closed"
 
 
 def _in_libraries(tb) -> bool:
@@ -155,12 +156,13 @@ class _AbandonedReadFilter(logging.Filter):
 
 
 def _drop_abandoned_reads(state_folder: pathlib.Path) -> None:
-    """Keep the reads that a failed restore of ``state_folder`` abandoned out of stderr, where
-    they would print pages of TensorStore specs after the one-line warning that names the damaged
-    checkpoint. Written by hand: neither orbax nor TensorStore can cancel them. Every other
-    unraisable exception, uncaught exception and asyncio or concurrent.futures log record passes
-    as before."""
-    _DAMAGED.add(str(state_folder))
+    """Keep the reads that a failed restore of ``state_folder`` abandons out of stderr, where
+    they would print pages of TensorStore specs around the one-line warning that names the damaged
+    checkpoint. Called before the restore starts: TensorStore's threads may report onto orbax's
+    closed loop before the failed restore's exception reaches its caller. Written by hand: neither
+    orbax nor TensorStore can cancel them. Every other unraisable exception, uncaught exception
+    and asyncio or concurrent.futures log record passes as before."""
+    _RESTORING.add(str(state_folder))
     previous = sys.unraisablehook
     if getattr(previous, "fwi_jax_filter", False):
         return
@@ -262,10 +264,11 @@ class TrainCheckpoints:
         the resumed run saves that step afresh). Raises CheckpointError when none restores."""
         damaged = []
         for step in sorted(self.all_steps(), reverse=True):
+            folder = self.path(step) / "state"
+            _drop_abandoned_reads(folder)
             try:
                 state, loader_state, meta = self.restore(step, target)
             except Exception as e:  # orbax/TensorStore raise many types for one cause: bad files
-                _drop_abandoned_reads(self.path(step) / "state")
                 reason = describe_error(e)
                 damaged.append((step, reason))
                 log(
@@ -273,6 +276,7 @@ class TrainCheckpoints:
                     "trying the one before"
                 )
                 continue
+            _RESTORING.discard(str(folder))  # a restore that succeeded leaves no read in flight
             self._set_aside([s for s, _ in damaged])
             return step, state, loader_state, meta
         if not damaged:

@@ -65,15 +65,31 @@ def file_size_limit(nbytes: int):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
-def test_damaged_newest_is_named_set_aside_and_the_one_before_restored(tmp_path):
+def test_damaged_newest_is_named_set_aside_and_the_one_before_restored(tmp_path, monkeypatch):
     ckpts = _run(tmp_path / "ck")
     newest = _largest_file(ckpts.path(6) / "state")  # the params' array data
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as after a node failure
     (ckpts.path(4) / "meta" / "metadata").unlink()  # a metadata file lost
     ckpts = TrainCheckpoints(tmp_path / "ck", keep=3)
     assert ckpts.latest_step() == 6  # orbax still lists it: only reading it shows the damage
+    monkeypatch.setattr(checkpoint, "_RESTORING", set())
+    restore, quiet_while_reading = ckpts.restore, []
+
+    def watched(step, target):
+        # the filters are in place before a read starts: TensorStore's threads may print onto
+        # orbax's closed loop before the failed restore's exception reaches restore_newest_intact
+        quiet_while_reading.append(
+            str(ckpts.path(step) / "state") in checkpoint._RESTORING
+            and getattr(sys.unraisablehook, "fwi_jax_filter", False)
+        )
+        return restore(step, target)
+
+    monkeypatch.setattr(ckpts, "restore", watched)
     said = []
     step, state, loader, meta = ckpts.restore_newest_intact(_state(0), log=said.append)
+    assert quiet_while_reading == [True, True, True]
+    # the damaged ones stay filtered (their reads may still finish); the intact one no longer is
+    assert checkpoint._RESTORING == {str(tmp_path / "ck" / s / "state") for s in ("6", "4")}
     assert step == 2 and loader == {"position": 2} and meta == {"step": 2}
     np.testing.assert_array_equal(state["params"]["w"], _state(2)["params"]["w"])
     assert len(said) == 2
@@ -94,7 +110,7 @@ def test_reads_a_failed_restore_abandoned_stay_off_stderr(tmp_path, monkeypatch,
     seen, printed = [], []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
     monkeypatch.setattr(sys, "excepthook", lambda *a: printed.append(a[1]))
-    monkeypatch.setattr(checkpoint, "_DAMAGED", set())
+    monkeypatch.setattr(checkpoint, "_RESTORING", set())
     folder = tmp_path / "ck" / "6" / "state"
     checkpoint._drop_abandoned_reads(folder)
 
