@@ -13,7 +13,9 @@ Two layouts, both plain pytrees of arrays plus the resolved config as JSON:
   listed, let alone loaded. A listed checkpoint damaged later (a truncated or missing file after a
   node failure) is found by restoring it: `TrainCheckpoints.restore_newest_intact` moves it aside
   as ``<step>.damaged`` and falls back to the newest one that restores. A save that fails (a full
-  disk) raises `CheckpointSaveError` naming it; the checkpoints before it stay intact.
+  disk) raises `CheckpointSaveError` naming it; the checkpoints before it stay intact. Either
+way that one line is all: the reports of orbax's and TensorStore's threads about the I/O the
+failure abandoned are kept off stderr.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import re
 import shutil
 import sys
 import sysconfig
@@ -55,8 +58,10 @@ def save_params(path: str | pathlib.Path, params: Any, cfg: Config) -> pathlib.P
             tmp.mkdir(parents=True)
             (tmp / CONFIG_FILE).write_text(cfg.to_json())
         multihost_utils.sync_global_devices(f"fwi_jax save_params {path}: folder ready")
+        _quiet_abandoned_io(tmp)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, jax.device_get(params))
+        _done(tmp)
     except Exception as e:  # a full disk: TensorStore raises ValueError, Python OSError
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -115,21 +120,27 @@ def describe_error(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit // 3] + " ... " + text[-(2 * limit) // 3 :]
 
 
-# state folders of checkpoints whose restore is in flight or failed in this process
-_RESTORING: set[str] = set()
+# checkpoint folders whose read or write is in flight, or failed, in this process
+_IN_FLIGHT: set[str] = set()
 _STDLIB = sysconfig.get_paths()["stdlib"]
 
 
-def _is_abandoned_read(exc: BaseException | None, tb=None) -> bool:
-    """An error from a read that a failed orbax restore left in flight: orbax gives up at the first
-    bad array while TensorStore completes the others, which then report errors nobody receives
-    (as abandoned coroutines, futures never retrieved, or callbacks onto orbax's closed loop)."""
+def _names_a_folder_in_flight(text: str) -> bool:
+    """Whether ``text`` names one of those folders, or a file or a temporary name in it (orbax
+    writes ``<step>.orbax-checkpoint-tmp``); checkpoint ``2`` is not checkpoint ``20``."""
+    return any(re.search(re.escape(f) + r"(?![\w-])", text) for f in _IN_FLIGHT)
+
+
+def _is_abandoned_io(exc: BaseException | None, tb=None) -> bool:
+    """An error of checkpoint I/O that nobody receives: orbax gives up at the first array that
+    fails while TensorStore completes the others, which then report errors (as abandoned
+    coroutines, futures never retrieved, or callbacks onto orbax's closed loop)."""
     if exc is None:
         return False
     text = str(exc)
-    if any(folder in text for folder in _RESTORING):  # TensorStore names the file it read
+    if _names_a_folder_in_flight(text):  # TensorStore names the file it read or wrote
         return True
-    return bool(_RESTORING) and _in_libraries(tb) and text == "Event loop is closed"
+    return bool(_IN_FLIGHT) and _in_libraries(tb) and text == "Event loop is closed"
 
 
 def _in_libraries(tb) -> bool:
@@ -143,51 +154,54 @@ def _in_libraries(tb) -> bool:
     return True
 
 
-class _AbandonedReadFilter(logging.Filter):
-    """asyncio's 'Future exception was never retrieved' for those reads, and concurrent.futures'
+class _AbandonedIOFilter(logging.Filter):
+    """asyncio's 'Future exception was never retrieved' for those reads and writes, orbax's own
+    error reports of its background threads (the "absl" logger), and concurrent.futures'
     'exception calling callback' when a read finishing on TensorStore's thread posts its result
     onto orbax's loop just as that loop closes (asyncio checks the loop, then calls into it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc, tb = record.exc_info[1:] if record.exc_info else (None, None)
-        return not (
-            _is_abandoned_read(exc, tb) or _is_abandoned_read(Exception(record.getMessage()))
-        )
+        return not (_is_abandoned_io(exc, tb) or _names_a_folder_in_flight(record.getMessage()))
 
 
-def _drop_abandoned_reads(state_folder: pathlib.Path) -> None:
-    """Keep the reads that a failed restore of ``state_folder`` abandons out of stderr, where
-    they would print pages of TensorStore specs around the one-line warning that names the damaged
-    checkpoint. Called before the restore starts: TensorStore's threads may report onto orbax's
-    closed loop before the failed restore's exception reaches its caller. Written by hand: neither
-    orbax nor TensorStore can cancel them. Every other unraisable exception, uncaught exception
-    and asyncio or concurrent.futures log record passes as before."""
-    _RESTORING.add(str(state_folder))
+def _quiet_abandoned_io(folder: pathlib.Path) -> None:
+    """Keep the library reports of a failed read or write of ``folder`` out of stderr, where they
+    would print pages of TensorStore specs and orbax tracebacks around the one line that names
+    the damaged checkpoint or the refused save. Called before the I/O starts: TensorStore's and
+    orbax's threads report a failure before its exception reaches our caller. Written by hand:
+    neither orbax nor TensorStore can cancel the I/O in flight or silence its reports. Every
+    other unraisable exception, uncaught exception and log record passes as before."""
+    _IN_FLIGHT.add(str(folder))
     previous = sys.unraisablehook
     if getattr(previous, "fwi_jax_filter", False):
         return
 
     def hook(unraisable):
-        if not _is_abandoned_read(unraisable.exc_value, unraisable.exc_traceback):
+        if not _is_abandoned_io(unraisable.exc_value, unraisable.exc_traceback):
             previous(unraisable)
 
     def excepthook(exc_type, exc, tb):
         # a callback of TensorStore's threads that raised is printed through sys.excepthook
         # (a bare traceback); only library frames, so an uncaught error of ours still prints
-        if not (_in_libraries(tb) and _is_abandoned_read(exc, tb)):
+        if not (_in_libraries(tb) and _is_abandoned_io(exc, tb)):
             previous_excepthook(exc_type, exc, tb)
 
     hook.fwi_jax_filter = True
     sys.unraisablehook = hook
     previous_excepthook = sys.excepthook
     sys.excepthook = excepthook
-    for name in ("asyncio", "concurrent.futures"):
+    for name in ("asyncio", "concurrent.futures", "absl"):
         log = logging.getLogger(name)
-        if not any(isinstance(f, _AbandonedReadFilter) for f in log.filters):
-            log.addFilter(_AbandonedReadFilter())
-    warnings.filterwarnings(
-        "ignore", r"coroutine '_read_array_index_and_device_put' was never awaited", RuntimeWarning
-    )
+        if not any(isinstance(f, _AbandonedIOFilter) for f in log.filters):
+            log.addFilter(_AbandonedIOFilter())
+    for coroutine in ("_read_array_index_and_device_put", r"async_serialize_from_host\.<locals>"):
+        warnings.filterwarnings("ignore", rf"coroutine '{coroutine}.*' was never awaited")
+
+
+def _done(folder: pathlib.Path) -> None:
+    """``folder``'s I/O completed: it leaves nothing in flight, its reports are not filtered."""
+    _IN_FLIGHT.discard(str(folder))
 
 
 def _nbytes(tree: Any) -> int:
@@ -232,6 +246,7 @@ class TrainCheckpoints:
                 step,
                 f"{free / 1e6:.1f} MB free on its disk, the train state needs {need / 1e6:.1f} MB",
             )
+        _quiet_abandoned_io(self.path(step))
         try:
             self._manager.save(
                 step,
@@ -265,7 +280,7 @@ class TrainCheckpoints:
         damaged = []
         for step in sorted(self.all_steps(), reverse=True):
             folder = self.path(step) / "state"
-            _drop_abandoned_reads(folder)
+            _quiet_abandoned_io(folder)
             try:
                 state, loader_state, meta = self.restore(step, target)
             except Exception as e:  # orbax/TensorStore raise many types for one cause: bad files
@@ -276,7 +291,7 @@ class TrainCheckpoints:
                     "trying the one before"
                 )
                 continue
-            _RESTORING.discard(str(folder))  # a restore that succeeded leaves no read in flight
+            _done(folder)
             self._set_aside([s for s, _ in damaged])
             return step, state, loader_state, meta
         if not damaged:
@@ -330,6 +345,8 @@ class TrainCheckpoints:
         except Exception as e:
             step, self._pending = self._pending, None
             raise self._save_failed(step, describe_error(e)) from e
+        if self._pending is not None:
+            _done(self.path(self._pending))
         self._pending = None
 
     def close(self) -> None:

@@ -72,14 +72,14 @@ def test_damaged_newest_is_named_set_aside_and_the_one_before_restored(tmp_path,
     (ckpts.path(4) / "meta" / "metadata").unlink()  # a metadata file lost
     ckpts = TrainCheckpoints(tmp_path / "ck", keep=3)
     assert ckpts.latest_step() == 6  # orbax still lists it: only reading it shows the damage
-    monkeypatch.setattr(checkpoint, "_RESTORING", set())
+    monkeypatch.setattr(checkpoint, "_IN_FLIGHT", set())
     restore, quiet_while_reading = ckpts.restore, []
 
     def watched(step, target):
         # the filters are in place before a read starts: TensorStore's threads may print onto
         # orbax's closed loop before the failed restore's exception reaches restore_newest_intact
         quiet_while_reading.append(
-            str(ckpts.path(step) / "state") in checkpoint._RESTORING
+            str(ckpts.path(step) / "state") in checkpoint._IN_FLIGHT
             and getattr(sys.unraisablehook, "fwi_jax_filter", False)
         )
         return restore(step, target)
@@ -89,7 +89,7 @@ def test_damaged_newest_is_named_set_aside_and_the_one_before_restored(tmp_path,
     step, state, loader, meta = ckpts.restore_newest_intact(_state(0), log=said.append)
     assert quiet_while_reading == [True, True, True]
     # the damaged ones stay filtered (their reads may still finish); the intact one no longer is
-    assert checkpoint._RESTORING == {str(tmp_path / "ck" / s / "state") for s in ("6", "4")}
+    assert checkpoint._IN_FLIGHT == {str(tmp_path / "ck" / s / "state") for s in ("6", "4")}
     assert step == 2 and loader == {"position": 2} and meta == {"step": 2}
     np.testing.assert_array_equal(state["params"]["w"], _state(2)["params"]["w"])
     assert len(said) == 2
@@ -103,16 +103,16 @@ def test_damaged_newest_is_named_set_aside_and_the_one_before_restored(tmp_path,
     assert ckpts.all_steps() == [2, 4]
 
 
-def test_reads_a_failed_restore_abandoned_stay_off_stderr(tmp_path, monkeypatch, caplog):
+def test_reads_and_writes_a_failure_abandoned_stay_off_stderr(tmp_path, monkeypatch, caplog):
     """After a restore of ``folder`` failed, the errors of the reads it left in flight (they name
-    that folder, or are callbacks onto orbax's closed loop) are dropped; any other unraisable
-    exception or asyncio report still gets through."""
+    that folder, or are callbacks onto orbax's closed loop) are dropped, as are orbax's reports of
+    a failed save; any other unraisable exception or log record still gets through."""
     seen, printed = [], []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
     monkeypatch.setattr(sys, "excepthook", lambda *a: printed.append(a[1]))
-    monkeypatch.setattr(checkpoint, "_RESTORING", set())
+    monkeypatch.setattr(checkpoint, "_IN_FLIGHT", set())
     folder = tmp_path / "ck" / "6" / "state"
-    checkpoint._drop_abandoned_reads(folder)
+    checkpoint._quiet_abandoned_io(folder)
 
     def unraisable(exc):
         return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None)
@@ -171,6 +171,22 @@ def test_reads_a_failed_restore_abandoned_stay_off_stderr(tmp_path, monkeypatch,
         mine.set_result(None)
     assert [str(r.exc_info[1]) for r in caplog.records] == ["Event loop is closed"]
     assert caplog.records[0].exc_info[2].tb_next.tb_frame.f_code.co_name == "<lambda>"
+
+    # orbax's own report of a failed background write into a step folder in flight (the "absl"
+    # logger) is dropped; one naming checkpoint 60, not in flight, gets through
+    caplog.clear()
+    step = tmp_path / "ck" / "6"
+    checkpoint._quiet_abandoned_io(step)
+    with caplog.at_level(logging.ERROR, logger="absl"):
+        for s in (step, tmp_path / "ck" / "60"):
+            logging.getLogger("absl").error(
+                f"Failed to run 5 Handler Commit operations in background save thread, "
+                f"directory: {s}"
+            )
+        logging.getLogger("absl").error(f'Error writing "w/0" at "{step}.orbax-checkpoint-tmp/"')
+    assert [r.getMessage()[-3:] for r in caplog.records] == ["/60"]
+    checkpoint._done(step)
+    assert str(step) not in checkpoint._IN_FLIGHT
 
 
 def test_none_intact_refuses_with_every_reason(tmp_path):

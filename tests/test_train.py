@@ -348,6 +348,35 @@ def test_refused_checkpoint_write_stops_the_run_naming_it(dataset, tmp_path):
     assert step == 2 and int(restored["step"]) == 2 and meta["step"] == 2
 
 
+def test_a_full_disk_stops_the_cli_with_one_error_line(dataset, tmp_path):
+    """The command line with every write past 150 kB refused (EFBIG from the file-size limit, as
+    ENOSPC from a full disk): the first checkpoint or best-model save fails and the run stops
+    with one line on stderr naming it, without the pages of orbax and TensorStore reports of the
+    writes it abandoned (background-thread tracebacks, futures never retrieved)."""
+    import resource
+
+    def limit():
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, hard))
+
+    workdir = tmp_path / "run"
+    args = cli_args(dataset, workdir, "train.epochs=2", "train.checkpoint_every_steps=2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fwi_jax.train", "--no-progress", *args, "--set"]
+        + ["model.attention=xla"],  # no kernel build: its library is larger than the limit
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: saving ") and f"checkpoint {workdir}" in lines[0]
+    assert "File too large" in lines[0]
+
+
 def test_unwritable_workdir_fails_fast_naming_it(dataset, tmp_path, mount_tmpfs):
     """Before any data loading or compiling: a --workdir under a regular file (NotADirectory), and
     a read-only mount (tmpfs; skipped where this process may not mount)."""
