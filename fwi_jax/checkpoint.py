@@ -14,8 +14,8 @@ Two layouts, both plain pytrees of arrays plus the resolved config as JSON:
   node failure) is found by restoring it: `TrainCheckpoints.restore_newest_intact` moves it aside
   as ``<step>.damaged`` and falls back to the newest one that restores. A save that fails (a full
   disk) raises `CheckpointSaveError` naming it; the checkpoints before it stay intact. Either
-way that one line is all: the reports of orbax's and TensorStore's threads about the I/O the
-failure abandoned are kept off stderr.
+  way that one line is all: the reports of orbax's and TensorStore's threads about the I/O the
+  failure abandoned are kept off stderr.
 """
 
 from __future__ import annotations
