@@ -9,22 +9,26 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-SYNTH = pathlib.Path()  # the synthetic cache the demo test made (module order: demo test first)
+SYNTH_SETS = ["synth.n_train=16", "synth.n_val=4", "synth.n_test=4"]
 
 
-def test_demo_reduced_end_to_end(tmp_path):
-    global SYNTH
-    SYNTH = tmp_path / "synth"
+@pytest.fixture(scope="module")
+def synth_cache(tmp_path_factory) -> pathlib.Path:
+    """One synthetic cache for the module: the demo test fills it (synthesis is part of what it
+    checks); the learning-curve test reuses it, or fills it itself when run alone."""
+    return tmp_path_factory.mktemp("synth")
+
+
+def test_demo_reduced_end_to_end(tmp_path, synth_cache):
     sets = [
-        "synth.n_train=16",
-        "synth.n_val=4",
-        "synth.n_test=4",
-        f"synth.cache_dir={SYNTH}",
+        *SYNTH_SETS,
+        f"synth.cache_dir={synth_cache}",
         "train.epochs=2",
         "train.batch_size=4",
         "train.warmup_steps=2",
@@ -69,13 +73,10 @@ def test_demo_reduced_end_to_end(tmp_path):
     assert again.stdout.count("already trained") == 2 and "synthesising" not in again.stdout
 
 
-def test_learning_curve_stops_the_run_after_the_last_mark(tmp_path):
-    assert SYNTH.is_dir(), "runs after test_demo_reduced_end_to_end, on its cached data"
+def test_learning_curve_stops_the_run_after_the_last_mark(tmp_path, synth_cache):
     sets = [
-        "synth.n_train=16",
-        "synth.n_val=4",
-        "synth.n_test=4",
-        f"synth.cache_dir={SYNTH}",
+        *SYNTH_SETS,
+        f"synth.cache_dir={synth_cache}",
         "train.epochs=1000",
         "train.batch_size=4",
         "train.warmup_steps=2",
@@ -86,6 +87,11 @@ def test_learning_curve_stops_the_run_after_the_last_mark(tmp_path):
         "model.depth=2",
         "model.split=1",
     ]
+    if not any(synth_cache.iterdir()):  # run alone: the demo test has not made the data
+        from fwi_jax.config import load_config
+        from fwi_jax.train import synthetic_dataset
+
+        synthetic_dataset(load_config("demo", sets))
     work = tmp_path / "curve"
     cmd = [sys.executable, "scripts/learning_curve.py", "--config", "demo", "--workdir", str(work)]
     cmd += ["--minutes", "0.1", "0.25", *[a for s in sets for a in ("--set", s)]]
