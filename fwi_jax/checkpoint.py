@@ -161,6 +161,8 @@ class _AbandonedIOFilter(logging.Filter):
     onto orbax's loop just as that loop closes (asyncio checks the loop, then calls into it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:  # orbax's progress and warnings pass
+            return True
         exc, tb = record.exc_info[1:] if record.exc_info else (None, None)
         return not (_is_abandoned_io(exc, tb) or _names_a_folder_in_flight(record.getMessage()))
 

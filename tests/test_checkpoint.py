@@ -177,14 +177,15 @@ def test_reads_and_writes_a_failure_abandoned_stay_off_stderr(tmp_path, monkeypa
     caplog.clear()
     step = tmp_path / "ck" / "6"
     checkpoint._quiet_abandoned_io(step)
-    with caplog.at_level(logging.ERROR, logger="absl"):
+    with caplog.at_level(logging.WARNING, logger="absl"):
         for s in (step, tmp_path / "ck" / "60"):
             logging.getLogger("absl").error(
                 f"Failed to run 5 Handler Commit operations in background save thread, "
                 f"directory: {s}"
             )
         logging.getLogger("absl").error(f'Error writing "w/0" at "{step}.orbax-checkpoint-tmp/"')
-    assert [r.getMessage()[-3:] for r in caplog.records] == ["/60"]
+        logging.getLogger("absl").warning(f"Waiting for {step} to be written")  # not an error
+    assert [r.getMessage()[-3:] for r in caplog.records] == ["/60", "ten"]
     checkpoint._done(step)
     assert str(step) not in checkpoint._IN_FLIGHT
 
