@@ -55,14 +55,14 @@ def test_dense_bfloat16_keeps_dtypes():
 def test_linear_has_nnx_linear_parameters_and_results():
     ours = linear(16, 40, dtype=jnp.float32, rngs=nnx.Rngs(0))
     plain = nnx.Linear(16, 40, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    assert jax.tree.map(jnp.shape, nnx.state(ours, nnx.Param).to_pure_dict()) == jax.tree.map(
-        jnp.shape, nnx.state(plain, nnx.Param).to_pure_dict()
+    assert jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(ours, nnx.Param))) == jax.tree.map(
+        jnp.shape, nnx.to_pure_dict(nnx.state(plain, nnx.Param))
     )
     nnx.update(ours, nnx.state(plain, nnx.Param))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 9, 16)), jnp.float32)
 
     def grads(model):
-        return nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(model).to_pure_dict()
+        return nnx.to_pure_dict(nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))))(model))
 
     for got, want in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(plain))):
         close(got, want)
@@ -105,13 +105,13 @@ def test_layer_norm_matches_flax(dtype):
         "bias": jnp.asarray(0.2 * rng.standard_normal(48), jnp.float32),
     }
     for m in (ours, plain):
-        m.scale.value, m.bias.value = params["scale"], params["bias"]
+        m.scale[...], m.bias[...] = params["scale"], params["bias"]
 
     def run(model):
         graphdef, p = nnx.split(model)
         y, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), p, x)
         dp, dx = vjp(dy.astype(y.dtype))
-        return y, dx, dp.to_pure_dict()
+        return y, dx, nnx.to_pure_dict(dp)
 
     (y, dx, dp), (y_ref, dx_ref, dp_ref) = run(ours), run(plain)
     assert y.dtype == y_ref.dtype == dtype and dx.dtype == jnp.float32

@@ -229,7 +229,7 @@ def test_timm_checkpoint_three_channels_and_pretrain_grid(size, tmp_path):
         1, keepdim=True
     )
     sd["head.weight"] = torch.from_numpy(np.asarray(params["head"]["kernel"]).T.copy())
-    sd["head.bias"] = torch.from_numpy(np.asarray(params["head"]["bias"]))
+    sd["head.bias"] = torch.from_numpy(np.array(params["head"]["bias"]))  # a writable copy
     ref.load_state_dict(sd, strict=False)
     x = seismic((1, 6, 10000, 31), seed=8)
     with torch.no_grad():  # float64 reference: see test_forward_parity_full_size

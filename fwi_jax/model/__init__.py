@@ -34,7 +34,7 @@ def create_model(
     (`fwi_jax.model.target`)."""
     model = FWIModel(cfg, rngs=nnx.Rngs(seed), platform=platform)
     graphdef, state = nnx.split(model, nnx.Param)
-    return graphdef, _str_keys(state.to_pure_dict())
+    return graphdef, _str_keys(nnx.to_pure_dict(state))
 
 
 def abstract_model(cfg: Config, *, platform: str | None = None) -> tuple[nnx.GraphDef, Params]:
