@@ -66,6 +66,7 @@ from fwi_jax.optim import (
     make_optimizer,
     uses_loss_scaling,
 )
+from fwi_jax.runlog import RunLog
 from fwi_jax.storage import StorageError, require_writable, write_atomic
 
 TRACES: collections.Counter = collections.Counter()  # how often each jitted function was traced
@@ -207,8 +208,9 @@ def make_train_step(
 
 
 def make_eval_step(graphdef: Any, tta: bool, flip_channels: bool = True) -> Callable:
-    """Pure ``(params, x, v, mask) -> (sum of per-sample MAPE over mask, count)``; x float32 or
-    float16 (the model casts it to float32, exactly). ``flip_channels``: the config's flip TTA."""
+    """Pure ``(params, x, v, mask) -> (sum of per-sample MAPE over mask, count, first row's
+    prediction)``; x float32 or float16 (the model casts it to float32, exactly).
+    ``flip_channels``: the config's flip TTA."""
     from fwi_jax.ensemble import member_predictions
 
     def evaluate(params, x, v, mask):
@@ -216,7 +218,7 @@ def make_eval_step(graphdef: Any, tta: bool, flip_channels: bool = True) -> Call
         pred = member_predictions(
             graphdef, jax.tree.map(lambda a: a[None], params), x, tta, flip_channels=flip_channels
         )[0]
-        return jnp.sum(mape_per_sample(pred, v) * mask), jnp.sum(mask)
+        return jnp.sum(mape_per_sample(pred, v) * mask), jnp.sum(mask), pred[0]
 
     return evaluate
 
@@ -306,17 +308,20 @@ def resolve_data(cfg: Config, progress: bool = True) -> RunData:
 
 def evaluate(
     eval_fn: Callable, params: Any, cfg: Config, data: RunData, mesh, batch_size: int
-) -> float:
+) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean per-sample MAPE over ``data.val_ids``, in whole global batches (one compiled shape;
-    padded rows are masked out, ``fwi_jax.data.pipeline.host_batches``)."""
+    padded rows are masked out, ``fwi_jax.data.pipeline.host_batches``), and the first validation
+    sample's truth and prediction (depth, x)."""
     from fwi_jax.data.pipeline import host_batches
 
-    total, count = 0.0, 0.0
+    total, count, first = 0.0, 0.0, None
     for hb in host_batches(cfg, data.root, data.val_ids, batch_size=batch_size, velocity=True):
         g = sharding.host_to_global(mesh, hb)
-        s, c = eval_fn(params, g["x"], g["v"], g["mask"])
+        s, c, pred0 = eval_fn(params, g["x"], g["v"], g["mask"])
+        if first is None:  # the prediction is replicated: every process may read it
+            first = (np.asarray(hb["v"][0], np.float32), np.asarray(pred0))
         total, count = total + float(s), count + float(c)
-    return total / max(count, 1.0)
+    return total / max(count, 1.0), *first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,29 +402,6 @@ def with_depth_prior(cfg: Config, params: Any, profile: np.ndarray) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # The loop
-
-
-class MetricsLog:
-    """Appends JSON lines to ``path``; on resume, lines past the restored step are dropped first."""
-
-    def __init__(self, path: pathlib.Path, resume_step: int | None, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-        self.t0 = time.perf_counter()  # wall_s of each record counts from here
-        if enabled and resume_step is not None and path.exists():
-            kept = [
-                ln
-                for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        elif enabled and resume_step is None:
-            path.write_text("")
-
-    def write(self, record: dict) -> None:
-        record = {**record, "wall_s": round(time.perf_counter() - self.t0, 2)}
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def _saved_config(path: pathlib.Path) -> dict | None:
@@ -509,7 +491,7 @@ def train(
         best = meta["best_mape"]
         if main_host:
             print(f"resuming {workdir} at step {start} of {total}", flush=True)
-    log = MetricsLog(workdir / "metrics.jsonl", start if resume else None, enabled=main_host)
+    log = RunLog(workdir, start if resume else None, enabled=main_host)
 
     state_shardings = jax.tree.map(lambda _: replicated, state)
     step_fn = jax.jit(
@@ -517,7 +499,9 @@ def train(
         donate_argnums=0,
         out_shardings=(state_shardings, replicated),
     )
-    eval_fn = jax.jit(make_eval_step(graphdef, tc.val_tta, cfg.geometry.flip_channels))
+    eval_fn = jax.jit(
+        make_eval_step(graphdef, tc.val_tta, cfg.geometry.flip_channels), out_shardings=replicated
+    )
 
     def eval_params(step: int):
         return state["ema"] if step > ema_start else state["params"]
@@ -599,7 +583,10 @@ def train(
                 and data.val_ids
                 and ((done // steps_per_epoch) % tc.val_every_epochs == 0 or done == total)
             ):
-                val_mape = evaluate(eval_fn, eval_params(done), cfg, data, mesh, tc.batch_size)
+                val_mape, truth0, pred0 = evaluate(
+                    eval_fn, eval_params(done), cfg, data, mesh, tc.batch_size
+                )
+                log.image(done, truth0, pred0)
                 log.write(
                     {
                         "step": done,
@@ -627,6 +614,7 @@ def train(
     finally:
         sigterm.restore()
         bar.close()
+        log.close()
     ckpts.wait()
     final = eval_params(total)
     save_params(workdir / "final", final, cfg)  # every host: orbax's save is collective

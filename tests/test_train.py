@@ -24,6 +24,7 @@ from fwi_jax.data.io import SHOT_FILES, VELOCITY_FILE
 from fwi_jax.model import create_model
 from fwi_jax.optim import make_optimizer
 from fwi_jax.preprocess import ZERO_CHANNEL, flip
+from fwi_jax.runlog import GAP_PX
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = [
@@ -91,6 +92,18 @@ def finish(proc, timeout=400):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def tensorboard_events(workdir):
+    """TensorBoard's own reader over a work directory: {scalar tag: [(step, value)]}, and the
+    validation images' (step, width, height)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(workdir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    images = [(e.step, e.width, e.height) for e in acc.Images("val/sample0")]
+    return scalars, images
+
+
 def params_of(workdir, name="final"):
     return load_params(pathlib.Path(workdir) / name)[1]
 
@@ -118,6 +131,14 @@ def test_train_in_process_traces_once_and_writes_run(dataset, tmp_path):
     vals = [r for r in records if "val/mape" in r]
     assert [r["step"] for r in vals] == [4, 8] and [r["val/ema"] for r in vals] == [False, True]
     assert all(np.isfinite(r["train/loss"]) and r["lr"] > 0 for r in records if "train/loss" in r)
+    # the same records in TensorBoard's event files, and truth | prediction | error per validation
+    scalars, images = tensorboard_events(tmp_path / "run")
+    for key in ("train/loss", "train/grad_norm", "lr", "loss_scale", "samples_per_s", "val/mape"):
+        logged = [(r["step"], r[key]) for r in records if key in r]
+        assert [s for s, _ in scalars[key]] == [s for s, _ in logged], key
+        np.testing.assert_allclose([v for _, v in scalars[key]], [v for _, v in logged], rtol=1e-6)
+    depth, width = cfg.geometry.out_shape
+    assert images == [(4, 3 * width + 2 * GAP_PX, depth), (8, 3 * width + 2 * GAP_PX, depth)]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["dim"] == 64
     best_cfg, best = load_params(tmp_path / "run" / "best")
     assert best_cfg == cfg and jax.tree.structure(best) == jax.tree.structure(create_model(cfg)[1])
@@ -196,6 +217,11 @@ def test_kill_9_then_resume_is_bit_exact(dataset, uninterrupted, tmp_path):
         if "train/loss" in line
     ]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # no step logged twice after the resume
+    # TensorBoard's reader sees every step once: what the killed process logged past its last
+    # checkpoint is purged, and nothing it logged before is lost (events are flushed per record)
+    scalars, images = tensorboard_events(workdir)
+    assert [s for s, _ in scalars["train/loss"]] == steps
+    assert [s for s, _ in scalars["val/mape"]] == [4, 8, 12, 16] == [s for s, *_ in images]
 
 
 def _wait_for_checkpoint(proc, ckpt_dir, at_least, timeout=300):
