@@ -145,6 +145,11 @@ def test_two_processes_train_like_one_with_two_devices(one_process, two_processe
         np.testing.assert_allclose(a, b, atol=4 * 5e-4)  # 4 steps x lr
     ref_mape = ref["summary"]["best_mape"]
     assert reports[0]["summary"]["best_mape"] == pytest.approx(ref_mape, rel=1e-4)
+    # one process writes the logs: one event file, each metrics line once
+    assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
+    records = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in records if "train/loss" in r]
+    assert logged and len(logged) == len(set(logged))
 
 
 def test_two_processes_infer_one_submission(dataset, one_process, tmp_path):  # noqa: F811
