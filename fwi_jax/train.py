@@ -631,7 +631,8 @@ def train(
                     tqdm.write(
                         f"early stop after step {done} (epoch {done // steps_per_epoch}) of "
                         f"{total}: validation MAPE above the best ({best:.6f}) {stale} times in a "
-                        f"row (train.early_stop_patience={patience})"
+                        f"row (train.early_stop_patience={patience})",
+                        file=sys.stderr,
                     )
                 break
             if done < total and (sigterm.raised or ckpts.reached_preemption(done)):
