@@ -79,10 +79,11 @@ def area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def area_resample(x, n_out: int, axis: int = -2):
     """PyTorch's ``F.interpolate(mode="area")`` of one axis of ``x`` (NumPy, or JAX under
     ``jax.jit``) to ``n_out``, as a sparse linear map: the window's taps gathered and summed in
-    order, then divided by the window's size, as PyTorch's CPU kernel sums and divides, so a float32
-    result is PyTorch's bit for bit. 10001 -> 10000 time samples is the mean of neighbouring
-    samples, ``(x[i] + x[i + 1]) / 2``: half a sample later than dropping the last one, and
-    smoothed."""
+    order, then divided by the window's size, as PyTorch's CPU kernel sums and divides, so a
+    float32 NumPy result is PyTorch's bit for bit (jitted, XLA may divide by multiplying with the
+    reciprocal: one rounding apart on windows wider than two). 10001 -> 10000 time samples is
+    the mean of neighbouring samples, ``(x[i] + x[i + 1]) / 2`` (bit for bit either way): half a
+    sample later than dropping the last one, and smoothed."""
     xp = _xp(x)
     axis = axis % x.ndim
     index, valid, count = area_taps(x.shape[axis], n_out)
