@@ -45,12 +45,12 @@ as trained; and their input and training recipe, as their public code has it (do
   compared in.
 
 Expected result: 0.02391-0.02398 for one fold, 0.023491 for five folds (the first place's public
-MAPE); not yet measured with this code. Cost: 3.4 TFLOP per forward pass at batch 1 (XLA's
-count; five channels through 10 of 24 blocks of 1601 tokens); float16 training at batch 1 needs 8.5 GiB (remat full) or
-10.5 GiB (dots) on a GPU (estimates); on a 2-core CPU one sample with flip TTA takes 51 s (PyTorch
-59 s), and a float32 training step at batch 1 97 s with remat full and scanned blocks (11.3 GiB;
-PyTorch 94 s; unrolled without remat it needs more than 24 GiB); the first place reports about
-13 h per fold on an A6000 for 30 epochs at batch 1.
+MAPE); not yet measured with this code. Cost: 3.4 TFLOP per forward pass at batch 1 (XLA's count;
+five channels through 10 of 24 blocks of 1601 tokens); float16 training at batch 1 needs 8.5 GiB
+(remat full) or 10.5 GiB (dots) on a GPU (estimates); on a 2-core CPU one sample with flip TTA
+takes 51 s (PyTorch 59 s), and a float32 training step at batch 1 97 s with remat full and scanned
+blocks (11.3 GiB; PyTorch 94 s; unrolled without remat it needs more than 24 GiB); the first place
+reports about 13 h per fold on an A6000 for 30 epochs at batch 1.
 """
 
 from fwi_jax.config import Config, Geometry, ModelConfig, TrainConfig
