@@ -36,11 +36,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": ("none", "full", "dots"),
     "model.fusion": ("mean", "mha_single", "mha_dual"),
     "geometry.head": ("pixel_shuffle", "token_linear"),
+    "geometry.time_resample": ("drop_last", "area"),
     "data.host_dtype": ("store", "float32"),
     "synth.families": ("layered", "faulted", "salt"),  # each of the tuple's entries
     "synth.mode": ("fast", "full"),
     "synth.profile": ("cpml8", "devito"),
     "train.loss": ("base", "hard", "mape"),
+    "train.schedule": ("constant_then_cosine", "periodic_cosine_then_constant"),
     "train.optimizer": ("adamw", "muon"),
     "train.loss_scale": ("auto", "dynamic", "none"),
     "train.muon_ns_dtype": ("bfloat16", "float32"),
@@ -86,6 +88,9 @@ class Geometry:
     time_power: float = 0.0
     head: str = "pixel_shuffle"  # pixel_shuffle (head_patch px per token, crop) | token_linear
     flip_channels: bool = True  # the flip (TTA, augmentation) reverses channels besides receivers
+    # the files' 10001 time samples -> n_time, on the host (`preprocess.resample_time`):
+    # drop_last (the reference) | area (PyTorch's area interpolation, the first place's input)
+    time_resample: str = "drop_last"
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -226,16 +231,32 @@ class TrainConfig:
     muon_momentum: float = 0.95
     # Muon's Newton-Schulz steps: bfloat16 (the reference) | float32
     muon_ns_dtype: str = "bfloat16"
+    # learning rate per step (fwi_jax.optim.learning_rate_schedule):
+    # constant_then_cosine (the reference): lr for constant_fraction of the steps, then a cosine
+    #   to lr * final_lr_factor at the last step, after an optional linear warmup;
+    # periodic_cosine_then_constant (the first place): lr_min + (lr - lr_min)(1 + cos(pi t /
+    #   cosine_half_period_steps)) / 2, which falls and rises again with a period of twice
+    #   cosine_half_period_steps, until epoch constant_from_epoch; from there lr * constant_factor
+    schedule: str = "constant_then_cosine"
     warmup_steps: int = 0  # linear lr warmup from 0 over this many steps (0 = the reference recipe)
     constant_fraction: float = 0.5  # lr multiplier 1.0 for this share of steps, then cosine
     final_lr_factor: float = 1e-3
-    clip_norm: float = 0.0  # 0 = no clipping (the reference's choice); the norm is logged anyway
+    cosine_half_period_steps: int = 100  # periodic_cosine_then_constant: steps from lr to lr_min
+    lr_min: float = 0.0  # periodic_cosine_then_constant: the cosine's lowest lr
+    constant_from_epoch: int = 0  # periodic_cosine_then_constant: first epoch of the constant lr
+    constant_factor: float = 1.0  # periodic_cosine_then_constant: the constant lr is lr x this
+    # global-norm gradient clipping threshold, on the unscaled gradients (optax's
+    # clip_by_global_norm); 0 = no clipping (the reference's choice); the norm is logged anyway
+    clip_norm: float = 0.0
     grad_accum: int = 1
     loss_scale: str = "auto"  # auto (dynamic for float16) | dynamic | none
     ema_start_epoch: int = 20
     ema_decay: float = 0.99
     val_tta: bool = False
     val_every_epochs: int = 1
+    # stop after this many validations in a row whose MAPE is above the best so far (a tie
+    # counts as no worse); 0 = never stop early. The count is kept in the train-state checkpoint
+    early_stop_patience: int = 0
     keep_checkpoints: int = 2
     checkpoint_every_steps: int = 0  # train-state checkpoints besides each epoch's end (0 = none)
     log_every_steps: int = 10

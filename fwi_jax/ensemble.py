@@ -63,6 +63,13 @@ def group_members(members: Sequence[Member]) -> list[Group]:
                 for m in members
             )
         )
+    resamples = {m.cfg.geometry.time_resample for m in members}
+    if len(resamples) > 1:  # one input is read for every member
+        raise MemberError(
+            "ensemble members read their input differently (geometry.time_resample): "
+            + ", ".join(f"{m.source}: {m.cfg.geometry.time_resample}" for m in members)
+            + "; run them as separate inferences, or set one value for all"
+        )
     by_key: dict[str, list[Member]] = {}
     for m in members:
         by_key.setdefault(network_key(m.cfg), []).append(m)

@@ -1,8 +1,12 @@
 """Optimiser, learning-rate schedule, dynamic loss scaling and EMA (reference §5), on pytrees.
 
-- ``learning_rate_schedule``: multiplier 1.0 for ``constant_fraction`` of all steps, then cosine
-  down to ``final_lr_factor`` (optax ``join_schedules`` of a constant and a cosine decay); an
-  optional linear warmup from 0 over the first ``warmup_steps`` (0 in the reference recipe).
+- ``learning_rate_schedule``: ``train.schedule``. constant_then_cosine (the reference):
+  multiplier 1.0 for ``constant_fraction`` of all steps, then cosine down to ``final_lr_factor``
+  (optax ``join_schedules`` of a constant and a cosine decay), an optional linear warmup from 0
+  over the first ``warmup_steps`` (0 in the reference recipe). periodic_cosine_then_constant (the
+  first place): PyTorch's ``CosineAnnealingLR`` run past its ``T_max`` (so it rises again), then
+  a constant, switched as ``SequentialLR`` switches.
+- gradient clipping: optax ``clip_by_global_norm(train.clip_norm)`` before the optimiser.
 - ``make_optimizer``: optax AdamW (default; weight decay only on matrices, not on biases, norms,
   the cls token or position embeddings) or ``reference_muon``, the reference's MuonWithAuxAdam
   (Muon on the weight matrices, plain Adam on the rest), optionally after global-norm clipping.
@@ -26,9 +30,16 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
 
 def learning_rate_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Per-step learning rate: a linear ramp from 0 to ``lr`` over ``warmup_steps`` (none by
-    default), ``lr`` until ``constant_fraction`` of ``total_steps``, then a cosine to
-    ``lr * final_lr_factor`` at the last step."""
+    """Per-step learning rate of ``tc.schedule`` over ``total_steps`` (``tc.epochs`` epochs).
+
+    constant_then_cosine: a linear ramp from 0 to ``lr`` over ``warmup_steps`` (none by default),
+    ``lr`` until ``constant_fraction`` of ``total_steps``, then a cosine to
+    ``lr * final_lr_factor`` at the last step.
+
+    periodic_cosine_then_constant: `periodic_cosine` until epoch ``constant_from_epoch``, then
+    ``lr * constant_factor``."""
+    if tc.schedule == "periodic_cosine_then_constant":
+        return periodic_cosine_then_constant(tc, total_steps)
     constant_steps = int(total_steps * tc.constant_fraction)
     decay_steps = max(1, total_steps - constant_steps)
     if not 0 <= tc.warmup_steps <= constant_steps:
@@ -46,6 +57,43 @@ def learning_rate_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
         schedules.insert(0, optax.linear_schedule(0.0, tc.lr, tc.warmup_steps))
         boundaries.insert(0, tc.warmup_steps)
     return optax.join_schedules(schedules, boundaries)
+
+
+def periodic_cosine(lr: float, lr_min: float, half_period: int) -> optax.Schedule:
+    """``lr_min + (lr - lr_min) (1 + cos(pi t / half_period)) / 2`` for every step t: PyTorch's
+    ``CosineAnnealingLR(T_max=half_period, eta_min=lr_min)`` stepped past ``T_max``, which does not
+    stop at ``lr_min`` but climbs back to ``lr`` at 2 T_max, and so on (its recursive form is this
+    closed form up to float64 rounding).
+
+    Written by hand: optax's cosine schedules end at their last step (``cosine_decay_schedule``
+    stays at its floor) or restart from the top (``sgdr_schedule``); none continues the cosine."""
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        return lr_min + (lr - lr_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * t / half_period))
+
+    return schedule
+
+
+def periodic_cosine_then_constant(tc: TrainConfig, total_steps: int) -> optax.Schedule:
+    """The first place's schedule, stepped once per optimiser step: `periodic_cosine` for the
+    steps before epoch ``constant_from_epoch``, then ``lr * constant_factor`` (PyTorch's
+    ``LambdaLR`` with a constant factor). ``SequentialLR`` with one milestone M gives the step
+    that follows M scheduler steps (0-based step M) the second schedule's value at its step 0,
+    and every earlier step the first's: optax's ``join_schedules`` at boundary M, exactly."""
+    if tc.cosine_half_period_steps < 1 or tc.constant_from_epoch < 0:
+        raise ConfigError(
+            f"train.cosine_half_period_steps={tc.cosine_half_period_steps} must be >= 1 and "
+            f"train.constant_from_epoch={tc.constant_from_epoch} >= 0"
+        )
+    steps_per_epoch = total_steps // max(tc.epochs, 1)
+    return optax.join_schedules(
+        [
+            periodic_cosine(tc.lr, tc.lr_min, tc.cosine_half_period_steps),
+            optax.constant_schedule(tc.lr * tc.constant_factor),
+        ],
+        [tc.constant_from_epoch * steps_per_epoch],
+    )
 
 
 def decay_mask(params: Any) -> Any:

@@ -52,15 +52,69 @@ def _cat(like, parts):
     return jnp.concatenate(parts, axis=-3)
 
 
-def shots_to_input(shots):
+TIME_RESAMPLES = ("drop_last", "area")  # geometry.time_resample (config.CHOICES)
+
+
+def _xp(like):
+    if isinstance(like, np.ndarray):
+        return np
+    import jax.numpy as jnp
+
+    return jnp
+
+
+def area_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The windows of PyTorch's ``F.interpolate(mode="area")`` along one axis, which is adaptive
+    average pooling: output i averages inputs ``floor(i n_in / n_out)`` up to (excluding)
+    ``ceil((i + 1) n_in / n_out)``. Returns (index (n_out, K) int64, valid (n_out, K) bool,
+    count (n_out,) float32), K the widest window; invalid taps repeat the window's last index."""
+    i = np.arange(n_out, dtype=np.int64)
+    lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+    width = int((hi - lo).max())
+    index = lo[:, None] + np.arange(width, dtype=np.int64)[None]
+    valid = index < hi[:, None]
+    return np.minimum(index, hi[:, None] - 1), valid, (hi - lo).astype(np.float32)
+
+
+def area_resample(x, n_out: int, axis: int = -2):
+    """PyTorch's ``F.interpolate(mode="area")`` of one axis of ``x`` (NumPy, or JAX under
+    ``jax.jit``) to ``n_out``, as a sparse linear map: the window's taps gathered and summed in
+    order, then divided by the window's size, as PyTorch's CPU kernel sums and divides, so a
+    float32 NumPy result is PyTorch's bit for bit (jitted, XLA may divide by multiplying with the
+    reciprocal: one rounding apart on windows wider than two). 10001 -> 10000 time samples is
+    the mean of neighbouring samples, ``(x[i] + x[i + 1]) / 2`` (bit for bit either way): half a
+    sample later than dropping the last one, and smoothed."""
+    xp = _xp(x)
+    axis = axis % x.ndim
+    index, valid, count = area_taps(x.shape[axis], n_out)
+    bcast = (slice(None),) + (None,) * (x.ndim - 1 - axis)
+    total = None
+    for k in range(index.shape[1]):
+        tap = xp.take(x, xp.asarray(index[:, k]), axis=axis)
+        if not valid[:, k].all():
+            tap = xp.where(xp.asarray(valid[:, k])[bcast], tap, xp.zeros((), x.dtype))
+        total = tap if total is None else total + tap
+    return total / xp.asarray(count, dtype=x.dtype)[bcast]
+
+
+def resample_time(shots, time_resample: str = "drop_last"):
+    """Shots (..., T + 1, R) -> (..., T, R): ``drop_last`` drops the last time sample (reference §2
+    step 1); ``area`` area-resamples T + 1 -> T (`area_resample`; the first place's input step,
+    ``geometry.time_resample``)."""
+    if time_resample == "drop_last":
+        return shots[..., :-1, :]
+    if time_resample == "area":
+        return area_resample(shots, shots.shape[-2] - 1, axis=-2)
+    raise ValueError(f"time_resample={time_resample!r}: choose one of {', '.join(TIME_RESAMPLES)}")
+
+
+def shots_to_input(shots, time_resample: str = "drop_last"):
     """Five raw shots (..., 5, 10001, 31) in `SOURCE_POSITIONS` order -> model input
-    (..., 6, 10000, 31): drop the last time sample, scale by 1e4, insert the zero channel 151
-    (reference §2 steps 1-3). NumPy in, NumPy out (JAX arrays work too)."""
-    if isinstance(shots, np.ndarray):
-        xp = np
-    else:
-        import jax.numpy as xp
-    x = shots[..., :-1, :] * xp.asarray(AMPLITUDE_SCALE, dtype=shots.dtype)
+    (..., 6, 10000, 31): the time axis to 10000 samples (`resample_time`: drop the last one, or
+    area-resample), scale by 1e4, insert the zero channel 151 (reference §2 steps 1-3). NumPy in,
+    NumPy out (JAX arrays work too)."""
+    xp = _xp(shots)
+    x = resample_time(shots, time_resample) * xp.asarray(AMPLITUDE_SCALE, dtype=shots.dtype)
     zero = xp.zeros_like(x[..., :1, :, :])
     return xp.concatenate([x[..., :ZERO_CHANNEL, :, :], zero, x[..., ZERO_CHANNEL:, :, :]], axis=-3)
 

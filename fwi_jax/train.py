@@ -425,8 +425,12 @@ def train(
     progress: bool = True,
     on_batch: Callable[[int, dict], None] | None = None,
 ) -> dict:
-    """Train ``cfg`` in ``workdir``; returns a summary {steps, best_mape, final_mape, samples_per_s,
-    skipped_steps, traces}. ``on_batch(step, host_batch)`` (optional) sees each batch this host
+    """Train ``cfg`` in ``workdir``; returns a summary {steps (those run, fewer than planned
+    after an early stop), early_stopped, best_mape, final_mape, skipped_steps, traces}. With
+    ``train.early_stop_patience`` N > 0 the run ends after N validations in a row above the best
+    MAPE, with best/ and final/ written as at a normal end (the count is checkpointed, so a
+    resumed run stops where an uninterrupted one does, and an early-stopped run resumes as
+    finished). ``on_batch(step, host_batch)`` (optional) sees each batch this host
     read (its "id"s included) before it goes to the devices. On SIGTERM the current step finishes,
     a checkpoint is saved and `Preempted` is raised."""
     from fwi_jax.data.pipeline import make_loader
@@ -479,7 +483,8 @@ def train(
         cfg, data.root, data.train_ids, train=True, batch_size=tc.batch_size, seed=tc.seed
     )
     it = iter(loader)
-    best, start = math.inf, 0
+    # stale: validations in a row above the best MAPE (train.early_stop_patience)
+    best, start, stale = math.inf, 0, 0
     if resume and latest is not None:
         warn = (
             (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -489,6 +494,7 @@ def train(
         start, state, loader_state, meta = ckpts.restore_newest_intact(state, log=warn)
         it.set_state(loader_state)
         best = meta["best_mape"]
+        stale = meta.get("validations_since_best", 0)  # absent in checkpoints from before it
         if main_host:
             print(f"resuming {workdir} at step {start} of {total}", flush=True)
     log = RunLog(workdir, start if resume else None, enabled=main_host)
@@ -515,6 +521,7 @@ def train(
                 "step": step,
                 "epoch": step // steps_per_epoch,
                 "best_mape": best,
+                "validations_since_best": stale,
                 "config": cfg.to_dict(),
             },
         )
@@ -532,9 +539,11 @@ def train(
     pending, t0, seen, val_mape, warned = [], time.perf_counter(), 0, None, False
     loader_state = it.get_state()
     step = start
+    patience = tc.early_stop_patience
+    stopped = 0 < patience <= stale  # a run that stopped early resumes as finished
     sigterm = _SigtermFlag()
     try:
-        for step in range(start, total):
+        for step in range(start, start if stopped else total):
             host_batch = next(it)
             if on_batch is not None:
                 on_batch(step, host_batch)
@@ -595,12 +604,24 @@ def train(
                         "val/ema": done > ema_start,
                     }
                 )
+                # the first place's early stopping: a tie with the best counts as no worse
+                stale = stale + 1 if val_mape > best else 0
                 if val_mape < best:
                     best = val_mape
                     save_params(workdir / "best", eval_params(done), cfg)  # every host: collective
+                stopped = 0 < patience <= stale
                 t0 = time.perf_counter()
             if epoch_end or (tc.checkpoint_every_steps and done % tc.checkpoint_every_steps == 0):
                 save(done, loader_state)
+            if stopped:
+                if main_host:
+                    tqdm.write(
+                        f"early stop after step {done} (epoch {done // steps_per_epoch}) of "
+                        f"{total}: validation MAPE above the best ({best:.6f}) {stale} times in a "
+                        f"row (train.early_stop_patience={patience})",
+                        file=sys.stderr,
+                    )
+                break
             if done < total and (sigterm.raised or ckpts.reached_preemption(done)):
                 raise Preempted(done, total, ckpts.path(done))
     except BaseException as e:
@@ -616,13 +637,15 @@ def train(
         bar.close()
         log.close()
     ckpts.wait()
-    final = eval_params(total)
+    last = int(state["step"])  # total, or where early stopping ended the run
+    final = eval_params(last)
     save_params(workdir / "final", final, cfg)  # every host: orbax's save is collective
     if not data.val_ids:  # nothing to choose by: the final weights are the best we have
         save_params(workdir / "best", final, cfg)
     ckpts.close()
     return {
-        "steps": total,
+        "steps": last,
+        "early_stopped": stopped,
         "best_mape": best if data.val_ids else None,
         "final_mape": val_mape,
         "skipped_steps": int(state["loss_scale"].skipped),

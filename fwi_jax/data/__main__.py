@@ -14,6 +14,7 @@ import pathlib
 import sys
 
 from fwi_jax import cli
+from fwi_jax.config import CHOICES
 from fwi_jax.data import io, split
 
 
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--float16", action="store_true", help="store x as float16 (half the size, rounded)"
     )
     _add_v_range(k)
+    k.add_argument(
+        "--time-resample",
+        choices=CHOICES["geometry.time_resample"],
+        default="drop_last",
+        help="10001 -> 10000 time samples: drop the last (default) or area-resample (the first "
+        "place's input; the config's geometry.time_resample must match)",
+    )
     k.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -103,6 +111,7 @@ def main(argv=None) -> int:
                 dtype="float16" if args.float16 else "float32",
                 v_range=tuple(args.v_range),
                 progress=not args.no_progress,
+                time_resample=args.time_resample,
             )
             print(
                 f"packed {index['n']} samples into {pathlib.Path(args.out).expanduser()} (x "

@@ -4,8 +4,9 @@ A sample folder holds five shot gathers ``receiver_data_src_{p}.npy`` float32 (1
 (time, receiver) for p in `SOURCE_POSITIONS`, and, for training/validation folders,
 ``vp_model.npy`` float32 (300, 1259) (x, depth) in km/s.
 
-`read_sample` applies reference §2 steps 1-3 on the host (drop the last time sample, x1e4,
-insert the all-zero channel 151), so the device receives ready model input (6, 10000, 31) float32.
+`read_sample` applies reference §2 steps 1-3 on the host (drop the last time sample, or
+area-resample 10001 -> 10000 with ``time_resample="area"``; x1e4; insert the all-zero channel
+151), so the device receives ready model input (6, 10000, 31) float32.
 `list_samples` lists the samples of a folder dataset or of a packed store (``fwi_jax.data.pack``,
 whose ids this module reads from its ``ids.txt``), the one listing every command uses.
 """
@@ -20,7 +21,13 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from fwi_jax.data.split import read_id_list
-from fwi_jax.preprocess import AMPLITUDE_SCALE, SOURCE_POSITIONS, ZERO_CHANNEL, shots_to_input
+from fwi_jax.preprocess import (
+    AMPLITUDE_SCALE,
+    SOURCE_POSITIONS,
+    ZERO_CHANNEL,
+    resample_time,
+    shots_to_input,
+)
 from fwi_jax.storage import write_atomic
 
 N_TIME_RAW = 10001  # time samples per shot in the files
@@ -127,26 +134,36 @@ def _read_f32_into(
         return False
 
 
-def _read_shot(path: pathlib.Path, out: np.ndarray, tail: np.ndarray) -> bool:
+def _read_shot(
+    path: pathlib.Path, out: np.ndarray, tail: np.ndarray, time_resample: str = "drop_last"
+) -> bool:
     """Fast path for one shot file: first 10000 time samples into ``out`` (10000, 31), the last
-    into ``tail``; all finite (checked while in cache), then ``out`` scaled x1e4 in place. False
-    on anything unusual (the caller then takes the checked path)."""
+    into ``tail``; all finite (checked while in cache); with ``time_resample="area"`` ``out``
+    becomes the area resample of all 10001; then ``out`` scaled x1e4 in place. False on anything
+    unusual (the caller then takes the checked path)."""
     if not _read_f32_into(path, (N_TIME_RAW, N_RECEIVERS), out, tail):
         return False
     if not (np.isfinite(out).all() and np.isfinite(tail).all()):
         return False
+    if time_resample != "drop_last":
+        out[...] = resample_time(np.concatenate([out, tail]), time_resample)
     out *= np.float32(AMPLITUDE_SCALE)
     return True
 
 
 def read_sample(
-    folder, *, v_range: tuple[float, float] = (0.5, 10.0), require_velocity: bool | None = None
+    folder,
+    *,
+    v_range: tuple[float, float] = (0.5, 10.0),
+    require_velocity: bool | None = None,
+    time_resample: str = "drop_last",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read and validate one sample folder.
 
     Returns (seismic (6, 10000, 31) float32 model input, reference §2 steps 1-3 applied on host;
     velocity (1259, 300) float32 km/s (depth, x), or None when vp_model.npy is absent).
     ``require_velocity``: True -> a missing vp_model.npy is an error; None/False -> optional.
+    ``time_resample``: how 10001 time samples become 10000 (`preprocess.resample_time`).
     Raises `DataError` naming the file and what is wrong.
 
     Fast path for well-formed float32 files: each shot is read straight into its channel of the
@@ -161,7 +178,7 @@ def read_sample(
     tails = np.empty((len(SHOT_FILES), 1, N_RECEIVERS), np.float32)  # the dropped last time samples
     channels = [c for c in range(len(SHOT_FILES) + 1) if c != ZERO_CHANNEL]
     ok = all(
-        _read_shot(folder / name, seismic[c], tails[k])
+        _read_shot(folder / name, seismic[c], tails[k], time_resample)
         for k, (c, name) in enumerate(zip(channels, SHOT_FILES))
     )
     vp = None
@@ -178,7 +195,9 @@ def read_sample(
                 and vmax <= v_range[1]
             )
     if not ok:
-        return _read_sample_checked(folder, v_range=v_range, require_velocity=require_velocity)
+        return _read_sample_checked(
+            folder, v_range=v_range, require_velocity=require_velocity, time_resample=time_resample
+        )
     if vp is None:
         if require_velocity:
             raise DataError(f"{vpath}: missing file")
@@ -187,12 +206,16 @@ def read_sample(
 
 
 def _read_sample_checked(
-    folder: pathlib.Path, *, v_range: tuple[float, float], require_velocity: bool | None
+    folder: pathlib.Path,
+    *,
+    v_range: tuple[float, float],
+    require_velocity: bool | None,
+    time_resample: str = "drop_last",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`read_sample` file by file through `_load_array`: any float dtype, every check, and the
     error message naming the first bad file."""
     shots = np.stack([_load_array(folder / name, (N_TIME_RAW, N_RECEIVERS)) for name in SHOT_FILES])
-    seismic = shots_to_input(shots)
+    seismic = shots_to_input(shots, time_resample)
     vpath = folder / VELOCITY_FILE
     if not vpath.exists():
         if require_velocity:

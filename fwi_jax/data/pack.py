@@ -3,7 +3,8 @@
     OUT/x.npy       (N, 6, 10000, 31) float32 or float16: `io.read_sample`'s x (x1e4, zero channel)
     OUT/v.npy       (N, 1259, 300) float32 km/s (depth, x); only when the samples have velocities
     OUT/ids.txt     N sample ids, one per line, row order of x.npy / v.npy
-    OUT/index.json  format version, n, dtype, shapes, has_velocity, v_range checked and v min/max
+    OUT/index.json  format version, n, dtype, shapes, has_velocity, v_range checked and v min/max,
+                    time_resample (how 10001 time samples became 10000)
 
 `pack` validates every sample through `io.read_sample` and writes atomically (into
 ``OUT.tmp-<pid>``, renamed to OUT at the end; a failed pack leaves no OUT). `PackedSource` is
@@ -206,12 +207,15 @@ def pack(
     dtype: str = "float32",
     v_range: tuple[float, float] = (0.5, 10.0),
     progress: bool = True,
+    time_resample: str = "drop_last",
 ) -> dict:
     """Pack sample folders ``src/<id>`` (default: every sub-folder) into the store ``out``.
 
     ``dtype`` of x: "float32" (bit-exact) or "float16" (half the size; x values beyond float16's
     range are an error). Velocities must be present in every sample or in none. Returns the
-    index dict. Raises `io.DataError` naming the bad file; ``out`` must not exist yet."""
+    index dict. ``time_resample``: how 10001 time samples become 10000 (`io.read_sample`),
+    recorded in the index; a config must ask for the same to read the store. Raises `io.DataError`
+    naming the bad file; ``out`` must not exist yet."""
     src, out = pathlib.Path(src).expanduser(), pathlib.Path(out).expanduser()
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
@@ -242,7 +246,12 @@ def pack(
             it = tqdm(ids, desc=f"pack {dtype}", unit="sample", dynamic_ncols=True)
         for i, sample_id in enumerate(it):
             folder = src / sample_id
-            x, v = io.read_sample(folder, v_range=v_range, require_velocity=has_velocity)
+            x, v = io.read_sample(
+                folder,
+                v_range=v_range,
+                require_velocity=has_velocity,
+                time_resample=time_resample,
+            )
             if has_velocity is None:
                 has_velocity = v is not None
                 if has_velocity:
@@ -276,6 +285,7 @@ def pack(
             "v_range": list(map(float, v_range)),
             "v_min": vmin if has_velocity else None,
             "v_max": vmax if has_velocity else None,
+            "time_resample": time_resample,
         }
         for a in (xs, vs):
             if a is not None:

@@ -37,12 +37,19 @@ class FolderSource(grain.sources.RandomAccessDataSource):
     Picklable (root and ids only), so grain worker processes can rebuild it."""
 
     def __init__(
-        self, root, ids: Sequence[str], *, v_range=(0.5, 10.0), require_velocity: bool | None = None
+        self,
+        root,
+        ids: Sequence[str],
+        *,
+        v_range=(0.5, 10.0),
+        require_velocity: bool | None = None,
+        time_resample: str = "drop_last",
     ):
         self.root = str(root)
         self.ids = list(ids)
         self.v_range = tuple(v_range)
         self.require_velocity = require_velocity
+        self.time_resample = time_resample
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -53,6 +60,7 @@ class FolderSource(grain.sources.RandomAccessDataSource):
             pathlib.Path(self.root) / sample_id,
             v_range=self.v_range,
             require_velocity=self.require_velocity,
+            time_resample=self.time_resample,
         )
         element = {"x": x, "id": np.asarray(sample_id)}
         if v is not None:
@@ -180,7 +188,14 @@ def make_dataset(
     process_index, process_count = _hosts(batch_size, process_index, process_count)
     require_velocity = True if train else None
     x_float32 = batch_x_dtype(cfg, root) == np.float32
+    time_resample = cfg.geometry.time_resample
     if io.is_packed(root):
+        packed_with = pack.read_index(root).get("time_resample", "drop_last")
+        if packed_with != time_resample:
+            raise io.DataError(
+                f"{root}: packed with geometry.time_resample={packed_with}, the config says "
+                f"{time_resample}; pack the folders again with --time-resample {time_resample}"
+            )
         # raw views of the store: StackBatch below copies each sample once (converting float16
         # only with data.host_dtype "float32")
         source = pack.PackedSource(
@@ -192,6 +207,7 @@ def make_dataset(
             io.list_samples(root) if ids is None else ids,
             v_range=cfg.data.v_range,
             require_velocity=require_velocity,
+            time_resample=time_resample,
         )
     if not len(source):
         raise ValueError(f"no sample ids given for {root}")
