@@ -201,11 +201,11 @@ def largest_batch(cfg, target: str, limit: int = 64) -> dict[str, Any]:
     return {"batch": found[0], "peak_bytes": found[1], "compiles": compiles}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m fwi_jax.gpu_compile", description=__doc__.split("\n")[0]
     )
-    ap.add_argument("--config", nargs="+", default=["base_s6"])
+    ap.add_argument("--config", default="base_s6", help="config name or path")
     ap.add_argument(
         "--targets", nargs="+", default=None, help="default: every file in gpu_targets/"
     )
@@ -217,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         "--ensemble", type=int, metavar="N", help="compile an N-member ensemble (flip TTA) instead"
     )
     ap.add_argument("--set", nargs="*", default=[], help="config overrides")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         prepare()
     except CompileUnavailable as e:
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---:|---:|---:|---|---:|",
         flush=True,
     )
-    for config in a.config:
+    for config in [a.config]:
         for target in targets:
             dtype = a.dtype or train_dtype(target)
             card = target_memory_bytes(target) / GIB
