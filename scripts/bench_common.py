@@ -1,6 +1,7 @@
 """Helpers the benchmark and profiling scripts share: the import paths (the repository, and tests/
-for the PyTorch reference model), a random batch, XLA's cost and memory figures of a compiled
-program, and this machine's dense-matmul roofline.
+for the PyTorch reference model), a random batch, our train step ready to compile, the reference's
+loss in PyTorch, XLA's cost and memory figures of a compiled program, and this machine's
+dense-matmul roofline.
 
 Run a script as ``python scripts/NAME.py``: Python puts scripts/ on the import path, so
 ``import bench_common`` finds this file, and importing it makes ``fwi_jax`` and
@@ -40,6 +41,70 @@ def make_batch(cfg, batch: int, seed: int = 0):
     return x, v
 
 
+def our_train_step(cfg, batch: int, seed: int = 0):
+    """Our real train step for ``cfg`` (``fwi_jax.train.make_train_step``: forward, the config's
+    loss, backward, the config's optimiser, EMA, loss-scale bookkeeping; the EMA already active so
+    its work counts) -> (step, state, batch dict of device arrays, parameter count). ``step`` is
+    not jitted: ``jax.jit(step, donate_argnums=0)`` as training runs it."""
+    import jax.numpy as jnp
+
+    from fwi_jax.model import count_params, create_model
+    from fwi_jax.optim import make_optimizer
+    from fwi_jax.train import create_train_state, make_train_step
+
+    graphdef, params = create_model(cfg, seed=seed)
+    n_params = count_params(params)
+    tx, schedule = make_optimizer(cfg, total_steps=1000)
+    step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)
+    state = create_train_state(cfg, params, tx)
+    x, v = make_batch(cfg, batch, seed)
+    return step, state, {"x": jnp.asarray(x), "v": jnp.asarray(v)}, n_params
+
+
+def train_step_flops(cfg, batch: int) -> float:
+    """XLA's FLOPs of one train step of ``cfg`` at ``batch`` with ``xla`` attention and no remat:
+    the model's FLOPs per step, whatever attention and remat a run uses (cuDNN's attention is a
+    custom call XLA counts as 0, a ``lax.scan`` body is counted once, remat adds recomputation).
+    From the lowered program (shapes only: nothing allocated, nothing compiled)."""
+    import jax
+
+    from fwi_jax.model import abstract_model
+    from fwi_jax.optim import make_optimizer
+    from fwi_jax.train import create_train_state, make_train_step
+
+    cfg = cfg.replace(**{"model.attention": "xla", "model.remat": "none"})
+    graphdef, params = abstract_model(cfg)
+    tx, schedule = make_optimizer(cfg, total_steps=1000)
+    step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)
+    state = jax.eval_shape(lambda p: create_train_state(cfg, p, tx), params)
+    g = cfg.geometry
+    data = {
+        "x": jax.ShapeDtypeStruct((batch, 6, g.n_time, g.n_receivers), "float32"),
+        "v": jax.ShapeDtypeStruct((batch, *g.out_shape), "float32"),
+    }
+    cost = jax.jit(step).lower(state, data).cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float(cost["flops"])
+
+
+def torch_loss(cfg):
+    """The reference's loss in PyTorch for ``cfg.train.loss`` (``fwi_jax.loss.base_loss`` /
+    ``hard_mining_loss``): ``loss(pred, v)``, the depth weights on ``v``'s device."""
+    import torch
+
+    def loss(pred, vel):
+        w = torch.linspace(1.0, 0.25, vel.shape[1], device=vel.device)[None, :, None]
+        e = (pred.float() - vel).abs() / vel
+        if cfg.train.loss == "hard":
+            h = torch.exp(e.detach())
+            h = h * (h.shape[1] * h.shape[2]) / h.sum(dim=(1, 2), keepdim=True)
+            return (e * w * h).mean()
+        return (e * w).mean()
+
+    return loss
+
+
 def compiled_flops(compiled) -> float | None:
     """XLA's FLOPs per call, plus those of fused_cpu's attention kernel (a custom call, which
     XLA counts as 0; `fwi_jax.model.fused_attention.kernel_flops`)."""
@@ -71,13 +136,14 @@ def compiled_memory_gib(compiled) -> float | None:
     return total / GIB
 
 
-def matmul_roofline(n: int = 2048, reps: int = 5) -> float:
-    """Dense float32 matmul FLOP/s of this machine under XLA (median of ``reps``)."""
+def matmul_roofline(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    """Dense ``dtype`` matmul FLOP/s of this machine's default JAX device (median of ``reps``;
+    JAX's default matmul precision)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(jnp.matmul)
     f(a, b).block_until_ready()
     times = []

@@ -116,29 +116,37 @@ def forward_flops(args) -> int:
     return 0
 
 
-def torch_ensemble(refs, cfg, x_np: np.ndarray, *, tta: bool, dtype: str) -> np.ndarray:
+def torch_ensemble(
+    refs, cfg, x_np: np.ndarray, *, tta: bool, dtype: str, device: str = "cpu"
+) -> np.ndarray:
     """The PyTorch members' mean prediction (depth, x) km/s for one input ``x_np`` (6, T, R):
-    one model after another at batch 1, under CPU autocast for a bfloat16/float16 ``dtype``."""
+    one model after another at batch 1, under autocast for a bfloat16/float16 ``dtype``, on
+    ``device`` (where ``refs`` are)."""
     import torch
     from torch_firstplace import flip_dims
 
     autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    x = torch.from_numpy(x_np[None])
+    x = torch.from_numpy(x_np[None]).to(device)
     outs = []
     with (
         torch.inference_mode(),
-        torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
+        torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None),
     ):
         for ref in refs:
             y = ref(x).float()
             if tta:
                 y = 0.5 * (y + ref(x.flip(flip_dims(cfg))).float().flip(2))
-            outs.append(y[0].numpy())
+            outs.append(y[0].cpu().numpy())
     return np.mean(outs, axis=0)
 
 
-def through_infer(args, cfg, refs, tta: bool) -> int:
-    """``python -m fwi_jax.infer`` on shot files against PyTorch member by member (see above)."""
+def through_infer(
+    args, cfg, refs, tta: bool, device: str = "cpu", torch_samples: int | None = None
+) -> dict:
+    """``python -m fwi_jax.infer`` on shot files against PyTorch member by member (see above;
+    PyTorch on ``device``, where ``refs`` are, timed on ``torch_samples`` of the samples, default
+    all): {"ours", "torch" (samples/s), "diff" (km/s),
+    "infer_wall_s"}, or {"error": the run's output} when infer fails."""
     import subprocess
     import tempfile
 
@@ -190,7 +198,8 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             print(proc.stdout + proc.stderr, file=sys.stderr)
-            return 1
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"error": f"python -m fwi_jax.infer exit {proc.returncode}: " + " | ".join(tail)}
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("after the first batch"))
         ours = float(line.split("(")[1].split(" samples/s")[0])
         print(f"python -m fwi_jax.infer ({wall:.1f} s in all): {line}", flush=True)
@@ -198,15 +207,16 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
             got = {sid: sub[sid].T for sid in ids}
 
         def reference(x_np):  # the PyTorch ensemble on one input
-            return torch_ensemble(refs, cfg, x_np, tta=tta, dtype=args.dtype)
+            return torch_ensemble(refs, cfg, x_np, tta=tta, dtype=args.dtype, device=device)
 
         diff = float(np.abs(reference(read_sample(tmp / "data" / ids[0])[0]) - got[ids[0]]).max())
+        n_torch = min(args.samples, torch_samples or args.samples)
         t0 = time.perf_counter()
-        for sid in ids[1:]:
+        for sid in ids[1 : 1 + n_torch]:
             reference(read_sample(tmp / "data" / sid)[0])
-        theirs = args.samples / (time.perf_counter() - t0)
+        theirs = n_torch / (time.perf_counter() - t0)
     print(
-        f"PyTorch, member by member, batch 1, the same {args.samples} samples from the same files: "
+        f"PyTorch, member by member, batch 1, {n_torch} of the same samples from the same files: "
         f"{theirs:.3f} samples/s; max |ours - reference| on the first sample = {diff:.2e} km/s"
     )
     print(
@@ -216,7 +226,7 @@ def through_infer(args, cfg, refs, tta: bool) -> int:
         f"| PyTorch, member by member, batch 1 | {theirs:.3f} | 1.00x |"
     )
     print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    return 0
+    return {"ours": ours, "torch": theirs, "diff": diff, "infer_wall_s": wall}
 
 
 def main(argv=None) -> int:
@@ -265,7 +275,8 @@ def main(argv=None) -> int:
     refs = [torch_model(cfg, seed=s).eval() for s in range(args.members)]
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     if args.through_infer:
-        return through_infer(args, cfg, refs, tta)
+        rec = through_infer(args, cfg, refs, tta)
+        return 1 if "error" in rec else 0
     state_dicts = [
         {k: v.detach().numpy() for k, v in getattr(ref, "model", ref).state_dict().items()}
         for ref in refs

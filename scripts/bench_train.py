@@ -46,7 +46,16 @@ import subprocess
 import sys
 import time
 
-from bench_common import GIB, compiled_flops, compiled_memory_gib, fmt, make_batch, matmul_roofline
+from bench_common import (
+    GIB,
+    compiled_flops,
+    compiled_memory_gib,
+    fmt,
+    make_batch,
+    matmul_roofline,
+    our_train_step,
+    torch_loss,
+)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -85,14 +94,10 @@ def time_steps(step, warmup: int, steps: int, batch: int) -> dict:
 def run_one(a) -> dict:
     """One (attention, remat) configuration of our step, in this process."""
     import jax
-    import jax.numpy as jnp
 
     from fwi_jax.config import load_config
     from fwi_jax.host import tune_cpu_host
-    from fwi_jax.model import count_params, create_model
     from fwi_jax.model.attention import resolve_impl
-    from fwi_jax.optim import make_optimizer
-    from fwi_jax.train import create_train_state, make_train_step
 
     host = tune_cpu_host(verbose=False)  # before anything starts a backend
     attention, remat = a.one
@@ -103,14 +108,7 @@ def run_one(a) -> dict:
         "remat": remat,
         "host": host,
     }
-    graphdef, params = create_model(cfg, seed=0)
-    rec["params"] = count_params(params)
-    tx, schedule = make_optimizer(cfg, total_steps=1000)
-    step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)  # EMA work included
-    state = create_train_state(cfg, params, tx)
-    del params
-    x, v = make_batch(cfg, a.batch)
-    batch = {"x": jnp.asarray(x), "v": jnp.asarray(v)}
+    step, state, batch, rec["params"] = our_train_step(cfg, a.batch)
 
     jitted = jax.jit(step, donate_argnums=0)
     t0 = time.perf_counter()
@@ -161,15 +159,7 @@ def torch_train(a) -> dict:
     x_np, v_np = make_batch(cfg, a.batch)
     x, v = torch.from_numpy(x_np), torch.from_numpy(v_np)
     autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(a.dtype)
-    w = torch.linspace(1.0, 0.25, v.shape[1])[None, :, None]
-
-    def loss_fn(pred, vel):  # fwi_jax.loss.base_loss / hard_mining_loss
-        e = (pred.float() - vel).abs() / vel
-        if cfg.train.loss == "hard":
-            h = torch.exp(e.detach())
-            h = h * (h.shape[1] * h.shape[2]) / h.sum(dim=(1, 2), keepdim=True)
-            return (e * w * h).mean()
-        return (e * w).mean()
+    loss_fn = torch_loss(cfg)
 
     def step():
         opt.zero_grad(set_to_none=True)

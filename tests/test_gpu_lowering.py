@@ -249,6 +249,10 @@ def test_gpu_doc_commands_parse():
 
     doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "gpu.md"
     commands = readme_commands(doc.read_text())
-    assert {module for module, _ in commands} == {"fwi_jax.train", "fwi_jax.infer"}
+    assert {module for module, _ in commands} == {
+        "fwi_jax.train",
+        "fwi_jax.infer",
+        "fwi_jax.gpu_compile",
+    }
     for module, args in commands:
         check_command(module, args)
