@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     from fwi_jax.config import load_config
 
     targets = a.targets or target_names()
+    failed = 0
     print(
         "| config | target | dtype | remat | batch | peak GiB | card GiB | fits | compile s |\n"
         "|---|---|---|---|---:|---:|---:|---|---:|",
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{msg} | | | |",
                         flush=True,
                     )
+                    print(f"error: {config} for {target}: {type(e).__name__}: {e}", file=sys.stderr)
+                    failed += 1
                     continue
                 peak = rec["peak_bytes"] / GIB
                 what = f"ensemble x{a.ensemble}" if a.ensemble else remat
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{time.perf_counter() - t0:.0f} |",
                     flush=True,
                 )
-    return 0
+    return 1 if failed else 0  # a program the GPU compiler refused is a failure
 
 
 if __name__ == "__main__":

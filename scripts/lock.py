@@ -1,7 +1,7 @@
 """Refresh ``constraints.txt``, the exact versions the suite passes with.
 
-    python scripts/lock.py        # a few minutes: installs the package and its test extra into a
-                                  # new virtual environment in a temporary folder, then pip freeze
+    python scripts/lock.py   # a few minutes: the package with its test and gpu-compile extras
+                             # in a new virtual environment in a temporary folder, then pip freeze
 
 It writes every installed distribution as ``name==version`` (the package itself left out). Run
 ``.ci/run`` (it installs with the new file) before committing it; ``tests/test_lock.py`` checks
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         venv = pathlib.Path(tmp) / "venv"
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip"]
-        subprocess.run([*pip, "install", "-q", f"{ROOT}[test]"], check=True)
+        subprocess.run([*pip, "install", "-q", f"{ROOT}[test,gpu-compile]"], check=True)
         frozen = subprocess.run(
             [*pip, "freeze", "--exclude", "fwi-jax"], check=True, capture_output=True, text=True
         ).stdout

@@ -102,7 +102,7 @@ def _close(it):
         it.close()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.full)])
 def test_deterministic_and_resumable_whatever_workers(dataset, workers):
     root, ids = dataset
     kw = dict(train=True, batch_size=2, seed=7, num_epochs=None)

@@ -108,6 +108,7 @@ def test_train_on_float16_store_fast_path_bit_identical_to_host_conversion(data,
     )
 
 
+@pytest.mark.full
 def test_train_cli_on_store_equals_folders(data, tmp_path, capsys):
     """A float32 store trains exactly as the folders it was packed from (the CLI in a subprocess
     for the store, main() in this process for the folders)."""

@@ -1,7 +1,9 @@
 """python -m fwi_jax.demo end to end at a reduced size (16/4/4 synthetic samples, a 2-block
 network, 2 epochs, 2 members): synthesis, training, ensemble inference with TTA, baseline, plots;
 then scripts/learning_curve.py on the same cached data. They check the plumbing and the outputs,
-not the accuracy (docs/learning.md gives the full-size figures)."""
+not the accuracy (docs/learning.md gives the full-size figures). Both take minutes: the full
+tier. The fast tier checks the demo's own pieces (its baseline, its summary of a run, its
+refusals); synthesis, training and inference have their own fast tests."""
 
 import json
 import pathlib
@@ -25,6 +27,40 @@ def synth_cache(tmp_path_factory) -> pathlib.Path:
     return tmp_path_factory.mktemp("synth")
 
 
+def test_baseline_best_validation_and_refusals(tmp_path, capsys, monkeypatch):
+    """The mean-velocity-profile baseline against NumPy on three made-up samples, the best
+    validation MAPE read from a run's metrics, and a config the demo cannot run: one error line."""
+    from fwi_jax import demo
+    from fwi_jax.data.io import VELOCITY_FILE
+    from fwi_jax.loss import competition_mape
+
+    rng = np.random.default_rng(0)
+    vs = {f"s{k}": rng.uniform(1.5, 4.5, (300, 1259)).astype(np.float32) for k in range(3)}
+    for name, v in vs.items():
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / VELOCITY_FILE, v)
+    profile = (vs["s0"].mean(axis=0) + vs["s1"].mean(axis=0)) / 2  # (depth,)
+    expected = competition_mape(vs["s2"], np.broadcast_to(profile, (300, 1259)))
+    got = demo.mean_profile_baseline(tmp_path, ["s0", "s1"], ["s2"])
+    assert got == pytest.approx(expected, rel=1e-6)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [
+        {"step": 1, "train/loss": 0.2},
+        {"step": 4, "val/mape": 0.07},
+        {"step": 8, "val/mape": 0.06},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert demo._best_val(run) == 0.06
+
+    monkeypatch.setattr("fwi_jax.host.tune_cpu_host", lambda: "")  # leave this process untuned
+    assert demo.main(["--workdir", str(tmp_path / "d"), "--set", "synth.n_test=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "synth.n_test" in err[0], err
+
+
+@pytest.mark.full
 def test_demo_reduced_end_to_end(tmp_path, synth_cache):
     sets = [
         *SYNTH_SETS,
@@ -73,6 +109,7 @@ def test_demo_reduced_end_to_end(tmp_path, synth_cache):
     assert again.stdout.count("already trained") == 2 and "synthesising" not in again.stdout
 
 
+@pytest.mark.full
 def test_learning_curve_stops_the_run_after_the_last_mark(tmp_path, synth_cache):
     sets = [
         *SYNTH_SETS,

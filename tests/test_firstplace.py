@@ -260,7 +260,7 @@ def full_size():
     return cfg, ref
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_forward_parity_full_size(full_size):
     """Full-size float32 forward, batch 1, of eva_l_s10_dual4 converted from its state_dict (timm's
     32 x 32 pretrain pos-embed grid, resampled to 40 x 40 as timm does at run time): max |Δ| <=

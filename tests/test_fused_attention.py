@@ -131,7 +131,7 @@ def test_a_failed_build_names_the_compiler_error(tmp_path):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_avx2_build_matches_the_reference(tmp_path):
     """The kernel built for AVX2 (8-float vectors, 2 a micro-tile row: what a CPU without
     AVX-512 runs) agrees with jax's attention in forward and gradients. N = 300: two key chunks
@@ -226,6 +226,7 @@ def test_kernel_flops_counts_what_xla_leaves_out():
     assert kernel_flops(forward_only.as_text()) == 4 * b * h * n * n * d
 
 
+@pytest.mark.full
 def test_single_thread_bench_harness_builds_and_runs():
     """scripts/bench_fused_kernel.py includes the kernel's source and calls its per-head functions
     directly: it must keep compiling when their signatures change (a tiny shape, one block size;

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SECTIONS = ("env", "parity", "train", "infer", "synth", "projection")
 TITLES = {
@@ -19,6 +21,7 @@ TITLES = {
 }
 
 
+@pytest.mark.full
 def test_smoke_runs_every_section_on_the_cpu(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run(

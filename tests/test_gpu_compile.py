@@ -3,29 +3,45 @@
 ``fwi_jax.gpu_compile`` runs XLA's GPU compiler on compile-only devices made from the target
 descriptions in fwi_jax/gpu_targets/ and reads each program's peak memory. What docs/gpu.md says
 fits a card is checked here: a change that makes one of those programs too large, or one the GPU
-compiler refuses, fails. Needs the CUDA plugin (``pip install -e '.[gpu-compile]'``); skipped,
-saying so, without it. About a minute per base_s6 compile on two cores: the full tier.
+compiler refuses, fails. About a minute per base_s6 compile on two cores: the full tier.
+
+The compiles run in a virtual environment of their own, ``.venv-gpu`` at the repository's root
+(or the Python that ``$FWI_JAX_GPU_PYTHON`` names), made by the README's full-tier command:
+``python -m venv .venv-gpu && .venv-gpu/bin/pip install -c constraints.txt -e '.[gpu-compile]'``.
+The CUDA plugin prints its failure to find a GPU whenever JAX is imported beside it, so it stays
+out of the environment the rest of the suite reads stderr in. Without that environment these
+tests are skipped, saying how to make it.
 """
 
-import importlib.util
+import functools
+import os
+import pathlib
 import subprocess
-import sys
 
 import pytest
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GPU_PYTHON = os.environ.get("FWI_JAX_GPU_PYTHON", str(ROOT / ".venv-gpu" / "bin" / "python"))
 
+
+@functools.cache
 def has_cuda_plugin() -> bool:
-    return (
-        importlib.util.find_spec("jax_plugins") is not None
-        and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-    )
+    if not pathlib.Path(GPU_PYTHON).is_file():
+        return False
+    probe = [
+        GPU_PYTHON,
+        "-c",
+        "import importlib.util as u; assert u.find_spec('jax_plugins.xla_cuda12')",
+    ]
+    return subprocess.run(probe, capture_output=True).returncode == 0
 
 
 pytestmark = [
     pytest.mark.full,
     pytest.mark.skipif(
         not has_cuda_plugin(),
-        reason="the CUDA plugin is not installed (pip install -e '.[gpu-compile]')",
+        reason=f"no Python with the CUDA plugin at {GPU_PYTHON}: python -m venv .venv-gpu && "
+        ".venv-gpu/bin/pip install -c constraints.txt -e '.[gpu-compile]'",
     ),
 ]
 
@@ -38,10 +54,10 @@ FITS = [
 
 
 def compile_in_child(*args: str) -> str:
-    """``python -m fwi_jax.gpu_compile ARGS`` in its own process: JAX must start with
-    JAX_PLATFORMS=cpu and the CUDA plugin's checks off, which this test process may not have."""
+    """``python -m fwi_jax.gpu_compile ARGS`` in the environment with the CUDA plugin."""
     p = subprocess.run(
-        [sys.executable, "-m", "fwi_jax.gpu_compile", *args],
+        [GPU_PYTHON, "-m", "fwi_jax.gpu_compile", *args],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=900,

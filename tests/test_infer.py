@@ -336,7 +336,7 @@ def test_read_only_out_folder_fails_before_any_compute(dataset, members, tmp_pat
     assert "ensemble" not in proc.stdout  # the run never reached the devices
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_reference_state_dict_through_cli_matches_pytorch(tmp_path):
     """A reference-solution state_dict (random weights, timm pretrain pos-embed grid, _orig_mod.
     prefix as torch.compile saves it) run by `python -m fwi_jax.infer --config tiny_s8` with flip

@@ -61,7 +61,7 @@ def jit_apply(graphdef):
     return jax.jit(lambda p, x: apply_model(graphdef, p, x))
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.parametrize("name", ["tiny_s8", "base_s6"])
 def test_forward_parity_full_size(name):
     """Full-size float32 forward, batch 2 (one sample flipped): max |Δ| ≤ 1e-4 km/s against the
@@ -194,7 +194,7 @@ def test_reference_state_dict_with_orig_mod_prefix():
     assert np.abs(got - expected).max() <= 1e-5
 
 
-@pytest.mark.parametrize("size", ["tiny", "base"])
+@pytest.mark.parametrize("size", ["tiny", pytest.param("base", marks=pytest.mark.full)])
 def test_timm_checkpoint_three_channels_and_pretrain_grid(size, tmp_path):
     """A timm checkpoint (3-channel patch embed, 16x16 or 32x32 pos-embed) converts, and with the
     same weights our model equals timm's own dynamic_img_size forward on the 90 x 22 grid.
@@ -300,6 +300,7 @@ def test_scanned_blocks_give_same_output_and_gradients():
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.full
 def test_scanned_remat_lowers_xla_cpu_memory():
     """XLA:CPU keeps every recomputed block of an unrolled remat stack alive at once (its memory
     estimate with remat equals the one without); scanned, remat does lower it."""

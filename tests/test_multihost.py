@@ -24,7 +24,7 @@ from test_train import SMALL, cli_args, dataset  # noqa: F401  (dataset: a pytes
 from fwi_jax import train as T
 from fwi_jax.checkpoint import load_params
 
-pytestmark = pytest.mark.slow  # multi-process
+pytestmark = pytest.mark.full  # several processes
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRAIN_SET = SMALL + ["train.epochs=1"]  # 16 training samples / batch 4: 4 steps, then validation
 

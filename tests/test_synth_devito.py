@@ -40,6 +40,7 @@ def check_parity(v: np.ndarray, source_x, receiver_x, t_end_ms: float):
         assert abs(amp - 1.0) <= 0.01, (sx, amp)
 
 
+@pytest.mark.full
 def test_devito_profile_matches_devito_on_a_reduced_model():
     nx, nz = 100, 250
     z = np.arange(nz)
@@ -52,7 +53,7 @@ def test_devito_profile_matches_devito_on_a_reduced_model():
     check_parity(v, (0.0, 49.0), np.arange(0, 101, 10.0), 400.0)
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_devito_profile_matches_devito_on_a_full_size_model():
     from fwi_jax import synth
 
@@ -61,6 +62,7 @@ def test_devito_profile_matches_devito_on_a_full_size_model():
     check_parity(v, (149.0,), P.DEVITO_SURVEY.receiver_x, P.DEVITO_T_END_MS)
 
 
+@pytest.mark.full
 def test_critical_step_and_output_resampling_follow_the_recipe():
     # devito: sqrt(3/8)/v_max rounded to 4 digits; TimeAxis(0, 1000, dt).num
     assert P.devito_critical_dt_ms(3.956) == pytest.approx(0.1548, abs=1e-7)

@@ -193,7 +193,7 @@ def test_adjoint_gradient_matches_jax_inside_the_model():
     assert abs(float(misfit(v0, adjoint=True)) - float(misfit(v0))) < 1e-5 * float(misfit(v0))
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_models_sharded_over_two_devices_match_one_device(tmp_path):
     out = str(tmp_path / "out.npy")
     code = textwrap.dedent(

@@ -170,6 +170,7 @@ def test_train_in_process_traces_once_and_writes_run(dataset, tmp_path):
     )
 
 
+@pytest.mark.full
 def test_kill_9_then_resume_is_bit_exact(dataset, uninterrupted, tmp_path):
     ref_dir, ref_summary = uninterrupted
     workdir = tmp_path / "killed"
@@ -244,6 +245,7 @@ def _assert_same_params(workdir, ref_dir):
         np.testing.assert_array_equal(a, b)  # bit for bit
 
 
+@pytest.mark.full
 def test_sigterm_finishes_the_step_saves_and_resume_is_bit_exact(dataset, uninterrupted, tmp_path):
     """A scheduler's preemption: SIGTERM mid-run -> the step finishes, a checkpoint of it is saved,
     the run says how to continue and exits with 143; --resume then repeats the uninterrupted run."""
@@ -295,6 +297,7 @@ def quiet(err: str) -> bool:
     )
 
 
+@pytest.mark.full
 def test_damaged_newest_checkpoint_resumes_from_the_one_before(dataset, uninterrupted, tmp_path):
     """The finished reference run with its newest checkpoint (16) truncated: --resume names it and
     what is wrong, continues from 14 and ends where the reference ended, bit for bit. With every
@@ -374,6 +377,7 @@ def test_refused_checkpoint_write_stops_the_run_naming_it(dataset, tmp_path):
     assert step == 2 and int(restored["step"]) == 2 and meta["step"] == 2
 
 
+@pytest.mark.full
 def test_a_full_disk_stops_the_cli_with_one_error_line(dataset, tmp_path):
     """The command line with every write past 150 kB refused (EFBIG from the file-size limit, as
     ENOSPC from a full disk): the first checkpoint or best-model save fails and the run stops
@@ -415,6 +419,7 @@ def test_unwritable_workdir_fails_fast_naming_it(dataset, tmp_path, mount_tmpfs)
         assert elapsed < 10, f"{elapsed:.1f} s"
 
 
+@pytest.mark.full
 def test_four_devices_match_one(dataset, uninterrupted, tmp_path):
     """Same global batch over 4 forced host devices: params equal one device's within float32
     reduction-order noise after 16 AdamW steps of lr 5e-4.
@@ -567,10 +572,14 @@ def test_init_from_timm_checkpoint(dataset, tmp_path):
     np.testing.assert_array_equal(params["head"]["kernel"], fresh["head"]["kernel"])  # a new head
 
 
-def test_user_errors_are_clear(dataset, uninterrupted, tmp_path, capsys):
+def _cli_error(capsys, *argv) -> str:
+    assert T.main(["--no-progress", *argv]) == 2
+    return capsys.readouterr().err
+
+
+def test_user_errors_are_clear(dataset, tmp_path, capsys):
     def err(*argv):
-        assert T.main(["--no-progress", *argv]) == 2
-        return capsys.readouterr().err
+        return _cli_error(capsys, *argv)
 
     assert "unknown config key 'train.lrr'" in err("--config", "demo", "--set", "train.lrr=1")
     assert "no_such_dir" in err("--config", "demo", "--data", str(tmp_path / "no_such_dir"))
@@ -583,10 +592,14 @@ def test_user_errors_are_clear(dataset, uninterrupted, tmp_path, capsys):
     assert "missing_one" in err(
         "--config", "demo", "--data", str(dataset), "--train-list", str(ids)
     )
+
+
+@pytest.mark.full
+def test_a_finished_run_is_kept_and_resume_needs_the_same_config(dataset, uninterrupted, capsys):
     ref_dir, _ = uninterrupted
-    assert "pass --resume" in err(*cli_args(dataset, ref_dir, *RESUME_SET))
-    assert "config differs" in err(
-        *cli_args(dataset, ref_dir, *RESUME_SET, "train.lr=2e-3"), "--resume"
+    assert "pass --resume" in _cli_error(capsys, *cli_args(dataset, ref_dir, *RESUME_SET))
+    assert "config differs" in _cli_error(
+        capsys, *cli_args(dataset, ref_dir, *RESUME_SET, "train.lr=2e-3"), "--resume"
     )
 
 
