@@ -9,10 +9,10 @@ compile-only devices from a GPU target description (``jax.experimental.topologie
 are in ``gpu_targets/`` (``*.txtpb``: XLA's ``GpuTargetConfigProto`` in text form; each file's
 comment gives the card's published figures).
 
-The model is built as a process that sees no GPU builds it: ``model.attention=auto`` gives
-``blockwise``. cuDNN's flash attention, which ``auto`` picks on a GPU of compute capability >= 8.0,
-is not compiled here (docs/gpu.md says why); its memory is that of blockwise attention's order,
-O(tokens) per head.
+The model is built and traced as a process on the target GPU builds it
+(``fwi_jax.model.target.compiling_for`` its compute capability): ``model.attention=auto`` gives
+cuDNN's flash attention on compute capability >= 8.0 in 16 bits (compiling it needs the cuDNN
+library of the gpu-compile extra) and ``blockwise`` on the V100.
 
 Peak memory = XLA's argument + output + temporary bytes - the donated (aliased) bytes of the
 compiled program: what the device must hold at once, before the allocator's slack and cuDNN/cuBLAS
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 import pathlib
 import re
@@ -114,9 +115,25 @@ def _placed(tree, sharding):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
+def as_on_target(fn):
+    """``fn(..., target, ...)`` with models built and traced as on ``target``'s GPU."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        from fwi_jax.model.target import compiling_for
+
+        target = signature.bind(*args, **kwargs).arguments["target"]
+        with compiling_for(target_capability(target)):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@as_on_target
 def compile_train_step(cfg, batch: int, target: str) -> dict[str, Any]:
     """Compile ``cfg``'s real train step (``fwi_jax.train.make_train_step``, state donated) at
-    global ``batch`` for GPU ``target``: {"peak_bytes", "compile_s", "attention"}."""
+    global ``batch`` for GPU ``target``: {"peak_bytes", "compile_s"}."""
     prepare()
     import jax
     from jax.sharding import SingleDeviceSharding
@@ -144,7 +161,8 @@ def compile_train_step(cfg, batch: int, target: str) -> dict[str, Any]:
     return {"peak_bytes": peak_bytes(compiled), "compile_s": time.perf_counter() - t0}
 
 
-def compile_ensemble(cfg, members: int, batch: int, target: str, tta: bool = True) -> dict:
+@as_on_target
+def compile_ensemble(cfg, members: int, batch: int, target: str) -> dict:
     """Compile the stacked-ensemble inference program (``fwi_jax.ensemble.ensemble_fn``: every
     member at once, flip TTA in the batch, as ``python -m fwi_jax.infer`` runs on a GPU)."""
     prepare()
@@ -164,7 +182,7 @@ def compile_ensemble(cfg, members: int, batch: int, target: str, tta: bool = Tru
         weights=jax.ShapeDtypeStruct((members,), "float32"),
         sources=[cfg.name] * members,
     )
-    fn = ensemble_fn([group], tta=tta, member_chunk=None, tta_in_batch=True)
+    fn = ensemble_fn([group], tta=True, member_chunk=None, tta_in_batch=True)
     g = cfg.geometry
     x = jax.ShapeDtypeStruct((batch, 6, g.n_time, g.n_receivers), "float32")
     t0 = time.perf_counter()

@@ -289,3 +289,25 @@ def test_remat_dots_keeps_attention_residuals(impl):
         count = _ffi_forward_calls if impl == "fused_cpu" else _forward_passes
         passes[remat] = count(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(x, wq).jaxpr)
     assert passes == {"none": 1, "dots": 1, "full": 2}, passes
+
+
+@pytest.mark.parametrize("tokens", [301, 64])  # odd (as 1,981 is) and even
+def test_even_length_padding_changes_neither_values_nor_gradients(tokens):
+    """The padding that keeps cuDNN's backward pass off odd sequence lengths (EVA02: 1,981), run
+    with XLA's implementation: the same output and the same gradients as the unpadded call."""
+    from fwi_jax.model.attention import even_length_attention
+
+    rng = np.random.default_rng(tokens)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, tokens, 3, 16)), jnp.float32) for _ in range(3))
+    w = jnp.asarray(rng.standard_normal((2, tokens, 3, 16)), jnp.float32)
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v) * w)
+
+    plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    padded = lambda q, k, v: even_length_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+    got = jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)

@@ -23,6 +23,7 @@ from flax import nnx
 from fwi_jax.config import load_config
 from fwi_jax.model import FWIModel, abstract_model
 from fwi_jax.model import attention as attention_module
+from fwi_jax.model import target as target_module
 from fwi_jax.model.attention import attention, resolve_impl
 
 CUDA = ("cuda",)
@@ -125,16 +126,24 @@ def test_auto_attention_is_decided_for_the_target_platform(monkeypatch, capsys):
         (["8.0", "7.5"], "blockwise"),
     ):
         fake = [_FakeGpu(c) for c in capabilities]
-        monkeypatch.setattr(attention_module, "local_devices", lambda platform, fake=fake: fake)
+        monkeypatch.setattr(target_module, "local_devices", lambda platform, fake=fake: fake)
         assert resolve_impl("auto", "cuda", 64, jnp.bfloat16) == expected, capabilities
         assert _attention_impls(cfg, "cuda") == {expected}
     # an sm90 GPU: float32 compute or a head_dim cuDNN does not take -> blockwise
-    monkeypatch.setattr(attention_module, "local_devices", lambda platform: [_FakeGpu("9.0")])
+    monkeypatch.setattr(target_module, "local_devices", lambda platform: [_FakeGpu("9.0")])
     assert _attention_impls(cfg.replace(**{"model.dtype": "float32"}), "cuda") == {"blockwise"}
     assert resolve_impl("auto", "cuda", 60, jnp.float16) == "blockwise"
     with pytest.raises(ValueError, match="takes float16 or bfloat16, not float32"):
         resolve_impl("cudnn", "cuda", 64, jnp.float32)
     assert "float16 or bfloat16, not float32 (model.dtype)" in capsys.readouterr().err
+    # compiling for a GPU that is not there (fwi_jax.gpu_compile): the choice of that GPU
+    monkeypatch.setattr(target_module, "local_devices", lambda platform: [])
+    with target_module.compiling_for(9.0):
+        assert resolve_impl("auto", "cuda", 64, jnp.bfloat16) == "cudnn"
+        with target_module.compiling_for(7.0):
+            assert resolve_impl("auto", "cuda", 64, jnp.float16) == "blockwise"
+        assert resolve_impl("auto", "cuda", 64, jnp.bfloat16) == "cudnn"
+    assert resolve_impl("auto", "cuda", 64, jnp.bfloat16) == "blockwise"  # no GPU again
 
 
 # ---------------------------------------------------------------------------------------------

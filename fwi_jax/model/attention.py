@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 import fwi_jax.model.fused_attention as fused
-from fwi_jax.model.target import local_devices, target_platform
+from fwi_jax.model.target import cuda_capabilities, target_platform
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "query_blocks", "fused_cpu")
 # block_size=None means each implementation's own block (docs/performance.md): blockwise's key
@@ -72,15 +72,6 @@ CUDNN_MAX_HEAD_DIM = 128  # with heads of <= 128 (a multiple of 8; every EVA02 s
 ATTENTION_RESIDUALS = ("attention_out", "attention_lse")
 
 _F32 = jnp.float32
-
-
-def _cuda_capabilities() -> list[float]:
-    """Compute capabilities of this process's CUDA GPUs ([] when it sees none)."""
-    return [
-        float(d.compute_capability)
-        for d in local_devices("cuda")
-        if getattr(d, "compute_capability", None) is not None
-    ]
 
 
 def resolve_impl(
@@ -120,7 +111,7 @@ def _cudnn_unsupported(platform: str, head_dim: int | None, dtype) -> str | None
     """Why cuDNN's flash attention cannot run in a program for ``platform`` here, or None."""
     if platform != "cuda":
         return f"cuDNN is a CUDA library and the program is compiled for {platform}"
-    capabilities = _cuda_capabilities()
+    capabilities = cuda_capabilities()
     if not capabilities:
         return (
             "this process sees no CUDA GPU, and cuDNN attention can be neither checked nor "
@@ -160,9 +151,7 @@ def _auto(platform: str, head_dim: int | None, dtype) -> tuple[str, str]:
     if platform == "cuda":
         if reason := _cudnn_unsupported(platform, head_dim, dtype):
             return "blockwise", reason
-        return "cudnn", (
-            f"compute capability {min(_cuda_capabilities())} has cuDNN flash attention"
-        )
+        return "cudnn", (f"compute capability {min(cuda_capabilities())} has cuDNN flash attention")
     return "xla", "no fused or blockwise implementation is tuned for this platform"
 
 
@@ -195,8 +184,10 @@ def attention(
             f"head_dim); got {q.shape}, {k.shape}, {v.shape}"
         )
     impl = resolve_impl(impl, platform, q.shape[-1], q.dtype)
-    if impl in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    if impl == "xla":
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    if impl == "cudnn":
+        return even_length_attention(q, k, v, implementation="cudnn")
     if block_size is None:
         block = DEFAULT_BLOCKS[impl]
         backward_block = FUSED_CPU_BACKWARD_BLOCK if impl == "fused_cpu" else block
@@ -207,6 +198,30 @@ def attention(
     if impl == "fused_cpu" and (reason := fused.unsupported(q.shape)):
         raise ValueError(f"attention impl 'fused_cpu' {reason}")
     return _recomputing_attention(q, k, v, impl, block, backward_block)
+
+
+def even_length_attention(q, k, v, implementation: str = "cudnn"):
+    """``jax.nn.dot_product_attention`` on an even number of tokens: an odd count (EVA02's 1,981)
+    gets one zero token more, hidden from every query by the padding mask (the sequence lengths)
+    and sliced off the output, so values and gradients are those of the unpadded call.
+
+    Workaround for a JAX bug (0.10): its cuDNN wrapper stands an empty array in for an absent
+    bias and then counts it as a bias, so the cuDNN backward pass refuses odd sequence lengths
+    ("Unsupported sequence length Q 1981, KV 1981") whenever a train step is compiled. Even
+    lengths pass. ``implementation="xla"`` runs the same padding where there is no GPU (the
+    test)."""
+    n = q.shape[1]
+    if n % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        *(jnp.pad(t, pad) for t in (q, k, v)),
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return out[:, :n]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ GPU would run.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -33,3 +35,32 @@ def local_devices(platform: str) -> list[jax.Device]:
         return jax.local_devices(backend=platform)
     except RuntimeError:  # jax raises this for a backend that is absent or failed to start
         return []
+
+
+# The compute capability a program is compiled for when no GPU is visible (`compiling_for`).
+_COMPILE_TARGET_CAPABILITY: float | None = None
+
+
+@contextlib.contextmanager
+def compiling_for(capability: float):
+    """Models built inside make their choices as a process on a CUDA GPU of compute capability
+    ``capability`` makes them (``cuda_capabilities``), for compiling on compile-only devices
+    (``fwi_jax.gpu_compile``) the program that GPU would run."""
+    global _COMPILE_TARGET_CAPABILITY
+    before, _COMPILE_TARGET_CAPABILITY = _COMPILE_TARGET_CAPABILITY, float(capability)
+    try:
+        yield
+    finally:
+        _COMPILE_TARGET_CAPABILITY = before
+
+
+def cuda_capabilities() -> list[float]:
+    """Compute capabilities of this process's CUDA GPUs ([] when it sees none), or of the GPU
+    compiled for inside `compiling_for`."""
+    if _COMPILE_TARGET_CAPABILITY is not None:
+        return [_COMPILE_TARGET_CAPABILITY]
+    return [
+        float(d.compute_capability)
+        for d in local_devices("cuda")
+        if getattr(d, "compute_capability", None) is not None
+    ]
