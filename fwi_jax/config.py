@@ -238,7 +238,9 @@ class TrainConfig:
     #   cosine_half_period_steps)) / 2, which falls and rises again with a period of twice
     #   cosine_half_period_steps, until epoch constant_from_epoch; from there lr * constant_factor
     schedule: str = "constant_then_cosine"
-    warmup_steps: int = 0  # linear lr warmup from 0 over this many steps (0 = the reference recipe)
+    # linear lr warmup from 0 over this many steps (0 = the reference recipe); one longer than
+    # the constant part delays the cosine until it ends
+    warmup_steps: int = 0
     constant_fraction: float = 0.5  # lr multiplier 1.0 for this share of steps, then cosine
     final_lr_factor: float = 1e-3
     cosine_half_period_steps: int = 100  # periodic_cosine_then_constant: steps from lr to lr_min

@@ -40,14 +40,12 @@ def learning_rate_schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
     ``lr * constant_factor``."""
     if tc.schedule == "periodic_cosine_then_constant":
         return periodic_cosine_then_constant(tc, total_steps)
-    constant_steps = int(total_steps * tc.constant_fraction)
+    if tc.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={tc.warmup_steps} must be >= 0")
+    # a warmup longer than the constant part delays the cosine until the warmup ends; one longer
+    # than the run (a short trial of a long config) leaves the lr rising to its end
+    constant_steps = max(int(total_steps * tc.constant_fraction), tc.warmup_steps)
     decay_steps = max(1, total_steps - constant_steps)
-    if not 0 <= tc.warmup_steps <= constant_steps:
-        raise ConfigError(
-            f"train.warmup_steps={tc.warmup_steps} must lie in [0, {constant_steps}], the "
-            "constant part of "
-            f"{total_steps} steps (train.constant_fraction={tc.constant_fraction})"
-        )
     schedules = [
         optax.constant_schedule(tc.lr),
         optax.cosine_decay_schedule(tc.lr, decay_steps, alpha=tc.final_lr_factor),

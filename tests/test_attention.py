@@ -311,3 +311,11 @@ def test_even_length_padding_changes_neither_values_nor_gradients(tokens):
     want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
     for g, h in zip(got, want):
         np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
+    # vmapped over members, as the stacked ensemble runs it
+    members = jnp.stack([q, 2 * q])
+    np.testing.assert_allclose(
+        jax.vmap(lambda m: padded(m, k, v))(members),
+        jax.vmap(lambda m: plain(m, k, v))(members),
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -76,8 +76,20 @@ def test_schedule_linear_warmup_then_the_reference_schedule():
     np.testing.assert_allclose(lr[10:50], tc.lr, rtol=1e-6)
     reference = np.array([learning_rate_schedule(Config().train, 100)(s) for s in range(101)])
     np.testing.assert_array_equal(lr[10:], reference[10:])
-    with pytest.raises(ConfigError, match="warmup_steps=60"):
-        learning_rate_schedule(dataclasses.replace(tc, warmup_steps=60), total_steps=100)
+    # longer than the constant part: the cosine starts when the warmup ends (step 60 of 100)
+    late = learning_rate_schedule(dataclasses.replace(tc, warmup_steps=60), total_steps=100)
+    lr = np.array([late(s) for s in range(101)])
+    np.testing.assert_allclose(lr[:61], tc.lr * np.arange(61) / 60, rtol=1e-6, atol=1e-12)
+    t = (np.arange(60, 101) - 60) / 40
+    cosine = tc.final_lr_factor + (1 - tc.final_lr_factor) * 0.5 * (1 + np.cos(np.pi * t))
+    np.testing.assert_allclose(lr[60:], tc.lr * cosine, rtol=1e-5)
+    # longer than the run (the demo's 64 steps in a one-epoch trial): still rising at the end
+    long = learning_rate_schedule(dataclasses.replace(tc, warmup_steps=150), total_steps=100)
+    np.testing.assert_allclose(
+        [long(s) for s in range(101)], tc.lr * np.arange(101) / 150, rtol=1e-6
+    )
+    with pytest.raises(ConfigError, match="warmup_steps=-1"):
+        learning_rate_schedule(dataclasses.replace(tc, warmup_steps=-1), total_steps=100)
 
 
 def test_weight_decay_only_on_matrices():

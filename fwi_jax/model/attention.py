@@ -214,7 +214,10 @@ def even_length_attention(q, k, v, implementation: str = "cudnn"):
     if n % 2 == 0:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     pad = ((0, 0), (0, 1), (0, 0), (0, 0))
-    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    # the lengths are computed from q (times 0), not made as a constant, so that under vmap (the
+    # stacked ensemble's members) they carry q's batch axis: JAX's cuDNN batching rule folds
+    # that axis into the batch of every argument and fails on an unbatched length vector
+    lengths = q[:, 0, 0, 0].astype(jnp.int32) * 0 + n
     out = jax.nn.dot_product_attention(
         *(jnp.pad(t, pad) for t in (q, k, v)),
         query_seq_lengths=lengths,
