@@ -52,11 +52,15 @@ pytestmark = [
 # The first place's model in bfloat16 compiles only with XLA's Triton GEMMs off (docs/gpu.md).
 TRITON_OFF = "--xla_gpu_enable_triton_gemm=false"
 FITS = [
-    ("base_s6", "v100_32gb", "full", 8, "blockwise", ""),  # the reference's GPU
-    ("base_s6", "l4", "full", 8, "cudnn", ""),  # a 24 GB card
+    ("tiny_s8", "v100_32gb", "none", 8, "blockwise", ""),  # the reference's GPU
+    ("tiny_s8", "l4", "none", 8, "cudnn", ""),  # a 24 GB card
+    ("tiny_s8", "h100", "none", 8, "cudnn", ""),
+    ("base_s6", "v100_32gb", "none", 8, "blockwise", ""),
+    ("base_s6", "l4", "full", 8, "cudnn", ""),
     ("base_s6", "h100", "none", 8, "cudnn", ""),
     ("eva_l_s10_dual4", "v100_32gb", "full", 1, "blockwise", ""),  # the first place's batch
     ("eva_l_s10_dual4", "l4", "full", 1, "cudnn", TRITON_OFF),
+    ("eva_l_s10_dual4", "h100", "full", 1, "cudnn", TRITON_OFF),
 ]
 
 
@@ -99,7 +103,7 @@ def test_train_step_fits_the_card_the_docs_name(config, target, remat, batch, at
     assert f"model.attention=auto -> {attention} for cuda" in err, err[-2000:]
 
 
-@pytest.mark.parametrize("target", ["v100_32gb", "h100"])
+@pytest.mark.parametrize("target", ["v100_32gb", "l4", "h100"])
 def test_ensemble_compiles_for_the_gpus(target):
     out, _ = compile_in_child(
         "--config", "base_s6", "--targets", target, "--ensemble", "3", "--batch", "4"
