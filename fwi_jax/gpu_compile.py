@@ -26,8 +26,8 @@ workspaces (hence the 10 % headroom of ``fits``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
-import inspect
 import os
 import pathlib
 import re
@@ -79,8 +79,9 @@ def prepare() -> None:
         or importlib.util.find_spec("jax_plugins.xla_cuda12") is None
     ):
         raise CompileUnavailable(
-            "the CUDA plugin is not installed: pip install -e '.[gpu-compile]' "
-            "(jax-cuda12-plugin and jax-cuda12-pjrt of this jax version)"
+            "the CUDA plugin is not installed here: compile in an environment of its own, "
+            "python -m venv .venv-gpu && .venv-gpu/bin/pip install -c constraints.txt "
+            "-e '.[gpu-compile]'"
         )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     # the plugin checks the local CUDA libraries' versions against a GPU driver there is none of
@@ -115,82 +116,66 @@ def _placed(tree, sharding):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def as_on_target(fn):
-    """``fn(..., target, ...)`` with models built and traced as on ``target``'s GPU."""
-    signature = inspect.signature(fn)
+@contextlib.contextmanager
+def on_target(target: str):
+    """Compile-only devices ready, and models built and traced inside as a process on
+    ``target``'s GPU builds them (`fwi_jax.model.target.compiling_for` its compute capability)."""
+    prepare()
+    from fwi_jax.model.target import compiling_for
 
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        from fwi_jax.model.target import compiling_for
-
-        target = signature.bind(*args, **kwargs).arguments["target"]
-        with compiling_for(target_capability(target)):
-            return fn(*args, **kwargs)
-
-    return wrapped
+    with compiling_for(target_capability(target)):
+        yield
 
 
-@as_on_target
 def compile_train_step(cfg, batch: int, target: str) -> dict[str, Any]:
     """Compile ``cfg``'s real train step (``fwi_jax.train.make_train_step``, state donated) at
     global ``batch`` for GPU ``target``: {"peak_bytes", "compile_s"}."""
-    prepare()
-    import jax
-    from jax.sharding import SingleDeviceSharding
+    with on_target(target):
+        import jax
+        from jax.sharding import SingleDeviceSharding
 
-    from fwi_jax.model import abstract_model
-    from fwi_jax.optim import make_optimizer
-    from fwi_jax.train import create_train_state, make_train_step
+        from fwi_jax.train import abstract_train_step
 
-    sharding = SingleDeviceSharding(target_device(target))
-    graphdef, params = abstract_model(cfg, platform="cuda")
-    tx, schedule = make_optimizer(cfg, total_steps=1000)
-    state = jax.eval_shape(lambda p: create_train_state(cfg, p, tx), params)
-    g = cfg.geometry
-    data = {
-        "x": jax.ShapeDtypeStruct((batch, 6, g.n_time, g.n_receivers), "float32"),
-        "v": jax.ShapeDtypeStruct((batch, *g.out_shape), "float32"),
-    }
-    step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)
-    t0 = time.perf_counter()
-    compiled = (
-        jax.jit(step, donate_argnums=0)
-        .lower(_placed(state, sharding), _placed(data, sharding))
-        .compile()
-    )
+        sharding = SingleDeviceSharding(target_device(target))
+        step, state, data = abstract_train_step(cfg, batch, platform="cuda")
+        t0 = time.perf_counter()
+        compiled = (
+            jax.jit(step, donate_argnums=0)
+            .lower(_placed(state, sharding), _placed(data, sharding))
+            .compile()
+        )
     return {"peak_bytes": peak_bytes(compiled), "compile_s": time.perf_counter() - t0}
 
 
-@as_on_target
 def compile_ensemble(cfg, members: int, batch: int, target: str) -> dict:
     """Compile the stacked-ensemble inference program (``fwi_jax.ensemble.ensemble_fn``: every
     member at once, flip TTA in the batch, as ``python -m fwi_jax.infer`` runs on a GPU)."""
-    prepare()
-    import jax
-    from jax.sharding import SingleDeviceSharding
+    with on_target(target):
+        import jax
+        from jax.sharding import SingleDeviceSharding
 
-    from fwi_jax.ensemble import Group, ensemble_fn
-    from fwi_jax.model import abstract_model
+        from fwi_jax.ensemble import Group, ensemble_fn
+        from fwi_jax.model import abstract_model
 
-    sharding = SingleDeviceSharding(target_device(target))
-    graphdef, params = abstract_model(cfg, platform="cuda")
-    stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((members, *a.shape), a.dtype), params)
-    group = Group(
-        cfg=cfg,
-        graphdef=graphdef,
-        params=stacked,
-        weights=jax.ShapeDtypeStruct((members,), "float32"),
-        sources=[cfg.name] * members,
-    )
-    fn = ensemble_fn([group], tta=True, member_chunk=None, tta_in_batch=True)
-    g = cfg.geometry
-    x = jax.ShapeDtypeStruct((batch, 6, g.n_time, g.n_receivers), "float32")
-    t0 = time.perf_counter()
-    compiled = (
-        jax.jit(fn)
-        .lower(_placed((group.params,), sharding), _placed((group.weights,), sharding), x)
-        .compile()
-    )
+        sharding = SingleDeviceSharding(target_device(target))
+        graphdef, params = abstract_model(cfg, platform="cuda")
+        stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((members, *a.shape), a.dtype), params)
+        group = Group(
+            cfg=cfg,
+            graphdef=graphdef,
+            params=stacked,
+            weights=jax.ShapeDtypeStruct((members,), "float32"),
+            sources=[cfg.name] * members,
+        )
+        fn = ensemble_fn([group], tta=True, member_chunk=None, tta_in_batch=True)
+        g = cfg.geometry
+        x = jax.ShapeDtypeStruct((batch, 6, g.n_time, g.n_receivers), "float32")
+        t0 = time.perf_counter()
+        compiled = (
+            jax.jit(fn)
+            .lower(_placed((group.params,), sharding), _placed((group.weights,), sharding), x)
+            .compile()
+        )
     return {"peak_bytes": peak_bytes(compiled), "compile_s": time.perf_counter() - t0}
 
 

@@ -207,6 +207,25 @@ def make_train_step(
     return step
 
 
+def abstract_train_step(cfg: Config, batch: int, platform: str | None = None):
+    """``cfg``'s real train step with shapes only, for lowering, compiling or counting FLOPs
+    without allocating anything: (the pure step, the train state's ``ShapeDtypeStruct``s, a batch
+    {"x", "v"} of ``batch`` samples as ``ShapeDtypeStruct``s). The model is built for
+    ``platform`` (`fwi_jax.model.abstract_model`); the EMA is active from step 0, so its work
+    counts."""
+    from fwi_jax.model import abstract_model
+
+    graphdef, params = abstract_model(cfg, platform=platform)
+    tx, schedule = make_optimizer(cfg, total_steps=1000)
+    state = jax.eval_shape(lambda p: create_train_state(cfg, p, tx), params)
+    g = cfg.geometry
+    data = {
+        "x": jax.ShapeDtypeStruct((batch, 6, g.n_time, g.n_receivers), jnp.float32),
+        "v": jax.ShapeDtypeStruct((batch, *g.out_shape), jnp.float32),
+    }
+    return make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0), state, data
+
+
 def make_eval_step(graphdef: Any, tta: bool, flip_channels: bool = True) -> Callable:
     """Pure ``(params, x, v, mask) -> (sum of per-sample MAPE over mask, count, first row's
     prediction)``; x float32 or float16 (the model casts it to float32, exactly).

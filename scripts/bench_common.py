@@ -68,20 +68,10 @@ def train_step_flops(cfg, batch: int) -> float:
     From the lowered program (shapes only: nothing allocated, nothing compiled)."""
     import jax
 
-    from fwi_jax.model import abstract_model
-    from fwi_jax.optim import make_optimizer
-    from fwi_jax.train import create_train_state, make_train_step
+    from fwi_jax.train import abstract_train_step
 
     cfg = cfg.replace(**{"model.attention": "xla", "model.remat": "none"})
-    graphdef, params = abstract_model(cfg)
-    tx, schedule = make_optimizer(cfg, total_steps=1000)
-    step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)
-    state = jax.eval_shape(lambda p: create_train_state(cfg, p, tx), params)
-    g = cfg.geometry
-    data = {
-        "x": jax.ShapeDtypeStruct((batch, 6, g.n_time, g.n_receivers), "float32"),
-        "v": jax.ShapeDtypeStruct((batch, *g.out_shape), "float32"),
-    }
+    step, state, data = abstract_train_step(cfg, batch)
     cost = jax.jit(step).lower(state, data).cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
@@ -127,13 +117,9 @@ def compiled_memory_gib(compiled) -> float | None:
         return None
     if m is None:
         return None
-    total = (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        + m.temp_size_in_bytes
-        - m.alias_size_in_bytes
-    )
-    return total / GIB
+    from fwi_jax.gpu_compile import peak_bytes
+
+    return peak_bytes(compiled) / GIB
 
 
 def matmul_roofline(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:

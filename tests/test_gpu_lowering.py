@@ -180,25 +180,19 @@ def test_train_step_lowers_for_cuda(config, dtype, impl, remat):
     """The full-size train step (forward, loss, backward, loss-scale check, AdamW, EMA) at the
     config's batch: no CPU-only call; the compute dtype, attention and remat asked for are the
     ones lowered, and none of the CPU dense layers' backward pass (its optimization barriers)."""
-    from fwi_jax.optim import make_optimizer
-    from fwi_jax.train import create_train_state, make_train_step
+    from fwi_jax.train import abstract_train_step
 
     cfg = load_config(
         config, [f"model.dtype={dtype}", f"model.attention={impl}", f"model.remat={remat}"]
     )
-    graphdef, params = abstract_model(cfg, platform="cuda")
-    tx, schedule = make_optimizer(cfg, total_steps=1000)
-    state = jax.eval_shape(lambda p: create_train_state(cfg, p, tx), params)
+    step, state, batch = abstract_train_step(cfg, cfg.train.batch_size, platform="cuda")
     assert state["loss_scale"].dynamic == (dtype == "float16")  # float16 trains with loss scaling
-    g, b = cfg.geometry, cfg.train.batch_size
-    batch = {"x": spec((b, 6, g.n_time, g.n_receivers)), "v": spec((b, *g.out_shape))}
-    step = jax.jit(make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0), donate_argnums=0)
-    hlo = lower_for_cuda(step, state, batch)
+    hlo = lower_for_cuda(jax.jit(step, donate_argnums=0), state, batch)
 
     assert_gpu_only(hlo)
     short, other = {"float16": ("f16", "bf16"), "bfloat16": ("bf16", "f16")}[dtype]
     assert re.search(rf"x{short}>", hlo) and not re.search(rf"x{other}>", hlo)
-    n = 1 + g.grid[0] * g.grid[1]
+    n = 1 + cfg.geometry.grid[0] * cfg.geometry.grid[1]
     assert (f"{n}x{n}x" in hlo) == (impl == "xla")  # only xla materialises (N, N) scores
     barriers = hlo.count("stablehlo.optimization_barrier")
     assert (barriers > 0) == (remat == "full"), barriers
