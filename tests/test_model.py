@@ -272,6 +272,7 @@ def test_traced_once_per_shape():
     assert len(traces) == 2
 
 
+@pytest.mark.full  # fast sibling: the scanned blocks' test runs the three policies
 def test_remat_policies_give_same_gradients():
     cfg = small_cfg()
     x = seismic((1, 6, SMALL.n_time, 31))

@@ -171,6 +171,7 @@ def test_gradient_matches_finite_difference():
     assert abs(float(fd) - float(ad)) < 0.02 * abs(float(fd)), (float(fd), float(ad))
 
 
+@pytest.mark.full  # fast siblings: the finite-difference test and refinement with the adjoint
 def test_adjoint_gradient_matches_jax_inside_the_model():
     """The adjoint-state gradient (``adjoint=True``) against JAX's exact discrete one: equal in
     the model's cells away from its edges (measured: 1.1e-3 relative at full size, fast mode); the
