@@ -64,6 +64,7 @@ def _train_args(store, lists, workdir, *extra):
     ]
 
 
+@pytest.mark.full  # fast sibling: test_infer_on_stores reads the float16 store
 def test_train_on_float16_store_fast_path_bit_identical_to_host_conversion(data, tmp_path, capsys):
     """3 steps + 3 validations from the float16 store through main(): float16 batches cast on the
     device give the same params, EMA and validation MAPE bit for bit as host-converted batches."""

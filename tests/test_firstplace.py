@@ -141,6 +141,7 @@ def test_gradient_parity_small_grid(fusion):
     assert errs[worst] <= 1e-3, (worst, errs[worst])
 
 
+@pytest.mark.full  # fast sibling: the infer test takes their median of the receiver-flipped pair
 def test_flip_tta_keeps_shot_order():
     """The first place's TTA reverses receivers (not shots) and mirrors the output's x axis: the
     ensemble's TTA prediction equals ½(f(x) + their tta_forward(x)) within 1e-5 km/s."""
