@@ -372,6 +372,13 @@ class _Scheme:
         }
 
         c2strip = {name: courant2[x0:x1, z0:z1] for name, ((x0, x1), (z0, z1)) in regions.items()}
+        if mode.sponge:
+            # where a depth sponge crosses an x strip, the strip's terms are damped as the rest
+            # of the update is (added undamped, the scheme grows without bound after ~0.5 s)
+            c2strip = {
+                name: c2 * damp_b[x0 - r : x1 - r, z0:z1]
+                for (name, c2), ((x0, x1), (z0, z1)) in zip(c2strip.items(), regions.values())
+            }
         # w lives on the updated rows r..nx-r-1 over all nz columns (its halo columns stay 0), so
         # that u += w updates whole rows: XLA's CPU dynamic-update-slice is ~4x slower on a 2-D
         # window
@@ -457,8 +464,6 @@ def propagate(
     nblocks = -(-nt // block)
     fs = jnp.pad(wavelet.astype(jnp.float32), (0, nblocks * block - nt)).reshape(nblocks, block)
     if adjoint:
-        if mode.sponge:
-            raise ValueError("the adjoint gradient needs the CPML-only scheme (mode.sponge = 0)")
         traces = _adjoint_shot(mode, f0, v, src, rec, fs.reshape(-1))
     else:
         traces = _forward_shot(v, src, rec, fs, mode=mode, f0=f0, unroll=unroll, remat=remat)
@@ -494,7 +499,9 @@ def _forward_shot(v, src, rec, fs, *, mode, f0, unroll, remat):
 # ∂²u/∂t² every ``save_every`` steps, one backward-in-time run of the same scheme driven by the
 # residuals, and their cross-correlation. It is exact for the interior scheme; inside the CPML the
 # adjoint run uses the forward absorbing layer, not its transpose, so the padding cells get no
-# gradient (their velocities only shape the absorption).
+# gradient (their velocities only shape the absorption). Devito's damping layer (``Mode.sponge``)
+# needs nothing more: its term damp·u_t is odd in time, so the damped scheme run backward in time
+# is its own adjoint.
 
 SAVE_DT = 1.6e-3  # s between the kept ∂²u/∂t² snapshots (≥ 6 per period at 2·40 Hz)
 
