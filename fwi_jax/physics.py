@@ -9,9 +9,11 @@ where F simulates the shots with the acoustic solver (``fwi_jax.synth``) and C i
 calibration (``python -m fwi_jax.synth calibrate``: polarity, scale and time shift of a generator
 profile; without a calibration file the ``cpml8`` profile is used as it is, which fits data made
 by ``python -m fwi_jax.synth``). It needs no ``vp_model.npy``, so it scores any prediction.
+The ``devito`` profile runs on ``profiles.devito_solver_mode`` (fast: a 6 m grid) with each
+model's recipe clock (``profiles.devito_shots``).
 
 Refinement (``refine``) is full-waveform inversion started from a prediction: the gradient of the
-misfit through the solver (``cpml8`` profile, fast mode by default; the adjoint-state gradient of
+misfit through the calibration's solver (fast mode by default; the adjoint-state gradient of
 ``wave._adjoint_shot`` by default, or ``jax.grad`` with rematerialised time blocks), in stages of
 increasing low-pass cutoff applied to both simulated and observed traces (low frequencies
 first), a total-variation term, a depth gain on the gradient, projected steps that keep v in
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import pathlib
 import sys
 from collections.abc import Mapping, Sequence
@@ -69,19 +72,24 @@ class Forward:
     """Simulated shots comparable with a dataset's: solver settings plus its calibration.
 
     ``t_max`` (s) limits the time window used (1 s: every sample of the files); ``survey`` and
-    ``model_dx`` describe the geometry (the competition's by default; reduced ones in tests).
+    ``model_dx`` describe the geometry (the profile's own by default; reduced ones in tests).
+
+    The ``devito`` profile is differentiated on ``profiles.devito_solver_mode`` (``mode_name``:
+    "fast", a 6 m 8th-order grid, or "full", the profile's 2 m grid) with a time step stable up
+    to ``v_bound`` km/s; its traces follow the recipe's clock of each model (``clock``).
     """
 
     profile: str = "cpml8"
-    mode_name: str = "fast"  # cpml8 solver mode
+    mode_name: str = "fast"  # solver mode (cpml8: wave.MODES; devito: profiles.DEVITO_GRIDS)
     polarity: int = 1
     scale: float = 1.0
     shift: int = 0  # output samples; see fwi_jax.synth.calibrate
     t_max: float = 1.0
-    survey: wave.Survey = dataclasses.field(default_factory=wave.Survey)
+    survey: wave.Survey | None = None  # None: the profile's receivers and sources
     model_dx: float = wave.MODEL_DX
     block: int = 100  # time steps per rematerialised block of the gradient
     mode_override: wave.Mode | None = None  # a custom solver grid (tests)
+    v_bound: float = V_RANGE[1]  # devito: the fastest velocity its solver's step must hold
 
     @classmethod
     def from_calibration(cls, cal: Calibration, **kwargs) -> Forward:
@@ -97,57 +105,90 @@ class Forward:
         return round(self.t_max / wave.OUT_DT) + 1
 
     @property
+    def devito(self) -> bool:
+        return self.profile == "devito"
+
+    @property
     def mode(self) -> wave.Mode:
-        return self.mode_override or wave.MODES[self.mode_name]
+        """The solver grid (for devito: at the step that holds ``v_bound``)."""
+        if self.mode_override:
+            return self.mode_override
+        if self.devito:
+            return profiles.devito_solver_mode(self.v_bound, self.mode_name)
+        return wave.MODES[self.mode_name]
+
+    @property
+    def geometry(self) -> wave.Survey:
+        if self.survey is not None:
+            return self.survey
+        return profiles.DEVITO_SURVEY if self.devito else wave.Survey()
 
     def check(self) -> Forward:
         if not 0 < self.t_max <= (wave.OUT_NT - 1) * wave.OUT_DT:
             raise PhysicsError(f"t_max {self.t_max} s: must be in (0, 1] s")
         profiles.check_profile(self.calibration.profile)
+        modes = profiles.DEVITO_GRIDS if self.devito else wave.MODES
+        if self.mode_override is None and self.mode_name not in modes:
+            raise PhysicsError(
+                f"mode {self.mode_name!r}: the {self.profile} profile has modes {tuple(modes)}"
+            )
         return self
+
+    def clock(self, v: np.ndarray) -> np.ndarray:
+        """The devito recipe's clock of a model (nx, nz) (``profiles.recipe_clock``; its step
+        follows the model's top speed as the generator's did); zeros for cpml8, which ignores it."""
+        if not self.devito:
+            return np.zeros(2, np.float32)
+        return profiles.recipe_clock(float(np.max(v)))
 
     def simulate(self, v: np.ndarray) -> np.ndarray:
         """(nx, nz) km/s -> calibrated gathers (n_src, n_t, R) float32 (any profile, no grad)."""
-        c = self.calibration
-        if c.profile == "cpml8":
-            return np.asarray(_traces_jit(self, jnp.asarray(v, jnp.float32)))
-        if self.survey != wave.Survey() or self.model_dx != wave.MODEL_DX:
-            raise PhysicsError("the devito profile runs on the competition geometry only")
-        sim = profiles.simulate(np.asarray(v, np.float32), profile="devito")
-        return c.apply(sim)[:, : self.n_t]
+        v = np.asarray(v, np.float32)
+        fwd = self
+        if self.devito and float(v.max()) > self.v_bound:  # a step that holds this model
+            fwd = dataclasses.replace(self, v_bound=math.ceil(float(v.max()) * 4) / 4)
+        return np.asarray(_traces_jit(fwd, jnp.asarray(v), jnp.asarray(self.clock(v))))
 
-    def require_differentiable(self) -> None:
-        if self.calibration.profile != "cpml8":
-            raise PhysicsError(
-                "refinement differentiates the cpml8 solver; the calibration is for the "
-                f"{self.calibration.profile} profile (fit one with: python -m fwi_jax.synth "
-                "calibrate --data DIR --profile cpml8 --out FILE, and pass --calibration FILE)"
-            )
-
-    def traces(self, v: jax.Array, remat: bool = False, adjoint: bool = False) -> jax.Array:
-        """Differentiable calibrated cpml8 gathers (n_src, n_t, R) of one model (nx, nz) km/s.
+    def traces(
+        self,
+        v: jax.Array,
+        clock: jax.Array | None = None,
+        remat: bool = False,
+        adjoint: bool = False,
+    ) -> jax.Array:
+        """Differentiable calibrated gathers (n_src, n_t, R) of one model (nx, nz) km/s;
+        ``clock``: ``self.clock(v)`` of the model whose recipe the data followed (devito only).
         Gradient: JAX's through the time loop (``remat``: blocks recomputed), or the
         adjoint-state one (``adjoint``; ``wave._adjoint_shot``), 5.8x faster on a 2-core CPU."""
-        self.require_differentiable()
         c = self.calibration
-        sim = wave.simulate_shots(
-            v,
-            mode=self.mode,
-            survey=self.survey,
-            amplitude=profiles.DATA_AMPLITUDE,
-            out_nt=self.n_t,
+        kwargs = dict(
+            survey=self.geometry,
             model_dx=self.model_dx,
             block=self.block,
             remat=remat,
             adjoint=adjoint,
             shot_batch=1 if jax.default_backend() == "cpu" else None,
         )
+        if self.devito:
+            if clock is None:
+                raise ValueError("the devito profile's traces need the recipe clock")
+            sim = profiles.devito_shots(
+                v, clock, v_max=self.v_bound, keep=self.n_t, solver=self.mode, **kwargs
+            )
+        else:
+            sim = wave.simulate_shots(
+                v,
+                mode=self.mode,
+                amplitude=profiles.DATA_AMPLITUDE,
+                out_nt=self.n_t,
+                **kwargs,
+            )
         return (c.polarity * c.scale) * _shift(sim, c.shift)
 
 
 @partial(jax.jit, static_argnums=0)
-def _traces_jit(forward: Forward, v: jax.Array) -> jax.Array:
-    return forward.traces(v)
+def _traces_jit(forward: Forward, v: jax.Array, clock: jax.Array) -> jax.Array:
+    return forward.traces(v, clock)
 
 
 def _shift(x: jax.Array, k: int) -> jax.Array:
@@ -229,7 +270,7 @@ def score_submission(
 def _check_cfl(v: np.ndarray, forward: Forward, sid: str) -> None:
     if not np.all(np.isfinite(v)) or v.min() <= 0:
         raise PhysicsError(f"prediction {sid!r}: velocities must be finite and positive")
-    if forward.calibration.profile == "cpml8":
+    if not forward.devito:  # the devito profile's step follows the model
         try:
             wave.check_cfl(float(v.max()), forward.mode)
         except wave.CFLError as e:
@@ -353,19 +394,19 @@ def make_optimizer(cfg: RefineConfig) -> optax.GradientTransformation:
 
 @functools.lru_cache(maxsize=16)
 def make_stage_step(forward: Forward, cfg: RefineConfig, cutoff: float | None):
-    """jit(vmap(one step)) for a batch: (v, opt_state, obs) -> (v, opt_state, misfit before).
-    Cached, so every batch of a run reuses the compiled step."""
+    """jit(vmap(one step)) for a batch: (v, opt_state, obs, clock) -> (v, opt_state, misfit
+    before). Cached, so every batch of a run reuses the compiled step."""
     lo, hi = cfg.v_range
     optimizer = make_optimizer(cfg)
 
-    def loss(v, obs_f):
+    def loss(v, obs_f, clock):
         adjoint = cfg.gradient == "adjoint"
-        sim = lowpass(forward.traces(v, remat=not adjoint, adjoint=adjoint), cutoff)
+        sim = lowpass(forward.traces(v, clock, remat=not adjoint, adjoint=adjoint), cutoff)
         rel2 = jnp.sum((sim - obs_f) ** 2) / jnp.maximum(jnp.sum(obs_f**2), 1e-30)
         return rel2 + cfg.tv * total_variation(v), jnp.sqrt(rel2)
 
-    def step(v, state, obs_f):
-        (_, mis), g = jax.value_and_grad(loss, has_aux=True)(v, obs_f)
+    def step(v, state, obs_f, clock):
+        (_, mis), g = jax.value_and_grad(loss, has_aux=True)(v, obs_f, clock)
         updates, state = optimizer.update(g, state, v)
         return jnp.clip(optax.apply_updates(v, updates), lo, hi), state, mis
 
@@ -377,8 +418,9 @@ def _batch_misfit(forward: Forward):
     """jit(vmap(relative misfit)) of a batch of models against their gathers, cached."""
     return jax.jit(
         jax.vmap(
-            lambda v, o: (
-                jnp.linalg.norm(forward.traces(v) - o) / jnp.maximum(jnp.linalg.norm(o), 1e-30)
+            lambda v, o, clock: (
+                jnp.linalg.norm(forward.traces(v, clock) - o)
+                / jnp.maximum(jnp.linalg.norm(o), 1e-30)
             )
         )
     )
@@ -403,19 +445,24 @@ def refine(
 ) -> RefineResult:
     """Refine a batch of models v0 (B, nx, nz) km/s against observed gathers (B, 5, ≥ n_t, R).
 
-    ``progress``: a callable advanced once per iteration (a tqdm bar's ``update``), or None."""
+    ``progress``: a callable advanced once per iteration (a tqdm bar's ``update``), or None.
+    The devito profile's solver takes a step that holds ``v_range``'s upper bound, and each
+    sample's recipe clock follows its start's top speed (the generator's step for that model)."""
     cfg.check()
     forward.check()
     lo, hi = cfg.v_range
     v = jnp.clip(jnp.asarray(v0, jnp.float32), lo, hi)
     obs = jnp.asarray(np.asarray(observed, np.float32)[:, :, : forward.n_t])
-    if forward.calibration.profile == "cpml8":
+    if forward.devito:
+        forward = dataclasses.replace(forward, v_bound=hi)
+    else:
         try:
             wave.check_cfl(hi, forward.mode)  # every iterate stays below hi
         except wave.CFLError as e:
             raise PhysicsError(f"--v-range upper bound {hi} km/s: {e}") from None
+    clock = jnp.asarray(np.stack([forward.clock(m) for m in np.asarray(v)]))
     batch_misfit = _batch_misfit(forward)
-    before = np.asarray(batch_misfit(v, obs), np.float64)
+    before = np.asarray(batch_misfit(v, obs, clock), np.float64)
     optimizer = make_optimizer(cfg)
     history = []
     for cutoff, iters in cfg.stages:
@@ -426,12 +473,12 @@ def refine(
         obs_f = jax.vmap(partial(lowpass, cutoff_hz=cutoff))(obs)
         seen = []
         for _ in range(iters):
-            v, state, mis = step(v, state, obs_f)
+            v, state, mis = step(v, state, obs_f, clock)
             seen.append(np.asarray(mis))
             if progress is not None:
                 progress(1)
         history.append(np.stack(seen))
-    after = np.asarray(batch_misfit(v, obs), np.float64)
+    after = np.asarray(batch_misfit(v, obs, clock), np.float64)
     better = after < before
     v_out = np.where(better[:, None, None], np.asarray(v), np.asarray(v0, np.float32))
     return RefineResult(
@@ -477,7 +524,9 @@ def add_forward_args(ap: argparse.ArgumentParser) -> None:
         "exists, else the uncalibrated cpml8 profile)",
     )
     ap.add_argument(
-        "--mode", choices=("fast", "full"), help="cpml8 solver mode (default: the calibration's)"
+        "--mode",
+        choices=("fast", "full"),
+        help="solver grid (default: the calibration's): cpml8 4 m | 1 m, devito 6 m | 2 m",
     )
     ap.add_argument(
         "--t-max", type=float, default=1.0, help="time window used, seconds (default 1)"

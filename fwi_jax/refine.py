@@ -6,10 +6,18 @@
         [--batch 1] [--csv FILE] [--plot K]
 
 Each prediction is the start of an inversion against the shot gathers of its sample folder
-(``fwi_jax.physics.refine``: jax.grad through the calibrated solver, low frequencies first, a
+(``fwi_jax.physics.refine``: the gradient through the calibrated solver, low frequencies first, a
 total-variation term, velocities kept in --v-range). Writes the refined models as a normal
 submission (``fwi_jax.data.io.write_submission``) and a CSV with, per sample, the misfit before
 and after, which model was kept, and the MAPE before and after where ``vp_model.npy`` exists.
+
+Which physics for which data (the calibration file says; DATA/synth_calibration.json by default):
+  data made by devito (the challenge's, or python -m fwi_jax.synth --profile devito):
+      python -m fwi_jax.synth calibrate --data DATA --profile devito, then refine: the devito
+      profile's damping layer, wavelet and clock on a 6 m 8th-order grid (--mode full: its own
+      2 m grid, about 4x slower);
+  data made by python -m fwi_jax.synth (cpml8): no calibration file needed, the cpml8 solver on
+      its 4 m grid (--mode full: 1 m).
 """
 
 from __future__ import annotations
@@ -120,7 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             gradient=args.gradient,
         ).check()
         forward, what = load_forward(root, args.calibration, mode=args.mode, t_max=args.t_max)
-        forward.require_differentiable()
         preds = io.read_submission(args.pred)
         ids = sorted(preds)
         if args.list:

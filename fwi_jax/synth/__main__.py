@@ -93,7 +93,13 @@ def add_calibrate_parser(sub) -> None:
     )
     p.add_argument("--samples", type=int, default=3, help="samples re-simulated (default 3)")
     p.add_argument("--profile", default="devito", choices=PROFILES)
-    p.add_argument("--mode", default="fast", choices=("fast", "full"), help="cpml8 solver mode")
+    p.add_argument(
+        "--mode",
+        default="fast",
+        choices=("fast", "full"),
+        help="solver mode: cpml8's grid (4 m | 1 m); devito: the grid the misfit and refinement "
+        "run on (6 m | 2 m; the fit itself uses the profile's 2 m grid)",
+    )
     p.add_argument(
         "--out", default=None, help="calibration file (default DIR/synth_calibration.json)"
     )
