@@ -133,7 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.list:
             from fwi_jax.data.split import read_id_list
 
-            ids = sorted(read_id_list(args.list))
+            try:
+                ids = sorted(read_id_list(args.list))
+            except (OSError, ValueError) as e:
+                raise PhysicsError(f"--list {e}") from None
             missing = [i for i in ids if i not in preds]
             if missing:
                 raise PhysicsError(

@@ -275,7 +275,9 @@ def test_score_cli_writes_misfit_and_mape(dataset, tmp_path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("case", ["no_pred", "bad_stages", "devito_cal", "bad_range", "unknown_id"])
+@pytest.mark.parametrize(
+    "case", ["no_pred", "bad_stages", "devito_cal", "bad_range", "unknown_id", "no_list"]
+)
 def test_user_errors_are_one_line(dataset, tmp_path, capsys, case):
     root, sub, _ = dataset
     args = [
@@ -293,6 +295,7 @@ def test_user_errors_are_one_line(dataset, tmp_path, capsys, case):
         "devito_cal": "mode 'turbo'",
         "bad_range": "--v-range",
         "unknown_id": "no sample folder",
+        "no_list": "id list does not exist",
     }[case]
     main = refine.main
     if case == "no_pred":
@@ -307,6 +310,8 @@ def test_user_errors_are_one_line(dataset, tmp_path, capsys, case):
             )
         )
         args += ["--calibration", str(cal)]
+    elif case == "no_list":
+        args += ["--list", str(tmp_path / "ids.txt")]
     elif case == "bad_range":
         args += ["--v-range", "4.5", "1.5"]
     else:
