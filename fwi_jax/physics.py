@@ -75,7 +75,7 @@ class Forward:
     ``model_dx`` describe the geometry (the profile's own by default; reduced ones in tests).
 
     The ``devito`` profile is differentiated on ``profiles.devito_solver_mode`` (``mode_name``:
-    "fast", a 6 m 8th-order grid, or "full", the profile's 2 m grid) with a time step stable up
+    "fast", a 6 m 4th-order grid, or "full", the profile's 2 m grid) with a time step stable up
     to ``v_bound`` km/s; its traces follow the recipe's clock of each model (``clock``).
     """
 

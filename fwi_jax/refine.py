@@ -14,8 +14,8 @@ and after, which model was kept, and the MAPE before and after where ``vp_model.
 Which physics for which data (the calibration file says; DATA/synth_calibration.json by default):
   data made by devito (the challenge's, or python -m fwi_jax.synth --profile devito):
       python -m fwi_jax.synth calibrate --data DATA --profile devito, then refine: the devito
-      profile's damping layer, wavelet and clock on a 6 m 8th-order grid (--mode full: its own
-      2 m grid, about 4x slower);
+      profile's damping layer, wavelet and clock on a 6 m 4th-order grid (--mode full: its own
+      2 m grid, much slower: see docs/physics.md);
   data made by python -m fwi_jax.synth (cpml8): no calibration file needed, the cpml8 solver on
       its 4 m grid (--mode full: 1 m).
 """

@@ -186,11 +186,13 @@ DEVITO_GRIDS = {"full": None, "fast": 6.0}  # solver mode -> grid (m) of the ref
 def devito_solver_mode(v_max: float, mode: str = "fast") -> wave.Mode:
     """The grid on which the devito profile is differentiated, stable up to ``v_max`` km/s.
 
-    ``"full"``: the profile's own 2 m, 2nd-order grid; ``"fast"``: a 6 m grid with the 8th-order
-    stencil, the same 200 m of devito's damping (in metres) and CPML behind it, about 9x fewer
-    cell updates per second of record; within 1.3 % (relative L2) of the profile's gathers on the
-    competition's models, 2.2 % below 6 Hz. The step is 90 % of the scheme's stability limit at
-    ``v_max``; the traces are interpolated onto the recipe's clock (``devito_shots``)."""
+    ``"full"``: the profile's own 2 m, 2nd-order grid; ``"fast"``: a 6 m grid with a 4th-order
+    stencil, the same 200 m of devito's damping (in metres) and 5 CPML cells behind it (30 m, the
+    thickness of the profile's CPML), about 10x fewer cell updates. Measured against devito's own
+    gathers (docs/physics.md) the fast grid is as close as the profile's 2 m grid; an 8th-order
+    stencil or a 72 m CPML on the 6 m grid doubled the difference below 6 Hz. The step is 90 %
+    of the scheme's stability limit at ``v_max``; the traces are interpolated onto the recipe's
+    clock (``devito_shots``)."""
     if mode not in DEVITO_GRIDS:
         raise ValueError(f"devito solver mode {mode!r}: choose from {tuple(DEVITO_GRIDS)}")
     dx = DEVITO_GRIDS[mode]
@@ -198,7 +200,8 @@ def devito_solver_mode(v_max: float, mode: str = "fast") -> wave.Mode:
         base = devito_mode(1.0)
     else:
         sponge = int(round(DEVITO_SPONGE * DEVITO_DX / dx))
-        base = wave.Mode(dx=dx, dt=1.0, order=8, pml=DEVITO_PML, sponge=sponge, sponge_width=350)
+        # order 4 holds its outer 2 CPML cells at zero: 7 cells = 5 absorbing ones
+        base = wave.Mode(dx=dx, dt=1.0, order=4, pml=7, sponge=sponge, sponge_width=350)
     return dataclasses.replace(base, dt=0.9 * wave.cfl_limit(base.order) * base.dx / (v_max * 1e3))
 
 
