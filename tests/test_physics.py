@@ -127,7 +127,10 @@ def test_devito_profile_solver_follows_the_generator():
     fwd = physics.Forward(profile="devito", mode_name="full", survey=survey)
     ours = fwd.simulate(v)
     assert fwd.mode.dt != 2 * fwd.clock(v)[0] * 1e-3  # a step of its own
-    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 5e-3
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 5e-3  # measured 9e-5
+    # the 6 m grid (a 4th-order stencil, the same damping in metres): measured 4.2e-3
+    fast = dataclasses.replace(fwd, mode_name="fast").simulate(v)
+    assert np.linalg.norm(fast - ref) / np.linalg.norm(ref) < 1.5e-2
     # a shorter window is the start of the same traces
     short = dataclasses.replace(fwd, t_max=0.3).simulate(v)
     np.testing.assert_allclose(
