@@ -166,14 +166,18 @@ class ModelConfig:
     constant_channel_once: bool = True
     # a second head beside the velocity's: per pixel, the log-scale s = log b of a Laplace
     # distribution of the relative error |pred - v| / v, trained with train.nll_weight x its
-    # negative log-likelihood on the frozen tokens (the velocity is trained as without it) and
+    # negative log-likelihood on the tokens, their gradient stopped (the velocity is trained as
+    # without it) unless model.error_head_joint, and
     # read by ``python -m fwi_jax.infer --uncertainty`` (fwi_jax.uncertainty). False: the
     # reference's network, its parameters and checkpoints unchanged
     error_head: bool = False
+    # the error head's likelihood also trains the backbone (its gradient reaches the tokens)
+    error_head_joint: bool = False
 
     def validate(self) -> None:
-        if not isinstance(self.error_head, bool):
-            raise ConfigError(f"model.error_head={self.error_head!r}: expected true or false")
+        for key in ("error_head", "error_head_joint"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"model.{key}={getattr(self, key)!r}: expected true or false")
         if not isinstance(self.constant_channel_once, bool):
             raise ConfigError(
                 f"model.constant_channel_once={self.constant_channel_once!r}: "

@@ -11,7 +11,10 @@ shuffle, crop) or ``token_linear`` (the first place: Linear(dim -> x) per token,
 area-resized to depth). ``geometry.channels=5`` drops the zero channel first; ``input_scale``
 rescales amplitudes (the first place's inputs are 10x smaller than the reference's). The demo's
 additions, off in the reference's configs: ``geometry.time_power`` (a t-power gain on the input)
-and ``model.depth_prior`` (a trained per-depth logit added before the sigmoid).
+and ``model.depth_prior`` (a trained per-depth logit added before the sigmoid); off everywhere
+but where a config turns it on, ``model.error_head``: a second head of the same kind, on the
+tokens (their gradient stopped unless ``model.error_head_joint``) plus a per-depth bias, painting
+the log-scale of the relative error (``log_scale=True``; `fwi_jax.uncertainty`).
 
 With ``model.constant_channel_once`` (the default; six channels and mean fusion only) only the five
 shots run per sample; the all-zero channel 151, whose tokens after blocks[:split] are a function of
@@ -222,7 +225,8 @@ class FWIModel(nnx.Module):
         `constant_tokens` of these parameters, when the caller has them (else computed here);
         unused with ``model.constant_channel_once`` off. ``log_scale`` (``model.error_head``
         only): (velocity, s) with s (B, depth, x) float32 the error head's log-scale of the
-        relative error, computed from the tokens with their gradient stopped."""
+        relative error, computed from the tokens (their gradient stopped unless
+        ``model.error_head_joint``)."""
         if log_scale and not self.cfg.model.error_head:
             raise ValueError("log_scale needs model.error_head=true")
         g, m = self.cfg.geometry, self.cfg.model
@@ -262,7 +266,9 @@ class FWIModel(nnx.Module):
         velocity = self._velocity(self._paint(self.head, tokens))
         if not log_scale:
             return velocity
-        s = self._paint(self.error_head, jax.lax.stop_gradient(tokens))
+        if not m.error_head_joint:  # the likelihood trains the error head alone
+            tokens = jax.lax.stop_gradient(tokens)
+        s = self._paint(self.error_head, tokens)
         return velocity, s + self.error_prior[...][:, None]
 
     def _paint(self, head, tokens: jax.Array) -> jax.Array:
