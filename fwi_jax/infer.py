@@ -259,9 +259,11 @@ def report_uncertainty(
     if result.errors:
         stats.update(unc.rank_stats(scores, result.mape, result.maps, result.errors))
         dec = " ".join(f"{d:.4f}" for d in stats["decile_mean_relative_error"])
+        rho = stats["spearman_score_mape"]
+        rho = "undefined" if rho is None else f"{rho:+.3f}"
         print(
             f"uncertainty vs error over {stats['samples']} samples: Spearman(score, MAPE) "
-            f"{stats['spearman_score_mape']:+.3f}; mean relative error per decile of the map "
+            f"{rho}; mean relative error per decile of the map "
             f"(lowest first): {dec}; top decile {stats['top_decile_ratio']:.2f}x the mean "
             f"{stats['mean_relative_error']:.4f}"
         )

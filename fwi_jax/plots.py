@@ -58,8 +58,8 @@ def plot_sample(
     x: model input (6, n_time, n_receivers) (reference §2 steps 1-3; channel 151 is the empty one
     and is not drawn; float16 from a float16 packed store is fine); pred, truth: velocity
     (depth, x) km/s. Without ``truth`` only the prediction is shown. ``confidence``: the
-    uncertainty map (depth, x) (`fwi_jax.uncertainty`, an expected relative error), drawn on the
-    error's colour scale. Returns the PNG path."""
+    uncertainty map (depth, x) (`fwi_jax.uncertainty`, an expected relative error), on its own
+    colour scale (0 to its 99.5th percentile). Returns the PNG path."""
     plt = _pyplot()
     x, pred = np.asarray(x, dtype=np.float32), np.asarray(pred)
     if x.ndim != 3 or x.shape[0] != len(CHANNEL_POSITIONS):
@@ -99,13 +99,12 @@ def plot_sample(
         panels = [(pred, "predicted velocity (km/s)", "viridis", (lo, hi))]
     if confidence is not None:
         conf = np.asarray(confidence, np.float32)
-        scale = panels[-1][3] if truth is not None else (0.0, float(np.percentile(conf, 99.5)))
         panels.append(
             (
                 conf,
                 f"uncertainty (expected relative error), score {conf.mean(dtype=np.float64):.4f}",
                 "magma",
-                (0.0, scale[1] or 1e-6),
+                (0.0, float(np.percentile(conf, 99.5)) or 1e-6),
             )
         )
     for ax in top[len(panels) :]:

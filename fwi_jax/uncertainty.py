@@ -154,9 +154,11 @@ def rank_stats(
     pixels."""
     ids = list(scores)
     dec, mean = decile_errors([maps[i] for i in ids], [errors[i] for i in ids])
+    rho = spearman([scores[i] for i in ids], [mape[i] for i in ids])
     return {
         "samples": len(ids),
-        "spearman_score_mape": spearman([scores[i] for i in ids], [mape[i] for i in ids]),
+        # None (JSON null) where undefined: fewer than 2 samples, or a constant score or MAPE
+        "spearman_score_mape": rho if np.isfinite(rho) else None,
         "decile_mean_relative_error": [float(x) for x in dec],
         "mean_relative_error": mean,
         "top_decile_ratio": float(dec[-1] / mean),
