@@ -133,6 +133,7 @@ class Result:
     # --uncertainty: id -> confidence map float16 (depth, x); with --val also id -> relative error
     maps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     errors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)  # the maps' means (float32)
 
 
 def predict_samples(
@@ -164,6 +165,8 @@ def predict_samples(
     scores: dict[str, float] = {}
     kept: dict[str, dict[str, Any]] = {}
     maps: dict[str, np.ndarray] = {}
+    scores_u: dict[str, float] = {}
+    clipped = [0]
     errors: dict[str, np.ndarray] = {}
     bar = _progress(progress, "infer", len(ids))
     t0 = time.perf_counter()
@@ -183,7 +186,9 @@ def predict_samples(
             if val:
                 scores[sid] = competition_mape(host["v"][j], out[j])
             if predictor.uncertainty:
-                maps[sid] = conf[j].astype(np.float16)
+                scores_u[sid] = unc.sample_score(conf[j])  # from float32, before storing
+                maps[sid], n_over = unc.to_float16(conf[j])
+                clipped[0] += n_over
                 if val:
                     v = np.asarray(host["v"][j], np.float64)
                     errors[sid] = (np.abs(out[j] - v) / (v + 1e-8)).astype(np.float16)
@@ -213,8 +218,20 @@ def predict_samples(
         raise InferenceError(f"internal: {len(preds)} predictions for {len(ids)} samples")
     end = time.perf_counter()
     steady = (len(preds) - first[0][0], end - first[0][1]) if first else (0, 0.0)
+    if clipped[0]:
+        print(
+            f"--uncertainty: {clipped[0]} pixel(s) of the map above float16's largest value "
+            f"({unc.FLOAT16_MAX:.0f}) are stored as it (their samples' scores are not clipped)"
+        )
     return Result(
-        preds, {i: scores[i] for i in ids} if val else {}, kept, end - t0, steady, maps, errors
+        preds,
+        {i: scores[i] for i in ids} if val else {},
+        kept,
+        end - t0,
+        steady,
+        maps,
+        errors,
+        {i: scores_u[i] for i in ids} if predictor.uncertainty else {},
     )
 
 
@@ -244,7 +261,7 @@ def report_uncertainty(
     what = unc.what_is_measured(n_views, any(g.cfg.model.error_head for g in groups))
     maps_file = unc.map_path(out)
     unc.write_maps(maps_file, {i: m.T for i, m in result.maps.items()})
-    scores = {i: unc.sample_score(m) for i, m in result.maps.items()}
+    scores = result.scores
     for i, sc in scores.items():
         rows[i]["uncertainty"] = sc
     stats: dict[str, Any] = {

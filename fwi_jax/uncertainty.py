@@ -103,6 +103,17 @@ def what_is_measured(n_views_total: int, has_scale: bool) -> str:
 # On the host: scores, statistics, files
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def to_float16(conf_map: np.ndarray) -> tuple[np.ndarray, int]:
+    """The map as stored: float16, values above float16's largest (an error head far outside its
+    training data: a scale of more than 65504) clipped to it; and how many were clipped."""
+    a = np.asarray(conf_map, np.float32)
+    over = int(np.count_nonzero(a > FLOAT16_MAX))
+    return np.minimum(a, FLOAT16_MAX).astype(np.float16), over
+
+
 def sample_score(conf_map: np.ndarray) -> float:
     """A sample's score: the mean of its map (float64)."""
     return float(np.mean(conf_map, dtype=np.float64))

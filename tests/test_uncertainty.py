@@ -296,3 +296,10 @@ def test_weighted_spread_and_scale_match_numpy():
     want = np.einsum("m,mbhw->bhw", weights[0], np.exp(s).mean(axis=1)) / 3.5
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert unc.weighted_scale([None], [jnp.ones(1)]) is None
+
+
+def test_maps_beyond_float16_are_clipped_and_counted():
+    a = np.array([[0.05, 7e4], [np.float32(1e9), 1.0]], np.float32)
+    stored, over = unc.to_float16(a)
+    assert over == 2 and stored.dtype == np.float16 and np.all(np.isfinite(stored))
+    assert stored[0, 1] == unc.FLOAT16_MAX and stored[0, 0] == np.float16(0.05)
