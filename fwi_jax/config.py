@@ -164,8 +164,20 @@ class ModelConfig:
     # reference's computation, channel 151 run like the shots. Applies to six-channel models with
     # mean fusion only (fwi_jax.model.fwi.constant_once)
     constant_channel_once: bool = True
+    # a second head beside the velocity's: per pixel, the log-scale s = log b of a Laplace
+    # distribution of the relative error |pred - v| / v, trained with train.nll_weight x its
+    # negative log-likelihood on the tokens, their gradient stopped (the velocity is trained as
+    # without it) unless model.error_head_joint, and
+    # read by ``python -m fwi_jax.infer --uncertainty`` (fwi_jax.uncertainty). False: the
+    # reference's network, its parameters and checkpoints unchanged
+    error_head: bool = False
+    # the error head's likelihood also trains the backbone (its gradient reaches the tokens)
+    error_head_joint: bool = False
 
     def validate(self) -> None:
+        for key in ("error_head", "error_head_joint"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"model.{key}={getattr(self, key)!r}: expected true or false")
         if not isinstance(self.constant_channel_once, bool):
             raise ConfigError(
                 f"model.constant_channel_once={self.constant_channel_once!r}: "
@@ -260,6 +272,10 @@ class TrainConfig:
     # counts as no worse); 0 = never stop early. The count is kept in the train-state checkpoint
     early_stop_patience: int = 0
     keep_checkpoints: int = 2
+    # weight of the error head's Laplace negative log-likelihood in the loss (model.error_head);
+    # its gradient reaches the error head only, so under Adam the weight matters little, and
+    # small keeps gradient clipping (train.clip_norm) seeing the velocity's gradients
+    nll_weight: float = 0.1
     checkpoint_every_steps: int = 0  # train-state checkpoints besides each epoch's end (0 = none)
     log_every_steps: int = 10
     seed: int = 0

@@ -199,9 +199,13 @@ def convert_state_dict(
             )
         else:
             converted[path] = arr
-    if not is_reference:  # timm backbone: the head (and a depth prior) are new
+    # a timm backbone: the head (and a depth prior) are new; any checkpoint: an error head
+    # (model.error_head) is new, the PyTorch models have none
+    fresh = ("head/kernel", "head/bias", "depth_prior") if not is_reference else ()
+    fresh += ("error_head/kernel", "error_head/bias", "error_prior")
+    if any(path in expected for path in fresh):
         init = _flatten(create_model(cfg, seed)[1])
-        for path in ("head/kernel", "head/bias", "depth_prior"):
+        for path in fresh:
             if path in init:
                 converted[path] = np.asarray(init[path])
     missing = sorted(set(expected) - set(converted))

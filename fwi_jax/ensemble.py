@@ -9,7 +9,9 @@ function, so a batch crosses the host-device boundary once each way. With
 computed once and reused for every sample and both TTA passes; `Predictor` computes them once
 for all batches. `Predictor` runs it on a
 1-D ``data`` mesh: batches sharded over every device, params replicated. Training's validation
-runs a single member through `member_predictions`.
+runs a single member through `member_predictions`. With ``uncertainty`` the same program also
+keeps every member's every view (`member_views`) and returns the confidence map beside the mean
+(`fwi_jax.uncertainty`); without it the program is the one it was.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fwi_jax import sharding
+from fwi_jax import uncertainty as uncertainty_lib
 from fwi_jax.config import Config
 from fwi_jax.members import Member, MemberError, network_key
 from fwi_jax.model import abstract_model, apply_model, constant_tokens
@@ -110,6 +113,42 @@ def member_constants(graphdef: Any, stacked: Any) -> Any:
     return jax.vmap(lambda p: constant_tokens(graphdef, p))(stacked)
 
 
+def _member_outputs(
+    graphdef: Any,
+    stacked: Any,
+    x: jax.Array,
+    tta: bool,
+    member_chunk: int | None,
+    tta_in_batch: bool,
+    constants: Any,
+    flip_channels: bool,
+    log_scale: bool,
+) -> Any:
+    """Every member's raw output on x (and, with ``tta``, on the flipped x): (M, 2B or B, depth,
+    x) velocities, with ``log_scale`` a pair (velocities, the error head's log-scales); the
+    flipped rows come after the others and are not yet unflipped."""
+    b = x.shape[0]
+
+    def member_constant(p, k):
+        return constant_tokens(graphdef, p) if k is None else k
+
+    if tta and not tta_in_batch:
+        pair = jnp.stack([x, flip(x, channels=flip_channels)])  # (2, B, ...): x, then flipped
+
+        def run(p, k):
+            k = member_constant(p, k)
+            out = jax.lax.map(lambda xi: apply_model(graphdef, p, xi, k, log_scale), pair)
+            # as the in-batch layout: x rows, then flipped
+            return jax.tree.map(lambda a: a.reshape(2 * b, *a.shape[2:]), out)
+    else:
+        x_in = jnp.concatenate([x, flip(x, channels=flip_channels)], axis=0) if tta else x
+        run = lambda p, k: apply_model(graphdef, p, x_in, member_constant(p, k), log_scale)
+    m = jax.tree.leaves(stacked)[0].shape[0]
+    if member_chunk is None or member_chunk >= m:
+        return jax.vmap(run)(stacked, constants)
+    return jax.lax.map(lambda pk: run(*pk), (stacked, constants), batch_size=member_chunk)
+
+
 def member_predictions(
     graphdef: Any,
     stacked: Any,
@@ -129,30 +168,39 @@ def member_predictions(
     calls; None: each member computes its own once here, for every sample and both TTA passes.
     ``flip_channels``: the config's flip (``geometry.flip_channels``, `preprocess.flip`)."""
     b = x.shape[0]
-
-    def member_constant(p, k):
-        return constant_tokens(graphdef, p) if k is None else k
-
-    if tta and not tta_in_batch:
-        pair = jnp.stack([x, flip(x, channels=flip_channels)])  # (2, B, ...): x, then flipped
-
-        def run(p, k):
-            k = member_constant(p, k)
-            pred = jax.lax.map(lambda xi: apply_model(graphdef, p, xi, k), pair)  # (2, B, depth, x)
-            # as the in-batch layout: x rows, then flipped
-            return pred.reshape(2 * b, *pred.shape[2:])
-    else:
-        x_in = jnp.concatenate([x, flip(x, channels=flip_channels)], axis=0) if tta else x
-        run = lambda p, k: apply_model(graphdef, p, x_in, member_constant(p, k))
-    m = jax.tree.leaves(stacked)[0].shape[0]
-    if member_chunk is None or member_chunk >= m:
-        pred = jax.vmap(run)(stacked, constants)
-    else:
-        pred = jax.lax.map(lambda pk: run(*pk), (stacked, constants), batch_size=member_chunk)
+    pred = _member_outputs(
+        graphdef, stacked, x, tta, member_chunk, tta_in_batch, constants, flip_channels, False
+    )
     if tta:
         # [..., ::-1] = preprocess.flip's velocity mirror
         pred = 0.5 * (pred[:, :b] + pred[:, b:][..., ::-1])
     return pred
+
+
+def member_views(
+    graphdef: Any,
+    stacked: Any,
+    x: jax.Array,
+    tta: bool,
+    member_chunk: int | None = None,
+    tta_in_batch: bool = True,
+    constants: Any = None,
+    flip_channels: bool = True,
+    log_scale: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Every member's every TTA view, unflipped: (M, V, B, depth, x) velocities (V = 2 with
+    ``tta``, else 1) and, with ``log_scale`` (``model.error_head``), the error head's log-scales
+    in the same layout (else None). Arguments as `member_predictions`, whose result is the views'
+    mean."""
+    b = x.shape[0]
+    out = _member_outputs(
+        graphdef, stacked, x, tta, member_chunk, tta_in_batch, constants, flip_channels, log_scale
+    )
+    if tta:
+        out = jax.tree.map(lambda a: jnp.stack([a[:, :b], a[:, b:][..., ::-1]], axis=1), out)
+    else:
+        out = jax.tree.map(lambda a: a[:, None], out)
+    return out if log_scale else (out, None)
 
 
 def ensemble_fn(
@@ -160,12 +208,16 @@ def ensemble_fn(
     tta: bool = True,
     member_chunk: int | None = None,
     tta_in_batch: bool = True,
+    uncertainty: bool = False,
 ) -> Callable:
     """A pure function (params tuple, weights tuple, x[, constants tuple]) -> weighted ensemble
     mean (B, depth, x). Jit it once: all groups, TTA and the mean are one program. ``constants``:
-    each group's `member_constants`, kept across calls (None: computed in the call)."""
+    each group's `member_constants`, kept across calls (None: computed in the call). With
+    ``uncertainty``: (mean, the confidence map (B, depth, x)) instead (`fwi_jax.uncertainty`:
+    the spread over every member's every view, the members' error heads), the mean as without."""
     graphdefs = [g.graphdef for g in groups]
     flips = [g.cfg.geometry.flip_channels for g in groups]  # each config's own flip TTA
+    heads = [g.cfg.model.error_head for g in groups]
 
     def f(params: tuple, weights: tuple, x: jax.Array, constants: tuple | None = None) -> jax.Array:
         total, norm = 0.0, 0.0
@@ -176,7 +228,24 @@ def ensemble_fn(
             norm = norm + w.sum()
         return total / norm
 
-    return f
+    def f_uncertainty(params, weights, x, constants=None):
+        total, norm, views, log_scales = 0.0, 0.0, [], []
+        constants = constants or (None,) * len(graphdefs)
+        for graphdef, p, w, k, fc, h in zip(graphdefs, params, weights, constants, flips, heads):
+            v, s = member_views(graphdef, p, x, tta, member_chunk, tta_in_batch, k, fc, h)
+            # the mean as `f` computes it: each member's views averaged, then weighted
+            pred = 0.5 * (v[:, 0] + v[:, 1]) if tta else v[:, 0]
+            total = total + jnp.einsum("m,mbhw->bhw", w, pred, precision=jax.lax.Precision.HIGHEST)
+            norm = norm + w.sum()
+            views.append(v)
+            log_scales.append(s)
+        mean = total / norm
+        n_views = sum(v.shape[0] * v.shape[1] for v in views)
+        spread = uncertainty_lib.weighted_spread(views, weights, mean) if n_views > 1 else None
+        scale = uncertainty_lib.weighted_scale(log_scales, weights)
+        return mean, uncertainty_lib.combine(spread, scale)
+
+    return f_uncertainty if uncertainty else f
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,10 +280,13 @@ class Predictor:
         member_chunk: int | None = None,
         mesh: Mesh | None = None,
         tta_in_batch: bool | None = None,
+        uncertainty: bool = False,
     ):
         """``member_chunk``: stacked members run at once, None = `default_member_chunk`;
-        ``tta_in_batch``: see `member_predictions`, None = `default_tta_in_batch`."""
+        ``tta_in_batch``: see `member_predictions`, None = `default_tta_in_batch`;
+        ``uncertainty``: results are (mean, confidence map) pairs (`ensemble_fn`)."""
         self.groups = list(groups)
+        self.uncertainty = uncertainty
         self.mesh = mesh or sharding.data_mesh()
         device = self.mesh.devices.flat[0]
         if member_chunk is None:
@@ -234,7 +306,7 @@ class Predictor:
             out_shardings=replicated,
         )(self.params)
         self._fn = jax.jit(
-            ensemble_fn(self.groups, tta, member_chunk, tta_in_batch),
+            ensemble_fn(self.groups, tta, member_chunk, tta_in_batch, uncertainty),
             out_shardings=self.batch_sharding,
         )
 
@@ -260,13 +332,16 @@ class Predictor:
         )
 
     @staticmethod
-    def fetch(y: jax.Array) -> np.ndarray:
-        """Device result -> the whole global batch as NumPy on every host."""
+    def fetch(y: Any) -> Any:
+        """Device result (an array, or a tuple of them) -> the whole global batch as NumPy on
+        every host."""
         if jax.process_count() == 1:
-            return np.asarray(jax.device_get(y))
+            return jax.tree.map(np.asarray, jax.device_get(y))
         from jax.experimental import multihost_utils
 
-        return np.asarray(multihost_utils.process_allgather(y, tiled=True))
+        return jax.tree.map(
+            lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), y
+        )
 
     def __call__(self, x_local: np.ndarray) -> np.ndarray:
         return self.fetch(self.dispatch(x_local))

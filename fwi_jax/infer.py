@@ -3,7 +3,7 @@ one competition submission file (reference §1, §2.4, §5).
 
     python -m fwi_jax.infer --data DIR [--list ids.txt] --checkpoints C1 C2 ... --out submission.npz
     \
-        [--config NAME] [--no-tta] [--dtype bfloat16] [--batch 8] [--val] [--plot K]
+        [--config NAME] [--no-tta] [--dtype bfloat16] [--batch 8] [--val] [--uncertainty] [--plot K]
     python -m fwi_jax.infer --data DIR --ensemble ensemble.json --out submission.npz
 
 DIR: a folder of sample folders, or a packed store (``python -m fwi_jax.data pack``; a float16
@@ -23,6 +23,13 @@ sharded over every device on a 1-D ``data`` mesh (params replicated); each host 
 of every global batch; reading runs in background threads (grain) while the devices compute. The
 last batch is padded to the global batch (one compiled shape) and the padding dropped.
 
+``--uncertainty`` (`fwi_jax.uncertainty`): a confidence map per pixel, the expected relative
+error (the spread over members x TTA views, and the members' error heads), written float16 to
+OUT_uncertainty.npz (key = id, (x, depth)), its mean per sample to the per-sample CSV; with
+``--val`` how well it ranks the errors (Spearman over samples, deciles of pixels), printed and in
+OUT_uncertainty.json. One member with ``--no-tta`` and no error head has nothing to measure: an
+error.
+
 Every input folder is checked before any compute (a packed store: its index, arrays, ids and, with
 ``--val``, velocities; its samples were checked when it was packed); a bad sample stops the run with
 an error that names it. The submission (key = sample id, float64 (300, 1259) (x, depth)) is written
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import sys
 import time
@@ -43,6 +51,7 @@ import jax
 import numpy as np
 
 from fwi_jax import physics
+from fwi_jax import uncertainty as unc
 from fwi_jax.config import Config, ConfigError, add_override_argument, apply_overrides
 from fwi_jax.data import io as data_io
 from fwi_jax.ensemble import Predictor, group_members
@@ -121,6 +130,10 @@ class Result:
     seconds: float
     # samples after the first batch, their seconds (no compile)
     steady: tuple[int, float] = (0, 0.0)
+    # --uncertainty: id -> confidence map float16 (depth, x); with --val also id -> relative error
+    maps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    errors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)  # the maps' means (float32)
 
 
 def predict_samples(
@@ -137,7 +150,9 @@ def predict_samples(
 ) -> Result:
     """Run the ensemble over the (already checked) samples ``ids`` under ``root`` in global
     batches of ``batch``. One batch stays in flight: batch k+1 is dispatched before batch k's
-    result is fetched, so host work (reading, MAPE, float64 copies) overlaps device compute."""
+    result is fetched, so host work (reading, MAPE, float64 copies) overlaps device compute.
+    A `Predictor` made with ``uncertainty`` also gives each sample's confidence map (and, with
+    ``val``, its relative error per pixel, for `fwi_jax.uncertainty.rank_stats`)."""
     from fwi_jax.data.pipeline import global_batch_ids, host_batches
 
     n_hosts = jax.process_count()
@@ -149,12 +164,18 @@ def predict_samples(
     preds: dict[str, np.ndarray] = {}
     scores: dict[str, float] = {}
     kept: dict[str, dict[str, Any]] = {}
+    maps: dict[str, np.ndarray] = {}
+    scores_u: dict[str, float] = {}
+    clipped = [0]
+    errors: dict[str, np.ndarray] = {}
     bar = _progress(progress, "infer", len(ids))
     t0 = time.perf_counter()
     first: list = []  # (samples, time) when the first batch's result was in
 
     def finish(k, host, y):
         out = Predictor.fetch(y)
+        if predictor.uncertainty:
+            out, conf = out
         gids = global_batch_ids(ids, k, batch // n_hosts, n_hosts)
         if n_hosts == 1:  # the loader's own ids must be the ones we expect
             assert [str(i) for i in host["id"]] == [g or "" for g in gids], (host["id"], gids)
@@ -164,8 +185,17 @@ def predict_samples(
             preds[sid] = out[j].T.astype(np.float64)
             if val:
                 scores[sid] = competition_mape(host["v"][j], out[j])
+            if predictor.uncertainty:
+                scores_u[sid] = unc.sample_score(conf[j])  # from float32, before storing
+                maps[sid], n_over = unc.to_float16(conf[j])
+                clipped[0] += n_over
+                if val:
+                    v = np.asarray(host["v"][j], np.float64)
+                    errors[sid] = (np.abs(out[j] - v) / (v + 1e-8)).astype(np.float16)
             if len(kept) < keep:
                 kept[sid] = {"x": host["x"][j], "v": host["v"][j] if val else None, "pred": out[j]}
+                if predictor.uncertainty:
+                    kept[sid]["confidence"] = maps[sid]
             bar.update(1)
         if val:
             bar.set_postfix(mape=f"{np.mean(list(scores.values())):.5f}")
@@ -188,7 +218,73 @@ def predict_samples(
         raise InferenceError(f"internal: {len(preds)} predictions for {len(ids)} samples")
     end = time.perf_counter()
     steady = (len(preds) - first[0][0], end - first[0][1]) if first else (0, 0.0)
-    return Result(preds, {i: scores[i] for i in ids} if val else {}, kept, end - t0, steady)
+    if clipped[0]:
+        print(
+            f"--uncertainty: {clipped[0]} pixel(s) of the map above float16's largest value "
+            f"({unc.FLOAT16_MAX:.0f}) are stored as it (their samples' scores are not clipped)"
+        )
+    return Result(
+        preds,
+        {i: scores[i] for i in ids} if val else {},
+        kept,
+        end - t0,
+        steady,
+        maps,
+        errors,
+        {i: scores_u[i] for i in ids} if predictor.uncertainty else {},
+    )
+
+
+def check_measurable(groups: Sequence[Any], tta: bool) -> None:
+    """``--uncertainty`` needs something to measure: several members, TTA, or an error head."""
+    n_members = sum(len(g.sources) for g in groups)
+    if n_members == 1 and not tta and not any(g.cfg.model.error_head for g in groups):
+        raise InferenceError(
+            "--uncertainty: nothing to measure: one member, no TTA (--no-tta) and no error head; "
+            "give several members, drop --no-tta, or use members trained with "
+            "model.error_head=true"
+        )
+
+
+def report_uncertainty(
+    out: pathlib.Path,
+    csv: pathlib.Path,
+    groups: Sequence[Any],
+    tta: bool,
+    result: Result,
+    rows: dict[str, dict[str, Any]],
+) -> None:
+    """Write the confidence maps (float16 (x, depth), their own .npz beside the submission), add
+    each sample's score to the CSV ``rows``, print and write (OUT_uncertainty.json) the mean
+    score and, with labels, how well the confidence ranks the errors."""
+    n_views = sum(len(g.sources) for g in groups) * (2 if tta else 1)
+    what = unc.what_is_measured(n_views, any(g.cfg.model.error_head for g in groups))
+    maps_file = unc.map_path(out)
+    unc.write_maps(maps_file, {i: m.T for i, m in result.maps.items()})
+    scores = result.scores
+    for i, sc in scores.items():
+        rows[i]["uncertainty"] = sc
+    stats: dict[str, Any] = {
+        "map": what,
+        "maps": str(maps_file),
+        "mean_score": float(np.mean(list(scores.values()))),
+    }
+    print(
+        f"uncertainty: {what}; mean score {stats['mean_score']:.5f} (per sample: {csv}); "
+        f"maps: {maps_file} (float16 (x, depth))"
+    )
+    if result.errors:
+        stats.update(unc.rank_stats(scores, result.mape, result.maps, result.errors))
+        dec = " ".join(f"{d:.4f}" for d in stats["decile_mean_relative_error"])
+        rho = stats["spearman_score_mape"]
+        rho = "undefined" if rho is None else f"{rho:+.3f}"
+        print(
+            f"uncertainty vs error over {stats['samples']} samples: Spearman(score, MAPE) "
+            f"{rho}; mean relative error per decile of the map "
+            f"(lowest first): {dec}; top decile {stats['top_decile_ratio']:.2f}x the mean "
+            f"{stats['mean_relative_error']:.4f}"
+        )
+    unc.stats_path(out).write_text(json.dumps(stats, indent=2) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
         "if it exists, else the uncalibrated cpml8 profile)",
     )
     ap.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="a confidence map per pixel (OUT_uncertainty.npz, float16 (x, depth)) and a score "
+        "per sample (the per-sample CSV): the spread over members x TTA views, and the members' "
+        "error heads (model.error_head); with --val, how well they rank the errors "
+        "(OUT_uncertainty.json)",
+    )
+    ap.add_argument(
         "--plot", type=int, default=0, metavar="K", help="save PNG figures of the first K samples"
     )
     ap.add_argument(
@@ -311,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InferenceError(str(e)) from None
         members = [load_member(s, args.config, overrides) for s in specs]
         groups = group_members(members)
+        if args.uncertainty:
+            check_measurable(groups, tta=not args.no_tta)
         check_samples(
             root, ids, need_velocity=args.val, v_range=groups[0].cfg.data.v_range, progress=progress
         )  # before any compute
@@ -325,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--misfit: {what}")
     except (InferenceError, MemberError, StorageError, ConfigError, physics.PhysicsError) as e:
         return fail(e)
-    predictor = Predictor(groups, tta=not args.no_tta, member_chunk=args.member_chunk)
+    predictor = Predictor(
+        groups, tta=not args.no_tta, member_chunk=args.member_chunk, uncertainty=args.uncertainty
+    )
     batch = -(-args.batch // predictor.n_devices) * predictor.n_devices
     if batch != args.batch:
         print(
@@ -389,14 +497,23 @@ def main(argv: list[str] | None = None) -> int:
                 "relative L2, "
                 f"per sample: {csv})"
             )
-        if args.val or forward is not None:
+        if args.uncertainty:
+            report_uncertainty(out, csv, groups, not args.no_tta, result, rows)
+        if args.val or forward is not None or args.uncertainty:
             physics.write_csv(csv, rows)
         if args.plot:
             from fwi_jax import plots
 
             plot_dir = plots.plot_folder(args.plot_dir, out)
             for sid, item in result.kept.items():
-                plots.plot_sample(plot_dir / f"{sid}.png", sid, item["x"], item["pred"], item["v"])
+                plots.plot_sample(
+                    plot_dir / f"{sid}.png",
+                    sid,
+                    item["x"],
+                    item["pred"],
+                    item["v"],
+                    confidence=item.get("confidence"),
+                )
             print(f"wrote {len(result.kept)} figures to {plot_dir}")
     return 0
 

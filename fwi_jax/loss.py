@@ -6,6 +6,9 @@ base:  L = mean(e * w)
 hard:  h = exp(stop_gradient(e)), renormalised per sample to mean 1;  L = mean(e * w * h)
 mape:  L = mean(|pred - v| / (|v| + 1e-8))  every depth alike (the score itself; the first
                                           place's training loss, their formula to the letter)
+nll:   mean(sg(e) / b + log b), b = exp(s) per pixel: the Laplace negative log-likelihood of
+       the relative error under the error head's log-scale s (``model.error_head``), the error
+       itself held fixed (sg: no gradient), so b learns E[e] and the velocity is untouched
 MAPE:  mean(e) per sample (the competition score is its mean over samples);
        `competition_mape` is the score of one sample as the competition computes it
 """
@@ -54,6 +57,14 @@ def mape_loss(pred: jax.Array, v: jax.Array) -> jax.Array:
     this equals mean(`relative_error`) there."""
     pred, v = pred.astype(jnp.float32), v.astype(jnp.float32)
     return jnp.mean(jnp.abs(v - pred) / (jnp.abs(v) + MAPE_EPS))
+
+
+def laplace_nll(log_scale: jax.Array, pred: jax.Array, v: jax.Array) -> jax.Array:
+    """The Laplace negative log-likelihood (up to log 2) of the relative error of ``pred``
+    under the per-pixel scale exp(``log_scale``), a scalar; no gradient reaches ``pred``."""
+    e = jax.lax.stop_gradient(relative_error(pred, v))
+    s = log_scale.astype(jnp.float32)
+    return jnp.mean(e * jnp.exp(-s) + s)
 
 
 LOSSES = {

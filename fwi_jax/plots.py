@@ -1,7 +1,8 @@
 """PNG figures (matplotlib, Agg backend: no display needed).
 
-- ``plot_sample``: one sample's true velocity, predicted velocity, relative error and its five shot
-  gathers (the figure ``python -m fwi_jax.infer --plot K`` writes);
+- ``plot_sample``: one sample's true velocity, predicted velocity, relative error, the confidence
+  map (``--uncertainty``) and its five shot gathers (the figure ``python -m fwi_jax.infer --plot
+  K`` writes);
 - ``plot_training_curves``: training loss and validation MAPE from a run's JSONL metrics.
 
 CLI: ``python -m fwi_jax.plots curves RUN/metrics.jsonl curves.png``.
@@ -50,12 +51,15 @@ def plot_sample(
     x: np.ndarray,
     pred: np.ndarray,
     truth: np.ndarray | None = None,
+    confidence: np.ndarray | None = None,
 ) -> pathlib.Path:
     """Figure of one sample.
 
     x: model input (6, n_time, n_receivers) (reference §2 steps 1-3; channel 151 is the empty one
     and is not drawn; float16 from a float16 packed store is fine); pred, truth: velocity
-    (depth, x) km/s. Without ``truth`` only the prediction is shown. Returns the PNG path."""
+    (depth, x) km/s. Without ``truth`` only the prediction is shown. ``confidence``: the
+    uncertainty map (depth, x) (`fwi_jax.uncertainty`, an expected relative error), on its own
+    colour scale (0 to its 99.5th percentile). Returns the PNG path."""
     plt = _pyplot()
     x, pred = np.asarray(x, dtype=np.float32), np.asarray(pred)
     if x.ndim != 3 or x.shape[0] != len(CHANNEL_POSITIONS):
@@ -63,15 +67,17 @@ def plot_sample(
             f"plot_sample: x has shape {x.shape}, expected ({len(CHANNEL_POSITIONS)}, n_time, "
             "n_receivers)"
         )
-    if pred.ndim != 2 or (truth is not None and np.shape(truth) != pred.shape):
+    if pred.ndim != 2 or any(
+        a is not None and np.shape(a) != pred.shape for a in (truth, confidence)
+    ):
         raise ValueError(
-            f"plot_sample: prediction {pred.shape} and truth {np.shape(truth)} must be equal 2-D "
-            "(depth, x)"
+            f"plot_sample: prediction {pred.shape}, truth {np.shape(truth)} and confidence "
+            f"{np.shape(confidence)} must be equal 2-D (depth, x)"
         )
     shots = [c for c in range(x.shape[0]) if c != ZERO_CHANNEL]
-    fig = plt.figure(figsize=(15, 9), constrained_layout=True)
+    fig = plt.figure(figsize=(15 if confidence is None else 19, 9), constrained_layout=True)
     sub = fig.subfigures(2, 1, height_ratios=[1.15, 1])
-    top = sub[0].subplots(1, 3)
+    top = sub[0].subplots(1, 3 if confidence is None else 4)
     depth, width = pred.shape
     extent = (0, width * DX_M / 1e3, depth * DX_M / 1e3, 0)  # km
     if truth is not None:
@@ -91,8 +97,18 @@ def plot_sample(
     else:
         lo, hi = float(pred.min()), float(pred.max())
         panels = [(pred, "predicted velocity (km/s)", "viridis", (lo, hi))]
-        for ax in top[1:]:
-            ax.set_axis_off()
+    if confidence is not None:
+        conf = np.asarray(confidence, np.float32)
+        panels.append(
+            (
+                conf,
+                f"uncertainty (expected relative error), score {conf.mean(dtype=np.float64):.4f}",
+                "magma",
+                (0.0, float(np.percentile(conf, 99.5)) or 1e-6),
+            )
+        )
+    for ax in top[len(panels) :]:
+        ax.set_axis_off()
     for ax, (img, title, cmap, (vmin, vmax)) in zip(top, panels):
         im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, extent=extent, aspect="auto")
         ax.set_title(title, fontsize=10)

@@ -57,7 +57,7 @@ from fwi_jax.config import (
     load_config,
 )
 from fwi_jax.host import tune_cpu_host
-from fwi_jax.loss import get_loss, mape_per_sample
+from fwi_jax.loss import get_loss, laplace_nll, mape_per_sample
 from fwi_jax.model import create_model
 from fwi_jax.optim import (
     LossScale,
@@ -153,9 +153,15 @@ def make_train_step(
     loss_fn = get_loss(cfg.train.loss)
     accum = cfg.train.grad_accum
 
+    nll_weight = cfg.train.nll_weight if cfg.model.error_head else 0.0
+
     def scaled_grads(params, x, v, scale):
         def f(p):
-            loss = loss_fn(apply_model(graphdef, p, x), v)
+            if nll_weight:  # the error head's log-scale learns the relative error's scale
+                pred, log_b = apply_model(graphdef, p, x, log_scale=True)
+                loss = loss_fn(pred, v) + nll_weight * laplace_nll(log_b, pred, v)
+            else:
+                loss = loss_fn(apply_model(graphdef, p, x), v)
             return loss * scale, loss
 
         return jax.grad(f, has_aux=True)(params)
@@ -386,10 +392,18 @@ def initial_params(
     if drop_head:
         params = dict(params)
         params["head"] = fresh["head"]
-    if "depth_prior" in fresh and "depth_prior" not in params:  # timm weights have none
-        params = {**params, "depth_prior": fresh["depth_prior"]}
+        for key in ERROR_HEAD_KEYS:
+            if key in fresh:
+                params[key] = fresh[key]
+    # timm weights have no depth prior; weights of a network without the error head have none
+    for key in ("depth_prior", *ERROR_HEAD_KEYS):
+        if key in fresh and key not in params:
+            params = {**params, key: fresh[key]}
     check_fits(params, fresh, str(pathlib.Path(source).expanduser()))
     return params
+
+
+ERROR_HEAD_KEYS = ("error_head", "error_prior")  # model.error_head's parameters
 
 
 PROFILE_SAMPLES = 512  # training samples averaged for the depth prior (the first ones listed)

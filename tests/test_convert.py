@@ -50,3 +50,21 @@ def test_convert_cli_wrong_config_fails_with_key_list(tmp_path):
         and "missing: blocks/0/attn/q_proj/kernel" in out.stderr
     )
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_reference_converts_for_a_config_with_the_error_head():
+    """A reference state_dict has no error head: converted for a config with model.error_head it
+    gets a fresh one, and the velocity is the one converted without it."""
+    from fwi_jax.convert import convert_state_dict
+
+    cfg = small_cfg()
+    ref = randomize_(ReferenceModel(cfg, pretrained_grid=False), seed=12).eval()
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    plain, _ = convert_state_dict(state, cfg)
+    head_cfg = cfg.replace(**{"model.error_head": True})
+    params, _ = convert_state_dict(state, head_cfg)
+    assert set(params) - set(plain) == {"error_head", "error_prior"}
+    x = seismic((1, 6, SMALL.n_time, 31))
+    v, s = apply_model(create_model(head_cfg)[0], params, x, log_scale=True)
+    assert np.array_equal(np.asarray(v), np.asarray(apply_model(create_model(cfg)[0], plain, x)))
+    assert np.allclose(s, -3.0)  # the fresh head: zero weights and the prior's start

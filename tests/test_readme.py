@@ -217,7 +217,9 @@ def test_config_docstring_commands_parse():
     assert not errors, "config docstring commands that do not parse:\n" + "\n".join(errors)
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/reference.md", "docs/performance.md"])
+@pytest.mark.parametrize(
+    "doc", ["README.md", "docs/reference.md", "docs/performance.md", "docs/uncertainty.md"]
+)
 def test_docs_name_files_and_tests_that_exist(doc):
     """Paths in backticks (fwi_jax/, tests/, scripts/, configs/, docs/) exist, placeholders aside,
     and every test a document cites by name (`test_...`) is defined in tests/."""
@@ -241,7 +243,9 @@ CONFIG_KEY = re.compile(
 )
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/reference.md", "docs/performance.md"])
+@pytest.mark.parametrize(
+    "doc", ["README.md", "docs/reference.md", "docs/performance.md", "docs/uncertainty.md"]
+)
 def test_docs_name_config_keys_that_exist(doc):
     """Every config key a document names in inline code (`train.lr`, `model.dtype=bfloat16`) is a
     field of the config, and a value given with it parses as that field's type."""

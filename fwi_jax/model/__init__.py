@@ -56,13 +56,19 @@ def abstract_params(cfg: Config) -> Params:
 
 
 def apply_model(
-    graphdef: nnx.GraphDef, params: Params, x: jax.Array, constant: jax.Array | None = None
-) -> jax.Array:
+    graphdef: nnx.GraphDef,
+    params: Params,
+    x: jax.Array,
+    constant: jax.Array | None = None,
+    log_scale: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """x (B, 6, n_time, n_receivers) float32 (or float16, e.g. from a float16 packed store: cast to
     float32 first, exactly) -> velocity (B, depth, x) float32 km/s. Pure; jit it. ``constant``:
-    `constant_tokens` of these params, to reuse them across calls (None: computed in the call)."""
+    `constant_tokens` of these params, to reuse them across calls (None: computed in the call).
+    ``log_scale`` (``model.error_head`` only): (velocity, the error head's log-scale (B, depth,
+    x))."""
     model = nnx.merge(graphdef, nnx.State(_as_state_dict(params)))
-    return model(x, constant)
+    return model(x, constant, log_scale)
 
 
 def constant_tokens(graphdef: nnx.GraphDef, params: Params) -> jax.Array | None:

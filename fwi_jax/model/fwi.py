@@ -11,7 +11,10 @@ shuffle, crop) or ``token_linear`` (the first place: Linear(dim -> x) per token,
 area-resized to depth). ``geometry.channels=5`` drops the zero channel first; ``input_scale``
 rescales amplitudes (the first place's inputs are 10x smaller than the reference's). The demo's
 additions, off in the reference's configs: ``geometry.time_power`` (a t-power gain on the input)
-and ``model.depth_prior`` (a trained per-depth logit added before the sigmoid).
+and ``model.depth_prior`` (a trained per-depth logit added before the sigmoid); off everywhere
+but where a config turns it on, ``model.error_head``: a second head of the same kind, on the
+tokens (their gradient stopped unless ``model.error_head_joint``) plus a per-depth bias, painting
+the log-scale of the relative error (``log_scale=True``; `fwi_jax.uncertainty`).
 
 With ``model.constant_channel_once`` (the default; six channels and mean fusion only) only the five
 shots run per sample; the all-zero channel 151, whose tokens after blocks[:split] are a function of
@@ -37,6 +40,7 @@ from fwi_jax.model.layers import linear
 from fwi_jax.model.target import target_platform
 from fwi_jax.preprocess import CHANNEL_POSITIONS, area_matrix, fold_and_resize, shot_channels
 
+ERROR_PRIOR_START = -3.0  # the error head's log-scale before training: exp(-3) = 0.0498
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -168,6 +172,19 @@ class FWIModel(nnx.Module):
         if m.depth_prior:  # (depth,) logits, set from the data by `fwi_jax.train.depth_profile`;
             # 1-D, so no weight decay and Adam under Muon, as the other biases
             self.depth_prior = nnx.Param(jnp.zeros((g.out_shape[0],), jnp.float32))
+        if m.error_head:  # created last: the other parameters draw the same values without it
+            self.error_head = linear(
+                size.dim,
+                head_out,
+                dtype=dtype,
+                rngs=rngs,
+                platform=platform,
+                kernel_init=nnx.initializers.zeros_init(),
+            )
+            # (depth,) log-scale per depth row, started at log(0.05): a 5 % relative error
+            self.error_prior = nnx.Param(
+                jnp.full((g.out_shape[0],), ERROR_PRIOR_START, jnp.float32)
+            )
 
     def _run_blocks(self, blocks, x):
         g = self.cfg.geometry
@@ -201,10 +218,17 @@ class FWIModel(nnx.Module):
         zeros = jnp.zeros((1, *g.resize), jnp.float32)
         return self._run_blocks(self.blocks[: self.cfg.model.split], self._tokens(zeros))
 
-    def __call__(self, x: jax.Array, constant: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, constant: jax.Array | None = None, log_scale: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """x (B, 6, n_time, n_receivers) -> velocity (B, depth, x) km/s float32. ``constant``:
         `constant_tokens` of these parameters, when the caller has them (else computed here);
-        unused with ``model.constant_channel_once`` off."""
+        unused with ``model.constant_channel_once`` off. ``log_scale`` (``model.error_head``
+        only): (velocity, s) with s (B, depth, x) float32 the error head's log-scale of the
+        relative error, computed from the tokens (their gradient stopped unless
+        ``model.error_head_joint``)."""
+        if log_scale and not self.cfg.model.error_head:
+            raise ValueError("log_scale needs model.error_head=true")
         g, m = self.cfg.geometry, self.cfg.model
         b, c = x.shape[:2]
         if x.shape[2:] != (g.n_time, g.n_receivers):
@@ -239,18 +263,28 @@ class FWIModel(nnx.Module):
         else:
             tokens = tokens.mean(axis=1)  # fuse channels (cls included)
         tokens = self._run_blocks(self.blocks[m.split :], tokens)
+        velocity = self._velocity(self._paint(self.head, tokens))
+        if not log_scale:
+            return velocity
+        if not m.error_head_joint:  # the likelihood trains the error head alone
+            tokens = jax.lax.stop_gradient(tokens)
+        s = self._paint(self.error_head, tokens)
+        return velocity, s + self.error_prior[...][:, None]
+
+    def _paint(self, head, tokens: jax.Array) -> jax.Array:
+        """Tokens (B, 1 + N, dim) through ``head`` -> (B, depth, x) float32 values per pixel."""
+        g = self.cfg.geometry
+        b = tokens.shape[0]
         if g.head == "token_linear":
-            cols = self.head(tokens[:, 1:]).astype(jnp.float32)  # (B, N, x)
+            cols = head(tokens[:, 1:]).astype(jnp.float32)  # (B, N, x)
             area = jnp.asarray(area_matrix(cols.shape[1], g.out_shape[0]))  # (depth, N)
-            pix = jnp.einsum("dn,bnw->bdw", area, cols, precision=jax.lax.Precision.HIGHEST)
-            return self._velocity(pix)
-        pix = self.head(tokens[:, 1:])  # (B, N, hp*wp), channel i*wp + j -> offset (i, j)
+            return jnp.einsum("dn,bnw->bdw", area, cols, precision=jax.lax.Precision.HIGHEST)
+        pix = head(tokens[:, 1:])  # (B, N, hp*wp), channel i*wp + j -> offset (i, j)
         hp, wp = g.head_patch
         gh, gw = g.grid
         pix = pix.reshape(b, gh, gw, hp, wp).transpose(0, 1, 3, 2, 4).reshape(b, gh * hp, gw * wp)
         (r0, c0), (oh, ow) = g.crop_offset, g.out_shape
-        pix = pix[:, r0 : r0 + oh, c0 : c0 + ow].astype(jnp.float32)
-        return self._velocity(pix)
+        return pix[:, r0 : r0 + oh, c0 : c0 + ow].astype(jnp.float32)
 
     def _velocity(self, logits: jax.Array) -> jax.Array:
         """(B, depth, x) float32 logits -> km/s in (v_min, v_min + v_span)."""
