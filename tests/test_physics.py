@@ -72,7 +72,11 @@ def test_misfit_ranks_a_perturbed_model_worse_than_the_truth():
 
 @pytest.mark.parametrize(
     "gradient,depth_power",
-    [("adjoint", 1.0), pytest.param("autodiff", 1.0, marks=pytest.mark.full), ("adjoint", 0.0)],
+    [
+        ("adjoint", 1.0),
+        pytest.param("autodiff", 1.0, marks=pytest.mark.full),
+        pytest.param("adjoint", 0.0, marks=pytest.mark.full),  # fast sibling: power 1
+    ],
 )
 def test_refinement_lowers_the_misfit_and_the_error_on_a_tiny_case(gradient, depth_power):
     truth = tiny_truth()
@@ -138,6 +142,7 @@ def test_devito_profile_solver_follows_the_generator():
     )
 
 
+@pytest.mark.full  # fast siblings: the devito-profile gradient and solver tests above
 def test_refinement_with_the_devito_profile_lowers_the_error_on_a_tiny_case():
     truth = tiny_truth()
     obs = TINY_DEVITO.simulate(truth)[None]
