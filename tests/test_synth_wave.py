@@ -244,3 +244,14 @@ def test_damping_layer_beside_the_cpml_stays_stable():
     )
     assert np.isfinite(s).all()
     assert np.abs(s[:, -500:]).max() < 1e-3 * np.abs(s).max()
+
+
+def test_interpolation_at_traced_times_is_resample_time():
+    """``interpolate_at`` (the devito profile's traced clock) against ``resample_time``: the same
+    weights, up to float32 rounding of the positions (~2e-4 on unit white noise)."""
+    x = np.random.default_rng(0).standard_normal((2, 500, 3)).astype(np.float32)
+    ref = np.asarray(W.resample_time(jnp.asarray(x), 4e-4, 1e-4, 1990))
+    t = jnp.arange(1990, dtype=jnp.float32) * 1e-4
+    np.testing.assert_allclose(
+        np.asarray(W.interpolate_at(jnp.asarray(x), 4e-4, t)), ref, atol=1e-3
+    )

@@ -63,29 +63,16 @@ def devito_steps(dt_ms: float, t_end_ms: float = DEVITO_T_END_MS) -> int:
     return int(np.ceil((t_end_ms + step) / step))
 
 
-def span_resample(
-    traces, out_nt: int = wave.OUT_NT, *, span: int | None = None, keep: int | None = None
-):
+def span_resample(traces: np.ndarray, out_nt: int = wave.OUT_NT) -> np.ndarray:
     """Linear interpolation along axis -2 from n samples onto ``out_nt``, the first sample at the
-    first output time and the last at the last (the recipe's ``interp1d`` over linspace(0, 1)).
-
-    ``span``: the recipe's sample count when ``traces`` holds only its first samples (default:
-    all of them); ``keep``: the first output samples to return (default ``out_nt``; they need
-    ``span_needed(span, out_nt, keep)`` input samples). NumPy in, float32 NumPy out; a JAX array
-    in, a JAX array out (differentiable)."""
-    n = traces.shape[-2] if span is None else span
-    pos = np.linspace(0.0, n - 1.0, out_nt)[: out_nt if keep is None else keep]
+    first output time and the last at the last (the recipe's ``interp1d`` over linspace(0, 1))."""
+    n = traces.shape[-2]
+    pos = np.linspace(0.0, n - 1.0, out_nt)
     i0 = np.minimum(np.floor(pos).astype(np.int64), n - 2)
     w = (pos - i0).astype(np.float32)[:, None]
-    out = traces[..., i0, :] * (1.0 - w) + traces[..., i0 + 1, :] * w
-    return out.astype(np.float32) if isinstance(traces, np.ndarray) else out
-
-
-def span_needed(span: int, out_nt: int = wave.OUT_NT, keep: int | None = None) -> int:
-    """Input samples ``span_resample`` reads for the first ``keep`` of ``out_nt`` outputs."""
-    keep = out_nt if keep is None else keep
-    pos = (keep - 1) * (span - 1.0) / (out_nt - 1)
-    return min(span, int(np.floor(pos)) + 2)
+    a = np.take(traces, i0, axis=-2)
+    b = np.take(traces, i0 + 1, axis=-2)
+    return (a * (1.0 - w) + b * w).astype(np.float32)
 
 
 def devito_mode(dt_ms: float) -> wave.Mode:
@@ -212,32 +199,6 @@ def recipe_clock(model_v_max: float) -> np.ndarray:
     return np.array([dt, devito_steps(dt) - 1], np.float32)
 
 
-def _cubic(traces, dt_in: float, t):
-    """traces (..., n, R) sampled every dt_in (sample k = time k·dt_in, zero before 0) at times t
-    (m,) (traced): 4-point Lagrange interpolation, differentiable in traces."""
-    import jax.numpy as jnp
-
-    n = traces.shape[-2]
-    pos = t / dt_in + 1.0  # one zero sample in front
-    i0 = jnp.clip(jnp.floor(pos).astype(jnp.int32), 1, n - 1)
-    f = pos - i0
-    w = jnp.stack(
-        [
-            -f * (f - 1) * (f - 2) / 6,
-            (f + 1) * (f - 1) * (f - 2) / 2,
-            -(f + 1) * f * (f - 2) / 2,
-            (f + 1) * f * (f - 1) / 6,
-        ],
-        axis=-1,
-    )
-    padded = jnp.concatenate(
-        [jnp.zeros_like(traces[..., :1, :]), traces, traces[..., -1:, :], traces[..., -1:, :]],
-        axis=-2,
-    )
-    idx = i0[:, None] + jnp.arange(-1, 3)[None, :]
-    return jnp.einsum("...tkr,tk->...tr", padded[..., idx, :], w)
-
-
 def devito_shots(
     v,
     clock,
@@ -277,6 +238,6 @@ def devito_shots(
     pos = jnp.arange(keep, dtype=jnp.float32) * (last / (wave.OUT_NT - 1))
     i0 = jnp.minimum(jnp.floor(pos), last - 1)
     w = (pos - i0)[:, None]
-    a = _cubic(raw, sm.dt, i0 * dt_ms * 1e-3)
-    b = _cubic(raw, sm.dt, (i0 + 1) * dt_ms * 1e-3)
+    a = wave.interpolate_at(raw, sm.dt, i0 * dt_ms * 1e-3)
+    b = wave.interpolate_at(raw, sm.dt, (i0 + 1) * dt_ms * 1e-3)
     return a * (1.0 - w) + b * w

@@ -603,6 +603,31 @@ def resample_time(traces: jax.Array, dt_in: float, dt_out: float, nt_out: int) -
     return jnp.einsum("...tkr,tk->...tr", gathered, w.astype(np.float32))
 
 
+def interpolate_at(traces: jax.Array, dt_in: float, t: jax.Array) -> jax.Array:
+    """``resample_time`` at traced times t (m,) s: the same 4-point Lagrange interpolation of
+    traces (..., n, R) sampled every dt_in (sample k = time k·dt_in, zero before 0), its weights
+    computed in the program, so that one compiled program serves any output clock."""
+    n = traces.shape[-2]
+    pos = t / dt_in + 1.0  # one zero sample in front
+    i0 = jnp.clip(jnp.floor(pos).astype(jnp.int32), 1, n - 1)
+    f = pos - i0
+    w = jnp.stack(
+        [
+            -f * (f - 1) * (f - 2) / 6,
+            (f + 1) * (f - 1) * (f - 2) / 2,
+            -(f + 1) * f * (f - 2) / 2,
+            (f + 1) * f * (f - 1) / 6,
+        ],
+        axis=-1,
+    )
+    padded = jnp.concatenate(
+        [jnp.zeros_like(traces[..., :1, :]), traces, traces[..., -1:, :], traces[..., -1:, :]],
+        axis=-2,
+    )
+    idx = i0[:, None] + jnp.arange(-1, 3)[None, :]
+    return jnp.einsum("...tkr,tk->...tr", padded[..., idx, :], w)
+
+
 @partial(
     jax.jit,
     static_argnames=(
