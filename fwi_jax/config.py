@@ -32,7 +32,16 @@ class ConfigError(ValueError):
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.size": ("tiny", "small", "base", "large"),
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.attention": ("auto", "xla", "cudnn", "blockwise", "query_blocks", "fused_cpu"),
+    "model.attention": (
+        "auto",
+        "xla",
+        "cudnn",
+        "blockwise",
+        "query_blocks",
+        "fused_cpu",
+        "onednn",
+    ),
+    "model.dense": ("auto", "xla", "onednn"),
     "model.remat": ("none", "full", "dots"),
     "model.fusion": ("mean", "mha_single", "mha_dual"),
     "geometry.head": ("pixel_shuffle", "token_linear"),
@@ -142,10 +151,12 @@ class ModelConfig:
     depth: int | None = None
     heads: int | None = None
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (params stay float32)
-    # auto | xla | cudnn | blockwise | query_blocks | fused_cpu (fwi_jax.model.attention)
+    # auto | xla | cudnn | blockwise | query_blocks | fused_cpu | onednn (fwi_jax.model.attention)
     attention: str = "auto"
     # key block of blockwise, query block of query_blocks / fused_cpu (None: per impl and pass)
     attention_block: int | None = None
+    # the dense layers' forward product: auto | xla | onednn (fwi_jax.model.onednn)
+    dense: str = "auto"
     remat: str = "none"  # none | full | dots (rematerialisation policy per block)
     # run each block stack (before and after the split) as one lax.scan over stacked weights, so
     # that remat bounds memory on any backend: XLA:CPU schedules an unrolled stack's recomputed

@@ -1,5 +1,8 @@
 """Where the time of our jitted train step goes: a jax.profiler trace of one step, summarised.
 
+``--infer`` profiles the inference forward pass instead (``fwi_jax.model.apply_model`` on one
+member at ``--batch``; flip TTA runs it twice), categorised the same way.
+
 Builds the real train step exactly as scripts/bench_train.py does (real model, the config's
 optimiser, ``fwi_jax.train.make_train_step``), compiles it, runs ``--warmup`` steps, then traces
 ``--steps`` steps with ``jax.profiler.trace``. XLA's CPU runtime records one event per executed
@@ -242,6 +245,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1, help="traced steps (the table is per step)")
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument(
+        "--infer", action="store_true", help="profile the inference forward pass, not a step"
+    )
     from fwi_jax.config import (
         add_override_argument,  # no JAX import: XLA_FLAGS can still be set after
     )
@@ -265,7 +271,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from fwi_jax.config import load_config
-    from fwi_jax.model import create_model
+    from fwi_jax.model import apply_model, create_model
     from fwi_jax.model.attention import resolve_impl
     from fwi_jax.optim import make_optimizer
     from fwi_jax.train import create_train_state, make_train_step
@@ -280,14 +286,21 @@ def main(argv=None) -> int:
         ],
     )
     graphdef, params = create_model(cfg, seed=0)
-    tx, schedule = make_optimizer(cfg, total_steps=1000)
-    step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)
-    state = create_train_state(cfg, params, tx)
-    del params
     x, v = make_batch(cfg, a.batch)
+    if a.infer:  # the "state" is the parameters, kept; the "step" one forward pass
+
+        def step(params, batch):
+            return params, apply_model(graphdef, params, batch["x"])
+
+        state, donate = params, ()
+    else:
+        tx, schedule = make_optimizer(cfg, total_steps=1000)
+        step = make_train_step(cfg, graphdef, tx, schedule, ema_start_step=0)
+        state, donate = create_train_state(cfg, params, tx), 0
+    del params
     batch = {"x": jnp.asarray(x), "v": jnp.asarray(v)}
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    compiled = jax.jit(step, donate_argnums=donate).lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     cats = hlo_categories(compiled.as_text())
     for _ in range(a.warmup):
@@ -330,6 +343,7 @@ def main(argv=None) -> int:
     wall, cpu = statistics.median(walls), statistics.median(cpus)
 
     print(
+        f"{'inference forward' if a.infer else 'train step'}: "
         f"config {a.config} {' '.join(a.set)} batch {a.batch} {a.dtype}, attention {a.attention} "
         f"(= {resolve_impl(a.attention)}), remat {a.remat}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"

@@ -194,7 +194,7 @@ def test_never_materialises_the_score_matrix(impl):
     assert square not in str(jax.make_jaxpr(grad(impl))(q, k, v))
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "query_blocks", "fused_cpu"])
+@pytest.mark.parametrize("impl", ["blockwise", "query_blocks", "fused_cpu", "onednn"])
 def test_bfloat16_inputs_accumulate_in_float32(impl):
     """bfloat16 in, bfloat16 out; compared with float32 attention of the same (rounded) inputs.
     Tolerance: bfloat16 has an 8-bit significand (eps 2^-8 = 3.9e-3); the output is rounded once
@@ -220,6 +220,7 @@ def test_auto_rule_and_errors():
         "blockwise",
         "query_blocks",
         "fused_cpu",
+        "onednn",
         "auto",
     }
     device = jax.local_devices()[0]

@@ -125,13 +125,14 @@ def test_misspelt_optimizer_exits_2_without_traceback(command, tmp_path):
 
 def test_choices_match_the_code_that_acts_on_them():
     from fwi_jax import loss, optim
-    from fwi_jax.model import attention, eva02, fwi
+    from fwi_jax.model import attention, eva02, fwi, onednn
     from fwi_jax.synth import geology, profiles, wave
 
     assert set(CHOICES["model.size"]) == set(eva02.SIZES)
     assert set(CHOICES["model.dtype"]) == set(fwi.DTYPES)
     assert set(CHOICES["model.remat"]) == {"none", *fwi.REMAT_POLICIES}
     assert set(CHOICES["model.attention"]) == set(attention.IMPLEMENTATIONS)
+    assert set(CHOICES["model.dense"]) == set(onednn.IMPLEMENTATIONS)
     assert set(CHOICES["synth.families"]) == set(geology.FAMILIES)
     assert set(CHOICES["synth.mode"]) == set(wave.MODES)
     assert set(CHOICES["synth.profile"]) == set(profiles.PROFILES)

@@ -30,9 +30,15 @@ Implementations (``cfg.model.attention``), each kept for a platform that needs i
   from JAX code. Float32 inside (other dtypes are cast), head_dim a multiple of 16, built on
   first use with the system C++ compiler (cached). The fastest on CPU and ``auto``'s CPU choice
   (docs/performance.md). CPU only: a program compiled for another platform refuses it.
+- ``"onednn"``: fused_cpu's custom VJP with the forward pass on oneDNN's matmuls
+  (`fused_attention.forward_onednn`, ``csrc/onednn_cpu.cc``): per block of queries of one head,
+  the score product into a float32 tile, the softmax, the P V product; bfloat16 operands stay
+  bfloat16 where oneDNN has native bfloat16 kernels (AMX, AVX-512 BF16), so a bfloat16 model's
+  attention runs on the CPU's bfloat16 units. The backward pass is fused_cpu's (float32).
 - ``"auto"``: decided for the platform the program is compiled for (`resolve_impl`; the model
   passes its build platform, `fwi_jax.model.target`), not for the process's default backend:
-  cpu -> fused_cpu (else query_blocks); cuda -> cudnn where every visible GPU has compute
+  cpu -> onednn for bfloat16 compute where oneDNN has native bfloat16 kernels, else fused_cpu
+  (else query_blocks); cuda -> cudnn where every visible GPU has compute
   capability >= 8.0 and the compute dtype is float16 or bfloat16, else blockwise (older GPUs,
   float32, or no GPU visible); rocm, tpu -> xla. The choice and its reason are said once per
   process on stderr.
@@ -56,14 +62,16 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 import fwi_jax.model.fused_attention as fused
+from fwi_jax.model import onednn
 from fwi_jax.model.target import cuda_capabilities, target_platform
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "query_blocks", "fused_cpu")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "query_blocks", "fused_cpu", "onednn")
+CPU_KERNELS = ("fused_cpu", "onednn")  # the C++ kernels: CPU only, head_dim a multiple of 16
 # block_size=None means each implementation's own block (docs/performance.md): blockwise's key
 # block, query_blocks' and fused_cpu's query block (fused_cpu's forward tile of 64 rows x N keys
 # stays in L2 beside K^T and V). fused_cpu's backward pass, which walks the keys 256 at a time,
 # runs best on blocks of 256 queries: its default block, unless block_size sets both passes'.
-DEFAULT_BLOCKS = {"blockwise": 256, "query_blocks": 256, "fused_cpu": 64}
+DEFAULT_BLOCKS = {"blockwise": 256, "query_blocks": 256, "fused_cpu": 64, "onednn": 128}
 FUSED_CPU_BACKWARD_BLOCK = 256
 CUDNN_MIN_CAPABILITY = 8.0  # cuDNN's fused flash attention: Ampere (sm80) and newer,
 CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)  # in 16-bit floats,
@@ -95,9 +103,9 @@ def resolve_impl(
         choice, reason = _auto(platform, head_dim, dtype)
         _say_once(f"fwi_jax: model.attention=auto -> {choice} for {platform}: {reason}")
         return choice
-    if impl == "fused_cpu" and platform != "cpu":
+    if impl in CPU_KERNELS and platform != "cpu":
         raise ValueError(
-            f"attention 'fused_cpu' is a CPU kernel; the program is compiled for "
+            f"attention {impl!r} is a CPU kernel; the program is compiled for "
             f"{platform} (model.attention=auto picks cudnn or blockwise there)"
         )
     if impl == "cudnn" and (reason := _cudnn_unsupported(platform, head_dim, dtype)):
@@ -147,7 +155,15 @@ def _auto(platform: str, head_dim: int | None, dtype) -> tuple[str, str]:
             fused.load_kernel()
         except fused.KernelBuildError as err:
             return "query_blocks", f"slower, because the fused_cpu kernel is unavailable: {err}"
-        return "fused_cpu", "the fused C++ kernel is built"
+        if dtype is None or jnp.dtype(dtype) != jnp.bfloat16:
+            return "fused_cpu", "the fused C++ kernel is built"
+        try:
+            native = onednn.native_bfloat16()
+        except fused.KernelBuildError as err:
+            return "fused_cpu", f"float32 inside, because oneDNN is unavailable: {err}"
+        if not native:
+            return "fused_cpu", "oneDNN has no native bfloat16 kernel on this CPU"
+        return "onednn", f"bfloat16 products on oneDNN's {onednn.implementation(jnp.bfloat16)}"
     if platform == "cuda":
         if reason := _cudnn_unsupported(platform, head_dim, dtype):
             return "blockwise", reason
@@ -190,13 +206,13 @@ def attention(
         return even_length_attention(q, k, v, implementation="cudnn")
     if block_size is None:
         block = DEFAULT_BLOCKS[impl]
-        backward_block = FUSED_CPU_BACKWARD_BLOCK if impl == "fused_cpu" else block
+        backward_block = FUSED_CPU_BACKWARD_BLOCK if impl in CPU_KERNELS else block
     elif block_size < 1:
         raise ValueError(f"attention block_size must be a positive int, got {block_size}")
     else:
         block = backward_block = int(block_size)
-    if impl == "fused_cpu" and (reason := fused.unsupported(q.shape)):
-        raise ValueError(f"attention impl 'fused_cpu' {reason}")
+    if impl in CPU_KERNELS and (reason := fused.unsupported(q.shape)):
+        raise ValueError(f"attention impl {impl!r} {reason}")
     return _recomputing_attention(q, k, v, impl, block, backward_block)
 
 
@@ -266,6 +282,8 @@ def _forward(impl, q, k, v, block_size):
     """out (B, N, H, D) in q.dtype and the log-sum-exp (B, H, N) float32."""
     if impl == "fused_cpu":
         return fused.forward(q, k, v, block_size)
+    if impl == "onednn":
+        return fused.forward_onednn(q, k, v, block_size)
     b, n, h, _ = q.shape
     heads = tuple(_to_heads(a) for a in (q, k, v))
     if impl == "blockwise":
@@ -277,7 +295,7 @@ def _forward(impl, q, k, v, block_size):
 
 def _backward(impl, q, k, v, out, lse, d_out, block_size):
     """dq, dk, dv (B, N, H, D) in the dtypes of q, k, v."""
-    if impl == "fused_cpu":
+    if impl in CPU_KERNELS:
         return fused.backward(q, k, v, out, lse, d_out, block_size)
     b, n, h, _ = q.shape
     heads = (*(_to_heads(a) for a in (q, k, v, out)), lse.reshape(b * h, n), _to_heads(d_out))

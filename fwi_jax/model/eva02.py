@@ -62,7 +62,7 @@ def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def _linear(din, dout, *, rngs, dtype, platform, use_bias=True):
+def _linear(din, dout, *, rngs, dtype, platform, dense, use_bias=True):
     return linear(
         din,
         dout,
@@ -70,6 +70,7 @@ def _linear(din, dout, *, rngs, dtype, platform, use_bias=True):
         dtype=dtype,
         rngs=rngs,
         platform=platform,
+        dense=dense,
         kernel_init=nnx.initializers.truncated_normal(0.02),
     )
 
@@ -81,7 +82,7 @@ def _layer_norm(dim, *, rngs, dtype):
 class Attention(nnx.Module):
     """Multi-head self-attention with q and v bias (no k bias) and RoPE on the non-cls tokens.
     ``impl``: the attention implementation (fwi_jax.model.attention); ``platform``: the one the
-    program is compiled for."""
+    program is compiled for; ``dense``: the dense layers' (fwi_jax.model.onednn)."""
 
     def __init__(
         self,
@@ -93,12 +94,13 @@ class Attention(nnx.Module):
         block_size: int,
         dtype,
         platform: str,
+        dense: str = "xla",
         rngs: nnx.Rngs,
     ):
         self.heads, self.impl, self.block_size, self.dtype = heads, impl, block_size, dtype
         self.platform = platform
         self.qkv_fused = qkv_fused
-        lin = functools.partial(_linear, rngs=rngs, dtype=dtype, platform=platform)
+        lin = functools.partial(_linear, rngs=rngs, dtype=dtype, platform=platform, dense=dense)
         if qkv_fused:
             self.qkv = lin(dim, 3 * dim, use_bias=False)
             self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
@@ -130,10 +132,12 @@ class SwiGLU(nnx.Module):
     """SwiGLU MLP, hidden = int(dim * 4 * 2/3). Packed (timm GluMlp: fc1 -> [gate | x]) or split
     (timm SwiGLU: fc1_g, fc1_x, then LayerNorm ``norm`` before fc2 when ``scale_mlp``)."""
 
-    def __init__(self, dim: int, scale_mlp: bool, *, dtype, platform: str, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, scale_mlp: bool, *, dtype, platform: str, dense: str = "xla", rngs: nnx.Rngs
+    ):
         hidden = int(dim * 4 * 2 / 3)
         self.scale_mlp = scale_mlp
-        lin = functools.partial(_linear, rngs=rngs, dtype=dtype, platform=platform)
+        lin = functools.partial(_linear, rngs=rngs, dtype=dtype, platform=platform, dense=dense)
         if scale_mlp:
             self.fc1_g = lin(dim, hidden)
             self.fc1_x = lin(dim, hidden)
@@ -154,7 +158,15 @@ class Block(nnx.Module):
     """Pre-norm EVA02 block: x + attn(norm1(x)); x + mlp(norm2(x)). No layer scale."""
 
     def __init__(
-        self, size: EvaSize, *, impl: str, block_size: int, dtype, platform: str, rngs: nnx.Rngs
+        self,
+        size: EvaSize,
+        *,
+        impl: str,
+        block_size: int,
+        dtype,
+        platform: str,
+        dense: str = "xla",
+        rngs: nnx.Rngs,
     ):
         self.norm1 = _layer_norm(size.dim, rngs=rngs, dtype=dtype)
         self.attn = Attention(
@@ -165,10 +177,13 @@ class Block(nnx.Module):
             block_size=block_size,
             dtype=dtype,
             platform=platform,
+            dense=dense,
             rngs=rngs,
         )
         self.norm2 = _layer_norm(size.dim, rngs=rngs, dtype=dtype)
-        self.mlp = SwiGLU(size.dim, size.scale_mlp, dtype=dtype, platform=platform, rngs=rngs)
+        self.mlp = SwiGLU(
+            size.dim, size.scale_mlp, dtype=dtype, platform=platform, dense=dense, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x), sin, cos)

@@ -13,30 +13,22 @@ kernels with each (rows, N) tile written to memory between them; the kernel keep
 and multiplies it where it lies (the source's header says how; docs/performance.md has the
 measurements).
 
-Build: the first use in a process compiles the kernel with the system C++ compiler ($CXX, else
-g++ or c++ on PATH) against jaxlib's FFI headers, for this machine's CPU (-march=native, or
-$FWI_JAX_KERNEL_ARCH), and caches the shared library under $FWI_JAX_CACHE/kernels (default
-~/.cache/fwi_jax/kernels), keyed by the source, flags, compiler, jax version and CPU; later
-processes load it without compiling. Where that is impossible (no compiler, not Linux)
-`load_kernel` raises KernelBuildError saying why; `attention`'s "auto" then uses query_blocks and
-says so on stderr.
+Build: `fwi_jax.model.cpu_kernel` compiles the source on first use for this machine's CPU and
+caches the library. Where that is impossible (no compiler, not Linux) `load_kernel` raises
+KernelBuildError saying why; `attention`'s "auto" then uses query_blocks and says so on stderr.
 
-This module imports nothing from the rest of the model: `fwi_jax.model.attention` builds on it.
+``forward_onednn`` is the forward pass of ``attention(impl="onednn")``: the same layout and
+outputs from oneDNN's matmuls (csrc/onednn_cpu.cc), in bfloat16 where the CPU has bfloat16 dot
+products; its backward pass is this kernel's.
+
+This module imports only the CPU-kernel modules (`cpu_kernel`, `onednn`) of the model:
+`fwi_jax.model.attention` builds on it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import platform
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -44,109 +36,36 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-SOURCE = Path(__file__).parent / "csrc" / "attention_cpu.cc"
+from fwi_jax.model import onednn
+from fwi_jax.model.cpu_kernel import CpuKernel, KernelBuildError, compile_flags, find_compiler
+
+__all__ = ["KernelBuildError", "compile_flags", "find_compiler", "forward", "backward"]
+
 HEAD_DIM_MULTIPLE = 16  # the micro-kernels step through head_dim in 16-float (AVX-512) vectors
 _TARGETS = {
     "FwiAttentionForward": "fwi_attention_forward",
     "FwiAttentionBackward": "fwi_attention_backward",
 }
-# No -ffast-math: it would link crtfastmath.o, which turns on flush-to-zero for the whole process;
-# the kernel's exp and max are written to vectorise without it.
-_FLAGS = (
-    "-std=c++17",
-    "-O3",
-    "-ffp-contract=fast",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-    "-fopenmp-simd",
-    "-fPIC",
-    "-shared",
+KERNEL = CpuKernel(
+    source="attention_cpu.cc",
+    targets=tuple(_TARGETS.items()),
+    what="attention 'fused_cpu'",
+    instead="set model.attention=query_blocks",
 )
+SOURCE = KERNEL.path
 
 
-class KernelBuildError(RuntimeError):
-    """The fused attention kernel cannot be built or loaded on this machine."""
-
-
-def find_compiler() -> str:
-    """The C++ compiler the kernel is built with: $CXX if set (it must exist), else g++ or c++
-    on PATH."""
-    requested = os.environ.get("CXX")
-    cxx = shutil.which(requested) if requested else shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        missing = (
-            f"$CXX={requested!r} is not an executable" if requested else "no g++ or c++ on PATH"
-        )
-        raise KernelBuildError(
-            f"attention 'fused_cpu' builds its kernel with a C++ compiler, and there is none "
-            f"({missing}): install one (Debian/Ubuntu: apt install g++) or set "
-            "model.attention=query_blocks"
-        )
-    return cxx
-
-
-def compile_flags() -> tuple[str, ...]:
-    """The kernel's compiler flags (-march from $FWI_JAX_KERNEL_ARCH, default native)."""
-    return (*_FLAGS, f"-march={os.environ.get('FWI_JAX_KERNEL_ARCH', 'native')}")
-
-
-def _cpu_id() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
-
-
-def library_path(cxx: str | None = None) -> Path:
+def library_path(cxx: str | None = None):
     """Where this machine's build of the kernel is cached (it may not exist yet)."""
-    cxx = cxx or find_compiler()
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(compile_flags()), cxx, jax.__version__, _cpu_id()):
-        key.update(part if isinstance(part, bytes) else part.encode())
-    cache = Path(os.environ.get("FWI_JAX_CACHE") or Path.home() / ".cache" / "fwi_jax")
-    return cache / "kernels" / f"attention_cpu-{key.hexdigest()[:16]}.so"
-
-
-def _build(cxx: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        cmd = [cxx, *compile_flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise KernelBuildError(
-                f"building {SOURCE} failed:\n$ {' '.join(cmd)}\n{done.stderr[-4000:]}"
-            )
-        os.replace(built, target)  # atomic: a concurrent process sees no file or the whole file
+    return KERNEL.library_path(cxx)
 
 
 @functools.cache
-def load_kernel() -> Path:
+def load_kernel():
     """Build (once per machine; cached) and load the kernel, and register its FFI targets for
     the CPU; returns the library's path. Raises KernelBuildError where that is impossible."""
-    if sys.platform != "linux":
-        raise KernelBuildError(
-            f"attention 'fused_cpu' is built for Linux only, not "
-            f"{sys.platform}: set model.attention=query_blocks"
-        )
-    cxx = find_compiler()
-    path = library_path(cxx)
-    if not path.exists():
-        print(
-            f"fwi_jax: building the fused CPU attention kernel ({SOURCE.name}, once per "
-            f"machine) into {path}",
-            file=sys.stderr,
-            flush=True,
-        )
-        _build(cxx, path)
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as err:
-        raise KernelBuildError(f"cannot load {path}: {err} (delete it to rebuild)") from err
-    for symbol, target in _TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    return path
+    KERNEL.load()
+    return library_path()
 
 
 _CALL = re.compile(
@@ -188,6 +107,15 @@ def _ffi_forward(q, k, v, block_size):
     return jax.ffi.ffi_call(
         _TARGETS["FwiAttentionForward"],
         (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, n), jnp.float32)),
+    )(q, k, v, block=int(block_size))
+
+
+def _ffi_onednn_forward(q, k, v, block_size):
+    """(B, N, H, D) x3 float32 or bfloat16 -> out (B, N, H, D) of q's dtype, lse (B, H, N)."""
+    b, n, h, _ = q.shape
+    return jax.ffi.ffi_call(
+        "fwi_onednn_attention_forward",
+        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, n), jnp.float32)),
     )(q, k, v, block=int(block_size))
 
 
@@ -235,6 +163,7 @@ def _partitioned(fn, n_args, lse_args=(), outputs=("x",)):
 
 
 _forward_partitioned = _partitioned(_ffi_forward, 3, outputs=("x", "lse"))
+_onednn_forward_partitioned = _partitioned(_ffi_onednn_forward, 3, outputs=("x", "lse"))
 _backward_partitioned = _partitioned(_ffi_backward, 6, lse_args=(4,), outputs=("x", "x", "x"))
 
 
@@ -261,6 +190,17 @@ def forward(q, k, v, block_size: int):
     ``block_size`` query rows per tile."""
     load_kernel()
     out, lse = _call(_forward_partitioned, int(block_size))(*_f32(q, k, v))
+    return out.astype(q.dtype), lse
+
+
+def forward_onednn(q, k, v, block_size: int):
+    """`forward` on oneDNN's products (`fwi_jax.model.onednn`; attention "onednn"): bfloat16
+    q, k, v stay bfloat16 where oneDNN has native bfloat16 kernels on this CPU, anything else
+    runs in float32."""
+    onednn.load()
+    dtype = q.dtype if q.dtype == jnp.bfloat16 and onednn.native_bfloat16() else jnp.float32
+    args = (a.astype(dtype) for a in (q, k, v))
+    out, lse = _call(_onednn_forward_partitioned, int(block_size))(*args)
     return out.astype(q.dtype), lse
 
 

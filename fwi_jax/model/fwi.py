@@ -32,7 +32,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwi_jax.config import Config, ConfigError
+from fwi_jax.model import onednn
 from fwi_jax.model.attention import ATTENTION_RESIDUALS, resolve_impl
+from fwi_jax.model.cpu_kernel import KernelBuildError
 from fwi_jax.model.eva02 import SIZES, Block, EvaSize, rope_table
 from fwi_jax.model.fusion import ChannelFusionDual, ChannelFusionSingle
 from fwi_jax.model.layers import OUTPUT_NAME as DENSE_OUTPUT
@@ -106,8 +108,8 @@ def constant_once(cfg: Config) -> bool:
 
 class FWIModel(nnx.Module):
     """The model of ``cfg`` for programs compiled for ``platform`` (cpu, cuda, rocm, tpu; None:
-    this process's default backend), which decides ``model.attention=auto`` and the dense
-    layers' backward pass (`fwi_jax.model.target`)."""
+    this process's default backend), which decides ``model.attention=auto``, ``model.dense=auto``
+    and the dense layers' backward pass (`fwi_jax.model.target`)."""
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs, platform: str | None = None):
         g, m = cfg.geometry, cfg.model
@@ -120,10 +122,14 @@ class FWIModel(nnx.Module):
             impl = resolve_impl(m.attention, platform, size.dim // size.heads, dtype)
         except ValueError as err:
             raise ConfigError(f"model.attention={m.attention!r}: {err}") from None
+        try:
+            dense = onednn.resolve(m.dense, platform, dtype)
+        except (ValueError, KernelBuildError) as err:
+            raise ConfigError(f"model.dense={m.dense!r}: {err}") from None
         p = g.patch
         gh, gw = g.grid
         self.patch_embed = nnx.Dict(
-            proj=linear(p * p, size.dim, dtype=dtype, rngs=rngs, platform=platform)
+            proj=linear(p * p, size.dim, dtype=dtype, rngs=rngs, platform=platform, dense=dense)
         )
         self.cls_token = nnx.Param(
             0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1, size.dim))
@@ -139,6 +145,7 @@ class FWIModel(nnx.Module):
                     block_size=m.attention_block,
                     dtype=dtype,
                     platform=platform,
+                    dense=dense,
                     rngs=rngs,
                 )
                 for _ in range(size.depth)
@@ -166,6 +173,7 @@ class FWIModel(nnx.Module):
             dtype=dtype,
             rngs=rngs,
             platform=platform,
+            dense=dense,
             kernel_init=nnx.initializers.truncated_normal(0.02),
         )
         self.head_dim = size.dim // size.heads
@@ -179,6 +187,7 @@ class FWIModel(nnx.Module):
                 dtype=dtype,
                 rngs=rngs,
                 platform=platform,
+                dense=dense,
                 kernel_init=nnx.initializers.zeros_init(),
             )
             # (depth,) log-scale per depth row, started at log(0.05): a 5 % relative error

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from fwi_jax.model import onednn
 from fwi_jax.model.target import target_platform
 
 # The CPU path's outputs are tagged with this name: the remat `dots` policy (fwi.REMAT_POLICIES)
@@ -45,17 +46,23 @@ def _dense_dims(lhs: jax.Array, rhs: jax.Array, dimension_numbers) -> bool:
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def dense(x: jax.Array, w: jax.Array, precision=None, preferred_element_type=None) -> jax.Array:
-    """x (..., K) @ w (K, N) -> (..., N), with the CPU-friendly backward pass described above."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def dense(
+    x: jax.Array, w: jax.Array, precision=None, preferred_element_type=None, impl: str = "xla"
+) -> jax.Array:
+    """x (..., K) @ w (K, N) -> (..., N), with the CPU-friendly backward pass described above;
+    ``impl`` "onednn" runs the forward product on oneDNN (`fwi_jax.model.onednn`)."""
+    if impl == "onednn":
+        out = preferred_element_type or jnp.result_type(x, w)
+        return onednn.matmul(x, w, out)
     return jnp.dot(x, w, precision=precision, preferred_element_type=preferred_element_type)
 
 
-def _dense_fwd(x, w, precision, preferred_element_type):
-    return dense(x, w, precision, preferred_element_type), (x, w)
+def _dense_fwd(x, w, precision, preferred_element_type, impl):
+    return dense(x, w, precision, preferred_element_type, impl), (x, w)
 
 
-def _dense_bwd(precision, preferred_element_type, residuals, dy):
+def _dense_bwd(precision, preferred_element_type, impl, residuals, dy):
     x, w = residuals
     k, n = w.shape
     x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
@@ -75,12 +82,19 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def dot_general(
-    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None
+    lhs,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+    impl: str = "xla",
 ):
     """``lax.dot_general`` for nnx.Linear in a CPU program: its contraction goes through
-    ``dense``."""
+    ``dense`` (with ``impl``, "xla" or "onednn")."""
     if out_sharding is None and _dense_dims(lhs, rhs, dimension_numbers):
-        return checkpoint_name(dense(lhs, rhs, precision, preferred_element_type), OUTPUT_NAME)
+        out = dense(lhs, rhs, precision, preferred_element_type, impl)
+        return checkpoint_name(out, OUTPUT_NAME)
     return jax.lax.dot_general(
         lhs,
         rhs,
@@ -167,12 +181,17 @@ def linear(
     dtype,
     use_bias: bool = True,
     platform: str | None = None,
+    dense: str = "xla",
     **kwargs,
 ) -> nnx.Linear:
     """nnx.Linear(din, dout) with float32 parameters and compute ``dtype``, for a program
     compiled for ``platform`` (None: this process's default backend): ``dot_general`` above on
-    cpu, ``lax.dot_general`` elsewhere."""
-    dot = dot_general if target_platform(platform) == "cpu" else jax.lax.dot_general
+    cpu, with the forward product on ``dense`` ("xla" or "onednn", `onednn.resolve`'s
+    answer), ``lax.dot_general`` elsewhere."""
+    if target_platform(platform) == "cpu":
+        dot = functools.partial(dot_general, impl=dense)
+    else:
+        dot = jax.lax.dot_general
     return nnx.Linear(
         din,
         dout,
