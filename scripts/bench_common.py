@@ -143,3 +143,54 @@ def matmul_roofline(n: int = 2048, reps: int = 5, dtype: str = "float32") -> flo
 def fmt(x, spec, missing="-"):
     """``format(x, spec)``, or ``missing`` for None (a figure the backend does not report)."""
     return missing if x is None else format(x, spec)
+
+
+def cpu_peak(dtype: str) -> tuple[float, str]:
+    """This CPU's peak dense FLOP/s for ``dtype`` products, and how it was reckoned: cores x
+    clock (/proc/cpuinfo's "cpu MHz", the base clock inside a VM) x FLOP per cycle per core of
+    the widest unit the CPU flags name: AMX (one 16x16x32 bfloat16 tile product, 16,384 FLOP,
+    every 16 cycles: 1,024), AVX-512 BF16 (two 512-bit units of 32 bfloat16 products: 128),
+    AVX-512 (two 512-bit FMA units: 64 float32 FLOP), AVX2 (two 256-bit FMA units: 32)."""
+    import os
+
+    text = pathlib.Path("/proc/cpuinfo").read_text()
+    flags = set(
+        next(ln for ln in text.splitlines() if ln.startswith("flags")).split(":")[1].split()
+    )
+    mhz = float(next(ln for ln in text.splitlines() if ln.startswith("cpu MHz")).split(":")[1])
+    if dtype == "bfloat16" and "amx_bf16" in flags:
+        per_cycle, unit = 1024, "AMX bfloat16 tiles"
+    elif dtype == "bfloat16" and "avx512_bf16" in flags:
+        per_cycle, unit = 128, "AVX-512 BF16 dot products"
+    elif "avx512f" in flags:
+        per_cycle, unit = 64, "AVX-512 float32 FMA"
+    else:
+        per_cycle, unit = 32, "AVX2 float32 FMA"
+    cores = os.cpu_count() or 1
+    peak = cores * mhz * 1e6 * per_cycle
+    return peak, f"{cores} cores x {mhz / 1e3:.2f} GHz x {per_cycle} FLOP/cycle ({unit})"
+
+
+def forward_flops(cfg) -> float:
+    """FLOPs of one more sample's forward pass of ``cfg``'s model, as inference runs it (the zero
+    channel computed once per member, `model.constant_channel_once`): XLA's cost analysis of the
+    program at batch 2 less batch 1, with dense layers and attention on XLA (it counts no custom
+    call), float32."""
+    import jax
+    import jax.numpy as jnp
+
+    from fwi_jax.model import abstract_model, apply_model
+
+    cfg = cfg.replace(**{"model.dense": "xla", "model.attention": "xla", "model.dtype": "float32"})
+    graphdef, params = abstract_model(cfg)
+    g = cfg.geometry
+    fn = jax.jit(lambda p, x: apply_model(graphdef, p, x))
+    flops = [
+        compiled_flops(
+            fn.lower(
+                params, jax.ShapeDtypeStruct((b, 6, g.n_time, g.n_receivers), jnp.float32)
+            ).compile()
+        )
+        for b in (1, 2)
+    ]
+    return flops[1] - flops[0]

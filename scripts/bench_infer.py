@@ -40,19 +40,30 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import statistics
 import sys
 import time
 
 import jax
 import numpy as np
-from bench_common import REPO, compiled_flops, compiled_memory_gib, fmt, matmul_roofline
+from bench_common import (
+    REPO,
+    compiled_flops,
+    compiled_memory_gib,
+    cpu_peak,
+    fmt,
+    forward_flops,
+    matmul_roofline,
+)
 
 from fwi_jax import ensemble, infer
 from fwi_jax import members as members_lib
 from fwi_jax.config import add_override_argument, load_config
 from fwi_jax.convert import convert_state_dict
 from fwi_jax.host import tune_cpu_host
+from fwi_jax.model import onednn
 from fwi_jax.model.attention import resolve_impl
+from fwi_jax.model.fwi import model_size
 from fwi_jax.preprocess import SOURCE_POSITIONS, shots_to_input
 
 
@@ -87,7 +98,7 @@ def bench_ours(cfg, state_dicts, xs, tta: bool, member_chunk: int | None) -> dic
     return rec
 
 
-def forward_flops(args) -> int:
+def print_forward_flops(args) -> int:
     """Print XLA's forward GFLOP per sample, switch off and on, batch 1 and 8 (compile only)."""
     import jax.numpy as jnp
 
@@ -229,54 +240,27 @@ def through_infer(
     return {"ours": ours, "torch": theirs, "diff": diff, "infer_wall_s": wall}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="tiny_s8")
-    ap.add_argument("--members", type=int, default=3)
-    ap.add_argument(
-        "--batch", type=int, default=None, help="global batch of ours (default: infer's, 1 on CPU)"
+def summarise(args, cfg, tta: bool, runs: list[dict]) -> None:
+    """Medians over the runs, and our rate as model FLOP/s and a share of the CPU's peak."""
+    ours = statistics.median(r["ours"] for r in runs)
+    theirs = statistics.median(r["torch"] for r in runs)
+    flops = forward_flops(cfg) * (2 if tta else 1) * args.members  # per sample
+    peak, how = cpu_peak(args.dtype)
+    print(
+        f"\nmedian of {len(runs)} runs: ours {ours:.3f} samples/s, PyTorch {theirs:.3f}: "
+        f"{ours / theirs:.2f}x (per run: "
+        + ", ".join(f"{r['ours'] / r['torch']:.2f}x" for r in runs)
+        + f"); model {flops / 1e9:.0f} GFLOP per sample: ours {ours * flops / 1e9:.0f} GFLOP/s = "
+        f"{100 * ours * flops / peak:.1f} % of the {args.dtype} peak {peak / 1e9:.0f} GFLOP/s "
+        f"({how}); PyTorch {100 * theirs * flops / peak:.1f} %"
     )
-    ap.add_argument(
-        "--samples", type=int, default=2, help="samples timed for ours (after one warm-up batch)"
-    )
-    ap.add_argument(
-        "--torch-samples",
-        type=int,
-        default=1,
-        help="samples timed for the PyTorch reference (0: skip)",
-    )
-    ap.add_argument("--dtype", default="float32", choices=infer.DTYPES)
-    ap.add_argument(
-        "--attention", nargs="+", default=["auto"], help="our rows: model.attention of each"
-    )
-    ap.add_argument("--no-tta", action="store_true")
-    ap.add_argument("--member-chunk", type=int)
-    ap.add_argument(
-        "--forward-flops",
-        action="store_true",
-        help="compile only: forward FLOPs per sample, constant_channel_once off and on",
-    )
-    ap.add_argument(
-        "--through-infer",
-        action="store_true",
-        help="end to end: python -m fwi_jax.infer on shot files vs PyTorch on the same files",
-    )
-    add_override_argument(ap)
-    args = ap.parse_args(argv)
-    if args.forward_flops:
-        return forward_flops(args)
-    # ours runs as `python -m fwi_jax.infer` does (FWI_JAX_CPU_TUNING=0: XLA's defaults)
-    tune_cpu_host()
-    import torch
-    from torch_firstplace import torch_model
 
-    tta = not args.no_tta
-    cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}"])
-    refs = [torch_model(cfg, seed=s).eval() for s in range(args.members)]
-    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
-    if args.through_infer:
-        rec = through_infer(args, cfg, refs, tta)
-        return 1 if "error" in rec else 0
+
+def in_memory(args, cfg, refs, tta: bool) -> dict:
+    """Ours (the ``--attention`` rows) and PyTorch on the same arrays in memory; prints the table
+    and returns {"ours": the first row's samples/s, "torch": PyTorch's (0 when skipped)}."""
+    import torch
+
     state_dicts = [
         {k: v.detach().numpy() for k, v in getattr(ref, "model", ref).state_dict().items()}
         for ref in refs
@@ -325,7 +309,10 @@ def main(argv=None) -> int:
             args.config, [*args.set, f"model.dtype={args.dtype}", f"model.attention={attention}"]
         )
         rec = bench_ours(row_cfg, state_dicts, xs, tta, args.member_chunk)
-        rec["name"] = f"ours {attention} ({resolve_impl(attention)}): {how}, one jit"
+        size = model_size(row_cfg)
+        impl = resolve_impl(attention, None, size.dim // size.heads, args.dtype)
+        dense = onednn.resolve(row_cfg.model.dense, None, args.dtype)
+        rec["name"] = f"ours {attention} ({impl}, dense {dense}): {how}, one jit"
         rec["batch"] = batch
         rows.append(rec)
         print(
@@ -391,6 +378,76 @@ def main(argv=None) -> int:
         )
     if roof:
         print(f"\nmatmul roofline: {roof / 1e9:.1f} GFLOP/s (jitted float32 2048x2048 matmul)")
+    return {"ours": rows[0]["samples_per_s"], "torch": ref_sps or 0.0}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="tiny_s8")
+    ap.add_argument("--members", type=int, default=3)
+    ap.add_argument(
+        "--batch", type=int, default=None, help="global batch of ours (default: infer's, 1 on CPU)"
+    )
+    ap.add_argument(
+        "--samples", type=int, default=2, help="samples timed for ours (after one warm-up batch)"
+    )
+    ap.add_argument(
+        "--torch-samples",
+        type=int,
+        default=1,
+        help="samples timed for the PyTorch reference (0: skip)",
+    )
+    ap.add_argument("--dtype", default="float32", choices=infer.DTYPES)
+    ap.add_argument(
+        "--attention", nargs="+", default=["auto"], help="our rows: model.attention of each"
+    )
+    ap.add_argument("--no-tta", action="store_true")
+    ap.add_argument("--member-chunk", type=int)
+    ap.add_argument(
+        "--forward-flops",
+        action="store_true",
+        help="compile only: forward FLOPs per sample, constant_channel_once off and on",
+    )
+    ap.add_argument(
+        "--through-infer",
+        action="store_true",
+        help="end to end: python -m fwi_jax.infer on shot files vs PyTorch on the same files",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of the whole comparison (ours, then PyTorch); medians printed at the end",
+    )
+    add_override_argument(ap)
+    args = ap.parse_args(argv)
+    if args.forward_flops:
+        return print_forward_flops(args)
+    # ours runs as `python -m fwi_jax.infer` does (FWI_JAX_CPU_TUNING=0: XLA's defaults)
+    tune_cpu_host()
+    from torch_firstplace import torch_model
+
+    tta = not args.no_tta
+    cfg = load_config(args.config, [*args.set, f"model.dtype={args.dtype}"])
+    refs = [torch_model(cfg, seed=s).eval() for s in range(args.members)]
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    if args.through_infer:
+        runs = []
+        for i in range(args.repeats):
+            print(f"\n== run {i + 1} of {args.repeats}", flush=True)
+            rec = through_infer(args, cfg, refs, tta)
+            if "error" in rec:
+                return 1
+            runs.append(rec)
+        summarise(args, cfg, tta, runs)
+        return 0
+    runs = []
+    for i in range(args.repeats):
+        if args.repeats > 1:
+            print(f"\n== run {i + 1} of {args.repeats}", flush=True)
+        runs.append(in_memory(args, cfg, refs, tta))
+    if args.torch_samples > 0:
+        summarise(args, cfg, tta, runs)
     return 0
 
 

@@ -11,7 +11,7 @@ model code that produced it through the compiled HLO's source metadata (stack fr
 function, line) and sums the events' durations per category:
 
   attention core   fwi_jax/model/attention.py (scores, softmax, p @ v and their backward)
-  rope             eva02.apply_rope
+  rope             fwi_jax/model/rope.py (outside attention "onednn", whose kernel rotates)
   attn qkv/proj    the rest of eva02.Attention (qkv and output projections, bias, head split)
   mlp              eva02.SwiGLU (fc1, SiLU gate, fc2)
   layernorm        flax LayerNorm (norm1, norm2, mlp norm)
@@ -79,11 +79,11 @@ def _class_ranges(module) -> list[tuple[str, int, int]]:
 
 
 def _frame_category(file: str, func: str, line: int, eva_classes) -> str | None:
+    if file.endswith("fwi_jax/model/rope.py"):
+        return "rope"
     if file.endswith("fwi_jax/model/attention.py"):
         return "attention core"
     if file.endswith("fwi_jax/model/eva02.py"):
-        if func == "apply_rope":
-            return "rope"
         for cls, a, b in eva_classes:
             if a <= line <= b:
                 return {

@@ -18,6 +18,7 @@ from test_model import SMALL, seismic, small_cfg
 
 from fwi_jax.model import apply_model, create_model, onednn
 from fwi_jax.model.attention import attention, resolve_impl
+from fwi_jax.model.rope import rope_table, rotate_tokens
 
 from torch_reference import ReferenceModel, randomize_
 
@@ -96,27 +97,35 @@ def test_dense_keeps_a_sharded_batch_local():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_attention_forward_and_gradients_match_xla(dtype):
+@pytest.mark.parametrize("rope", [False, True])
+def test_attention_forward_and_gradients_match_xla(dtype, rope):
     """impl "onednn" against jax's attention on the same operands: N = 300 in query blocks of
-    64 (a short last block), 2 x 2 heads of 48, scores rising along each row. float32: 2e-5 as
-    fused_cpu (summation order, the kernel's exp); bfloat16: the probabilities are rounded to
-    bfloat16 before P V (as flash attention does), so 2^-7 of the output's scale. The gradient
-    is fused_cpu's backward from the saved output and log-sum-exp (float32 inside)."""
+    64 (a short last block), 2 x 2 heads of 48, scores rising along each row; with ``rope`` the
+    kernel rotates the last 299 tokens of q and k (the reference rotates them first in JAX).
+    float32: 2e-5 as fused_cpu (summation order, the kernel's exp); bfloat16: the probabilities
+    are rounded to bfloat16 before P V (as flash attention does), so 2^-7 of the output's scale.
+    The gradient is fused_cpu's backward from the saved output and log-sum-exp (float32 inside),
+    taken back through the rotation."""
     dt = jnp.dtype(dtype)
     q, k, v, g = (_rand((2, 300, 2, 48), s) for s in range(4))
     k = k.at[..., 0].set(jnp.linspace(0.0, 6.0, 300)[None, :, None])
     q, k, v = (a.astype(dt) for a in (q, k, v))
-    ours = jax.jit(lambda q, k, v: attention(q, k, v, impl="onednn", block_size=64))
-    ref = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in (q, k, v)))
+    tables = tuple(jnp.asarray(t) for t in rope_table((13, 23), 48, (16, 16))) if rope else None
+    ours = jax.jit(lambda q, k, v: attention(q, k, v, impl="onednn", block_size=64, rope=tables))
+
+    def reference(q, k, v):
+        if tables:
+            q, k = (rotate_tokens(a, *tables) for a in (q, k))
+        return jax.nn.dot_product_attention(q, k, v)
+
+    ref = reference(*(a.astype(jnp.float32) for a in (q, k, v)))
     got = ours(q, k, v)
     assert got.dtype == dt and got.shape == q.shape
     tol = 2e-5 if dtype == "float32" else BF16_REL
     np.testing.assert_allclose(np.asarray(got, np.float32), ref, atol=tol, rtol=tol)
     loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g)  # noqa: E731
     grads = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
-    refs = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(
-        *(a.astype(jnp.float32) for a in (q, k, v))
-    )
+    refs = jax.grad(loss(reference), argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in (q, k, v)))
     for a, b in zip(grads, refs):
         scale = float(jnp.abs(b).max())
         np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=tol * 4 * scale, rtol=0)

@@ -63,6 +63,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import fwi_jax.model.fused_attention as fused
 from fwi_jax.model import onednn
+from fwi_jax.model.rope import rotate_tokens
 from fwi_jax.model.target import cuda_capabilities, target_platform
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "query_blocks", "fused_cpu", "onednn")
@@ -184,8 +185,10 @@ def attention(
     impl: str = "xla",
     block_size: int | None = None,
     platform: str | None = None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """Softmax(q k^T / sqrt(d)) v, non-causal, no mask.
+    """Softmax(q k^T / sqrt(d)) v, non-causal, no mask; with ``rope`` = (sin, cos), (M, D)
+    tables, q and k's last M tokens are first rotated (`rope.rotate_tokens`).
 
     q, k, v: (batch, tokens, heads, head_dim), same dtype. Returns (batch, tokens, heads,
     head_dim) in q's dtype. ``impl``: one of IMPLEMENTATIONS, resolved for ``platform`` (the
@@ -200,6 +203,9 @@ def attention(
             f"head_dim); got {q.shape}, {k.shape}, {v.shape}"
         )
     impl = resolve_impl(impl, platform, q.shape[-1], q.dtype)
+    if rope is not None and impl != "onednn":  # only onednn's kernel rotates as it reads
+        q, k = (rotate_tokens(a, *rope) for a in (q, k))
+        rope = None
     if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     if impl == "cudnn":
@@ -213,6 +219,9 @@ def attention(
         block = backward_block = int(block_size)
     if impl in CPU_KERNELS and (reason := fused.unsupported(q.shape)):
         raise ValueError(f"attention impl {impl!r} {reason}")
+    if impl == "onednn":
+        sin, cos = rope if rope is not None else (jnp.zeros((0, q.shape[-1])),) * 2
+        return _onednn_attention(q, k, v, sin, cos, block, backward_block)
     return _recomputing_attention(q, k, v, impl, block, backward_block)
 
 
@@ -325,6 +334,37 @@ def _recomputing_bwd(impl, block_size, backward_block_size, residuals, d_out):
 
 
 _recomputing_attention.defvjp(_recomputing_fwd, _recomputing_bwd)
+
+
+# onednn: fused_cpu's custom VJP with RoPE moved into the forward kernel (it rotates q and k as
+# it copies each head, saving XLA a pass over both). The backward pass rotates them in JAX,
+# runs fused_cpu's backward and takes dq, dk back through the rotation.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _onednn_attention(q, k, v, sin, cos, block_size, backward_block_size):
+    return fused.forward_onednn(q, k, v, block_size, _tables(sin, cos))[0]
+
+
+def _tables(sin, cos):
+    return (sin, cos) if sin.shape[0] else None
+
+
+def _onednn_fwd(q, k, v, sin, cos, block_size, backward_block_size):
+    out, lse = fused.forward_onednn(q, k, v, block_size, _tables(sin, cos))
+    out = checkpoint_name(out, ATTENTION_RESIDUALS[0])
+    lse = checkpoint_name(lse, ATTENTION_RESIDUALS[1])
+    return out, (q, k, v, sin, cos, out, lse)
+
+
+def _onednn_bwd(block_size, backward_block_size, residuals, d_out):
+    q, k, v, sin, cos, out, lse = residuals
+    tables = _tables(sin, cos)
+    rotate = (lambda a: rotate_tokens(a, sin, cos)) if tables else (lambda a: a)
+    (qr, pull_q), (kr, pull_k) = jax.vjp(rotate, q), jax.vjp(rotate, k)
+    dq, dk, dv = fused.backward(qr, kr, v, out, lse, d_out, backward_block_size)
+    return pull_q(dq)[0], pull_k(dk)[0], dv, jnp.zeros_like(sin), jnp.zeros_like(cos)
+
+
+_onednn_attention.defvjp(_onednn_fwd, _onednn_bwd)
 
 
 def _key_blocks(k, v, block_size):

@@ -10,11 +10,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from fwi_jax.model.attention import attention
 from fwi_jax.model.layers import LayerNorm, linear, silu_mul
+from fwi_jax.model.rope import rope_table
+
+__all__ = ["SIZES", "Attention", "Block", "EvaSize", "SwiGLU", "rope_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,32 +36,6 @@ SIZES = {
     "large": EvaSize(1024, 24, 16, qkv_fused=False, scale_mlp=True),
 }
 LN_EPS = 1e-6
-
-
-def rope_table(
-    grid: tuple[int, int], head_dim: int, ref_feat_shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """sin, cos (grid_h*grid_w, head_dim) float32 of timm's ``RotaryEmbeddingCat`` (in_pixels=False,
-    temperature 1e4, 'index' grid rescaled onto ``ref_feat_shape``, interleaved layout)."""
-    num_bands = head_dim // 4
-    bands = 1.0 / (10000.0 ** (np.arange(num_bands, dtype=np.float32) / np.float32(num_bands)))
-    axes = [
-        np.arange(s, dtype=np.float32) / np.float32(s) * np.float32(r)
-        for s, r in zip(grid, ref_feat_shape)
-    ]
-    mesh = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (H, W, 2)
-    pos = (mesh[..., None] * bands).reshape(grid[0] * grid[1], 2 * num_bands)  # (N, 2*bands)
-    pos = np.repeat(pos, 2, axis=-1)  # interleaved [f0, f0, f1, f1, ...]
-    return np.sin(pos).astype(np.float32), np.cos(pos).astype(np.float32)
-
-
-def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-    """Rotate pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x (B, N, H, D), sin/cos (N,
-    D)."""
-    pairs = x.reshape(*x.shape[:-1], -1, 2)
-    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    sin, cos = sin[:, None, :], cos[:, None, :]
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
 def _linear(din, dout, *, rngs, dtype, platform, dense, use_bias=True):
@@ -111,9 +87,7 @@ class Attention(nnx.Module):
             self.v_proj = lin(dim, dim)
         self.proj = lin(dim, dim)
 
-    def __call__(
-        self, x: jax.Array, sin: jax.Array, cos: jax.Array, n_prefix: int = 1
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
         b, n, d = x.shape
         if self.qkv_fused:
             zeros = jnp.zeros_like(self.q_bias[...])
@@ -122,9 +96,16 @@ class Attention(nnx.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q, k, v = (t.reshape(b, n, self.heads, d // self.heads) for t in (q, k, v))
-        q = jnp.concatenate([q[:, :n_prefix], apply_rope(q[:, n_prefix:], sin, cos)], axis=1)
-        k = jnp.concatenate([k[:, :n_prefix], apply_rope(k[:, n_prefix:], sin, cos)], axis=1)
-        out = attention(q, k, v, impl=self.impl, block_size=self.block_size, platform=self.platform)
+        # RoPE on q and k's patch tokens (sin, cos: one row per patch token) inside `attention`
+        out = attention(
+            q,
+            k,
+            v,
+            impl=self.impl,
+            block_size=self.block_size,
+            platform=self.platform,
+            rope=(sin, cos),
+        )
         return self.proj(out.reshape(b, n, d))
 
 

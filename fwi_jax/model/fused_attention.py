@@ -110,13 +110,14 @@ def _ffi_forward(q, k, v, block_size):
     )(q, k, v, block=int(block_size))
 
 
-def _ffi_onednn_forward(q, k, v, block_size):
-    """(B, N, H, D) x3 float32 or bfloat16 -> out (B, N, H, D) of q's dtype, lse (B, H, N)."""
+def _ffi_onednn_forward(q, k, v, sin, cos, block_size):
+    """(B, N, H, D) x3 float32 or bfloat16, RoPE tables sin, cos (M, D) float32 for the last M
+    tokens of q and k (M = 0: none) -> out (B, N, H, D) of q's dtype, lse (B, H, N)."""
     b, n, h, _ = q.shape
     return jax.ffi.ffi_call(
         "fwi_onednn_attention_forward",
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, n), jnp.float32)),
-    )(q, k, v, block=int(block_size))
+    )(q, k, v, sin, cos, block=int(block_size))
 
 
 def _ffi_backward(q, k, v, out, lse, d_out, block_size):
@@ -137,10 +138,14 @@ def _specs(arg_shapes):
     return P(batch, None, heads, None), P(batch, heads, None)
 
 
-def _partitioned(fn, n_args, lse_args=(), outputs=("x",)):
+def _partitioned(fn, n_args, lse_args=(), outputs=("x",), table_args=()):
+    # table_args: (M, D) operands every device needs whole (the RoPE tables)
+    def spec(i, x, lse):
+        return P(None, None) if i in table_args else lse if i in lse_args else x
+
     def shardings(mesh, arg_shapes):
         x, lse = _specs(arg_shapes)
-        args = tuple(NamedSharding(mesh, lse if i in lse_args else x) for i in range(n_args))
+        args = tuple(NamedSharding(mesh, spec(i, x, lse)) for i in range(n_args))
         outs = tuple(NamedSharding(mesh, lse if o == "lse" else x) for o in outputs)
         return args, outs
 
@@ -152,8 +157,9 @@ def _partitioned(fn, n_args, lse_args=(), outputs=("x",)):
         return mesh, lambda *a: fn(*a, block_size), outs, args
 
     wrapped = custom_partitioning(fn, static_argnums=(n_args,))
-    letters = {"x": "b n h d", "lse": "b h n"}
-    rule = ", ".join(letters["lse" if i in lse_args else "x"] for i in range(n_args))
+    letters = {"x": "b n h d", "lse": "b h n", "table": "m d"}
+    kinds = ("table" if i in table_args else "lse" if i in lse_args else "x" for i in range(n_args))
+    rule = ", ".join(letters[kind] for kind in kinds)
     wrapped.def_partition(
         infer_sharding_from_operands=infer,
         partition=partition,
@@ -163,23 +169,27 @@ def _partitioned(fn, n_args, lse_args=(), outputs=("x",)):
 
 
 _forward_partitioned = _partitioned(_ffi_forward, 3, outputs=("x", "lse"))
-_onednn_forward_partitioned = _partitioned(_ffi_onednn_forward, 3, outputs=("x", "lse"))
+_onednn_forward_partitioned = _partitioned(
+    _ffi_onednn_forward, 5, outputs=("x", "lse"), table_args=(3, 4)
+)
 _backward_partitioned = _partitioned(_ffi_backward, 6, lse_args=(4,), outputs=("x", "x", "x"))
 
 
 # vmap (an ensemble's members) folds the mapped axis into the batch axis, the leading axis of
-# every operand and result: one kernel call over members x batch, no sequential loop.
+# every operand and result but the tables: one kernel call over members x batch, no loop.
 @functools.cache
-def _call(partitioned, block_size: int):
+def _call(partitioned, block_size: int, tables: tuple[int, ...] = ()):
     f = jax.custom_batching.custom_vmap(lambda *arrays: partitioned(*arrays, block_size))
 
     @f.def_vmap
     def fold(axis_size, in_batched, *arrays):
+        if any(in_batched[i] for i in tables):
+            raise NotImplementedError("attention under vmap takes one RoPE table for all")
         arrays = [
-            a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-            for a, batched in zip(arrays, in_batched)
+            a if batched or i in tables else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for i, (a, batched) in enumerate(zip(arrays, in_batched))
         ]
-        outs = f(*(a.reshape(-1, *a.shape[2:]) for a in arrays))
+        outs = f(*(a if i in tables else a.reshape(-1, *a.shape[2:]) for i, a in enumerate(arrays)))
         return tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs), (True,) * len(outs)
 
     return f
@@ -193,14 +203,17 @@ def forward(q, k, v, block_size: int):
     return out.astype(q.dtype), lse
 
 
-def forward_onednn(q, k, v, block_size: int):
+def forward_onednn(q, k, v, block_size: int, rope=None):
     """`forward` on oneDNN's products (`fwi_jax.model.onednn`; attention "onednn"): bfloat16
     q, k, v stay bfloat16 where oneDNN has native bfloat16 kernels on this CPU, anything else
-    runs in float32."""
+    runs in float32. ``rope``: (sin, cos) (M, D) tables that rotate the last M tokens of q and k
+    as `rope.rotate_tokens` does, applied while the kernel copies them (None: q, k as given)."""
     onednn.load()
     dtype = q.dtype if q.dtype == jnp.bfloat16 and onednn.native_bfloat16() else jnp.float32
-    args = (a.astype(dtype) for a in (q, k, v))
-    out, lse = _call(_onednn_forward_partitioned, int(block_size))(*args)
+    d = q.shape[-1]
+    sin, cos = rope if rope is not None else (jnp.zeros((0, d)), jnp.zeros((0, d)))
+    args = (*(a.astype(dtype) for a in (q, k, v)), *(t.astype(jnp.float32) for t in (sin, cos)))
+    out, lse = _call(_onednn_forward_partitioned, int(block_size), (3, 4))(*args)
     return out.astype(q.dtype), lse
 
 

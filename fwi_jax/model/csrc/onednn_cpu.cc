@@ -13,7 +13,8 @@
 //
 // Attention's forward pass, for model.attention=onednn (the backward pass is attention_cpu.cc's):
 // q, k, v, out (..., N, H, D) float32 or bfloat16, lse (..., H, N) float32, scale 1/sqrt(D),
-// non-causal. One OpenMP task per head: its K, Q, V rows are copied into dense (N, D) buffers
+// non-causal; RoPE tables sin, cos (M, D) float32 rotate the last M tokens of q and k first
+// (M = 0: none; CopyHead). One OpenMP task per head: its K, Q, V rows are copied into dense (N, D) buffers
 // (oneDNN picks AMX kernels for dense operands only), then per block of `block` queries two
 // oneDNN products, single-threaded inside the parallel loop (oneDNN detects it): the scores
 // transposed, S^T = K Q_b^T (N, block) float32, then P^T = exp(scale (S^T - m)) with each
@@ -27,7 +28,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "exp_poly.h"
@@ -69,6 +75,23 @@ int64_t Rows(const Dims& dims) {  // the product of all axes but the last
   return rows;
 }
 
+// Creating a primitive descriptor runs oneDNN's kernel selection (~1 ms); a model calls the same
+// few shapes thousands of times, so each shape's primitive is made once per process.
+template <typename Key, typename Value, typename Make>
+const Value& Cached(const Key& key, const Make& make) {
+  static std::mutex mu;
+  static std::map<Key, std::unique_ptr<Value>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[key];
+  if (!slot) slot = std::make_unique<Value>(make());
+  return *slot;
+}
+
+struct DenseProduct {
+  dnnl::matmul::primitive_desc pd;
+  dnnl::matmul primitive;
+};
+
 ffi::Error Dense(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() < 1 || wd.size() != 2)
@@ -88,13 +111,17 @@ ffi::Error Dense(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer>
   if (auto e = DataType(x.element_type(), "x and w", &in); e.failure()) return e;
   if (auto e = DataType(y->element_type(), "the result", &out); e.failure()) return e;
   try {
-    const auto pd = Describe(m, k, n, in, out);
-    dnnl::memory xm(pd.src_desc(), Engine(), x.untyped_data());
-    dnnl::memory wm(pd.weights_desc(), Engine(), w.untyped_data());
-    dnnl::memory ym(pd.dst_desc(), Engine(), y->untyped_data());
+    const auto& product = Cached<std::tuple<int64_t, int64_t, int64_t, int, int>, DenseProduct>(
+        {m, k, n, static_cast<int>(in), static_cast<int>(out)}, [&] {
+          auto pd = Describe(m, k, n, in, out);
+          return DenseProduct{pd, dnnl::matmul(pd)};
+        });
+    dnnl::memory xm(product.pd.src_desc(), Engine(), x.untyped_data());
+    dnnl::memory wm(product.pd.weights_desc(), Engine(), w.untyped_data());
+    dnnl::memory ym(product.pd.dst_desc(), Engine(), y->untyped_data());
     dnnl::stream stream(Engine());
-    dnnl::matmul(pd).execute(stream,
-                             {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
+    product.primitive.execute(stream,
+                              {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}});
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN dense: ") + e.what());
@@ -136,12 +163,65 @@ struct BlockProducts {
   size_t scratch_bytes() const { return std::max(scratch_s.get_size(), scratch_v.get_size()); }
 };
 
-// Copies head h's (N, D) rows, `ld` elements apart in (N, H, D), into a dense (N, D) buffer.
-void CopyHead(const char* src, char* dst, int64_t n, int64_t d, int64_t ld, size_t esize) {
-  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * d * esize, src + i * ld * esize, d * esize);
+// Copies head h's (N, D) rows, `ld` elements apart in (N, H, D), into a dense (N, D) buffer. With
+// RoPE tables sin, cos (M, D) (M > 0) the last M rows are rotated on the way, pair by pair,
+// (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) in float32 and rounded back, as
+// fwi_jax/model/rope.py's apply_rope computes.
+template <typename T>
+float Load(const T* p, int64_t j) {
+  if constexpr (std::is_same_v<T, float>) {
+    return p[j];
+  } else {
+    const uint32_t bits = static_cast<uint32_t>(p[j]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+}
+
+template <typename T>
+void Store(T* p, int64_t j, float x) {
+  if constexpr (std::is_same_v<T, float>) {
+    p[j] = x;
+  } else {
+    p[j] = ToBf16(x);
+  }
+}
+
+template <typename T>
+void CopyHead(const T* src, T* dst, int64_t n, int64_t d, int64_t ld, const float* sin,
+              const float* cos, int64_t m) {
+  const int64_t prefix = n - m;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* x = src + i * ld;
+    T* y = dst + i * d;
+    if (i < prefix) {
+      std::memcpy(y, x, d * sizeof(T));
+      continue;
+    }
+    const float* s = sin + (i - prefix) * d;
+    const float* c = cos + (i - prefix) * d;
+    for (int64_t j = 0; j < d; j += 2) {
+      const float x0 = Load(x, j), x1 = Load(x, j + 1);
+      Store(y, j, x0 * c[j] - x1 * s[j]);
+      Store(y, j + 1, x1 * c[j + 1] + x0 * s[j + 1]);
+    }
+  }
+}
+
+void CopyHead(bool bf16, const char* src, char* dst, int64_t n, int64_t d, int64_t ld,
+              const float* sin, const float* cos, int64_t m) {
+  if (bf16) {
+    CopyHead(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), n, d, ld,
+             sin, cos, m);
+  } else {
+    CopyHead(reinterpret_cast<const float*>(src), reinterpret_cast<float*>(dst), n, d, ld, sin,
+             cos, m);
+  }
 }
 
 ffi::Error AttentionForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                            ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> cos,
                             ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::Buffer<ffi::F32>> lse,
                             int64_t block) {
   const auto dims = q.dimensions();
@@ -157,6 +237,9 @@ ffi::Error AttentionForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
   dnnl::memory::data_type dt;
   if (auto e = DataType(t, "q, k, v", &dt); e.failure()) return e;
   if (block < 1) return ffi::Error::InvalidArgument("oneDNN attention: block must be >= 1");
+  const int64_t m = d ? sin.element_count() / d : 0;  // rotated tokens
+  if (sin.element_count() != m * d || cos.element_count() != m * d || m > n)
+    return ffi::Error::InvalidArgument("oneDNN attention: sin, cos must be (M <= N, D)");
   if (batch == 0 || n == 0) return ffi::Error::Success();
   const bool bf16 = t == ffi::DataType::BF16;
   const size_t esize = bf16 ? 2 : 4;
@@ -174,8 +257,12 @@ ffi::Error AttentionForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
   auto* op = static_cast<char*>(out->untyped_data());
   float* lp = lse->typed_data();
   try {
-    const BlockProducts full(rows, n, d, dt);
-    const BlockProducts last(tail ? tail : rows, n, d, dt);
+    using BlockKey = std::tuple<int64_t, int64_t, int64_t, int>;
+    const auto& full = Cached<BlockKey, BlockProducts>(
+        {rows, n, d, static_cast<int>(dt)}, [&] { return BlockProducts(rows, n, d, dt); });
+    const auto& last = Cached<BlockKey, BlockProducts>(
+        {tail ? tail : rows, n, d, static_cast<int>(dt)},
+        [&] { return BlockProducts(tail ? tail : rows, n, d, dt); });
     std::string failure;
 #pragma omp parallel
     {
@@ -188,9 +275,10 @@ ffi::Error AttentionForward(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
       for (int64_t task = 0; task < tasks; ++task) {
         const int64_t bh = task / chunks, b = bh / heads, h = bh % heads, chunk = task % chunks;
         const int64_t head = (b * n * ld + h * d) * esize;  // byte offset of the head's row 0
-        CopyHead(kp + head, kh.data(), n, d, ld, esize);
-        CopyHead(qp + head, qh.data(), n, d, ld, esize);  // (only the chunk's rows are read)
-        CopyHead(vp + head, vh.data(), n, d, ld, esize);
+        const float *sp = sin.typed_data(), *cp = cos.typed_data();
+        CopyHead(bf16, kp + head, kh.data(), n, d, ld, sp, cp, m);
+        CopyHead(bf16, qp + head, qh.data(), n, d, ld, sp, cp, m);  // (the chunk's rows are read)
+        CopyHead(bf16, vp + head, vh.data(), n, d, ld, sp, cp, 0);
         try {
           dnnl::memory km(full.k, Engine(), kh.data()), vm(full.v, Engine(), vh.data());
           for (int64_t blk = chunk * per_chunk; blk < std::min(blocks, (chunk + 1) * per_chunk); ++blk) {
@@ -276,6 +364,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FwiOnednnAttentionForward, AttentionForward,
                                   .Arg<ffi::AnyBuffer>()         // q
                                   .Arg<ffi::AnyBuffer>()         // k
                                   .Arg<ffi::AnyBuffer>()         // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // sin
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // cos
                                   .Ret<ffi::AnyBuffer>()         // out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // lse
                                   .Attr<int64_t>("block"));
