@@ -170,7 +170,7 @@ def predict_samples(
     errors: dict[str, np.ndarray] = {}
     bar = _progress(progress, "infer", len(ids))
     t0 = time.perf_counter()
-    first: list = []  # (samples, time) when the first batch's result was in
+    first: list = []  # (samples, time) when the first batch's result was computed
 
     def finish(k, host, y):
         out = Predictor.fetch(y)
@@ -199,8 +199,6 @@ def predict_samples(
             bar.update(1)
         if val:
             bar.set_postfix(mape=f"{np.mean(list(scores.values())):.5f}")
-        if not first:
-            first.append((len(preds), time.perf_counter()))
 
     pending = None
     batches = host_batches(
@@ -208,6 +206,12 @@ def predict_samples(
     )
     for k, host in enumerate(batches):
         y = predictor.dispatch(host["x"])
+        if k == 0:  # the steady rate starts when the first batch (and compilation) is done: the
+            # next batch is dispatched only after this, and with synchronous dispatch (the CPU
+            # tuning) it is computed inside its dispatch call, before the first one's finish()
+            jax.block_until_ready(y)
+            real = sum(g is not None for g in global_batch_ids(ids, 0, batch // n_hosts, n_hosts))
+            first.append((real, time.perf_counter()))
         if pending is not None:
             finish(*pending)
         pending = (k, host, y)

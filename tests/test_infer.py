@@ -417,3 +417,29 @@ def test_reference_safetensors_small_grid_through_cli(tmp_path):
     with np.load(out) as sub:
         got = np.stack([sub["a"].T, sub["b"].T])
     assert np.abs(got - want).max() <= 1e-5
+
+
+def test_steady_rate_counts_only_batches_computed_after_the_first(dataset):
+    """The "after the first batch" rate: with synchronous dispatch (the CPU tuning) a batch is
+    computed inside its dispatch call, which for batch k+1 comes before batch k is finished.
+    A stand-in ensemble that computes for 0.25 s per batch, 3 batches of 1: the steady window
+    holds the last 2 batches, so at least 0.5 s for 2 samples (counting from the first batch's
+    fetch would give ~0.25 s, a rate twice too high)."""
+    import time
+
+    from fwi_jax.infer import predict_samples
+
+    root, ids = dataset
+    cfg = small_cfg()
+
+    class Computing:
+        groups = [type("Group", (), {"cfg": cfg})()]
+        uncertainty = False
+
+        def dispatch(self, x):
+            time.sleep(0.25)  # the batch's compute, done before dispatch returns
+            return np.zeros((len(x), *cfg.geometry.out_shape), np.float32)
+
+    result = predict_samples(Computing(), root, ids, 1, progress=False)
+    n, seconds = result.steady
+    assert n == 2 and seconds >= 0.5, result.steady
