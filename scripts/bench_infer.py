@@ -220,11 +220,14 @@ def through_infer(
         def reference(x_np):  # the PyTorch ensemble on one input
             return torch_ensemble(refs, cfg, x_np, tta=tta, dtype=args.dtype, device=device)
 
-        diff = float(np.abs(reference(read_sample(tmp / "data" / ids[0])[0]) - got[ids[0]]).max())
+        resample = cfg.geometry.time_resample  # as infer reads the files (the first place: area)
+
+        first = read_sample(tmp / "data" / ids[0], time_resample=resample)[0]
+        diff = float(np.abs(reference(first) - got[ids[0]]).max())
         n_torch = min(args.samples, torch_samples or args.samples)
         t0 = time.perf_counter()
         for sid in ids[1 : 1 + n_torch]:
-            reference(read_sample(tmp / "data" / sid)[0])
+            reference(read_sample(tmp / "data" / sid, time_resample=resample)[0])
         theirs = n_torch / (time.perf_counter() - t0)
     print(
         f"PyTorch, member by member, batch 1, {n_torch} of the same samples from the same files: "

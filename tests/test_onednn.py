@@ -188,7 +188,7 @@ def test_without_avx512_the_fastest_path_left_runs():
     assert "dtype bfloat16" in out and err <= 2.0**-8, out  # the result's bfloat16 rounding
 
 
-def _reference_bf16(cfg, seed):
+def _reference(cfg, seed):
     ref = randomize_(ReferenceModel(cfg, pretrained_grid=False), seed=seed).eval()
     return ref
 
@@ -203,7 +203,7 @@ def test_bfloat16_model_is_as_close_to_float32_as_pytorch_autocast():
     from fwi_jax.convert import convert_state_dict
 
     cfg = small_cfg()
-    ref = _reference_bf16(cfg, seed=5)
+    ref = _reference(cfg, seed=5)
     params, _ = convert_state_dict(
         {k: v.detach().numpy() for k, v in ref.state_dict().items()}, cfg
     )
@@ -221,3 +221,23 @@ def test_bfloat16_model_is_as_close_to_float32_as_pytorch_autocast():
     our_err = np.abs(ours - y32).max()
     assert our_err <= 0.05
     assert our_err <= 2 * torch_err + 5e-3, (our_err, torch_err)
+
+
+@pytest.mark.parametrize("size", ["tiny", "base"])
+def test_float32_model_on_onednn_matches_pytorch(size):
+    """Both oneDNN paths forced on in float32 (auto keeps them for bfloat16), the small grid:
+    the whole model within 1e-4 km/s of the PyTorch reference, as every float32 path must be
+    (summation order only; a wrong product, RoPE or layout moves outputs by > 1e-2)."""
+    from fwi_jax.convert import convert_state_dict
+
+    cfg = small_cfg(size, heads=2, dim=64) if size == "base" else small_cfg(size)
+    ref = _reference(cfg, seed=7)
+    state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    params, _ = convert_state_dict(state, cfg)
+    x = seismic((2, 6, SMALL.n_time, 31), seed=8)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy()
+    forced = cfg.replace(**{"model.dense": "onednn", "model.attention": "onednn"})
+    graphdef = create_model(forced)[0]
+    got = np.asarray(jax.jit(lambda p, x: apply_model(graphdef, p, x))(params, x))
+    assert np.abs(got - expected).max() <= 1e-4
