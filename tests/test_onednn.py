@@ -4,16 +4,12 @@ bfloat16 and AMX kernels forced off, and the bfloat16 model against PyTorch's au
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from test_fused_attention import _run
 from test_model import SMALL, seismic, small_cfg
 
 from fwi_jax.model import apply_model, create_model, onednn
@@ -25,16 +21,6 @@ from torch_reference import ReferenceModel, randomize_
 # bfloat16 keeps 8 significant bits: one rounding of an operand is ~2^-9 relative; a product of
 # K terms accumulated in float32 from rounded operands is off by ~2^-9 sqrt(K) |x||w| / sqrt(K)
 BF16_REL = 2.0**-7
-
-
-def _run(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
-        timeout=300,
-    )
 
 
 def _rand(shape, seed, dtype=jnp.float32):
