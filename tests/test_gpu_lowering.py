@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from fwi_jax.config import load_config
-from fwi_jax.model import FWIModel, abstract_model
+from fwi_jax.model import FWIModel, abstract_model, onednn
 from fwi_jax.model import attention as attention_module
 from fwi_jax.model import target as target_module
 from fwi_jax.model.attention import attention, resolve_impl
@@ -102,20 +102,22 @@ def _attention_impls(cfg, platform):
 
 
 def test_auto_attention_is_decided_for_the_target_platform(monkeypatch, capsys):
-    """On this CPU host: auto is fused_cpu for a CPU program and blockwise for a CUDA one (no GPU
-    to trace cuDNN with), said once on stderr; with GPUs visible it follows their compute
+    """On this CPU host: auto is fused_cpu for a CPU program (onednn for this bfloat16 model where
+    oneDNN has native bfloat16 kernels) and blockwise for a CUDA one (no GPU to trace cuDNN
+    with), said once on stderr; with GPUs visible it follows their compute
     capability and the compute dtype (cuDNN takes float16 and bfloat16 only); rocm and tpu
     programs get xla."""
     attention_module._say_once.cache_clear()
     cfg = load_config("tiny_s8", ["model.depth=2", "model.split=1", "model.dtype=bfloat16"])
     assert _attention_impls(cfg, "cuda") == {"blockwise"}
-    assert _attention_impls(cfg, "cpu") == {"fused_cpu"}
-    assert _attention_impls(cfg, None) == {"fused_cpu"}  # None: this process's backend, a CPU
+    cpu_impl = "onednn" if onednn.native_bfloat16() else "fused_cpu"
+    assert _attention_impls(cfg, "cpu") == {cpu_impl}
+    assert _attention_impls(cfg, None) == {cpu_impl}  # None: this process's backend, a CPU
     err = capsys.readouterr().err
     assert (
         err.count("model.attention=auto -> blockwise for cuda: this process sees no CUDA GPU") == 1
     )
-    assert err.count("model.attention=auto -> fused_cpu for cpu") == 1
+    assert err.count(f"model.attention=auto -> {cpu_impl} for cpu") == 1
     assert resolve_impl("auto", "tpu") == resolve_impl("auto", "rocm") == "xla"
     with pytest.raises(ValueError, match="'cudnn' cannot run: this process sees no CUDA GPU"):
         resolve_impl("cudnn", "cuda")  # cuDNN cannot be traced without one
