@@ -387,7 +387,8 @@ def test_a_full_disk_stops_the_cli_with_one_error_line(dataset, tmp_path):
 
     workdir = tmp_path / "run"
     args = cli_args(dataset, workdir, "train.epochs=2", "train.checkpoint_every_steps=2")
-    args += ["--set", "model.attention=xla"]  # no kernel build: its library is over the limit
+    # no kernel build (its library is over the limit), and no "auto" line on stderr
+    args += ["--set", "model.attention=xla", "model.dense=xla"]
     command = shlex.join([sys.executable, "-m", "fwi_jax.train", "--no-progress", *args])
     proc = subprocess.run(  # the shell sets the limit: no preexec_fn forked from JAX's threads
         ["bash", "-c", f"ulimit -f 146 && exec {command}"],  # 146 blocks of 1 KiB
