@@ -209,15 +209,12 @@ def _call(out_dtype: np.dtype):
 
 
 def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-    """x (..., K) @ w (K, N) -> (..., N) on oneDNN, in ``out_dtype`` (default: x's). float32 or
-    bfloat16 operands (w is cast to x's dtype); bfloat16 is widened to float32 where oneDNN has
-    no native bfloat16 kernel on this CPU."""
+    """x (..., K) @ w (K, N) -> (..., N) on oneDNN, in ``out_dtype`` (default: x's). Operands in
+    their common dtype if that is bfloat16 and oneDNN has a native bfloat16 kernel on this CPU,
+    else in float32; oneDNN writes the result in bfloat16 only from bfloat16 operands."""
     load()
+    f32, bf16 = np.dtype(jnp.float32), np.dtype(jnp.bfloat16)
     out_dtype = np.dtype(out_dtype or x.dtype)
-    dtype = np.dtype(jnp.result_type(x, w))
-    if dtype != np.dtype(jnp.bfloat16) or not native_bfloat16():
-        dtype = np.dtype(jnp.float32)
-    result = out_dtype if dtype == np.dtype(jnp.bfloat16) else np.dtype(jnp.float32)
-    if out_dtype not in (np.dtype(jnp.float32), np.dtype(jnp.bfloat16)):
-        result = np.dtype(jnp.float32)
+    dtype = bf16 if jnp.result_type(x, w) == bf16 and native_bfloat16() else f32
+    result = out_dtype if dtype == bf16 and out_dtype in (f32, bf16) else f32
     return _call(result)(x.astype(dtype), w.astype(dtype)).astype(out_dtype)
