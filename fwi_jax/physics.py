@@ -17,8 +17,9 @@ misfit through the calibration's solver (fast mode by default; the adjoint-state
 ``wave._adjoint_shot`` by default, or ``jax.grad`` with rematerialised time blocks), in stages of
 increasing low-pass cutoff applied to both simulated and observed traces (low frequencies
 first), a total-variation term, a depth gain on the gradient, projected steps that keep v in
-``v_range``, an optax optimiser, and samples vmapped in batches. A refined model whose full-band
-misfit is not below the start's is replaced by the start (``kept`` = "start").
+``v_range``, an optax optimiser (SGD with momentum, or L-BFGS: ``RefineConfig.method``), and
+samples vmapped in batches. A refined model whose full-band misfit is not below the start's is
+replaced by the start (``kept`` = "start").
 
 CLIs: ``python -m fwi_jax.physics --data DIR --pred SUB.npz`` (misfit of each prediction, CSV);
 ``python -m fwi_jax.refine`` (refinement); ``python -m fwi_jax.infer ... --misfit``.
@@ -339,6 +340,8 @@ class RefineConfig:
     v_range: tuple = V_RANGE
     gradient: str = "adjoint"  # adjoint (adjoint-state) | autodiff (jax.grad through the loop)
     depth_power: float = 1.0
+    method: str = "momentum"  # momentum (SGD with momentum) | lbfgs (optax.scale_by_lbfgs)
+    memory: int = 5  # lbfgs: curvature pairs kept
 
     def check(self) -> RefineConfig:
         lo, hi = self.v_range
@@ -350,6 +353,8 @@ class RefineConfig:
             )
         if self.gradient not in ("adjoint", "autodiff"):
             raise PhysicsError(f"--gradient {self.gradient!r}: adjoint or autodiff")
+        if self.method not in ("momentum", "lbfgs") or self.memory < 1:
+            raise PhysicsError(f"--method {self.method!r}: momentum or lbfgs (memory >= 1)")
         if self.lr <= 0 or self.tv < 0 or not 0 <= self.momentum < 1:
             raise PhysicsError(f"lr {self.lr} must be > 0, tv {self.tv} >= 0, momentum in [0, 1)")
         return self
@@ -385,6 +390,13 @@ def depth_gain(power: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg: RefineConfig) -> optax.GradientTransformation:
+    if cfg.method == "lbfgs":
+        return optax.chain(
+            depth_gain(cfg.depth_power),
+            optax.scale_by_lbfgs(int(cfg.memory)),
+            normalize_by_max(),
+            optax.sgd(cfg.lr),
+        )
     return optax.chain(
         depth_gain(cfg.depth_power),
         normalize_by_max(),

@@ -2,8 +2,8 @@
 
     python -m fwi_jax.refine --data DIR --pred SUB.npz --out REFINED.npz [--list ids.txt]
         [--calibration FILE] [--mode fast|full] [--stages 6:6,10:6,full:8] [--lr 0.02] [--tv 0.05]
-        [--depth-power 1] [--gradient adjoint|autodiff] [--v-range 1.5 4.5] [--t-max 1.0]
-        [--batch 1] [--csv FILE] [--plot K]
+        [--depth-power 1] [--method momentum|lbfgs] [--gradient adjoint|autodiff]
+        [--v-range 1.5 4.5] [--t-max 1.0] [--batch 1] [--csv FILE] [--plot K]
 
 Each prediction is the start of an inversion against the shot gathers of its sample folder
 (``fwi_jax.physics.refine``: the gradient through the calibrated solver, low frequencies first, a
@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="gradient times (depth cell + 1)^P before the step (default 1)",
     )
     ap.add_argument(
+        "--method",
+        choices=("momentum", "lbfgs"),
+        default="momentum",
+        help="step direction: the gradient with momentum, or L-BFGS (optax.scale_by_lbfgs, "
+        "curvature pairs of the stage) (default %(default)s)",
+    )
+    ap.add_argument(
         "--gradient",
         choices=("adjoint", "autodiff"),
         default="adjoint",
@@ -126,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             v_range=tuple(args.v_range),
             depth_power=args.depth_power,
             gradient=args.gradient,
+            method=args.method,
         ).check()
         forward, what = load_forward(root, args.calibration, mode=args.mode, t_max=args.t_max)
         preds = io.read_submission(args.pred)

@@ -154,6 +154,21 @@ def test_refinement_with_the_devito_profile_lowers_the_error_on_a_tiny_case():
     assert competition_mape(truth, res.velocity[0]) < 0.9 * competition_mape(truth, start[0])
 
 
+def test_lbfgs_refinement_lowers_the_misfit_and_the_error_on_a_tiny_case():
+    truth = tiny_truth()
+    obs = TINY.simulate(truth)[None]
+    start = smooth(truth)[None]
+    cfg = physics.RefineConfig(stages=((8.0, 4), (None, 6)), lr=0.05, tv=0.0, method="lbfgs")
+    res = physics.refine(TINY, start, obs, cfg)
+    assert res.kept == ["refined"]
+    assert res.misfit_after[0] < 0.7 * res.misfit_before[0], (res.misfit_before, res.misfit_after)
+    assert competition_mape(truth, res.velocity[0]) < competition_mape(truth, start[0])
+    # the band-limited misfit falls along each stage
+    assert all(h[-1, 0] < h[0, 0] for h in res.history), res.history
+    with pytest.raises(physics.PhysicsError, match="method"):
+        physics.RefineConfig(method="adam").check()
+
+
 def test_refinement_keeps_the_start_when_it_cannot_improve():
     truth = tiny_truth()
     obs = TINY.simulate(truth)[None]
