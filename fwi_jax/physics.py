@@ -15,11 +15,11 @@ model's recipe clock (``profiles.devito_shots``).
 Refinement (``refine``) is full-waveform inversion started from a prediction: the gradient of the
 misfit through the calibration's solver (fast mode by default; the adjoint-state gradient of
 ``wave._adjoint_shot`` by default, or ``jax.grad`` with rematerialised time blocks), in stages of
-increasing low-pass cutoff applied to both simulated and observed traces (low frequencies
-first), a total-variation term, a depth gain on the gradient, projected steps that keep v in
-``v_range``, an optax optimiser (SGD with momentum, or L-BFGS: ``RefineConfig.method``), and
-samples vmapped in batches. A refined model whose full-band misfit is not below the start's is
-replaced by the start (``kept`` = "start").
+low-pass cutoff applied to both simulated and observed traces (default: one full-band stage), a
+total-variation term, a depth gain on the gradient, L-BFGS directions (or momentum) whose largest
+cell moves ``lr`` km/s, iterates kept in ``v_range`` widened below by ``undershoot``, the result
+clipped to ``v_range``, and samples vmapped in batches. A refined model whose full-band misfit is
+not below the start's is replaced by the start (``kept`` = "start").
 
 CLIs: ``python -m fwi_jax.physics --data DIR --pred SUB.npz`` (misfit of each prediction, CSV);
 ``python -m fwi_jax.refine`` (refinement); ``python -m fwi_jax.infer ... --misfit``.
@@ -47,11 +47,7 @@ from fwi_jax.synth import profiles, wave
 from fwi_jax.synth.calibrate import CALIBRATION_FILE, Calibration, CalibrationError
 
 V_RANGE = (1.5, 4.5)  # km/s, the competition's velocity range
-DEFAULT_STAGES = (
-    (6.0, 6),
-    (10.0, 6),
-    (None, 8),
-)  # (low-pass cutoff Hz or None = full band, iterations)
+DEFAULT_STAGES = ((None, 20),)  # (low-pass cutoff Hz or None = full band, iterations), ...
 
 
 class PhysicsError(ValueError):
@@ -327,26 +323,40 @@ def normalize_by_max() -> optax.GradientTransformation:
 @dataclasses.dataclass(frozen=True)
 class RefineConfig:
     """stages: ((cutoff Hz or None, iterations), ...); lr: largest step in km/s; tv: weight of
-    the total-variation term; momentum: of the SGD steps; v_range: (lo, hi) km/s; gradient:
-    "adjoint" (adjoint-state) or "autodiff" (jax.grad through the time loop, exact for the
-    discrete scheme, 5.8x slower on a 2-core CPU); depth_power: the gradient is
-    multiplied by (depth cell + 1)^depth_power before the step is scaled (the deep part's
-    gradient is weak: geometric spreading)."""
+    the total-variation term; method: "lbfgs" (L-BFGS directions from the stage's last
+    ``memory`` steps) or "momentum" (the gradient with ``momentum``); v_range: (lo, hi) km/s
+    of the result; undershoot: km/s that iterates may go below lo (the result is clipped to
+    v_range; clipping every iterate at lo keeps only the positive side lobe of a band-limited
+    update near a layer at lo, which biases it upwards); gradient: "adjoint" (adjoint-state)
+    or "autodiff" (jax.grad through the time loop, exact for the discrete scheme, 5.8x slower
+    on a 2-core CPU); depth_power: the gradient is multiplied by (depth cell + 1)^depth_power
+    before the step is scaled (the deep part's gradient is weak: geometric spreading)."""
 
     stages: tuple = DEFAULT_STAGES
     lr: float = 0.02
     tv: float = 0.05
-    momentum: float = 0.5
+    method: str = "lbfgs"  # lbfgs (optax.scale_by_lbfgs) | momentum (SGD with momentum)
+    memory: int = 5  # lbfgs: curvature pairs kept
+    momentum: float = 0.5  # momentum: its coefficient
     v_range: tuple = V_RANGE
+    undershoot: float = 0.2
     gradient: str = "adjoint"  # adjoint (adjoint-state) | autodiff (jax.grad through the loop)
     depth_power: float = 1.0
-    method: str = "momentum"  # momentum (SGD with momentum) | lbfgs (optax.scale_by_lbfgs)
-    memory: int = 5  # lbfgs: curvature pairs kept
+
+    @property
+    def iterate_range(self) -> tuple[float, float]:
+        """(lo − undershoot, hi): the bounds every iterate is projected onto."""
+        return self.v_range[0] - self.undershoot, self.v_range[1]
 
     def check(self) -> RefineConfig:
         lo, hi = self.v_range
         if not 0 < lo < hi:
             raise PhysicsError(f"--v-range {lo} {hi}: need 0 < lo < hi (km/s)")
+        if not 0 <= self.undershoot < lo:
+            raise PhysicsError(
+                f"--undershoot {self.undershoot}: need 0 <= undershoot < {lo} (the --v-range low "
+                "bound), so that iterates stay positive"
+            )
         if not self.stages or any(n < 0 or (c is not None and c <= 0) for c, n in self.stages):
             raise PhysicsError(
                 f"--stages {self.stages}: need cutoff > 0 Hz (or full) and iterations >= 0"
@@ -354,7 +364,9 @@ class RefineConfig:
         if self.gradient not in ("adjoint", "autodiff"):
             raise PhysicsError(f"--gradient {self.gradient!r}: adjoint or autodiff")
         if self.method not in ("momentum", "lbfgs") or self.memory < 1:
-            raise PhysicsError(f"--method {self.method!r}: momentum or lbfgs (memory >= 1)")
+            raise PhysicsError(
+                f"--method {self.method!r} (memory {self.memory}): momentum or lbfgs, memory >= 1"
+            )
         if self.lr <= 0 or self.tv < 0 or not 0 <= self.momentum < 1:
             raise PhysicsError(f"lr {self.lr} must be > 0, tv {self.tv} >= 0, momentum in [0, 1)")
         return self
@@ -390,6 +402,9 @@ def depth_gain(power: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg: RefineConfig) -> optax.GradientTransformation:
+    """Depth gain, then the direction (L-BFGS or momentum), then a step whose largest cell moves
+    ``lr`` km/s. L-BFGS runs without a line search (each trial step would cost a forward run of
+    every shot): its direction carries the curvature of the last steps, the cap sets the size."""
     if cfg.method == "lbfgs":
         return optax.chain(
             depth_gain(cfg.depth_power),
@@ -408,7 +423,7 @@ def make_optimizer(cfg: RefineConfig) -> optax.GradientTransformation:
 def make_stage_step(forward: Forward, cfg: RefineConfig, cutoff: float | None):
     """jit(vmap(one step)) for a batch: (v, opt_state, obs, clock) -> (v, opt_state, misfit
     before). Cached, so every batch of a run reuses the compiled step."""
-    lo, hi = cfg.v_range
+    lo, hi = cfg.iterate_range
     optimizer = make_optimizer(cfg)
 
     def loss(v, obs_f, clock):
@@ -481,7 +496,7 @@ def refine(
         if iters == 0:
             continue
         step = make_stage_step(forward, cfg, cutoff)
-        state = jax.vmap(optimizer.init)(v)  # the momentum restarts with each band
+        state = jax.vmap(optimizer.init)(v)  # momentum or curvature pairs restart with each band
         obs_f = jax.vmap(partial(lowpass, cutoff_hz=cutoff))(obs)
         seen = []
         for _ in range(iters):
@@ -490,6 +505,7 @@ def refine(
             if progress is not None:
                 progress(1)
         history.append(np.stack(seen))
+    v = jnp.clip(v, lo, hi)  # iterates may lie up to cfg.undershoot below lo
     after = np.asarray(batch_misfit(v, obs, clock), np.float64)
     better = after < before
     v_out = np.where(better[:, None, None], np.asarray(v), np.asarray(v0, np.float32))

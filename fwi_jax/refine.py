@@ -1,13 +1,13 @@
 """``python -m fwi_jax.refine``: full-waveform refinement of a submission's velocity models.
 
     python -m fwi_jax.refine --data DIR --pred SUB.npz --out REFINED.npz [--list ids.txt]
-        [--calibration FILE] [--mode fast|full] [--stages 6:6,10:6,full:8] [--lr 0.02] [--tv 0.05]
-        [--depth-power 1] [--method momentum|lbfgs] [--gradient adjoint|autodiff]
-        [--v-range 1.5 4.5] [--t-max 1.0] [--batch 1] [--csv FILE] [--plot K]
+        [--calibration FILE] [--mode fast|full] [--stages full:20] [--method lbfgs|momentum]
+        [--lr 0.02] [--tv 0.05] [--depth-power 1] [--gradient adjoint|autodiff]
+        [--v-range 1.5 4.5] [--undershoot 0.2] [--t-max 1.0] [--batch 1] [--csv FILE] [--plot K]
 
 Each prediction is the start of an inversion against the shot gathers of its sample folder
-(``fwi_jax.physics.refine``: the gradient through the calibrated solver, low frequencies first, a
-total-variation term, velocities kept in --v-range). Writes the refined models as a normal
+(``fwi_jax.physics.refine``: the gradient through the calibrated solver, L-BFGS steps, a
+total-variation term, the result kept in --v-range). Writes the refined models as a normal
 submission (``fwi_jax.data.io.write_submission``) and a CSV with, per sample, the misfit before
 and after, which model was kept, and the MAPE before and after where ``vp_model.npy`` exists.
 
@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--method",
-        choices=("momentum", "lbfgs"),
-        default="momentum",
-        help="step direction: the gradient with momentum, or L-BFGS (optax.scale_by_lbfgs, "
-        "curvature pairs of the stage) (default %(default)s)",
+        choices=("lbfgs", "momentum"),
+        default=RefineConfig.method,
+        help="step direction: L-BFGS from the stage's last 5 steps (optax.scale_by_lbfgs), or "
+        "the gradient with momentum 0.5 (default %(default)s)",
     )
     ap.add_argument(
         "--gradient",
@@ -97,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         default=V_RANGE,
         metavar=("LO", "HI"),
-        help="velocity bounds, km/s (default 1.5 4.5)",
+        help="velocity bounds of the result, km/s (default 1.5 4.5)",
+    )
+    ap.add_argument(
+        "--undershoot",
+        type=float,
+        default=RefineConfig.undershoot,
+        help="km/s that iterates may go below the --v-range low bound before the result is "
+        "clipped to it (default %(default)s)",
     )
     ap.add_argument("--batch", type=int, default=1, help="samples refined together (vmapped)")
     ap.add_argument("--csv", help="per-sample CSV (default: OUT with .csv)")
@@ -131,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr=args.lr,
             tv=args.tv,
             v_range=tuple(args.v_range),
+            undershoot=args.undershoot,
             depth_power=args.depth_power,
             gradient=args.gradient,
             method=args.method,
