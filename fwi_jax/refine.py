@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=("lbfgs", "momentum"),
         default=RefineConfig.method,
-        help="step direction: L-BFGS from the stage's last 5 steps (optax.scale_by_lbfgs), or "
-        "the gradient with momentum 0.5 (default %(default)s)",
+        help=f"step direction: L-BFGS from the stage's last {RefineConfig.memory} steps "
+        f"(optax.scale_by_lbfgs), or the gradient with momentum {RefineConfig.momentum} "
+        "(default %(default)s)",
     )
     ap.add_argument(
         "--gradient",

@@ -175,8 +175,7 @@ def test_without_avx512_the_fastest_path_left_runs():
 
 
 def _reference(cfg, seed):
-    ref = randomize_(ReferenceModel(cfg, pretrained_grid=False), seed=seed).eval()
-    return ref
+    return randomize_(ReferenceModel(cfg, pretrained_grid=False), seed=seed).eval()
 
 
 def test_bfloat16_model_is_as_close_to_float32_as_pytorch_autocast():

@@ -169,8 +169,9 @@ def test_iterates_may_undershoot_the_low_bound_and_the_result_is_clipped_to_it()
     lo = float(truth.min()) + 0.1
     start = np.maximum(truth, lo)[None]
     obs = jnp.asarray(TINY.simulate(truth)[None, :, : TINY.n_t])
-    cfg = physics.RefineConfig(stages=((None, 3),), lr=0.3, tv=0.0, v_range=(lo, 4.5))
-    cfg = dataclasses.replace(cfg, undershoot=0.05)
+    cfg = physics.RefineConfig(
+        stages=((None, 3),), lr=0.3, tv=0.0, v_range=(lo, 4.5), undershoot=0.05
+    )
     step = physics.make_stage_step(TINY, cfg, None)
     v = jnp.asarray(start)
     state = jax.vmap(physics.make_optimizer(cfg).init)(v)
